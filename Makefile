@@ -1,0 +1,44 @@
+# Two entry points: `make demo` and `make test`. Each installs what it needs, idempotently.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux
+STAMP_DEB := $(VENV)/.deb-installed
+STAMP_PY := $(VENV)/.py-installed
+
+.PHONY: demo test lint bench deps clean
+
+deps: $(STAMP_DEB) $(STAMP_PY)
+
+# Debian packages: only when something is missing (apt-get needs root, as the README says).
+$(STAMP_DEB): Makefile
+	@mkdir -p $(VENV)
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(STAMP_PY): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: deps
+	$(VENV)/bin/vgpuctl demo
+
+test: deps lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP_PY)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(PY) bench/bench_sim.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

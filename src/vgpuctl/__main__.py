@@ -1,0 +1,3 @@
+from vgpuctl.cli import main
+
+main()

@@ -1,0 +1,120 @@
+"""The ``vgpuctl`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vgpuctl.host import HostRoot
+
+app = typer.Typer(help="Run virtual machines on shared GPUs (Intel GVT-g and other mdev vGPUs) with KVM.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+sim_app = typer.Typer(help="Simulated vGPU hosts, mounted as real filesystems (no GPU needed).",
+                      no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class State:
+    root: HostRoot = HostRoot()
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _global(
+    root: Annotated[str | None, typer.Option("--root", envvar="VGPUCTL_ROOT",
+                                             help="Host root directory (default /).")] = None,
+) -> None:
+    State.root = HostRoot.from_env(root)
+
+
+@sim_app.command("presets")
+def sim_presets() -> None:
+    """List the simulated host presets, a line each."""
+    from vgpuctl.sim.presets import PRESETS
+
+    for name, spec in PRESETS.items():
+        typer.echo(f"{name:16} {spec.description}")
+
+
+@sim_app.command("mount")
+def sim_mount(
+    directory: Annotated[Path, typer.Argument(help="Empty directory to mount the host's root on.")],
+    preset: Annotated[str, typer.Option(help="Preset name (see 'vgpuctl sim presets').")] = "coffeelake",
+    kernel: Annotated[str | None, typer.Option(help="Kernel release, e.g. 6.8.0 or 4.10.10.")] = None,
+    pci_id: Annotated[str | None, typer.Option(help="GPU PCI id at 00:02.0, e.g. 8086:3e92.")] = None,
+    aperture: Annotated[int | None, typer.Option(help="BIOS aperture in MiB: 128/256/512/1024/2048.")] = None,
+    cmdline: Annotated[str | None, typer.Option(help="Whole kernel command line (/proc/cmdline).")] = None,
+    modules: Annotated[str | None, typer.Option(help="Comma-separated loaded modules (/proc/modules).")] = None,
+    kconfig: Annotated[list[str] | None, typer.Option(help="Kconfig override, e.g. CONFIG_VFIO_MDEV=n.")] = None,
+) -> None:
+    """Mount a simulated host at DIRECTORY and keep serving it in the background."""
+    from vgpuctl.sim import mount
+    from vgpuctl.sim.host import SimHost
+    from vgpuctl.sim.presets import preset as find_preset
+
+    try:
+        spec = find_preset(preset).with_overrides(
+            kernel=kernel, pci_id=pci_id, aperture_mib=aperture, cmdline=cmdline,
+            modules=modules.split(",") if modules is not None else None, kconfig=kconfig,
+        )
+        SimHost(spec, preset)  # validate in the foreground, where errors can be shown
+        pid = mount.mount(spec.to_json(), directory, preset)
+    except (ValueError, mount.MountError) as e:
+        die(str(e))
+    out.print(f"mounted simulated host '{preset}' at {directory.absolute()} (server pid {pid})", highlight=False)
+
+
+@sim_app.command("umount")
+def sim_umount(
+    directory: Annotated[Path, typer.Argument(help="Where the simulated host is mounted.")],
+    lazy: Annotated[bool, typer.Option(help="Detach now even if busy; finish when no longer used.")] = False,
+) -> None:
+    """Unmount a simulated host and stop its server."""
+    from vgpuctl.sim import mount
+
+    try:
+        mount.umount(directory, lazy=lazy)
+    except mount.MountError as e:
+        die(str(e))
+    out.print(f"unmounted {directory.absolute()}", highlight=False)
+
+
+@app.command()
+def demo(
+    preset: Annotated[str, typer.Option(help="Preset to tour.")] = "coffeelake",
+    aperture: Annotated[int, typer.Option(help="BIOS aperture in MiB.")] = 1024,
+) -> None:
+    """A guided tour on a simulated host: types, create until full, the kernel's error, clean up."""
+    from vgpuctl.demo import run_tour
+
+    try:
+        run_tour(out, preset, aperture)
+    except Exception as e:  # the tour must always explain itself
+        die(f"demo failed: {e}")
+
+
+def types_table(root: HostRoot, parent: str) -> Table:
+    table = Table("type", "name", "available", "description")
+    base = root.mdev_types_dir(parent)
+    for type_id in root.listdir(base):
+        directory = f"{base}/{type_id}"
+        name = root.read_value(f"{directory}/name") if root.exists(f"{directory}/name") else "-"
+        description = root.read_value(f"{directory}/description").replace("\n", ", ") \
+            if root.exists(f"{directory}/description") else ""
+        table.add_row(type_id, name, root.read_value(f"{directory}/available_instances"), description)
+    return table
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,100 @@
+"""The one object through which vgpuctl touches a host.
+
+Every host path (``/sys/...``, ``/proc/...``, ``/etc/...``, ``/dev/...``) is written as the
+absolute path it has on a real machine and resolved under a root directory, the way mdevctl
+injects its environment root. With root ``/`` that is the machine itself; with the mount point
+of a simulated host (``vgpuctl sim mount``) it is the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+ROOT_ENV = "VGPUCTL_ROOT"
+# A file that only a simulated host has: lets a layer know it runs against the simulator
+# without importing it.
+SIM_MARKER = "/.vgpuctl-sim"
+
+
+@dataclass(frozen=True)
+class HostRoot:
+    """A host seen through a root directory."""
+
+    root: Path = Path("/")
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike[str] | None = None) -> HostRoot:
+        """The root given on the command line, else ``$VGPUCTL_ROOT``, else ``/``."""
+        chosen = root if root is not None else os.environ.get(ROOT_ENV) or "/"
+        return cls(Path(chosen))
+
+    def path(self, host_path: str | PurePosixPath) -> Path:
+        """The local path of ``host_path`` (an absolute path as seen on the host)."""
+        text = str(host_path)
+        if not text.startswith("/"):
+            raise ValueError(f"host paths are absolute, got {text!r}")
+        return self.root / text.lstrip("/")
+
+    # Small conveniences: sysfs and procfs values are short text files ending in "\n".
+    def read_text(self, host_path: str) -> str:
+        return self.path(host_path).read_text()
+
+    def read_value(self, host_path: str) -> str:
+        """A sysfs attribute's value without its trailing newline."""
+        return self.read_text(host_path).rstrip("\n")
+
+    def write_text(self, host_path: str, value: str) -> None:
+        """Write an attribute in one write() call, as sysfs expects."""
+        with open(self.path(host_path), "w") as f:
+            f.write(value)
+
+    def exists(self, host_path: str) -> bool:
+        return os.path.lexists(self.path(host_path))
+
+    def listdir(self, host_path: str) -> list[str]:
+        return sorted(os.listdir(self.path(host_path)))
+
+    def readlink(self, host_path: str) -> str:
+        return os.readlink(self.path(host_path))
+
+    # Well-known places, so that no other module spells them out.
+    @property
+    def sys_bus_pci_devices(self) -> str:
+        return "/sys/bus/pci/devices"
+
+    @property
+    def sys_bus_mdev_devices(self) -> str:
+        return "/sys/bus/mdev/devices"
+
+    @property
+    def sys_class_mdev_bus(self) -> str:
+        return "/sys/class/mdev_bus"
+
+    @property
+    def etc_mdevctl_d(self) -> str:
+        return "/etc/mdevctl.d"
+
+    def mdev_types_dir(self, parent: str) -> str:
+        return f"{self.sys_class_mdev_bus}/{parent}/mdev_supported_types"
+
+    def mdev_type_dir(self, parent: str, type_id: str) -> str:
+        return f"{self.mdev_types_dir(parent)}/{type_id}"
+
+    def mdev_device_dir(self, uuid: str) -> str:
+        return f"{self.sys_bus_mdev_devices}/{uuid}"
+
+    def simulation(self) -> dict[str, Any] | None:
+        """What the simulated host says about itself, or None on a real host."""
+        try:
+            data: dict[str, Any] = json.loads(self.read_text(SIM_MARKER))
+        except FileNotFoundError:
+            return None
+        return data
+
+    @property
+    def is_simulated(self) -> bool:
+        return self.exists(SIM_MARKER)

@@ -1,0 +1,41 @@
+"""Shared fixtures: simulated hosts in-process and mounted over FUSE."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vgpuctl.host import HostRoot
+from vgpuctl.sim import mount as sim_mount
+from vgpuctl.sim.presets import preset
+
+GVT_PARENT = "0000:00:02.0"
+FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None and os.geteuid() == 0
+
+
+MountFn = Callable[..., HostRoot]
+
+
+@pytest.fixture
+def mount_host(tmp_path: Path) -> Iterator[MountFn]:
+    """Mount simulated hosts under tmp_path; all are unmounted at the end of the test."""
+    if not FUSE_OK:
+        pytest.fail("FUSE is required: run as root with /dev/fuse and fuse3 installed (make test does)")
+    mounted: list[Path] = []
+
+    def _mount(preset_name: str = "coffeelake", **overrides: object) -> HostRoot:
+        directory = tmp_path / f"host{len(mounted)}"
+        directory.mkdir()
+        spec = preset(preset_name).with_overrides(**overrides)  # type: ignore[arg-type]
+        sim_mount.mount(spec.to_json(), directory, preset_name)
+        mounted.append(directory)
+        return HostRoot(directory)
+
+    yield _mount
+    for directory in mounted:
+        if sim_mount.is_sim_mount(directory):
+            sim_mount.umount(directory, lazy=True)
