@@ -18,7 +18,7 @@ sim_app = typer.Typer(help="Simulated vGPU hosts, mounted as real filesystems (n
 app.add_typer(sim_app, name="sim")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:
