@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vgpuctl.host import HostRoot
+from vgpuctl.mdev.sysfs import read_types
 from vgpuctl.sim import mount
 from vgpuctl.sim.presets import preset as find_preset
 
@@ -34,12 +35,12 @@ def run_tour(out: Console, preset_name: str, aperture_mib: int) -> None:
 
 
 def _tour(out: Console, root: HostRoot) -> None:
-    from vgpuctl.cli import types_table
+    from vgpuctl.cli.vgpus import types_table
 
     out.print(f"kernel {root.read_value('/proc/sys/kernel/osrelease')}, cmdline: "
               f"{root.read_value('/proc/cmdline')}", highlight=False)
     out.rule("2. The vGPU types the kernel offers (mdev_supported_types)")
-    out.print(types_table(root, PARENT))
+    out.print(types_table(read_types(root, PARENT)))
     # The smallest type fits most often: it shows the 7-vGPU limit on a 1 GiB aperture.
     type_id = max(root.listdir(root.mdev_types_dir(PARENT)),
                   key=lambda t: int(root.read_value(f"{root.mdev_type_dir(PARENT, t)}/available_instances")))
@@ -58,10 +59,10 @@ def _tour(out: Console, root: HostRoot) -> None:
         created.append(new)
         left = root.read_value(f"{root.mdev_type_dir(PARENT, type_id)}/available_instances")
         out.print(f"created vGPU {len(created)}: {new}   available_instances now {left}", highlight=False)
-    out.print(types_table(root, PARENT))
+    out.print(types_table(read_types(root, PARENT)))
     out.print(f"/sys/bus/mdev/devices: {', '.join(root.listdir(root.sys_bus_mdev_devices))}", highlight=False)
     out.rule("4. Remove them again")
     for uuid in created:
         root.write_text(f"{root.mdev_device_dir(uuid)}/remove", "1")
         out.print(f"removed {uuid}", highlight=False)
-    out.print(types_table(root, PARENT))
+    out.print(types_table(read_types(root, PARENT)))

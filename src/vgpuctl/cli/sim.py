@@ -1,41 +1,17 @@
-"""The ``vgpuctl`` command line."""
+"""``vgpuctl sim ...`` and ``vgpuctl demo``: the simulated host."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from vgpuctl.host import HostRoot
+from vgpuctl.cli import app, die, out
 
-app = typer.Typer(help="Run virtual machines on shared GPUs (Intel GVT-g and other mdev vGPUs) with KVM.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
 sim_app = typer.Typer(help="Simulated vGPU hosts, mounted as real filesystems (no GPU needed).",
                       no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-class State:
-    root: HostRoot = HostRoot()
-
-
-def die(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-@app.callback()
-def _global(
-    root: Annotated[str | None, typer.Option("--root", envvar="VGPUCTL_ROOT",
-                                             help="Host root directory (default /).")] = None,
-) -> None:
-    State.root = HostRoot.from_env(root)
 
 
 @sim_app.command("presets")
@@ -102,19 +78,3 @@ def demo(
         run_tour(out, preset, aperture)
     except Exception as e:  # the tour must always explain itself
         die(f"demo failed: {e}")
-
-
-def types_table(root: HostRoot, parent: str) -> Table:
-    table = Table("type", "name", "available", "description")
-    base = root.mdev_types_dir(parent)
-    for type_id in root.listdir(base):
-        directory = f"{base}/{type_id}"
-        name = root.read_value(f"{directory}/name") if root.exists(f"{directory}/name") else "-"
-        description = root.read_value(f"{directory}/description").replace("\n", ", ") \
-            if root.exists(f"{directory}/description") else ""
-        table.add_row(type_id, name, root.read_value(f"{directory}/available_instances"), description)
-    return table
-
-
-def main() -> None:
-    app()

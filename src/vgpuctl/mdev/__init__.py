@@ -1,0 +1,1 @@
+"""vGPU lifecycle on mdev: reading parents and types, definitions, ownership, create/define/start."""

@@ -1,0 +1,143 @@
+"""Persistent vGPU definitions in mdevctl's own on-disk format.
+
+One file per device, ``/etc/mdevctl.d/<parent>/<uuid>``: serde_json's pretty print (2-space
+indent) of ``{"mdev_type", "start", "attrs"}`` in that order, ``attrs`` always present, no
+trailing newline (mdevctl src/mdev.rs). Files are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.errors import InvalidInput
+
+START_MODES = ("auto", "manual")
+
+
+@dataclass
+class Definition:
+    uuid: str
+    parent: str
+    mdev_type: str
+    start: str = "manual"
+    attrs: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """mdevctl's text: pretty with 2 spaces (files), or compact (libvirt's stdin form)."""
+        body = {"mdev_type": self.mdev_type, "start": self.start, "attrs": [{k: v} for k, v in self.attrs]}
+        separators = (",", ": ") if indent else (",", ":")
+        return json.dumps(body, indent=indent, separators=separators, ensure_ascii=False)
+
+    def config(self) -> dict[str, Any]:
+        return {"mdev_type": self.mdev_type, "start": self.start, "attrs": [{k: v} for k, v in self.attrs]}
+
+
+def parse_config(text: str, uuid: str, parent: str, where: str) -> Definition:
+    """Load a config the way mdevctl does: mdev_type and start required; attrs optional, one key each."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{where}: invalid json ({e.msg} at line {e.lineno}); fix or remove the file") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("mdev_type"), str) or "start" not in raw:
+        raise InvalidInput(f"{where}: invalid json: needs \"mdev_type\" and \"start\"")
+    if raw["start"] not in START_MODES:
+        raise InvalidInput(f"{where}: start must be \"auto\" or \"manual\", not {raw['start']!r}")
+    attrs: list[tuple[str, str]] = []
+    for item in raw.get("attrs") or []:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise InvalidInput(f"{where}: invalid JSON format for attribute: too many fields")
+        ((key, value),) = item.items()
+        if not isinstance(value, str):
+            raise InvalidInput(f"{where}: attribute {key!r} value must be of type str")
+        attrs.append((key, value))
+    return Definition(uuid=uuid, parent=parent, mdev_type=raw["mdev_type"], start=raw["start"], attrs=attrs)
+
+
+def canonical_uuid(text: str) -> str:
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        raise InvalidInput(f"{text!r} is not a UUID (expected e.g. {uuidlib.uuid4()})") from None
+
+
+def is_uuid(name: str) -> bool:
+    try:
+        return str(uuidlib.UUID(name)) == name
+    except ValueError:
+        return False
+
+
+def definition_path(root: HostRoot, parent: str, uuid: str) -> str:
+    return f"{root.etc_mdevctl_d}/{parent}/{uuid}"
+
+
+def load_all(root: HostRoot) -> list[Definition]:
+    """Every definition, sorted by parent then UUID. Like mdevctl, one bad file fails the listing."""
+    base = root.etc_mdevctl_d
+    if not root.exists(base):
+        return []
+    found = []
+    for parent in root.listdir(base):
+        parent_dir = root.path(f"{base}/{parent}")
+        if not parent_dir.is_dir() or parent == "scripts.d":
+            continue
+        for name in sorted(os.listdir(parent_dir)):
+            path = parent_dir / name
+            if not path.is_file() or not is_uuid(name):
+                continue  # mdevctl warns "Can't determine uuid for file" and skips
+            found.append(parse_config(path.read_text(), name, parent, str(path)))
+    return found
+
+
+def find(root: HostRoot, uuid: str, parent: str | None = None) -> list[Definition]:
+    return [d for d in load_all(root) if d.uuid == uuid and (parent is None or d.parent == parent)]
+
+
+def write(root: HostRoot, definition: Definition) -> None:
+    path = root.path(definition_path(root, definition.parent, definition.uuid))
+    atomic_write(path, definition.to_json().encode())
+
+
+def delete(root: HostRoot, definition: Definition) -> None:
+    path = root.path(definition_path(root, definition.parent, definition.uuid))
+    path.unlink()
+    fsync_dir(path.parent)  # the empty parent directory stays, as mdevctl leaves it
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, rename over, fsync the directory: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)

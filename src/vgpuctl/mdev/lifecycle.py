@@ -1,0 +1,271 @@
+"""vGPU lifecycle with mdevctl's semantics: create/remove, define/undefine/modify, start/stop, autostart.
+
+Every operation that could race takes the parent's lock; every file is replaced atomically; and
+nothing vgpuctl did not create is removed or undefined unless the caller says ``force``.
+"""
+
+from __future__ import annotations
+
+import errno
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev import definitions
+from vgpuctl.mdev.capacity import gvt_capacity
+from vgpuctl.mdev.definitions import Definition, canonical_uuid
+from vgpuctl.mdev.errors import (
+    CapacityError,
+    Conflict,
+    InvalidInput,
+    KernelError,
+    NotFound,
+    NotOwned,
+    VgpuError,
+)
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.sysfs import ActiveDevice, active_device, active_devices, parent_names, read_types
+
+
+@dataclass
+class AutostartResult:
+    uuid: str
+    parent: str
+    type_id: str
+    status: str  # "started", "already active", "failed"
+    message: str = ""
+
+
+@dataclass
+class Manager:
+    root: HostRoot
+    state: StateDir
+    force: bool = False
+    # The parents' names, read once per operation when needed.
+    _parents: list[str] | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ checks with helpful errors
+    def parents(self) -> list[str]:
+        if self._parents is None:
+            self._parents = parent_names(self.root)
+        return self._parents
+
+    def check_parent(self, parent: str) -> None:
+        names = self.parents()
+        if parent in names:
+            return
+        hint = next((n for n in names if n.lower() == parent.lower()), None)
+        if hint:
+            raise NotFound(f"no parent device {parent!r}; did you mean {hint!r}?")
+        listed = ", ".join(names) if names else "none (is the vendor driver, e.g. kvmgt, loaded? try 'vgpuctl doctor')"
+        raise NotFound(f"no parent device {parent!r}; mdev parents on this host: {listed}")
+
+    def check_type(self, parent: str, type_id: str) -> None:
+        self.check_parent(parent)
+        types = [t.type_id for t in read_types(self.root, parent)]
+        if type_id not in types:
+            raise NotFound(f"{parent} has no type {type_id!r}; its types: {', '.join(types) or 'none'}")
+
+    def require_owned(self, uuid: str, what: str) -> None:
+        if not self.force and not self.state.owns(uuid):
+            raise NotOwned(f"{what} {uuid} was not created by vgpuctl (mdevctl, libvirt or another tool "
+                           "made it); leave it alone, or add --force if you are sure")
+
+    # ------------------------------------------------------------------ transient devices
+    def create(self, parent: str, type_id: str, uuid: str | None = None,
+               attrs: list[tuple[str, str]] | None = None) -> str:
+        """Create an active vGPU; attributes are written in order and a failure removes it again."""
+        uuid = canonical_uuid(uuid) if uuid else str(uuidlib.uuid4())
+        self.check_type(parent, type_id)
+        with self.state.lock(f"parent-{parent}"):
+            existing = active_device(self.root, uuid)
+            if existing:
+                raise Conflict(f"vGPU {uuid} is already active on {existing.parent} (type {existing.type_id}); "
+                               "choose another UUID or remove it first")
+            create_path = f"{self.root.mdev_type_dir(parent, type_id)}/create"
+            try:
+                self.root.write_text(create_path, uuid)
+            except OSError as e:
+                raise self._explain_create_error(e, parent, type_id, uuid) from None
+            self.state.record(uuid, parent, type_id)
+            try:
+                self._write_attrs(uuid, attrs or [])
+            except VgpuError:
+                self._remove_device(uuid)
+                self._forget_if_gone(uuid)
+                raise
+        return uuid
+
+    def _write_attrs(self, uuid: str, attrs: list[tuple[str, str]]) -> None:
+        for name, value in attrs:
+            try:
+                self.root.write_text(f"{self.root.mdev_device_dir(uuid)}/{name}", value)
+            except OSError as e:
+                raise KernelError(f"failed to write {value!r} to attribute {name!r} of {uuid} "
+                                  f"({e.strerror}); the device was removed again", e.errno) from None
+
+    def _explain_create_error(self, error: OSError, parent: str, type_id: str, uuid: str) -> VgpuError:
+        if error.errno == errno.EEXIST:
+            holder = active_device(self.root, uuid)
+            where = f" on {holder.parent}" if holder else ""
+            return Conflict(f"UUID {uuid} is already in use{where}; choose another UUID")
+        if error.errno in (errno.ENOSPC, errno.EUSERS, errno.ENOMEM):
+            return CapacityError(self.capacity_message(parent, type_id))
+        if error.errno == errno.EINVAL:
+            return InvalidInput(f"the kernel rejected UUID {uuid!r} (EINVAL)")
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return KernelError(f"permission denied writing {parent}/{type_id}/create: run as root", error.errno)
+        return KernelError(f"creating {type_id} on {parent} failed: {error.strerror}", error.errno)
+
+    def capacity_message(self, parent: str, type_id: str) -> str:
+        types = read_types(self.root, parent)
+        fits = [f"{t.type_id} ({t.available_instances})" for t in types if t.available_instances > 0]
+        reasons = ""
+        capacity = gvt_capacity(self.root, parent, types)
+        wanted = next((t for t in types if t.type_id == type_id), None)
+        if capacity and wanted:
+            short = capacity.shortfalls(wanted)
+            reasons = " (" + "; ".join(short) + ")" if short else ""
+        still = f"types that still fit: {', '.join(fits)}" if fits else "no type fits any more"
+        advice = "; remove a vGPU"
+        if capacity and capacity.pool("low GM (aperture)").free < capacity.pool("low GM (aperture)").total // 2:
+            advice += " or raise the BIOS aperture size"
+        return f"no room for {type_id} on {parent}{reasons}; {still}{advice} to make room"
+
+    def remove(self, uuid: str) -> None:
+        uuid = canonical_uuid(uuid)
+        device = active_device(self.root, uuid)
+        if device is None:
+            raise NotFound(f"no active vGPU {uuid}; 'vgpuctl list' shows the active ones")
+        self.require_owned(uuid, "vGPU")
+        with self.state.lock(f"parent-{device.parent}"):
+            self._remove_device(uuid)
+        self._forget_if_gone(uuid)
+
+    def _remove_device(self, uuid: str) -> None:
+        try:
+            self.root.write_text(f"{self.root.mdev_device_dir(uuid)}/remove", "1")
+        except FileNotFoundError:
+            return  # already gone: the goal is reached
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise Conflict(f"vGPU {uuid} is in use by a VM; shut the VM down first") from None
+            raise KernelError(f"removing {uuid} failed: {e.strerror}", e.errno) from None
+
+    def _forget_if_gone(self, uuid: str) -> None:
+        if active_device(self.root, uuid) is None and not definitions.find(self.root, uuid):
+            self.state.forget(uuid)
+
+    # ------------------------------------------------------------------ persistent definitions
+    def define(self, uuid: str | None, parent: str | None, type_id: str | None, auto: bool = False,
+               attrs: list[tuple[str, str]] | None = None) -> Definition:
+        """mdevctl define: new definition, or promote an active device when only -u is given."""
+        uuid = canonical_uuid(uuid) if uuid else str(uuidlib.uuid4())
+        active = active_device(self.root, uuid)
+        if active and parent in (None, active.parent) and type_id in (None, active.type_id):
+            parent, type_id = active.parent, active.type_id
+        if parent is None:
+            raise InvalidInput("no parent given: use -p PARENT (see 'vgpuctl gpus')")
+        if type_id is None:
+            raise InvalidInput("no type given: use -t TYPE (see 'vgpuctl types')")
+        with self.state.lock(f"parent-{parent}"):
+            if definitions.find(self.root, uuid, parent):
+                raise Conflict(f"vGPU {uuid} on {parent} is already defined; use 'vgpuctl modify'")
+            definition = Definition(uuid, parent, type_id, "auto" if auto else "manual", list(attrs or []))
+            definitions.write(self.root, definition)
+            if active is None or self.state.owns(uuid):
+                self.state.record(uuid, parent, type_id)
+        return definition
+
+    def one_definition(self, uuid: str, parent: str | None) -> Definition:
+        found = definitions.find(self.root, uuid, parent)
+        if not found:
+            where = f" on {parent}" if parent else ""
+            raise NotFound(f"vGPU {uuid}{where} is not defined; 'vgpuctl list -d' shows definitions")
+        if len(found) > 1:
+            raise Conflict(f"{uuid} is defined on several parents ({', '.join(d.parent for d in found)}); "
+                           "say which with -p")
+        return found[0]
+
+    def undefine(self, uuid: str, parent: str | None = None) -> list[Definition]:
+        uuid = canonical_uuid(uuid)
+        found = definitions.find(self.root, uuid, parent)
+        if not found:
+            raise NotFound(f"no definition of {uuid}; 'vgpuctl list -d' shows definitions")
+        self.require_owned(uuid, "definition")
+        for definition in found:
+            with self.state.lock(f"parent-{definition.parent}"):
+                definitions.delete(self.root, definition)
+        self._forget_if_gone(uuid)
+        return found
+
+    def modify(self, uuid: str, parent: str | None = None, type_id: str | None = None,
+               start: str | None = None, add_attr: tuple[str, str] | None = None,
+               del_attr: bool = False, index: int | None = None) -> Definition:
+        uuid = canonical_uuid(uuid)
+        definition = self.one_definition(uuid, parent)
+        self.require_owned(uuid, "definition")
+        with self.state.lock(f"parent-{definition.parent}"):
+            if type_id is not None:
+                definition.mdev_type = type_id
+            if start is not None:
+                definition.start = start
+            if add_attr is not None:
+                position = len(definition.attrs) if index is None else index
+                if not 0 <= position <= len(definition.attrs):
+                    raise InvalidInput(f"attribute index {position} is invalid: use 0..{len(definition.attrs)}")
+                definition.attrs.insert(position, add_attr)
+            if del_attr:
+                if not definition.attrs:
+                    raise InvalidInput(f"{uuid} has no attributes to delete")
+                position = len(definition.attrs) - 1 if index is None else index
+                if not 0 <= position < len(definition.attrs):
+                    raise InvalidInput(f"attribute index {position} is invalid: use 0..{len(definition.attrs) - 1}")
+                del definition.attrs[position]
+            definitions.write(self.root, definition)
+        return definition
+
+    def start(self, uuid: str | None = None, parent: str | None = None, type_id: str | None = None) -> str:
+        """Start a definition (``-u`` matching one), else a transient device (needs parent and type)."""
+        if uuid:
+            uuid = canonical_uuid(uuid)
+            found = definitions.find(self.root, uuid, parent)
+            if len(found) > 1:
+                raise Conflict(f"{uuid} is defined on several parents; say which with -p")
+            if found:
+                definition = found[0]
+                if type_id is not None and type_id != definition.mdev_type:
+                    raise Conflict(f"vGPU {uuid} is defined on {definition.parent} with type "
+                                   f"{definition.mdev_type}, not {type_id}")
+                return self.create(definition.parent, definition.mdev_type, uuid, definition.attrs)
+        if parent is None or type_id is None:
+            what = "a defined vGPU's -u" if uuid is None else f"-p and -t ({uuid} is not defined)"
+            raise InvalidInput(f"not enough to start a vGPU: give {what}")
+        return self.create(parent, type_id, uuid)
+
+    def stop(self, uuid: str) -> None:
+        self.remove(uuid)
+
+    # ------------------------------------------------------------------ autostart
+    def autostart(self, parent: str | None = None) -> list[AutostartResult]:
+        """Start every ``auto`` definition (of one parent); idempotent, continuing past failures."""
+        results = []
+        active = {d.uuid: d for d in active_devices(self.root)}
+        for definition in definitions.load_all(self.root):
+            if definition.start != "auto" or (parent is not None and definition.parent != parent):
+                continue
+            result = AutostartResult(definition.uuid, definition.parent, definition.mdev_type, "started")
+            running: ActiveDevice | None = active.get(definition.uuid)
+            if running and running.parent == definition.parent and running.type_id == definition.mdev_type:
+                result.status = "already active"
+            elif running:
+                result.status, result.message = "failed", (
+                    f"UUID in use on {running.parent} as {running.type_id}")
+            else:
+                try:
+                    self.create(definition.parent, definition.mdev_type, definition.uuid, definition.attrs)
+                except VgpuError as e:
+                    result.status, result.message = "failed", str(e)
+                self._parents = None
+            results.append(result)
+        return results

@@ -1,0 +1,193 @@
+"""The mdev state of a host as its sysfs shows it: parents, types, active devices.
+
+Read through a :class:`~vgpuctl.host.HostRoot`, the same on a real host and on a simulated one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vgpuctl.host import HostRoot
+from vgpuctl.host.platforms import platform_for
+
+VENDOR_NAMES = {0x8086: "Intel", 0x10DE: "NVIDIA", 0x1002: "AMD", 0x1AF4: "Red Hat (virtio)"}
+
+
+@dataclass(frozen=True)
+class MdevType:
+    parent: str
+    type_id: str
+    available_instances: int
+    device_api: str
+    name: str | None = None
+    description: str | None = None
+
+    @property
+    def fields(self) -> dict[str, str | int]:
+        return parse_description(self.description or "")
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        text = self.fields.get("resolution") or self.fields.get("max_resolution")
+        match = re.fullmatch(r"(\d+)x(\d+)", str(text)) if text else None
+        return (int(match[1]), int(match[2])) if match else None
+
+    @property
+    def memory_mib(self) -> int | None:
+        """Graphics memory of one instance: GVT low+high GM, NVIDIA framebuffer, sample video memory."""
+        f = self.fields
+        if "low_gm_mib" in f and "high_gm_mib" in f:
+            return int(f["low_gm_mib"]) + int(f["high_gm_mib"])
+        for key in ("framebuffer_mib", "video_memory_mib"):
+            if key in f:
+                return int(f[key])
+        return None
+
+
+@dataclass(frozen=True)
+class ActiveDevice:
+    uuid: str
+    parent: str
+    type_id: str
+
+
+@dataclass(frozen=True)
+class ParentDevice:
+    name: str
+    vendor_id: int | None
+    device_id: int | None
+    types: list[MdevType] = field(default_factory=list)
+
+    @property
+    def vendor(self) -> str:
+        if self.vendor_id is None:
+            return "virtual"
+        return VENDOR_NAMES.get(self.vendor_id, f"0x{self.vendor_id:04x}")
+
+    @property
+    def platform(self) -> str | None:
+        if self.vendor_id != 0x8086 or self.device_id is None:
+            return None
+        platform = platform_for(self.device_id)
+        return platform.name.split(" (")[0] if platform else None
+
+    @property
+    def is_gvt(self) -> bool:
+        return any(t.type_id.startswith("i915-GVTg_") for t in self.types)
+
+
+_MIB_KEYS = {"low_gm_size": "low_gm_mib", "high_gm_size": "high_gm_mib", "framebuffer": "framebuffer_mib"}
+
+
+def parse_description(text: str) -> dict[str, str | int]:
+    """A type's description as fields: GVT "key: value" lines, NVIDIA "k=v, ..." and the samples' prose."""
+    fields: dict[str, str | int] = {}
+    parts = [p.strip() for p in re.split(r"[\n,]", text) if p.strip()]
+    for part in parts:
+        key, sep, value = part.partition(":") if ":" in part else part.partition("=")
+        if not sep:
+            video = re.fullmatch(r"(\d+) MB video memory", part)
+            frame = re.fullmatch(r"(\d+x\d+) framebuffer", part)
+            if video:
+                fields["video_memory_mib"] = int(video[1])
+            elif frame:
+                fields["resolution"] = frame[1]
+            continue
+        key, value = key.strip(), value.strip()
+        if key in _MIB_KEYS:
+            fields[_MIB_KEYS[key]] = int(re.sub(r"\D", "", value) or 0)
+        elif value.isdigit():
+            fields[key] = int(value)
+        else:
+            fields[key] = value
+    if "fence" in fields:
+        fields["fences"] = fields.pop("fence")
+    if "num_heads" in fields:
+        fields["heads"] = fields.pop("num_heads")
+    return fields
+
+
+def parent_names(root: HostRoot) -> list[str]:
+    if not root.exists(root.sys_class_mdev_bus):
+        return []
+    return root.listdir(root.sys_class_mdev_bus)
+
+
+def _read_optional(root: HostRoot, path: str) -> str | None:
+    try:
+        return root.read_text(path)
+    except (FileNotFoundError, PermissionError):
+        return None
+
+
+def read_type(root: HostRoot, parent: str, type_id: str) -> MdevType:
+    base = root.mdev_type_dir(parent, type_id)
+    name = _read_optional(root, f"{base}/name")
+    description = _read_optional(root, f"{base}/description")
+    return MdevType(
+        parent=parent,
+        type_id=type_id,
+        available_instances=int(root.read_value(f"{base}/available_instances")),
+        device_api=root.read_value(f"{base}/device_api"),
+        name=name.rstrip("\n") if name else None,
+        description=description.rstrip("\n") if description else None,
+    )
+
+
+def read_types(root: HostRoot, parent: str) -> list[MdevType]:
+    base = root.mdev_types_dir(parent)
+    if not root.exists(base):
+        return []
+    return [read_type(root, parent, t) for t in root.listdir(base)]
+
+
+def read_parent(root: HostRoot, parent: str) -> ParentDevice:
+    device = f"{root.sys_class_mdev_bus}/{parent}"
+    vendor = _read_optional(root, f"{device}/vendor")
+    device_id = _read_optional(root, f"{device}/device")
+    return ParentDevice(
+        name=parent,
+        vendor_id=int(vendor, 16) if vendor else None,
+        device_id=int(device_id, 16) if device_id else None,
+        types=read_types(root, parent),
+    )
+
+
+def read_parents(root: HostRoot) -> list[ParentDevice]:
+    return [read_parent(root, p) for p in parent_names(root)]
+
+
+def active_devices(root: HostRoot) -> list[ActiveDevice]:
+    """Every mdev on the mdev bus, its parent from where its directory really is (as mdevctl does)."""
+    base = root.sys_bus_mdev_devices
+    if not root.exists(base):
+        return []
+    found = []
+    for uuid in root.listdir(base):
+        device_path = root.path(f"{base}/{uuid}")
+        try:
+            real = Path(os.path.realpath(device_path))
+            type_id = os.path.basename(os.readlink(device_path / "mdev_type"))
+        except OSError:
+            continue  # removed while we looked
+        found.append(ActiveDevice(uuid=uuid, parent=real.parent.name, type_id=type_id))
+    return found
+
+
+def active_device(root: HostRoot, uuid: str) -> ActiveDevice | None:
+    return next((d for d in active_devices(root) if d.uuid == uuid), None)
+
+
+def aperture_mib(root: HostRoot, parent: str) -> int | None:
+    """BIOS aperture = size of BAR2 (third line of the PCI ``resource`` file)."""
+    text = _read_optional(root, f"{root.sys_class_mdev_bus}/{parent}/resource")
+    if not text:
+        return None
+    lines = text.splitlines()
+    if len(lines) < 3:
+        return None
+    start, end = (int(x, 16) for x in lines[2].split()[:2])
+    return (end - start + 1) // (1024 * 1024) if end > start else None
