@@ -51,7 +51,8 @@ class GvtCapacity:
         for pool in self.pools:
             wanted = int(need.get(pool.name, 0))
             if pool.free < wanted:
-                short.append(f"{pool.name}: {pool.free} {pool.unit} free, {gvt_type.type_id} needs {wanted}")
+                unit = f" {pool.unit}" if pool.unit else ""
+                short.append(f"{pool.name}: {pool.free}{unit} free, {gvt_type.type_id} needs {wanted}")
         return short
 
 

@@ -91,7 +91,7 @@ def load_all(root: HostRoot) -> list[Definition]:
         for name in sorted(os.listdir(parent_dir)):
             path = parent_dir / name
             if not path.is_file() or not is_uuid(name):
-                continue  # mdevctl warns "Can't determine uuid for file" and skips
+                continue  # mdevctl warns "Can't determine uuid for file" and skips; so do temp files
             found.append(parse_config(path.read_text(), name, parent, str(path)))
     return found
 
@@ -101,7 +101,11 @@ def find(root: HostRoot, uuid: str, parent: str | None = None) -> list[Definitio
 
 
 def write(root: HostRoot, definition: Definition) -> None:
+    """Replace the definition file atomically (callers hold the parent's lock)."""
     path = root.path(definition_path(root, definition.parent, definition.uuid))
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-way
+            stale.unlink(missing_ok=True)
     atomic_write(path, definition.to_json().encode())
 
 
