@@ -39,6 +39,7 @@ lint: $(STAMP_PY)
 
 bench: deps
 	$(PY) bench/bench_sim.py
+	$(PY) bench/bench_cli.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

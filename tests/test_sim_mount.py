@@ -312,3 +312,19 @@ def test_demo_tours_the_host_and_leaves_nothing_mounted() -> None:
     assert "No space left on device" in tour.stdout
     assert tour.stdout.count("created vGPU") == 7
     assert Path("/proc/self/mountinfo").read_text().count("fuse.vgpuctl-sim") == before
+
+
+def test_removed_devices_vanish_at_once_despite_kernel_caching(mount_host: MountFn) -> None:
+    root = mount_host("coffeelake")
+    create = types_dir(root) / "i915-GVTg_V5_8" / "create"
+    link = root.path(f"/sys/bus/mdev/devices/{U1}")
+    real = root.path(f"/sys/devices/pci0000:00/{GVT_PARENT}/{U1}")
+    for _ in range(2):  # remove, then the same UUID again: no stale view either way
+        create.write_text(U1)
+        assert (link / "intel_vgpu" / "vgpu_id").read_text() == "1\n"  # fills the dentry/attr caches
+        assert os.stat(real / "remove") and os.lstat(link)
+        (link / "remove").write_text("1")
+        assert not os.path.lexists(link)
+        assert not os.path.exists(real) and not os.path.exists(real / "remove")
+        assert not os.path.exists(types_dir(root) / "i915-GVTg_V5_8" / "devices" / U1)
+        assert U1 not in os.listdir(root.path("/sys/bus/mdev/devices"))

@@ -300,3 +300,22 @@ def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
     atomic_write(state.owned_file, b"{broken")
     with pytest.raises(RuntimeError, match="move it away"):
         state.owned()
+
+
+@pytest.mark.parametrize("kernel", ["6.8.0", "5.15.0"])
+def test_human_output_of_list_gpus_and_types(mount_host: MountFn, tmp_path: Path, kernel: str) -> None:
+    cli = Cli(mount_host("coffeelake", aperture_mib=1024, kernel=kernel), tmp_path / "state")
+    assert cli("list")[1] == "no vGPUs\n"
+    cli("create", "-p", GVT_PARENT, "-t", "i915-GVTg_V5_4", "-u", U1)
+    cli("define", "-p", GVT_PARENT, "-t", "i915-GVTg_V5_8", "-u", U2, "--auto", "--attr", "x=1")
+    lines = cli("list")[1].splitlines()
+    row1 = next(line for line in lines if U1 in line).split("│")
+    row2 = next(line for line in lines if U2 in line).split("│")
+    assert [c.strip() for c in row1[1:-1]] == [U1, GVT_PARENT, "i915-GVTg_V5_4", "active", "-", "vgpuctl", "-"]
+    assert [c.strip() for c in row2[1:-1]] == [U2, GVT_PARENT, "i915-GVTg_V5_8", "defined", "auto", "vgpuctl", "x=1"]
+    gpus = cli("gpus")[1]
+    assert "Intel 0x3e92" in gpus and "768/896 MiB" in gpus and "6/7" in gpus
+    types = cli("types")[1]
+    row = next(line for line in types.splitlines() if "i915-GVTg_V5_2" in line).split("│")
+    name = "GVTg_V5_2" if kernel == "6.8.0" else "-"
+    assert [c.strip() for c in row[1:6]] == [GVT_PARENT, "i915-GVTg_V5_2", name, "2", "1280 MiB"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -46,11 +47,25 @@ def _global(
 
 def _register() -> None:
     # Imported here so that each module can use `app` and the helpers above.
-    from vgpuctl.cli import sim, vgpus  # noqa: F401
+    from vgpuctl.cli import sim, units, vgpus  # noqa: F401
 
 
 _register()
 
 
+@app.command("mdevctl", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _mdevctl(ctx: typer.Context) -> None:
+    """Act as mdevctl 1.2.0: its options, output, files and exit codes (e.g. vgpuctl mdevctl list -d)."""
+    from vgpuctl.cli.mdevctl import run_as_mdevctl
+
+    raise typer.Exit(run_as_mdevctl(["mdevctl", *ctx.args], root=State.root, state_dir=State.state_dir))
+
+
 def main() -> None:
+    # Installed (linked) as mdevctl or lsmdev, vgpuctl stands in for mdevctl (e.g. for libvirt).
+    if os.path.basename(sys.argv[0]) in ("mdevctl", "lsmdev"):
+        from vgpuctl.cli.mdevctl import run_as_mdevctl
+
+        sys.exit(run_as_mdevctl(sys.argv))
     app()

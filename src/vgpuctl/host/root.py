@@ -41,7 +41,15 @@ class HostRoot:
 
     # Small conveniences: sysfs and procfs values are short text files ending in "\n".
     def read_text(self, host_path: str) -> str:
-        return self.path(host_path).read_text()
+        # os-level calls: sysfs values are small, and this is the hot path of every listing.
+        fd = os.open(self.path(host_path), os.O_RDONLY)
+        try:
+            chunks = [os.read(fd, 65536)]
+            while len(chunks[-1]) == 65536:  # large files such as /boot/config-*
+                chunks.append(os.read(fd, 65536))
+            return b"".join(chunks).decode()
+        finally:
+            os.close(fd)
 
     def read_value(self, host_path: str) -> str:
         """A sysfs attribute's value without its trailing newline."""
@@ -77,6 +85,25 @@ class HostRoot:
     @property
     def etc_mdevctl_d(self) -> str:
         return "/etc/mdevctl.d"
+
+    @property
+    def etc_systemd_system(self) -> str:
+        """Where the administrator's systemd units live (what ``systemctl enable`` links into)."""
+        return "/etc/systemd/system"
+
+    @property
+    def etc_udev_rules_d(self) -> str:
+        return "/etc/udev/rules.d"
+
+    @property
+    def run_dir(self) -> str:
+        """The runtime tmpfs, there from the first moment of boot (unlike /run/lock)."""
+        return "/run"
+
+    @property
+    def run_systemd_system(self) -> str:
+        """Exists exactly when systemd is the running init (sd_booted())."""
+        return "/run/systemd/system"
 
     def mdev_types_dir(self, parent: str) -> str:
         return f"{self.sys_class_mdev_bus}/{parent}/mdev_supported_types"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vgpuctl.host import HostRoot
 from vgpuctl.host.platforms import platform_for
@@ -119,7 +118,7 @@ def parent_names(root: HostRoot) -> list[str]:
 def _read_optional(root: HostRoot, path: str) -> str | None:
     try:
         return root.read_text(path)
-    except (FileNotFoundError, PermissionError):
+    except (FileNotFoundError, PermissionError, NotADirectoryError):
         return None
 
 
@@ -161,19 +160,23 @@ def read_parents(root: HostRoot) -> list[ParentDevice]:
 
 
 def active_devices(root: HostRoot) -> list[ActiveDevice]:
-    """Every mdev on the mdev bus, its parent from where its directory really is (as mdevctl does)."""
+    """Every mdev on the mdev bus. Its parent is the directory its bus link points into (the kernel
+    makes each mdev a child of its parent device), read from the link alone: one readlink, not a
+    walk of every component as realpath() would do."""
     base = root.sys_bus_mdev_devices
-    if not root.exists(base):
+    try:
+        uuids = sorted(os.listdir(root.path(base)))
+    except FileNotFoundError:
         return []
     found = []
-    for uuid in root.listdir(base):
-        device_path = root.path(f"{base}/{uuid}")
+    for uuid in uuids:
+        link = f"{root.path(base)}/{uuid}"
         try:
-            real = Path(os.path.realpath(device_path))
-            type_id = os.path.basename(os.readlink(device_path / "mdev_type"))
+            target = os.readlink(link)
+            type_id = os.path.basename(os.readlink(f"{link}/mdev_type"))
         except OSError:
             continue  # removed while we looked
-        found.append(ActiveDevice(uuid=uuid, parent=real.parent.name, type_id=type_id))
+        found.append(ActiveDevice(uuid=uuid, parent=os.path.basename(os.path.dirname(target)), type_id=type_id))
     return found
 
 

@@ -7,6 +7,7 @@ EINVAL for that call (mfusepy catches it) and never stops the server.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -17,6 +18,10 @@ import mfusepy
 from vgpuctl.sim.host import SimHost
 
 FSTYPE = "vgpuctl-sim"  # mounts show as "fuse.vgpuctl-sim" in /proc/self/mountinfo
+CACHE_SECONDS = 60
+_LIBFUSE = mfusepy._libfuse  # the libfuse3 that mfusepy loaded: fuse_invalidate_path() is not wrapped
+_LIBFUSE.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+_LIBFUSE.fuse_invalidate_path.restype = ctypes.c_int
 
 
 class SimFs(mfusepy.Operations):  # type: ignore[misc]
@@ -27,6 +32,10 @@ class SimFs(mfusepy.Operations):  # type: ignore[misc]
         self.on_ready = on_ready
 
     def init(self, path: str) -> None:
+        # Entries and attributes are cached by the kernel (see serve()); when the model drops or
+        # replaces a path by itself (a vGPU removed, a reboot), tell the kernel to forget it.
+        fuse = ctypes.c_void_p(_LIBFUSE.fuse_get_context().contents.fuse)
+        self.host.vfs.on_change = lambda changed: _LIBFUSE.fuse_invalidate_path(fuse, changed.encode())
         if self.on_ready:
             self.on_ready()
 
@@ -73,6 +82,12 @@ class SimFs(mfusepy.Operations):  # type: ignore[misc]
     def unlink(self, path: str) -> int:
         with self.host.lock:
             self.host.vfs.unlink(path)
+        return 0
+
+    def symlink(self, target: str, source: str) -> int:
+        # mfusepy passes (link path, its contents), as FUSE's symlink(const char *to, const char *from)
+        with self.host.lock:
+            self.host.vfs.symlink(target, source)
         return 0
 
     def rmdir(self, path: str) -> int:
@@ -124,7 +139,10 @@ def serve(host: SimHost, mountpoint: str, on_ready: Callable[[], None] | None = 
         fsname=FSTYPE,
         subtype=FSTYPE,
         direct_io=True,  # attributes are computed per read: no page cache
-        entry_timeout=0,
-        attr_timeout=0,
+        # Cache lookups and attributes (a path walk would otherwise cost a request per component,
+        # ~1.5 ms per sysfs read); vanished paths are invalidated explicitly (SimFs.init). New
+        # entries are never cached as missing, so created devices appear at once.
+        entry_timeout=CACHE_SECONDS,
+        attr_timeout=CACHE_SECONDS,
         negative_timeout=0,
     )

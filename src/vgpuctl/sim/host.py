@@ -4,6 +4,11 @@
 for the hardware, kernel version, command line and loaded modules in ``spec``. Writes to
 ``create`` and ``remove`` go through :class:`SimHost` exactly as the kernel's mdev core handles
 them (spec kernel-mdev-gvt.md 1.3-1.5).
+
+A host can also boot without the modules that register mdev parents (``HostSpec.defer``), load
+and unload them later, and reboot; each is one line written to the control file
+``/.vgpuctl-sim-control`` (:meth:`SimHost.control`). The uevents a udev daemon would receive
+after boot are kept, one line each, in ``/.vgpuctl-sim-uevents``, so that a test can act as udev.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from vgpuctl.host.platforms import INTEL_VENDOR_ID, platform_for
 from vgpuctl.host.root import SIM_MARKER
 from vgpuctl.sim.kernel import Kernel
-from vgpuctl.sim.presets import READY_CMDLINE_FLAGS, HostSpec, preset
+from vgpuctl.sim.presets import DEFERRABLE_MODULES, READY_CMDLINE_FLAGS, HostSpec, check_deferrable, preset
 from vgpuctl.sim.vendors import (
     GvtParent,
     MbochsParent,
@@ -36,6 +41,40 @@ UUID_STRING_LEN = 36
 IGPU_ADDRESS = "0000:00:02.0"
 VFIO_MAJOR = 511  # dynamic char major as commonly seen for /dev/vfio/<group>
 IGPU_BAR2_START = 0x4000000000
+# Next to the marker: commands for the simulated host (write-only) and the uevents it emitted.
+SIM_CONTROL = "/.vgpuctl-sim-control"
+SIM_UEVENTS = "/.vgpuctl-sim-uevents"
+MAX_UEVENTS = 4096  # the oldest are dropped beyond this; SEQNUM shows the gap
+CONTROL_USAGE = "reboot [defer=MODULE,...] | load MODULE | unload MODULE | trigger [add|change]"
+SYNTH_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
+
+
+@dataclass(frozen=True)
+class Uevent:
+    """One uevent as udev receives it. KERNEL is udev's %k (the device's name), added for convenience."""
+
+    seqnum: int
+    action: str
+    devpath: str  # without the /sys prefix, as in the kernel's DEVPATH
+    subsystem: str
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def kernel(self) -> str:
+        return self.devpath.rsplit("/", 1)[-1]
+
+    def line(self) -> str:
+        pairs = [("ACTION", self.action), ("DEVPATH", self.devpath), ("SUBSYSTEM", self.subsystem),
+                 ("KERNEL", self.kernel), *self.env, ("SEQNUM", str(self.seqnum))]
+        return " ".join(f"{key}={value}" for key, value in pairs)
+
+
+@dataclass
+class Kobject:
+    """A device udev knows about: what a coldplug "add" (udevadm trigger) reports for it."""
+
+    subsystem: str
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,13 +93,37 @@ class SimHost:
         self.preset_name = preset_name
         self.kernel = Kernel(spec.kernel)
         self.kernel.version  # noqa: B018 - validates the release string early
-        self.vfs = Vfs()
         self.lock = threading.RLock()
+        self.marker_extra: dict[str, Any] = {}
+        self.defer = self._check_defer(spec.defer)
+        self.boots = 0
+        self.vfs = Vfs()
+        self._boot()
+
+    def _boot(self) -> None:
+        """Power on: a fresh kernel (no devices, deferred modules not loaded); then udev's coldplug.
+
+        On a reboot the filesystem stays the same object: everything the kernel made is dropped
+        (deepest first, so that a FUSE server hears of each path) and built again; ``/etc`` is
+        disk and stays, and so do the simulator's own files at the root.
+        """
+        rebooting = self.boots > 0
+        if rebooting:
+            for path in reversed(list(self._kernel_paths())):
+                self.vfs.drop(path)
         self.parents: dict[str, Parent] = {}
+        self.parent_modules: dict[str, str] = {}  # parent name -> the module that registered it
         self.devices: dict[str, MdevDevice] = {}
         self.iommu_groups: set[int] = set()
-        self.marker_extra: dict[str, Any] = {}
-        self._build()
+        self.kobjects: dict[str, Kobject] = {}  # sysfs path -> device
+        self.unloaded: set[str] = set(self.defer)
+        self.uevents: list[Uevent] = []
+        self.seqnum = 0
+        self.booted = False  # events before udevd runs are lost; coldplug replays them as "add"
+        self._build(fresh=not rebooting)
+        self.boots += 1
+        self.booted = True
+        self.trigger("add")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SimHost:
@@ -137,13 +200,23 @@ class SimHost:
 
     @property
     def modules(self) -> list[str]:
+        """Loaded modules, in /proc/modules order."""
+        return [m for m in self._boot_modules() if m not in self.unloaded]
+
+    @property
+    def _kvmgt_refused(self) -> bool:
+        """Up to 5.18 "modprobe kvmgt" fails with ENODEV when i915 did not start GVT."""
+        return (self.is_intel and self.spec.modules is None and not self.gvt_initialises
+                and not self.kernel.gvt_in_kvmgt)
+
+    def _boot_modules(self) -> list[str]:
+        """The modules this host has loaded once booted with nothing deferred."""
         if self.spec.modules is not None:
             return list(self.spec.modules)
         modules = ["kvm", "kvm_intel", "vfio", "vfio_iommu_type1"]
         if self.is_intel:
             modules = self.kernel.required_modules
-            # Up to 5.18 "modprobe kvmgt" fails with ENODEV when i915 did not start GVT.
-            if not self.gvt_initialises and not self.kernel.gvt_in_kvmgt:
+            if self._kvmgt_refused:
                 modules.remove("kvmgt")
         if self.spec.nvidia_gpus:
             modules += ["nvidia", "nvidia_vgpu_vfio", "mdev"]
@@ -155,16 +228,38 @@ class SimHost:
     def loaded(self, module: str) -> bool:
         return module in self.modules
 
+    def _check_defer(self, modules: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        chosen = check_deferrable(modules)
+        available = self._boot_modules()
+        absent = [m for m in chosen if m not in available and not (m == "kvmgt" and self._kvmgt_refused)]
+        if absent:
+            raise ValueError(f"cannot defer {', '.join(absent)}: this host does not load it "
+                             f"(its modules: {', '.join(available) or 'none'})")
+        return chosen
+
     # ------------------------------------------------------------------ building the tree
-    def _build(self) -> None:
+    def _kernel_paths(self) -> Iterator[str]:
+        """Every path the kernel made (all but /etc and the simulator's files), parents first."""
+        kept = {"etc", *(p.lstrip("/") for p in (SIM_MARKER, SIM_CONTROL, SIM_UEVENTS))}
+        for name in self.vfs.listdir("/"):
+            if name not in kept:
+                yield f"/{name}"
+                if isinstance(self.vfs.node(f"/{name}"), Dir):
+                    yield from self.walk(f"/{name}")
+
+    def _build(self, fresh: bool = True) -> None:
         fs = self.vfs
         release = self.spec.kernel
-        fs.put(SIM_MARKER, Attr(show=self._marker))
+        if fresh:
+            fs.put(SIM_MARKER, Attr(show=self._marker))
+            fs.put(SIM_CONTROL, Attr(store=self.control))
+            fs.put(SIM_UEVENTS, Attr(show=self._show_uevents))
         fs.put("/proc/cmdline", Attr(show=const(self.cmdline + "\n")))
         fs.put("/proc/sys/kernel/osrelease", Attr(show=const(release + "\n")))
         fs.put("/proc/modules", Attr(show=self._proc_modules))
         fs.put(f"/boot/config-{release}", Blob(data=bytearray(self._config_text().encode()), mode=0o644))
-        self._build_etc()
+        if fresh:
+            self._build_etc()
         fs.mkdirs("/dev")
         fs.mkdirs("/sys/kernel/iommu_groups")
         fs.mkdirs("/sys/bus/pci/drivers")
@@ -190,8 +285,12 @@ class SimHost:
                 self._build_sample(sample)
 
     def _marker(self) -> str:
-        data = {"preset": self.preset_name, "kernel": self.spec.kernel, **self.marker_extra}
+        data = {"preset": self.preset_name, "kernel": self.spec.kernel, "boot": self.boots,
+                "defer": list(self.defer), "not_loaded": sorted(self.unloaded), **self.marker_extra}
         return json.dumps(data) + "\n"
+
+    def _show_uevents(self) -> str:
+        return "".join(event.line() + "\n" for event in self.uevents)
 
     def _config_text(self) -> str:
         lines = [f"# Linux/x86 {self.spec.kernel} Kernel Configuration (simulated)"]
@@ -259,6 +358,7 @@ class SimHost:
         fs.put(f"{path}/resource", Attr(show=const(_pci_resource(bar2_mib))))
         fs.put(f"{path}/subsystem", Link(target="/sys/bus/pci"))
         fs.put(f"/sys/bus/pci/devices/{address}", Link(target=path))
+        self._add_kobject(path, "pci", _pci_uevent_env(address, vendor, device, pci_class, driver))
         if driver:
             fs.mkdirs(f"/sys/bus/pci/drivers/{driver}")
             fs.put(f"{path}/driver", Link(target=f"/sys/bus/pci/drivers/{driver}"))
@@ -279,36 +379,54 @@ class SimHost:
             return
         # GVT device init got far enough to expose the golden-state firmware blob (root only).
         self.vfs.put(f"{path}/gvt_firmware", Attr(show=const(""), mode=0o400, binary=True))
+        self._register_gvt()
+
+    def _register_gvt(self) -> None:
+        """kvmgt's load registers the iGPU as an mdev parent, if i915 started GVT (spec 4.2)."""
+        gpu = self.spec.gpu
+        if gpu is None or not (self.gvt_initialises and self.loaded("i915")):
+            return
         if self.loaded("kvmgt") and self.loaded("mdev"):
             platform = platform_for(gpu.device_id)
             assert platform is not None
             self._register_parent(GvtParent(
-                name=IGPU_ADDRESS, device_path=path, kernel=self.kernel, vendor_driver="intel_vgpu_mdev",
-                graphics_ver=platform.graphics_ver, aperture_mib=gpu.aperture_mib, ggtt_mib=gpu.ggtt_mib,
-                fences=gpu.fences,
-            ))
+                name=IGPU_ADDRESS, device_path=f"/sys/devices/pci0000:00/{IGPU_ADDRESS}", kernel=self.kernel,
+                vendor_driver="intel_vgpu_mdev", graphics_ver=platform.graphics_ver,
+                aperture_mib=gpu.aperture_mib, ggtt_mib=gpu.ggtt_mib, fences=gpu.fences,
+            ), "kvmgt")
 
-    def _build_nvidia(self, index: int, iommu_on: bool) -> None:
+    @staticmethod
+    def _nvidia_location(index: int) -> tuple[str, str]:
         bus = 0x3B + index * 0x23  # 3b, 5e, 81, a4, ... as on dual-socket servers
         address = f"0000:{bus:02x}:00.0"
         port = f"0000:00:{index + 3:02x}.0"
-        path = f"/sys/devices/pci0000:00/{port}/{address}"
+        return address, f"/sys/devices/pci0000:00/{port}/{address}"
+
+    def _build_nvidia(self, index: int, iommu_on: bool) -> None:
+        address, path = self._nvidia_location(index)
         self._add_pci_device(address, path, 0x10DE, 0x1EB8, 0x030200,
                              "nvidia" if self.loaded("nvidia") else None, iommu_on)
+        self._register_nvidia(index)
+
+    def _register_nvidia(self, index: int) -> None:
         if self.loaded("nvidia_vgpu_vfio") and self.loaded("mdev"):
-            self._register_parent(NvidiaParent(address, path, self.kernel, "nvidia-vgpu-vfio"))
+            address, path = self._nvidia_location(index)
+            self._register_parent(NvidiaParent(address, path, self.kernel, "nvidia-vgpu-vfio"), "nvidia_vgpu_vfio")
 
     def _build_sample(self, sample: str) -> None:
+        """The sample module's init: its class device, then the mdev parent on it."""
         path = f"/sys/devices/virtual/{sample}/{sample}"
         self.vfs.mkdirs(path)
         self.vfs.put(f"/sys/class/{sample}/{sample}", Link(target=path))
+        self._add_kobject(path, sample)
         kinds: dict[str, type[Parent]] = {"mtty": MttyParent, "mdpy": MdpyParent, "mbochs": MbochsParent}
-        self._register_parent(kinds[sample](sample, path, self.kernel, sample))
+        self._register_parent(kinds[sample](sample, path, self.kernel, sample), sample)
 
-    def _register_parent(self, parent: Parent) -> None:
+    def _register_parent(self, parent: Parent, module: str) -> None:
         """mdev_register_parent(): the types kset, one directory per type, the mdev_bus class link."""
         fs = self.vfs
         self.parents[parent.name] = parent
+        self.parent_modules[parent.name] = module
         types_dir = f"{parent.device_path}/mdev_supported_types"
         fs.mkdirs(types_dir)
         for sim_type in parent.types():
@@ -324,6 +442,127 @@ class SimHost:
         fs.put(f"/sys/class/mdev_bus/{parent.name}", Link(target=parent.device_path))
         driver = self.kernel.mdev_driver(parent.vendor_driver)
         fs.mkdirs(f"/sys/bus/mdev/drivers/{driver}")
+        self._emit("change", parent.device_path, {"MDEV_STATE": "registered"})
+
+    def _unregister_parent(self, name: str) -> None:
+        """mdev_unregister_parent(): force-remove its mdevs, drop the types and the class link (spec 1.5)."""
+        fs = self.vfs
+        parent = self.parents[name]
+        for device in [d for d in self.devices.values() if d.parent is parent]:
+            self._destroy_device(device)
+        fs.drop(f"{parent.device_path}/mdev_supported_types")
+        fs.drop(f"/sys/class/mdev_bus/{name}")
+        del self.parents[name]
+        del self.parent_modules[name]
+        driver = self.kernel.mdev_driver(parent.vendor_driver)
+        if driver == parent.vendor_driver and all(p.vendor_driver != driver for p in self.parents.values()):
+            fs.drop(f"/sys/bus/mdev/drivers/{driver}")  # 5.19+: the vendor's mdev driver leaves with it
+        self._emit("change", parent.device_path, {"MDEV_STATE": "unregistered"})
+
+    # ------------------------------------------------------------------ uevents
+    def _add_kobject(self, path: str, subsystem: str, env: dict[str, str] | None = None) -> None:
+        """device_add(): the device's ``uevent`` attribute, and its "add" event."""
+        kobject = self.kobjects[path] = Kobject(subsystem, dict(env or {}))
+        self.vfs.put(f"{path}/uevent", Attr(show=lambda: "".join(f"{k}={v}\n" for k, v in kobject.env.items()),
+                                            store=partial(self._uevent_store, path), mode=0o644))
+        self._emit("add", path)
+
+    def _uevent_store(self, path: str, text: str) -> None:
+        """A write to a device's ``uevent`` (what udevadm trigger does): a synthetic event (kobject_synth_uevent)."""
+        with self.lock:
+            words = text.split()
+            if not words or words[0] not in SYNTH_ACTIONS:
+                raise fail(errno.EINVAL, f"uevent takes one of {', '.join(SYNTH_ACTIONS)}")
+            self._emit(words[0], path, {"SYNTH_UUID": "0"})
+
+    def _del_kobject(self, path: str) -> None:
+        self._emit("remove", path)
+        self.kobjects.pop(path, None)
+
+    def _emit(self, action: str, path: str, extra: dict[str, str] | None = None) -> None:
+        """A uevent for the device at sysfs ``path``; before udevd runs (during boot) nobody hears it."""
+        if not self.booted:
+            return
+        kobject = self.kobjects.get(path)
+        subsystem = kobject.subsystem if kobject else ""
+        env = {**(kobject.env if kobject else {}), **(extra or {})}
+        self.seqnum += 1
+        self.uevents.append(Uevent(self.seqnum, action, path.removeprefix("/sys"), subsystem, tuple(env.items())))
+        del self.uevents[:-MAX_UEVENTS]
+
+    def trigger(self, action: str = "add") -> None:
+        """``udevadm trigger --action=ACTION``: ACTION written to every device's ``uevent`` (coldplug at boot)."""
+        with self.lock:
+            for path in list(self.kobjects):
+                self._uevent_store(path, action)
+
+    # ------------------------------------------------------------------ modules, reboot, the control file
+    def load_module(self, module: str) -> None:
+        """``modprobe MODULE`` for a deferred module: it registers its mdev parents (uevent each)."""
+        with self.lock:
+            if self.loaded(module):
+                return  # modprobe of a loaded module does nothing
+            if module not in self.unloaded:
+                raise fail(errno.ENOENT, f"module {module} not found (not deferred on this host)")
+            if module not in self._boot_modules():
+                raise fail(errno.ENODEV, f"modprobe {module}: GVT-g did not initialise in i915")
+            self.unloaded.discard(module)
+            self.vfs.mkdirs(f"/sys/module/{module}")
+            if module == "kvmgt":
+                self._register_gvt()
+            elif module == "nvidia_vgpu_vfio":
+                for index in range(self.spec.nvidia_gpus):
+                    self._register_nvidia(index)
+            else:
+                self._build_sample(module)
+
+    def unload_module(self, module: str) -> None:
+        """``rmmod MODULE``: its parents unregister, which force-removes their mdevs."""
+        with self.lock:
+            if module not in DEFERRABLE_MODULES:
+                raise fail(errno.EINVAL, f"the simulator can only unload {', '.join(DEFERRABLE_MODULES)}")
+            if not self.loaded(module):
+                raise fail(errno.ENOENT, f"module {module} is not currently loaded")
+            for name in [n for n, m in self.parent_modules.items() if m == module]:
+                self._unregister_parent(name)
+            if module in self.spec.samples:
+                path = f"/sys/devices/virtual/{module}/{module}"
+                self._del_kobject(path)
+                self.vfs.drop(f"/sys/devices/virtual/{module}")
+                self.vfs.drop(f"/sys/class/{module}")
+            self.vfs.drop(f"/sys/module/{module}")
+            self.unloaded.add(module)
+
+    def reboot(self, defer: list[str] | None = None) -> None:
+        """Every mdev is gone, modules in ``defer`` (default: as at the last boot) are not loaded; /etc stays."""
+        with self.lock:
+            if defer is not None:
+                self.defer = self._check_defer(defer)
+            self._boot()
+
+    def control(self, text: str) -> None:
+        """A write to the control file: one command a line (see CONTROL_USAGE); EINVAL when not understood."""
+        with self.lock:
+            for line in text.splitlines():
+                words = line.split()
+                try:
+                    match words:
+                        case []:
+                            continue
+                        case ["reboot"]:
+                            self.reboot()
+                        case ["reboot", arg] if arg.startswith("defer="):
+                            self.reboot(arg.removeprefix("defer=").split(","))
+                        case ["load", module]:
+                            self.load_module(module)
+                        case ["unload", module]:
+                            self.unload_module(module)
+                        case ["trigger"] | ["trigger", "add" | "change"]:
+                            self.trigger(words[1] if len(words) > 1 else "add")
+                        case _:
+                            raise fail(errno.EINVAL, f"unknown command {line!r}; commands: {CONTROL_USAGE}")
+                except ValueError as e:
+                    raise fail(errno.EINVAL, str(e)) from None
 
     def _new_iommu_group(self) -> int:
         group = next(n for n in range(len(self.iommu_groups) + 1) if n not in self.iommu_groups)
@@ -365,7 +604,6 @@ class SimHost:
         fs.put(f"{path}/mdev_type", Link(target=type_dir))
         fs.put(f"{path}/driver", Link(target=f"/sys/bus/mdev/drivers/{driver}"))
         fs.put(f"{path}/subsystem", Link(target="/sys/bus/mdev"))
-        fs.put(f"{path}/uevent", Attr(show=const(f"DRIVER={driver}\nMDEV_TYPE={device.type_id}\n")))
         fs.put(f"{path}/iommu_group", Link(target=f"/sys/kernel/iommu_groups/{device.iommu_group}"))
         for relative, node in extra.items():
             fs.put(f"{path}/{relative}", node)
@@ -374,6 +612,7 @@ class SimHost:
         fs.put(f"/sys/bus/mdev/drivers/{driver}/{uuid}", Link(target=path))
         fs.put(f"/sys/kernel/iommu_groups/{device.iommu_group}/devices/{uuid}", Link(target=path))
         fs.put(f"/dev/vfio/{device.iommu_group}", CharDev(major=VFIO_MAJOR, minor=device.iommu_group))
+        self._add_kobject(path, "mdev", {"DRIVER": driver, "MDEV_TYPE": device.type_id})
 
     def remove(self, uuid: str, text: str) -> None:
         """A write of ``text`` to ``<device>/remove`` (kstrtoul base 0: non-zero removes)."""
@@ -381,12 +620,18 @@ class SimHost:
             value = _kstrtoul(text)
             if value == 0:
                 return
-            device = self.devices.pop(uuid, None)
+            device = self.devices.get(uuid)
             if device is None:
                 raise fail(errno.ENODEV)
-            parent = device.parent
+            self._destroy_device(device)
+
+    def _destroy_device(self, device: MdevDevice) -> None:
+        with self.lock:
+            uuid, parent = device.uuid, device.parent
+            del self.devices[uuid]
             driver = self.kernel.mdev_driver(parent.vendor_driver)
             fs = self.vfs
+            self._del_kobject(f"{parent.device_path}/{uuid}")
             fs.drop(f"{parent.device_path}/{uuid}")
             fs.drop(f"{parent.device_path}/mdev_supported_types/{device.type_id}/devices/{uuid}")
             fs.drop(f"/sys/bus/mdev/devices/{uuid}")
@@ -451,6 +696,20 @@ def _kstrtoul(text: str) -> int:
     except ValueError:
         pass
     raise fail(errno.EINVAL, "remove takes a number")
+
+
+def _pci_uevent_env(address: str, vendor: int, device: int, pci_class: int, driver: str | None) -> dict[str, str]:
+    """What pci_uevent() adds (after the driver core's DRIVER); the simulator has no subsystem device id."""
+    env = {"DRIVER": driver} if driver else {}
+    env |= {
+        "PCI_CLASS": f"{pci_class:X}",
+        "PCI_ID": f"{vendor:04X}:{device:04X}",
+        "PCI_SUBSYS_ID": f"{vendor:04X}:{device:04X}",
+        "PCI_SLOT_NAME": address,
+        "MODALIAS": f"pci:v{vendor:08X}d{device:08X}sv{vendor:08X}sd{device:08X}"
+                    f"bc{pci_class >> 16:02X}sc{(pci_class >> 8) & 0xFF:02X}i{pci_class & 0xFF:02X}",
+    }
+    return env
 
 
 def _pci_resource(bar2_mib: int) -> str:

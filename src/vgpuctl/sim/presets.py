@@ -11,6 +11,9 @@ from vgpuctl.sim.kernel import DEFAULT_KERNEL
 
 APERTURES_MIB = (128, 256, 512, 1024, 2048)  # common BIOS "Aperture Size" options
 READY_CMDLINE_FLAGS = "intel_iommu=on i915.enable_gvt=1 kvm.ignore_msrs=1"
+# Modules whose loading registers mdev parents: the ones a host can boot without and load later
+# (as when kvmgt is loaded from /etc/modules-load.d after udev has started).
+DEFERRABLE_MODULES = ("kvmgt", "nvidia_vgpu_vfio", "mtty", "mdpy", "mbochs")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class HostSpec:
     modules: tuple[str, ...] | None = None
     # Kconfig symbols to force ("CONFIG_DRM_I915_GVT_KVMGT": "n"), on top of a GVT-ready config.
     kconfig: tuple[tuple[str, str], ...] = ()
+    # Modules not loaded at boot, to be loaded later through the control file ("load kvmgt").
+    defer: tuple[str, ...] = ()
 
     def with_overrides(
         self,
@@ -46,6 +51,7 @@ class HostSpec:
         cmdline: str | None = None,
         modules: list[str] | None = None,
         kconfig: list[str] | None = None,
+        defer: list[str] | None = None,
     ) -> HostSpec:
         spec = self
         if kernel is not None:
@@ -72,8 +78,9 @@ class HostSpec:
                     raise ValueError(f"kconfig override must look like CONFIG_NAME=y|m|n, got {item!r}")
                 pairs.append((key, value))
             spec = replace(spec, kconfig=spec.kconfig + tuple(pairs))
+        if defer is not None:
+            spec = replace(spec, defer=check_deferrable(defer))
         return spec
-
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -90,7 +97,18 @@ class HostSpec:
             cmdline=raw["cmdline"],
             modules=tuple(raw["modules"]) if raw["modules"] is not None else None,
             kconfig=tuple((k, v) for k, v in raw["kconfig"]),
+            defer=tuple(raw.get("defer", ())),
         )
+
+
+def check_deferrable(modules: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The modules to hold back at boot, each one that registers mdev parents when it loads."""
+    chosen = tuple(dict.fromkeys(m.strip() for m in modules if m.strip()))
+    wrong = [m for m in chosen if m not in DEFERRABLE_MODULES]
+    if wrong:
+        raise ValueError(f"cannot defer {', '.join(wrong)}: only modules that register mdev parents can be "
+                         f"loaded later ({', '.join(DEFERRABLE_MODULES)})")
+    return chosen
 
 
 def parse_pci_id(text: str) -> tuple[int, int]:

@@ -66,10 +66,15 @@ class Blob(Node):
 
 @dataclass
 class Link(Node):
-    """A symlink to an absolute host path; readlink answers relative, as sysfs does."""
+    """A symlink to an absolute host path; readlink answers relative, as sysfs does.
+
+    A link made by symlink(2) in plain storage keeps the text it was made with (``literal``),
+    which readlink answers unchanged.
+    """
 
     target: str = "/"
     mode: int = 0o777
+    literal: str | None = None
 
 
 @dataclass
@@ -88,6 +93,9 @@ class Vfs:
 
     def __init__(self) -> None:
         self.root = Dir()
+        # Told about every path that vanishes or is replaced behind a client's back (not by its
+        # own unlink/rename), so that a FUSE server can invalidate the kernel's caches.
+        self.on_change: Callable[[str], None] | None = None
 
     # ---- building the tree (used by the simulator, never by clients) ----
     def mkdirs(self, path: str) -> Dir:
@@ -105,15 +113,23 @@ class Vfs:
 
     def put(self, path: str, node: Node) -> Node:
         parent, name = posixpath.split(path)
-        self.mkdirs(parent).children[name] = node
+        children = self.mkdirs(parent).children
+        replaced = name in children
+        children[name] = node
+        if replaced:
+            self._changed(path)
         return node
 
     def drop(self, path: str) -> None:
         parent, name = posixpath.split(path)
         directory = self._resolve(parent, follow=True)
-        if isinstance(directory, Dir):
-            directory.children.pop(name, None)
+        if isinstance(directory, Dir) and directory.children.pop(name, None) is not None:
             directory.mtime = time.time()
+            self._changed(path)
+
+    def _changed(self, path: str) -> None:
+        if self.on_change is not None:
+            self.on_change(path)
 
     # ---- lookup ----
     def _resolve(self, path: str, follow: bool, depth: int = 0) -> Node:
@@ -185,6 +201,8 @@ class Vfs:
         node = self.node(path)
         if not isinstance(node, Link):
             raise fail(errno.EINVAL, path)
+        if node.literal is not None:
+            return node.literal
         # Relative to where the link really is, as sysfs computes it.
         return posixpath.relpath(node.target, self.realpath(posixpath.dirname(posixpath.normpath(path))))
 
@@ -302,6 +320,15 @@ class Vfs:
         if isinstance(node, Dir):
             raise fail(errno.EISDIR, path)
         del directory.children[name]
+        directory.mtime = time.time()
+
+    def symlink(self, path: str, target: str) -> None:
+        """symlink(2) in plain storage; a relative target is resolved from the link's directory."""
+        directory, name = self._storage_dir(path)
+        if name in directory.children:
+            raise fail(errno.EEXIST, path)
+        absolute = posixpath.normpath(posixpath.join(posixpath.dirname(posixpath.normpath(path)), target))
+        directory.children[name] = Link(target=absolute, literal=target)
         directory.mtime = time.time()
 
     def rmdir(self, path: str) -> None:

@@ -1,0 +1,598 @@
+"""mdevctl 1.2.0's command line on vgpuctl's mdev core.
+
+Run as ``mdevctl`` or ``lsmdev`` (a link to vgpuctl by that name) or as ``vgpuctl mdevctl ...``,
+vgpuctl behaves as Debian 12's mdevctl 1.2.0 (/work/shared/spec/peers.md section 1): the same
+options (libvirt's ``--parent=P --jsonfile=/dev/stdin --uuid=U`` included), byte-identical stdout
+for ``list`` and ``types`` (text and ``--dumpjson``, with 1.2.0's extra trailing newline), the same
+config files, and exit status 0, 1 (``Error: <message>`` on stderr, anyhow's ``Caused by:`` when
+there is a cause) or 2 (usage errors, ``error: ...``).
+
+It stands in for mdevctl: vgpuctl's ownership rule does not apply and what it creates is not
+recorded as vgpuctl's. Mutations take vgpuctl's per-parent lock, so the two never interleave.
+Not supported: mdevctl's callout scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev import definitions, sysfs
+from vgpuctl.mdev.definitions import Definition
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.sysfs import MdevType
+
+VERSION = "1.2.0"
+_HEX = "[0-9a-fA-F]"
+_HYPHENATED = rf"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
+# The forms the Rust uuid crate (mdevctl's parser of -u and of file names) accepts.
+UUID_FORMS = re.compile(rf"(?:urn:uuid:)?{_HYPHENATED}|\{{{_HYPHENATED}\}}|{_HEX}{{32}}")
+
+# parent -> [(device, " (active)" / " (defined)" / "")], as mdevctl lists them
+Listing = dict[str, list[tuple[Definition, str]]]
+
+
+class MdevctlError(Exception):
+    """A runtime error (exit status 1); ``cause`` is what anyhow prints under ``Caused by:``."""
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _io(error: OSError) -> str:
+    """An OS error as Rust's std::io::Error displays it."""
+    return f"{os.strerror(error.errno)} (os error {error.errno})" if error.errno else str(error)
+
+
+def _warn(message: str, module: str = "mdevctl") -> None:
+    """A warning in env_logger's format, as mdevctl prints them on stderr."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sys.stderr.write(f"[{stamp} WARN  {module}] {message}\n")
+
+
+def _json(data: Any) -> str:
+    """serde_json's pretty print: 2-space indent, UTF-8 as is."""
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if not text[e.pos:].strip():  # serde reports running out of input where the input ends
+            lines = text.split("\n")
+            raise MdevctlError(f"EOF while parsing a value at line {len(lines)} column {len(lines[-1])}") from None
+        message = {"Expecting value": "expected value", "Extra data": "trailing characters"}.get(e.msg, e.msg)
+        raise MdevctlError(f"{message} at line {e.lineno} column {e.colno}") from None
+
+
+def _config(raw: Any, uuid: str, parent: str) -> Definition:
+    """mdevctl's load_from_json: mdev_type and start required, any start but "auto" is manual."""
+    if not isinstance(raw, dict) or raw.get("mdev_type") is None or raw.get("start") is None:
+        raise MdevctlError("invalid json")
+    if not isinstance(raw["mdev_type"], str):
+        raise MdevctlError("invalid json")  # mdevctl 1.2.0 panics here
+    attrs = raw.get("attrs")
+    if attrs is not None and not isinstance(attrs, list):
+        raise MdevctlError("attributes field is not an array")
+    pairs = []
+    for item in attrs or []:
+        if not isinstance(item, dict):
+            raise MdevctlError("invalid JSON format for attribute: not an object")
+        if len(item) != 1:
+            raise MdevctlError("invalid JSON format for attribute: too many fields")
+        ((key, value),) = item.items()
+        if not isinstance(value, str):  # mdevctl 1.2.0 panics here
+            raise MdevctlError(f"invalid JSON format for attribute {{{_json(key)}, {_json(value)}}}: "
+                               "value must be of type str")
+        pairs.append((key, value))
+    return Definition(uuid, parent, raw["mdev_type"], "auto" if raw["start"] == "auto" else "manual", pairs)
+
+
+def _read_jsonfile(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise MdevctlError(f"Unable to read jsonfile {_json(path)}", _io(e)) from None
+    return _parse_json(text)
+
+
+def _line(device: Definition, marker: str, verbose: bool) -> str:
+    text = f"{device.uuid} {device.parent} {device.mdev_type} {device.start}{marker}\n"
+    if verbose and device.attrs:
+        text += "  Attrs:\n" + "".join(f'    @{{{i}}}: {{"{k}":"{v}"}}\n' for i, (k, v) in enumerate(device.attrs))
+    return text
+
+
+def _type_text(t: MdevType) -> str:
+    name, description = _type_strings(t)
+    return (f"  {t.type_id}\n    Available instances: {t.available_instances}\n    Device API: {t.device_api.strip()}\n"
+            + (f"    Name: {name}\n" if name else "") + (f"    Description: {description}\n" if description else ""))
+
+
+def _type_json(t: MdevType) -> dict[str, Any]:
+    name, description = _type_strings(t)
+    data: dict[str, Any] = {"available_instances": t.available_instances, "device_api": t.device_api.strip()}
+    if name:
+        data["name"] = name
+    if description:
+        data["description"] = description
+    return {t.type_id: data}
+
+
+def _type_strings(t: MdevType) -> tuple[str, str]:
+    """Name and description as mdevctl shows them: trimmed, description lines joined by ", "."""
+    return (t.name or "").strip(), (t.description or "").strip().replace("\n", ", ")
+
+
+def _hierarchy(parents: dict[str, list[Any]]) -> list[dict[str, list[Any]]]:
+    return [parents] if parents else []
+
+
+@dataclass
+class Mdevctl:
+    """mdevctl's commands against a host; each takes the parsed arguments and returns the exit status."""
+
+    root: HostRoot
+    state: StateDir
+
+    # -------------------------------------------------------------- what is there
+    def defined(self, uuid: str | None = None, parent: str | None = None) -> dict[str, list[Definition]]:
+        """mdevctl's defined_devices: every config, of one UUID or parent; one bad file fails it all."""
+        base = self.root.path(self.root.etc_mdevctl_d)
+        found: dict[str, list[Definition]] = {}
+        for name in sorted(os.listdir(base)) if base.is_dir() else []:
+            if (parent is not None and name != parent) or not (base / name).is_dir():
+                continue
+            children = []
+            for child in sorted(os.listdir(base / name)):
+                if not (base / name / child).is_file():
+                    continue
+                if not definitions.is_uuid(child):  # mdevctl cannot list non-canonical names either
+                    if not UUID_FORMS.fullmatch(child):
+                        _warn(f"Can't determine uuid for file '{child}'")
+                    continue
+                if uuid is None or child == uuid:
+                    children.append(_config(_parse_json((base / name / child).read_text()), child, name))
+            if children:
+                found[name] = children
+        return found
+
+    def is_defined(self, parent: str, uuid: str) -> bool:
+        return self.root.path(definitions.definition_path(self.root, parent, uuid)).exists()
+
+    def list_active(self, uuid: str | None, parent: str | None) -> Listing:
+        """Active devices; start, attrs (and, as 1.2.0 does, the type) come from a definition if any."""
+        found: Listing = {}
+        for device in sysfs.active_devices(self.root):
+            if not UUID_FORMS.fullmatch(device.uuid):
+                _warn(f"Can't determine uuid for file '{device.uuid}'")
+                continue
+            u = str(uuidlib.UUID(device.uuid))
+            if (uuid is not None and u != uuid) or (parent is not None and device.parent != parent):
+                continue
+            shown = Definition(u, device.parent, device.type_id)
+            path = self.root.path(definitions.definition_path(self.root, device.parent, u))
+            with contextlib.suppress(MdevctlError, OSError, ValueError):  # mdevctl ignores a bad definition here
+                config = _config(_parse_json(path.read_text()), u, device.parent)
+                if config.mdev_type != device.type_id:
+                    _warn(f"Overwriting mdev type for mdev {u}: {device.type_id} => {config.mdev_type}",
+                          "mdevctl::mdev")
+                shown = config
+            found.setdefault(device.parent, []).append((shown, " (defined)" if path.exists() else ""))
+        return found
+
+    def list_defined(self, uuid: str | None, parent: str | None) -> Listing:
+        """Definitions; " (active)" when a device of that UUID runs on that parent with that type."""
+        running = {(d.uuid, d.parent, d.type_id) for d in sysfs.active_devices(self.root)}
+        return {p: [(d, " (active)" if (d.uuid, d.parent, d.mdev_type) in running else "") for d in devices]
+                for p, devices in self.defined(uuid, parent).items()}
+
+    def one_definition(self, uuid: str, parent: str | None) -> Definition:
+        found = self.defined(uuid, parent)
+        where = f"{parent}/{uuid}" if parent is not None else uuid
+        if not found:
+            raise MdevctlError(f"Mediated device {where} is not defined")
+        if len(found) > 1:
+            raise MdevctlError(f"Multiple definitions found for {uuid}, specify a parent")
+        return next(iter(found.values()))[0]
+
+    # -------------------------------------------------------------- changing the host
+    @contextlib.contextmanager
+    def lock(self, parent: str) -> Iterator[None]:
+        """vgpuctl's lock of the parent; none when it cannot be had (no state directory, not root)."""
+        with contextlib.ExitStack() as stack:
+            with contextlib.suppress(OSError):
+                stack.enter_context(self.state.lock(f"parent-{parent}"))
+            yield
+
+    def create(self, device: Definition) -> None:
+        """mdevctl's MDev::start: its checks in its order, create, then the attributes in order;
+        when one cannot be written the device is removed again."""
+        uuid, parent, type_id = device.uuid, device.parent, device.mdev_type
+        existing = sysfs.active_device(self.root, uuid)
+        if existing is not None:
+            if existing.parent != parent:
+                raise MdevctlError("Device exists under different parent")
+            if existing.type_id != type_id:
+                raise MdevctlError("Device exists with different type")
+            raise MdevctlError("Device already exists")
+        if not self.root.path(f"{self.root.sys_class_mdev_bus}/{parent}").is_dir():
+            hint = next((p for p in sysfs.parent_names(self.root) if p.lower() == parent.lower()), None)
+            did_you_mean = f". Did you mean '{hint}'?" if hint else ""
+            raise MdevctlError(f"Unable to find parent device '{parent}'{did_you_mean}")
+        if not self.root.path(self.root.mdev_types_dir(parent)).is_dir():
+            raise MdevctlError(f"Parent {parent} is not currently registered for mdev support")
+        type_dir = self.root.mdev_type_dir(parent, type_id)
+        if not self.root.path(type_dir).is_dir():
+            raise MdevctlError(f"Parent {parent} does not support mdev type {type_id}")
+        if int(self.root.read_text(f"{type_dir}/available_instances").strip()) == 0:
+            raise MdevctlError(f"No available instances of {type_id} on {parent}")
+        with self.lock(parent):
+            try:
+                self.root.write_text(f"{type_dir}/create", uuid)
+            except OSError as e:
+                raise MdevctlError(f"Failed to create mdev {uuid}, type {type_id} on {parent}", _io(e)) from None
+            for name, value in device.attrs:
+                attr = f"{self.root.mdev_device_dir(uuid)}/{name}"
+                if not self.root.path(attr).exists():
+                    error = MdevctlError(f"Invalid attribute '{name}'")
+                else:
+                    try:
+                        self.root.write_text(attr, value)
+                        continue
+                    except OSError as e:
+                        error = MdevctlError(f"Failed to write {value} to attribute {name}", _io(e))
+                self.remove(uuid)
+                raise error
+
+    def remove(self, uuid: str) -> None:
+        try:
+            self.root.write_text(f"{self.root.mdev_device_dir(uuid)}/remove", "1")
+        except OSError as e:
+            raise MdevctlError(f"Error removing device {uuid}", _io(e)) from None
+
+    def write(self, device: Definition) -> None:
+        with self.lock(device.parent):
+            try:
+                definitions.write(self.root, device)
+            except OSError as e:
+                raise MdevctlError(f"Failed to write config for device {device.uuid}", _io(e)) from None
+
+    def forget_if_gone(self, uuid: str) -> None:
+        """If vgpuctl had made this vGPU and nothing of it is left, vgpuctl's record goes too."""
+        with contextlib.suppress(OSError, RuntimeError):
+            if (self.state.owns(uuid) and sysfs.active_device(self.root, uuid) is None
+                    and not any(self.root.path(self.root.etc_mdevctl_d).glob(f"*/{uuid}"))):
+                self.state.forget(uuid)
+
+    # -------------------------------------------------------------- the commands
+    def cmd_list(self, args: argparse.Namespace) -> int:
+        listing = (self.list_defined if args.defined else self.list_active)(args.uuid, args.parent)
+        listing = {p: sorted(entries, key=lambda e: e[0].uuid) for p, entries in sorted(listing.items())}
+        devices = [device for entries in listing.values() for device, _ in entries]
+        if args.dumpjson:
+            if args.uuid is not None and len(devices) <= 1:  # the bare config, usable as a config file
+                text = _json(devices[0].config() if devices else [])
+            else:
+                text = _json(_hierarchy({p: [{d.uuid: d.config()} for d, _ in entries]
+                                         for p, entries in listing.items()}))
+        else:
+            text = "".join(_line(d, marker, args.verbose) for entries in listing.values() for d, marker in entries)
+        print(text)  # println!: 1.2.0 ends every listing with one more newline
+        return 0
+
+    def cmd_types(self, args: argparse.Namespace) -> int:
+        found = {p: sorted(sysfs.read_types(self.root, p), key=lambda t: t.type_id)
+                 for p in sysfs.parent_names(self.root) if args.parent is None or p == args.parent}
+        if args.dumpjson:
+            text = _json(_hierarchy({p: [_type_json(t) for t in types] for p, types in found.items()}))
+        else:
+            text = "".join(f"{p}\n" + "".join(_type_text(t) for t in types) for p, types in found.items())
+        print(text)
+        return 0
+
+    def cmd_define(self, args: argparse.Namespace) -> int:
+        uuid = args.uuid or str(uuidlib.uuid4())
+        if args.jsonfile is not None:
+            if args.parent is None:
+                raise MdevctlError(f"Parent device required to define device via {_json(args.jsonfile)}")
+            if self.defined(uuid, args.parent):
+                raise MdevctlError(f"Cowardly refusing to overwrite existing config for {args.parent}/{uuid}")
+            device = _config(_read_jsonfile(args.jsonfile), uuid, args.parent)
+        else:
+            parent, type_id = args.parent, args.mdev_type
+            active = sysfs.active_device(self.root, uuid) if args.uuid else None
+            if args.uuid and parent is None and (active is None or type_id is not None):
+                raise MdevctlError("No parent specified")
+            if active is not None:  # a running device: its parent and type unless given
+                parent = active.parent if parent is None else parent
+                type_id = active.type_id if type_id is None else type_id
+            if parent is None:
+                raise MdevctlError("No parent specified")
+            if type_id is None:
+                raise MdevctlError("No type specified")
+            if self.is_defined(parent, uuid):
+                raise MdevctlError(f"Device {uuid} on {parent} already defined")
+            device = Definition(uuid, parent, type_id, "auto" if args.auto else "manual")
+        self.write(device)
+        if args.uuid is None:
+            print(uuid)
+        return 0
+
+    def cmd_undefine(self, args: argparse.Namespace) -> int:
+        found = self.defined(args.uuid, args.parent)
+        if not found:
+            raise MdevctlError("No devices match the specified uuid")
+        for parent, devices in found.items():
+            with self.lock(parent), contextlib.suppress(OSError):  # 1.2.0 ignores a failed removal
+                for device in devices:
+                    definitions.delete(self.root, device)
+        self.forget_if_gone(args.uuid)
+        return 0
+
+    def cmd_modify(self, args: argparse.Namespace) -> int:
+        device = self.one_definition(args.uuid, args.parent)
+        if args.mdev_type is not None:
+            device.mdev_type = args.mdev_type
+        if args.auto or args.manual:
+            device.start = "auto" if args.auto else "manual"
+        index = args.index
+        if args.addattr is not None:
+            if index is not None and index > len(device.attrs):
+                raise MdevctlError(f"Attribute index {index} is invalid")
+            device.attrs.insert(len(device.attrs) if index is None else index, (args.addattr, args.value))
+        elif args.delattr and (index is not None or device.attrs):
+            if index is not None and index >= len(device.attrs):  # 1.2.0 panics for index == len
+                raise MdevctlError(f"Attribute index {index} is invalid")
+            del device.attrs[-1 if index is None else index]
+        self.write(device)
+        return 0
+
+    def cmd_start(self, args: argparse.Namespace) -> int:
+        uuid = args.uuid or str(uuidlib.uuid4())
+        if args.jsonfile is not None:
+            raw = _read_jsonfile(args.jsonfile)
+            if args.parent is None:
+                raise MdevctlError("Parent device required to start device via json file")
+            device = _config(raw, uuid, args.parent)
+        else:
+            found = [d for ds in self.defined(args.uuid, args.parent).values() for d in ds] if args.uuid else []
+            if len(found) > 1:
+                raise MdevctlError(f"Multiple definitions found for device {uuid}. Please specify a parent.")
+            if found and args.mdev_type not in (None, found[0].mdev_type):
+                raise MdevctlError(f"Device {uuid} already exists on parent {found[0].parent} "
+                                   f"with type {found[0].mdev_type}")
+            if not found and args.mdev_type is not None and args.parent is None:
+                raise MdevctlError("can't provide type without parent")
+            if not found and (args.mdev_type is None or args.parent is None):
+                raise MdevctlError("Device is insufficiently specified")
+            device = found[0] if found else Definition(uuid, args.parent, args.mdev_type)
+        self.create(device)
+        if args.uuid is None:
+            print(uuid)
+        return 0
+
+    def cmd_stop(self, args: argparse.Namespace) -> int:
+        self.remove(args.uuid)
+        self.forget_if_gone(args.uuid)
+        return 0
+
+    def cmd_start_parent_mdevs(self, args: argparse.Namespace) -> int:
+        """What udev runs when a parent appears: start its auto definitions; failures are only warned."""
+        for device in self.defined(None, args.parent).get(args.parent, []):
+            if device.start == "auto":
+                try:
+                    self.create(device)
+                except MdevctlError as e:
+                    _warn(str(e))
+                    if e.cause:
+                        _warn(e.cause)
+        return 0
+
+
+# ------------------------------------------------------------------ the command line, clap's way
+
+
+class _Parser(argparse.ArgumentParser):
+    """clap's conventions: no abbreviated options, help only when nothing is wrong, usage errors
+    as ``error: ...`` with exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs | {"allow_abbrev": False, "add_help": False})
+        self.add_argument("-h", "--help", action="store_true", help="Print help information")
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument [^:]+: (?=Invalid value)", "", message)
+        unknown = re.match(r"unrecognized arguments: (\S+)|argument <SUBCOMMAND>: invalid choice: '(.*?)'", message)
+        if unknown:
+            word = unknown[1] or unknown[2]
+            message = f"Found argument '{word}' which wasn't expected, or isn't valid in this context"
+        usage = self.format_usage().removeprefix("usage: ").strip()
+        self.exit(2, f"error: {message}\n\nUSAGE:\n    {usage}\n\nFor more information try --help\n")
+
+
+class _Once(argparse.Action):
+    """clap's rule that an option is given at most once (a flag when nargs=0)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) not in (None, False):
+            parser.error(f"The argument '{_shown(self)}' was provided more than once, "
+                         "but cannot be used multiple times")
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def _shown(action: argparse.Action) -> str:
+    return action.option_strings[-1] + (f" <{action.metavar}>" if action.nargs != 0 else "")
+
+
+def _uuid(text: str) -> str:
+    if not UUID_FORMS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f'Invalid value "{text}" for \'--uuid <UUID>\': invalid UUID')
+    return str(uuidlib.UUID(text))
+
+
+def _index(text: str) -> int:
+    if not text.isdecimal() or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f'Invalid value "{text}" for \'--index <INDEX>\'')
+    return int(text)
+
+
+def _option(parser: argparse.ArgumentParser, *names: str, help: str, metavar: str | None = None,
+            **kwargs: Any) -> None:
+    if metavar is None:
+        parser.add_argument(*names, action=_Once, nargs=0, default=False, help=help)
+    else:
+        parser.add_argument(*names, action=_Once, metavar=metavar, help=help, **kwargs)
+
+
+def _list_options(parser: argparse.ArgumentParser, version: str) -> argparse.ArgumentParser:
+    _option(parser, "-d", "--defined", help="Show defined devices")
+    _option(parser, "--dumpjson", help="Output device list in json format")
+    _option(parser, "-p", "--parent", metavar="PARENT", help="List devices associated with the specified Parent device")
+    _option(parser, "-u", "--uuid", metavar="UUID", type=_uuid, help="List devices matching the specified UUID")
+    _option(parser, "-v", "--verbose", help="Print additional information about the devices")
+    parser.add_argument("-V", "--version", action="version", version=version, help="Print version information")
+    return parser
+
+
+def _parsers() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
+    top = _Parser(prog="mdevctl", usage="%(prog)s <SUBCOMMAND>",
+                  description="A mediated device management utility for Linux")
+    top.add_argument("-V", "--version", action="version", version=f"mdevctl {VERSION}",
+                     help="Print version information")
+    commands = top.add_subparsers(dest="command", metavar="<SUBCOMMAND>", parser_class=_Parser)
+
+    def command(name: str, about: str | None, usage: str = "[OPTIONS]") -> argparse.ArgumentParser:
+        prog, usage = f"mdevctl {name}", f"mdevctl {name} {usage}"
+        parser: argparse.ArgumentParser = (
+            commands.add_parser(name, prog=prog, usage=usage, help=about, description=about) if about
+            else commands.add_parser(name, prog=prog, usage=usage))  # no help: hidden from the list
+        parser.set_defaults(parser=parser)
+        return parser
+
+    define = command("define", "Define a persistent mediated device")
+    _option(define, "-u", "--uuid", metavar="UUID", type=_uuid, help="Assign UUID to the device")
+    _option(define, "-a", "--auto", help="Automatically start device on parent availability")
+    _option(define, "-p", "--parent", metavar="PARENT", help="Specify the parent of the device")
+    _option(define, "-t", "--type", dest="mdev_type", metavar="type", help="Specify the mdev type of the device")
+    _option(define, "--jsonfile", metavar="JSONFILE", help="Specify device details in JSON format")
+
+    undefine = command("undefine", "Undefine a persistent mediated device", "[OPTIONS] --uuid <UUID>")
+    _option(undefine, "-u", "--uuid", metavar="UUID", type=_uuid, help="UUID of the device to be undefined")
+    _option(undefine, "-p", "--parent", metavar="PARENT", help="Parent of the device to be undefined")
+
+    modify = command("modify", "Modify the definition of a mediated device", "[OPTIONS] --uuid <UUID>")
+    _option(modify, "-u", "--uuid", metavar="UUID", type=_uuid, help="UUID of the mdev to modify")
+    _option(modify, "-p", "--parent", metavar="PARENT", help="Parent of the mdev to modify")
+    _option(modify, "-t", "--type", dest="mdev_type", metavar="type", help="Modify the mdev type for this device")
+    _option(modify, "--addattr", metavar="attr_name", help="add a new attribute")
+    _option(modify, "--delattr", help="Delete an attribute")
+    _option(modify, "-i", "--index", metavar="INDEX", type=_index, help="Index of the attribute to modify")
+    _option(modify, "--value", metavar="attr_value", help="Value for the attribute specified by --addattr")
+    _option(modify, "-a", "--auto", help="Device will be started automatically")
+    _option(modify, "-m", "--manual", help="Device must be started manually")
+
+    start = command("start", "Start a mediated device")
+    _option(start, "-u", "--uuid", metavar="UUID", type=_uuid, help="UUID of the device to start")
+    _option(start, "-p", "--parent", metavar="PARENT", help="Parent of the device to start")
+    _option(start, "-t", "--type", dest="mdev_type", metavar="type", help="Mdev type of the device to start")
+    _option(start, "--jsonfile", metavar="JSONFILE", help="Details of the device to be started, in JSON format")
+
+    stop = command("stop", "Stop a mediated device", "--uuid <UUID>")
+    _option(stop, "-u", "--uuid", metavar="UUID", type=_uuid, help="UUID of the device to stop")
+
+    _list_options(command("list", "List mediated devices"), f"mdevctl-list {VERSION}")
+
+    types = command("types", "List available mediated device types")
+    _option(types, "-p", "--parent", metavar="PARENT", help="Show supported types for the specified parent")
+    _option(types, "--dumpjson", help="Output mdev types list in JSON format")
+
+    command("start-parent-mdevs", None, "<PARENT>").add_argument("parent", nargs="?", metavar="PARENT")
+    command("help", "Print this message or the help of the given subcommand(s)").add_argument("topic", nargs="?")
+    return top, dict(commands.choices)
+
+
+# What clap checks after parsing: required options, options that exclude or need each other.
+_REQUIRED = {"undefine": ["uuid"], "modify": ["uuid"], "stop": ["uuid"], "start-parent-mdevs": ["parent"],
+             "define": ["uuid|parent"], "start": ["uuid|parent"]}
+_CONFLICTS = {"define": [("jsonfile", "mdev_type"), ("jsonfile", "auto")], "start": [("jsonfile", "mdev_type")],
+              "modify": [("auto", "manual"), ("addattr", "delattr")]}
+_SHOWN = {"uuid": "--uuid <UUID>", "parent": "--parent <PARENT>", "mdev_type": "--type <type>",
+          "jsonfile": "--jsonfile <JSONFILE>", "auto": "--auto", "manual": "--manual",
+          "addattr": "--addattr <attr_name>", "delattr": "--delattr", "value": "--value <attr_value>"}
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = {k for k, v in vars(args).items() if v not in (None, False)}
+    for needed in _REQUIRED.get(args.command, []):
+        if not given & set(needed.split("|")):
+            shown = ["<PARENT>" if args.command == "start-parent-mdevs" else _SHOWN[n] for n in needed.split("|")]
+            parser.error("The following required arguments were not provided:\n    " + "\n    ".join(shown))
+    for a, b in _CONFLICTS.get(args.command, []):
+        if {a, b} <= given:
+            parser.error(f"The argument '{_SHOWN[a]}' cannot be used with '{_SHOWN[b]}'")
+    if args.command == "modify" and "addattr" in given and "value" not in given:
+        parser.error(f"The following required arguments were not provided:\n    {_SHOWN['value']}")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments as clap reads them; SystemExit for help, version and usage errors."""
+    words = [re.sub(r"^(-[upti])=", r"\1", word) for word in argv[1:]]  # clap takes -u=UUID too
+    if argv and os.path.basename(argv[0]) == "lsmdev":
+        parser: argparse.ArgumentParser = _Parser(prog="lsmdev", usage="lsmdev [OPTIONS]",
+                                                  description="List mediated devices")
+        args, extra = _list_options(parser, f"lsmdev {VERSION}").parse_known_args(words)
+        args.command = "list"
+        if extra:
+            parser.error(f"unrecognized arguments: {extra[0]}")
+    else:
+        top, commands = _parsers()
+        args, extra = top.parse_known_args(words)
+        parser = getattr(args, "parser", top)
+        if extra:
+            parser.error(f"unrecognized arguments: {extra[0]}")
+        if args.command is None and not args.help:
+            top.print_help(sys.stderr)
+            raise SystemExit(2)
+        if args.command == "help":
+            if args.topic is not None and args.topic not in commands:
+                top.error(f"The subcommand '{args.topic}' wasn't recognized")
+            commands.get(args.topic or "", top).print_help()
+            raise SystemExit(0)
+    if args.help:
+        parser.print_help()
+        raise SystemExit(0)
+    _check(parser, args)
+    return args
+
+
+def run_as_mdevctl(argv: list[str], root: HostRoot | None = None, state_dir: str | None = None) -> int:
+    """Run mdevctl's command line ``argv`` (``argv[0]`` named mdevctl or lsmdev); the exit status."""
+    try:
+        args = _parse(argv)
+        mdevctl = Mdevctl(root if root is not None else HostRoot.from_env(), StateDir.from_env(state_dir))
+        status: int = getattr(mdevctl, "cmd_" + args.command.replace("-", "_"))(args)
+        return status
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except MdevctlError as e:
+        sys.stderr.write(f"Error: {e}\n" + (f"\nCaused by:\n    {e.cause}\n" if e.cause else ""))
+    except OSError as e:
+        sys.stderr.write(f"Error: {_io(e)}\n")
+    except ValueError as e:  # e.g. a sysfs value that is no number, a file that is no UTF-8
+        sys.stderr.write(f"Error: {e}\n")
+    return 1
