@@ -9,11 +9,11 @@ A. whole processes, every one started the same way: ``unshare -m --propagation p
    DIR/sys /sys && mount --bind DIR/etc/mdevctl.d /etc/mdevctl.d && exec CMD'``, so that ``vgpuctl`` (default
    root ``/``) and ``mdevctl`` see the same host at the same namespace cost. CMD is ``vgpuctl list --json`` /
    ``mdevctl list --dumpjson``, ``vgpuctl types --json`` / ``mdevctl types --dumpjson``, plus floors:
-   ``true`` (the namespace), ``python -c pass`` and ``python -c 'import vgpuctl.cli'`` (the CLI's start);
+   ``true`` (the namespace), ``python -c pass`` and ``python -c 'import vgpuctl.cli.app'`` (the CLI's start);
    runs are interleaved, one warm-up round first. Targets: each vgpuctl command within 2x of mdevctl;
 B. the same two queries in this process (``active_devices`` + ``definitions.load_all``; ``read_types`` over
    ``parent_names``) through the mount: target at least 20x faster than spawning mdevctl;
-C. ``python -X importtime -c 'import vgpuctl.cli'``: the total and the 10 biggest cumulative imports; and
+C. ``python -X importtime -c 'import vgpuctl.cli.app'``: the total and the 10 biggest cumulative imports; and
    ``-X importtime`` of a whole ``vgpuctl list --json`` (imports made after the CLI module, e.g. at parsing);
 D. a peer (``--no-static`` skips it): A's pairs and B's queries on a plain on-disk copy of the mounted
    ``sys/`` and ``etc/mdevctl.d`` (as bench_sim.py makes it), where file I/O costs what it costs on a real
@@ -82,7 +82,7 @@ VGPUCTL = str(Path(sys.executable).parent / "vgpuctl")  # its console script
 COMMANDS: list[tuple[str, str, str]] = [
     ("ns", "unshare -m + 2 bind mounts + exec true", "exec true"),
     ("pass", "… + exec python -c pass", f"exec {PYTHON} -c pass"),
-    ("import", "… + exec python -c 'import vgpuctl.cli'", f"exec {PYTHON} -c 'import vgpuctl.cli'"),
+    ("import", "… + exec python -c 'import vgpuctl.cli.app'", f"exec {PYTHON} -c 'import vgpuctl.cli.app'"),
     ("v-list", "vgpuctl list --json", f"exec {VGPUCTL} --state-dir {{state}} list --json"),
     ("m-list", "mdevctl list --dumpjson", f"exec {MDEVCTL} list --dumpjson"),
     ("m-list-d", "mdevctl list --defined --dumpjson", f"exec {MDEVCTL} list --defined --dumpjson"),
@@ -317,7 +317,7 @@ def bench(root: Path, work: Path, opts: Options, rows: list[Row], notes: list[st
             notes.append(f"WARNING: in-process queries on the {tree} found {len(got_active)} active, "
                          f"{len(got_defined)} defined, {len(types_query())} types")
     step(f"C. python -X importtime: import vgpuctl.cli, and vgpuctl list --json, x {opts.importtime_runs}")
-    cli_imports = import_times([PYTHON, "-X", "importtime", "-c", "import vgpuctl.cli"], opts.importtime_runs)
+    cli_imports = import_times([PYTHON, "-X", "importtime", "-c", "import vgpuctl.cli.app"], opts.importtime_runs)
     list_text = f"exec {PYTHON} -X importtime {VGPUCTL} --state-dir {shlex.quote(str(state))} list --json"
     run_imports = import_times(in_namespace(root, list_text), opts.importtime_runs)
 
@@ -372,7 +372,7 @@ def bench(root: Path, work: Path, opts: Options, rows: list[Row], notes: list[st
             rows.append(Row(section, queries[what] + suffix, inproc[tree, what], note))
     rows.append(Row("C", "import vgpuctl.cli: all imports (-X importtime)", cli_imports.total(),
                     "sum of top-level cumulative times; -X importtime adds its own overhead"))
-    for module in cli_imports.top(TOP_IMPORTS, skip=("vgpuctl.cli",)):
+    for module in cli_imports.top(TOP_IMPORTS, skip=("vgpuctl.cli.app",)):
         level = cli_imports.depth[module]
         rows.append(Row("C", f"{'  ' * level}{module}", cli_imports.cumulative[module],
                         f"cumulative, nesting depth {level}"))

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from tests.conftest import GVT_PARENT, MountFn
-from vgpuctl.cli import app
+from vgpuctl.cli.app import cli as app
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import units
 from vgpuctl.mdev.errors import Conflict, InvalidInput, NotFound

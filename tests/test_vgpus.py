@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from tests.conftest import GVT_PARENT, MountFn
-from vgpuctl.cli import app
+from vgpuctl.cli.app import cli as app
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import Definition, atomic_write

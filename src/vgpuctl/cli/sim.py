@@ -3,40 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
-from vgpuctl.cli import app, die, out
-
-sim_app = typer.Typer(help="Simulated vGPU hosts, mounted as real filesystems (no GPU needed).",
-                      no_args_is_help=True)
-app.add_typer(sim_app, name="sim")
+from vgpuctl.cli.app import cli, die, out, say
 
 
-@sim_app.command("presets")
+@cli.group("sim")
+def sim_group() -> None:
+    """Simulated vGPU hosts, mounted as real filesystems (no GPU needed)."""
+
+
+@sim_group.command("presets")
 def sim_presets() -> None:
     """List the simulated host presets, a line each."""
     from vgpuctl.sim.presets import PRESETS
 
     for name, spec in PRESETS.items():
-        typer.echo(f"{name:16} {spec.description}")
+        say(f"{name:16} {spec.description}")
 
 
-@sim_app.command("mount")
-def sim_mount(
-    directory: Annotated[Path, typer.Argument(help="Empty directory to mount the host's root on.")],
-    preset: Annotated[str, typer.Option(help="Preset name (see 'vgpuctl sim presets').")] = "coffeelake",
-    kernel: Annotated[str | None, typer.Option(help="Kernel release, e.g. 6.8.0 or 4.10.10.")] = None,
-    pci_id: Annotated[str | None, typer.Option(help="GPU PCI id at 00:02.0, e.g. 8086:3e92.")] = None,
-    aperture: Annotated[int | None, typer.Option(help="BIOS aperture in MiB: 128/256/512/1024/2048.")] = None,
-    cmdline: Annotated[str | None, typer.Option(help="Whole kernel command line (/proc/cmdline).")] = None,
-    modules: Annotated[str | None, typer.Option(help="Comma-separated loaded modules (/proc/modules).")] = None,
-    kconfig: Annotated[list[str] | None, typer.Option(help="Kconfig override, e.g. CONFIG_VFIO_MDEV=n.")] = None,
-    defer: Annotated[str | None, typer.Option(
-        help="Comma-separated modules not loaded at boot, e.g. kvmgt; load them later with 'sim ctl DIR load kvmgt'."
-    )] = None,
-) -> None:
+@sim_group.command("mount")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--preset", default="coffeelake", show_default=True, help="Preset name (see 'vgpuctl sim presets').")
+@click.option("--kernel", help="Kernel release, e.g. 6.8.0 or 4.10.10.")
+@click.option("--pci-id", help="GPU PCI id at 00:02.0, e.g. 8086:3e92.")
+@click.option("--aperture", type=int, help="BIOS aperture in MiB: 128/256/512/1024/2048.")
+@click.option("--cmdline", help="Whole kernel command line (/proc/cmdline).")
+@click.option("--modules", help="Comma-separated loaded modules (/proc/modules).")
+@click.option("--kconfig", multiple=True, help="Kconfig override, e.g. CONFIG_VFIO_MDEV=n (repeatable).")
+@click.option("--defer", help="Comma-separated modules not loaded at boot, e.g. kvmgt; "
+              "load them later with 'sim ctl DIR load kvmgt'.")
+def sim_mount(directory: Path, preset: str, kernel: str | None, pci_id: str | None, aperture: int | None,
+              cmdline: str | None, modules: str | None, kconfig: tuple[str, ...], defer: str | None) -> None:
     """Mount a simulated host at DIRECTORY and keep serving it in the background."""
     from vgpuctl.sim import mount
     from vgpuctl.sim.host import SimHost
@@ -45,21 +44,20 @@ def sim_mount(
     try:
         spec = find_preset(preset).with_overrides(
             kernel=kernel, pci_id=pci_id, aperture_mib=aperture, cmdline=cmdline,
-            modules=modules.split(",") if modules is not None else None, kconfig=kconfig,
+            modules=modules.split(",") if modules is not None else None, kconfig=list(kconfig),
             defer=defer.split(",") if defer is not None else None,
         )
         SimHost(spec, preset)  # validate in the foreground, where errors can be shown
         pid = mount.mount(spec.to_json(), directory, preset)
     except (ValueError, mount.MountError) as e:
         die(str(e))
-    out.print(f"mounted simulated host '{preset}' at {directory.absolute()} (server pid {pid})", highlight=False)
+    say(f"mounted simulated host '{preset}' at {directory.absolute()} (server pid {pid})")
 
 
-@sim_app.command("umount")
-def sim_umount(
-    directory: Annotated[Path, typer.Argument(help="Where the simulated host is mounted.")],
-    lazy: Annotated[bool, typer.Option(help="Detach now even if busy; finish when no longer used.")] = False,
-) -> None:
+@sim_group.command("umount")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--lazy", is_flag=True, help="Detach now even if busy; finish when no longer used.")
+def sim_umount(directory: Path, lazy: bool) -> None:
     """Unmount a simulated host and stop its server."""
     from vgpuctl.sim import mount
 
@@ -67,20 +65,18 @@ def sim_umount(
         mount.umount(directory, lazy=lazy)
     except mount.MountError as e:
         die(str(e))
-    out.print(f"unmounted {directory.absolute()}", highlight=False)
+    say(f"unmounted {directory.absolute()}")
 
 
-@sim_app.command("ctl")
-def sim_ctl(
-    directory: Annotated[Path, typer.Argument(help="Where the simulated host is mounted.")],
-    command: Annotated[list[str], typer.Argument(
-        help="One of: reboot, reboot defer=MODULE,... (e.g. defer=kvmgt), load MODULE, unload MODULE, "
-             "trigger (udevadm trigger: add), trigger change.", show_default=False,
-    )],
-) -> None:
-    """Send a command to a mounted simulated host (reboot, modprobe, rmmod, udevadm trigger); show its uevents.
+@sim_group.command("ctl")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("command", nargs=-1, required=True)
+def sim_ctl(directory: Path, command: tuple[str, ...]) -> None:
+    """Send COMMAND to a mounted simulated host (reboot, modprobe, rmmod, udevadm trigger); show its uevents.
 
-    reboot drops every vGPU and boots without the deferred modules (/etc stays); load kvmgt then registers GVT-g.
+    COMMAND is one of: reboot, reboot defer=MODULE,... (e.g. defer=kvmgt), load MODULE, unload MODULE,
+    trigger (udevadm trigger: add), trigger change. reboot drops every vGPU and boots without the
+    deferred modules (/etc stays); load kvmgt then registers GVT-g.
     """
     import errno
 
@@ -116,9 +112,9 @@ def sim_ctl(
     if after.get("boot") == info.get("boot"):  # a reboot starts counting again
         events = [line for line in events if _last_seqnum(line) > seen]
     not_loaded = ", ".join(after.get("not_loaded", [])) or "none"
-    out.print(f"{text}: done (boot {after.get('boot')}; modules not loaded: {not_loaded})", highlight=False)
+    say(f"{text}: done (boot {after.get('boot')}; modules not loaded: {not_loaded})")
     for line in events:
-        out.print(f"  uevent {line}", highlight=False)
+        say(f"  uevent {line}")
 
 
 def _last_seqnum(text: str) -> int:
@@ -126,15 +122,14 @@ def _last_seqnum(text: str) -> int:
     return int(lines[-1].rsplit("SEQNUM=", 1)[1]) if lines else 0
 
 
-@app.command()
-def demo(
-    preset: Annotated[str, typer.Option(help="Preset to tour.")] = "coffeelake",
-    aperture: Annotated[int, typer.Option(help="BIOS aperture in MiB.")] = 1024,
-) -> None:
+@cli.command()
+@click.option("--preset", default="coffeelake", show_default=True, help="Preset to tour.")
+@click.option("--aperture", type=int, default=1024, show_default=True, help="BIOS aperture in MiB.")
+def demo(preset: str, aperture: int) -> None:
     """A guided tour on a simulated host: types, create until full, the kernel's error, clean up."""
     from vgpuctl.demo import run_tour
 
     try:
-        run_tour(out, preset, aperture)
+        run_tour(out(), preset, aperture)
     except Exception as e:  # the tour must always explain itself
         die(f"demo failed: {e}")

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
 
-import typer
+import click
 
-from vgpuctl.cli import State, app, die, out
+from vgpuctl.cli.app import State, cli, die, say
 from vgpuctl.mdev.errors import VgpuError
 
-Force = Annotated[bool, typer.Option("--force", help="Also replace or remove files vgpuctl did not write.")]
+force_option = click.option("--force", is_flag=True, help="Also replace or remove files vgpuctl did not write.")
 
 
-@app.command("install-units")
-def install_units(
-    program: Annotated[str | None, typer.Option(
-        "--program", help="Program the unit and rule run (default: this vgpuctl's real path).")] = None,
-    print_only: Annotated[bool, typer.Option("--print", help="Only show the files; write nothing.")] = False,
-    force: Force = False,
-) -> None:
+@cli.command("install-units")
+@click.option("--program", help="Program the unit and rule run (default: this vgpuctl's real path).")
+@click.option("--print", "print_only", is_flag=True, help="Only show the files; write nothing.")
+@force_option
+def install_units(program: str | None, print_only: bool, force: bool) -> None:
     """Install a systemd unit and a udev rule that start every 'auto' vGPU at boot and when its GPU appears.
 
     Writes /etc/systemd/system/vgpuctl-autostart.service and /etc/udev/rules.d/60-vgpuctl.rules
@@ -31,18 +29,19 @@ def install_units(
         chosen = program if program is not None else units.find_program()
         if print_only:
             for index, unit in enumerate(units.unit_files(root, units.check_program(chosen, False))):
-                typer.echo(("\n" if index else "") + f"==> {unit.host_path} <==\n{unit.text}", nl=False)
+                click.echo(("\n" if index else "") + f"==> {unit.host_path} <==\n{unit.text}", nl=False)
             return
         steps = units.install(root, chosen, force=force)
     except (VgpuError, OSError) as e:
         die(str(e))
-    out.print(f"program    {chosen}", highlight=False)
+    say(f"program    {chosen}")
     for step in steps:
-        out.print(step.line(), highlight=False)
+        say(step.line())
 
 
-@app.command("uninstall-units")
-def uninstall_units(force: Force = False) -> None:
+@cli.command("uninstall-units")
+@force_option
+def uninstall_units(force: bool) -> None:
     """Disable and remove the unit and rule that install-units wrote (files it did not write stay)."""
     from vgpuctl.mdev import units
 
@@ -51,6 +50,6 @@ def uninstall_units(force: Force = False) -> None:
     except (VgpuError, OSError) as e:
         die(str(e))
     for step in steps:
-        out.print(step.line(), highlight=False)
+        say(step.line())
     if any(step.action == "kept" for step in steps):
-        raise typer.Exit(1)
+        sys.exit(1)

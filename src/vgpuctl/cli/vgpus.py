@@ -2,50 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
-from typing import Annotated, Any, TypeVar
+import sys
+from typing import TYPE_CHECKING, Any
 
-import typer
-from rich.table import Table
+import click
 
-from vgpuctl.cli import State, app, die, out, print_json
-from vgpuctl.mdev.errors import VgpuError
-from vgpuctl.mdev.sysfs import MdevType
+from vgpuctl.cli.app import State, cli, out, print_json, reports_errors, say
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from rich.table import Table
 
-Uuid = Annotated[str | None, typer.Option("-u", "--uuid", help="vGPU UUID.")]
-ParentOpt = Annotated[str | None, typer.Option("-p", "--parent", help="Parent device, e.g. 0000:00:02.0.")]
-TypeOpt = Annotated[str | None, typer.Option("-t", "--type", help="mdev type, e.g. i915-GVTg_V5_4.")]
-Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-Force = Annotated[bool, typer.Option("--force", help="Also act on vGPUs vgpuctl did not create.")]
-Attr = Annotated[list[str] | None, typer.Option("--attr", help="Device attribute NAME=VALUE (in order).")]
+    from vgpuctl.mdev.lifecycle import Manager
+    from vgpuctl.mdev.sysfs import MdevType
 
-
-def reports_errors(command: F) -> F:
-    """Turn vgpuctl's errors into one clear line on stderr and exit status 1."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (VgpuError, ValueError, RuntimeError) as e:
-            die(str(e))
-
-    return wrapper  # type: ignore[return-value]
+uuid_option = click.option("-u", "--uuid", help="vGPU UUID.")
+required_uuid = click.option("-u", "--uuid", required=True, help="vGPU UUID.")
+parent_option = click.option("-p", "--parent", help="Parent device, e.g. 0000:00:02.0.")
+type_option = click.option("-t", "--type", "type_id", help="mdev type, e.g. i915-GVTg_V5_4.")
+json_option = click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+force_option = click.option("--force", is_flag=True, help="Also act on vGPUs vgpuctl did not create.")
+attr_option = click.option("--attr", multiple=True, metavar="NAME=VALUE",
+                           help="Device attribute, repeatable, in order.")
 
 
-def manager(force: bool = False) -> Any:
+def manager(force: bool = False) -> Manager:
     from vgpuctl.mdev.lifecycle import Manager
     from vgpuctl.mdev.state import StateDir
 
     return Manager(State.root, StateDir.from_env(State.state_dir), force=force)
 
 
-def parse_attrs(items: list[str] | None) -> list[tuple[str, str]]:
+def parse_attrs(items: tuple[str, ...]) -> list[tuple[str, str]]:
     attrs = []
-    for item in items or []:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ValueError(f"attribute must look like NAME=VALUE, got {item!r}")
@@ -63,6 +52,8 @@ def type_json(t: MdevType) -> dict[str, Any]:
 
 
 def types_table(types: list[MdevType]) -> Table:
+    from rich.table import Table
+
     table = Table("parent", "type", "name", "available", "memory", "resolution", "details")
     for t in types:
         details = ", ".join(f"{k}={v}" for k, v in t.fields.items()
@@ -74,10 +65,13 @@ def types_table(types: list[MdevType]) -> Table:
     return table
 
 
-@app.command()
+@cli.command()
+@json_option
 @reports_errors
-def gpus(json_output: Json = False) -> None:
+def gpus(json_output: bool) -> None:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
+    from rich.table import Table
+
     from vgpuctl.mdev.capacity import gvt_capacity
     from vgpuctl.mdev.sysfs import active_devices, aperture_mib, read_parents
 
@@ -110,14 +104,16 @@ def gpus(json_output: Json = False) -> None:
     if json_output:
         print_json(rows)
     elif rows:
-        out.print(table)
+        out().print(table)
     else:
-        out.print("no mdev-capable GPU on this host; 'vgpuctl doctor' says why")
+        say("no mdev-capable GPU on this host; 'vgpuctl doctor' says why")
 
 
-@app.command("types")
+@cli.command("types")
+@parent_option
+@json_option
 @reports_errors
-def types_command(parent: ParentOpt = None, json_output: Json = False) -> None:
+def types_command(parent: str | None, json_output: bool) -> None:
     """Every vGPU type with its available instances and its description as fields."""
     from vgpuctl.mdev.sysfs import parent_names, read_types
 
@@ -128,20 +124,19 @@ def types_command(parent: ParentOpt = None, json_output: Json = False) -> None:
     if json_output:
         print_json([type_json(t) for t in found])
     elif found:
-        out.print(types_table(found))
+        out().print(types_table(found))
     else:
-        out.print("no vGPU types on this host; 'vgpuctl doctor' says why")
+        say("no vGPU types on this host; 'vgpuctl doctor' says why")
 
 
-@app.command("list")
+@cli.command("list")
+@click.option("-d", "--defined", is_flag=True, help="Only defined vGPUs.")
+@click.option("--active", "active_only", is_flag=True, help="Only active vGPUs.")
+@parent_option
+@uuid_option
+@json_option
 @reports_errors
-def list_command(
-    defined: Annotated[bool, typer.Option("-d", "--defined", help="Only defined vGPUs.")] = False,
-    active_only: Annotated[bool, typer.Option("--active", help="Only active vGPUs.")] = False,
-    parent: ParentOpt = None,
-    uuid: Uuid = None,
-    json_output: Json = False,
-) -> None:
+def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str | None, json_output: bool) -> None:
     """Active and defined vGPUs with parent, type, start mode and owner."""
     from vgpuctl.mdev import definitions
     from vgpuctl.mdev.state import StateDir
@@ -179,32 +174,34 @@ def list_command(
         print_json(selected)
         return
     if not selected:
-        out.print("no vGPUs" + (" defined" if defined else ""))
+        say("no vGPUs" + (" defined" if defined else ""))
         return
+    from rich.table import Table
+
     table = Table("uuid", "parent", "type", "state", "start", "owner", "attrs")
     for r in selected:
         state = " + ".join(s for s, on in (("active", r["active"]), ("defined", r["defined"])) if on)
         attrs = ", ".join(f"{k}={v}" for a in r["attrs"] for k, v in a.items())
         table.add_row(r["uuid"], r["parent"], r["type"], state, r["start"] or "-", r["owner"], attrs or "-")
-    out.print(table)
+    out().print(table)
 
 
 # ---------------------------------------------------------------- transient vGPUs
 
 
-@app.command()
+@cli.command()
+@uuid_option
+@parent_option
+@type_option
+@attr_option
+@click.option("--resolution", metavar="WxH", help="Pick a type that gives at least this resolution.")
+@click.option("--min-memory", type=int, metavar="MIB", help="Pick a type with at least this much graphics memory.")
+@click.option("--weight", type=int, help="Pick a type with at least this scheduler weight (GVT-g).")
+@click.option("--dry-run", is_flag=True, help="Only show what would be chosen.")
+@json_option
 @reports_errors
-def create(
-    uuid: Uuid = None,
-    parent: ParentOpt = None,
-    type_id: TypeOpt = None,
-    attr: Attr = None,
-    resolution: Annotated[str | None, typer.Option(help="Pick a type that gives at least WxH.")] = None,
-    min_memory: Annotated[int | None, typer.Option(help="Pick a type with at least this many MiB.")] = None,
-    weight: Annotated[int | None, typer.Option(help="Pick a type with at least this scheduler weight.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Only show what would be chosen.")] = False,
-    json_output: Json = False,
-) -> None:
+def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tuple[str, ...], resolution: str | None,
+           min_memory: int | None, weight: int | None, dry_run: bool, json_output: bool) -> None:
     """Create an active (transient) vGPU, or let vgpuctl choose parent and type for a request."""
     from vgpuctl.mdev.choose import Request, choose, parse_resolution
     from vgpuctl.mdev.sysfs import parent_names, read_types
@@ -223,7 +220,7 @@ def create(
         choice = choose(types, request)
         parent, type_id, reason = choice.chosen.parent, choice.chosen.type_id, choice.reason
         if not json_output:
-            out.print(f"chose {type_id} on {parent}: {reason}", highlight=False)
+            say(f"chose {type_id} on {parent}: {reason}")
         if dry_run:
             if json_output:
                 print_json({"parent": parent, "type": type_id, "reason": reason, "rejected": choice.rejected})
@@ -235,12 +232,14 @@ def create(
     if json_output:
         print_json({"uuid": new, "parent": parent, "type": type_id, "reason": reason})
     else:
-        out.print(new, highlight=False)
+        say(new)
 
 
-@app.command()
+@cli.command()
+@required_uuid
+@force_option
 @reports_errors
-def remove(uuid: Annotated[str, typer.Option("-u", "--uuid", help="vGPU UUID.")], force: Force = False) -> None:
+def remove(uuid: str, force: bool) -> None:
     """Remove an active vGPU (only one vgpuctl created, unless --force)."""
     manager(force).remove(uuid)
 
@@ -248,43 +247,44 @@ def remove(uuid: Annotated[str, typer.Option("-u", "--uuid", help="vGPU UUID.")]
 # ---------------------------------------------------------------- definitions
 
 
-@app.command()
+@cli.command()
+@uuid_option
+@parent_option
+@type_option
+@click.option("-a", "--auto", is_flag=True, help="Start automatically at boot.")
+@attr_option
 @reports_errors
-def define(
-    uuid: Uuid = None,
-    parent: ParentOpt = None,
-    type_id: TypeOpt = None,
-    auto: Annotated[bool, typer.Option("-a", "--auto", help="Start automatically at boot.")] = False,
-    attr: Attr = None,
-) -> None:
+def define(uuid: str | None, parent: str | None, type_id: str | None, auto: bool, attr: tuple[str, ...]) -> None:
     """Define a persistent vGPU in mdevctl's format (prints the UUID when none is given)."""
     definition = manager().define(uuid, parent, type_id, auto, parse_attrs(attr))
     if uuid is None:
-        out.print(definition.uuid, highlight=False)
+        say(definition.uuid)
 
 
-@app.command()
+@cli.command()
+@required_uuid
+@parent_option
+@force_option
 @reports_errors
-def undefine(uuid: Annotated[str, typer.Option("-u", "--uuid")], parent: ParentOpt = None,
-             force: Force = False) -> None:
+def undefine(uuid: str, parent: str | None, force: bool) -> None:
     """Remove a definition (only one vgpuctl created, unless --force); active devices stay."""
     manager(force).undefine(uuid, parent)
 
 
-@app.command()
+@cli.command()
+@required_uuid
+@parent_option
+@type_option
+@click.option("-a", "--auto", is_flag=True, help="Start automatically at boot.")
+@click.option("-m", "--manual", is_flag=True, help="Start only when asked.")
+@click.option("--addattr", metavar="NAME", help="Add an attribute (with --value; at --index, else last).")
+@click.option("--value", help="Value of the attribute --addattr adds.")
+@click.option("--delattr", is_flag=True, help="Delete the attribute at --index, else the last.")
+@click.option("-i", "--index", type=int, help="Attribute position for --addattr/--delattr.")
+@force_option
 @reports_errors
-def modify(
-    uuid: Annotated[str, typer.Option("-u", "--uuid")],
-    parent: ParentOpt = None,
-    type_id: TypeOpt = None,
-    auto: Annotated[bool, typer.Option("-a", "--auto")] = False,
-    manual: Annotated[bool, typer.Option("-m", "--manual")] = False,
-    addattr: Annotated[str | None, typer.Option("--addattr")] = None,
-    value: Annotated[str | None, typer.Option("--value")] = None,
-    delattr: Annotated[bool, typer.Option("--delattr")] = False,
-    index: Annotated[int | None, typer.Option("-i", "--index")] = None,
-    force: Force = False,
-) -> None:
+def modify(uuid: str, parent: str | None, type_id: str | None, auto: bool, manual: bool, addattr: str | None,
+           value: str | None, delattr: bool, index: int | None, force: bool) -> None:
     """Change a definition: type, start mode, attributes (mdevctl's semantics)."""
     if auto and manual:
         raise ValueError("--auto and --manual are mutually exclusive")
@@ -296,35 +296,39 @@ def modify(
                           (addattr, value) if addattr is not None and value is not None else None, delattr, index)
 
 
-@app.command()
+@cli.command()
+@uuid_option
+@parent_option
+@type_option
 @reports_errors
-def start(uuid: Uuid = None, parent: ParentOpt = None, type_id: TypeOpt = None) -> None:
+def start(uuid: str | None, parent: str | None, type_id: str | None) -> None:
     """Start a defined vGPU (-u), or a transient one (-p -t); prints the UUID when none is given."""
     new = manager().start(uuid, parent, type_id)
     if uuid is None:
-        out.print(new, highlight=False)
+        say(new)
 
 
-@app.command()
+@cli.command()
+@required_uuid
+@force_option
 @reports_errors
-def stop(uuid: Annotated[str, typer.Option("-u", "--uuid")], force: Force = False) -> None:
+def stop(uuid: str, force: bool) -> None:
     """Stop (remove) an active vGPU; its definition stays."""
     manager(force).stop(uuid)
 
 
-@app.command()
+@cli.command()
+@click.argument("parent", required=False)
+@json_option
 @reports_errors
-def autostart(
-    parent: Annotated[str | None, typer.Argument(help="Only this parent (as udev passes it).")] = None,
-    json_output: Json = False,
-) -> None:
-    """Start every 'auto' definition; already-active ones count as success; reports each."""
+def autostart(parent: str | None, json_output: bool) -> None:
+    """Start every 'auto' definition (of PARENT, as udev passes it); already-active ones count as success."""
     results = manager().autostart(parent)
     if json_output:
         print_json([r.__dict__ for r in results])
     else:
         for r in results:
             line = f"{r.uuid} {r.parent} {r.type_id}: {r.status}" + (f" ({r.message})" if r.message else "")
-            out.print(line, highlight=False)
+            say(line)
     if any(r.status == "failed" for r in results):
-        raise typer.Exit(1)
+        sys.exit(1)

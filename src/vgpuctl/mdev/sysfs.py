@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass, field
 
 from vgpuctl.host import HostRoot
-from vgpuctl.host.platforms import platform_for
 
 VENDOR_NAMES = {0x8086: "Intel", 0x10DE: "NVIDIA", 0x1002: "AMD", 0x1AF4: "Red Hat (virtio)"}
 
@@ -70,6 +69,8 @@ class ParentDevice:
     def platform(self) -> str | None:
         if self.vendor_id != 0x8086 or self.device_id is None:
             return None
+        from vgpuctl.host.platforms import platform_for  # loads the PCI id tables: only when asked
+
         platform = platform_for(self.device_id)
         return platform.name.split(" (")[0] if platform else None
 
