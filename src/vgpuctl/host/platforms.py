@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
 
 INTEL_VENDOR_ID = 0x8086
@@ -83,6 +82,8 @@ _SHORT = {
 
 @cache
 def _data() -> dict[str, Any]:
+    from importlib import resources  # on first use: importlib.resources is slow to import
+
     text = resources.files("vgpuctl").joinpath("data/gvt-platforms.json").read_text()
     data: dict[str, Any] = json.loads(text)
     return data

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +60,24 @@ def parse_config(text: str, uuid: str, parent: str, where: str) -> Definition:
 
 
 def canonical_uuid(text: str) -> str:
-    try:
-        return str(uuidlib.UUID(text))
-    except ValueError:
-        raise InvalidInput(f"{text!r} is not a UUID (expected e.g. {uuidlib.uuid4()})") from None
+    """A UUID in the lower-case hyphenated form sysfs and mdevctl use (the same forms uuid.UUID reads)."""
+    digits = text.strip().lower().removeprefix("urn:uuid:").strip("{}").replace("-", "")
+    if len(digits) != 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise InvalidInput(f"{text!r} is not a UUID (expected e.g. {new_uuid()})")
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def new_uuid() -> str:
+    import uuid  # imported on use: the uuid module is slow to import, and most commands never need it
+
+    return str(uuid.uuid4())
 
 
 def is_uuid(name: str) -> bool:
+    """Exactly a canonical UUID (a file name mdevctl would accept as a definition)."""
     try:
-        return str(uuidlib.UUID(name)) == name
-    except ValueError:
+        return canonical_uuid(name) == name
+    except InvalidInput:
         return False
 
 

@@ -7,13 +7,12 @@ nothing vgpuctl did not create is removed or undefined unless the caller says ``
 from __future__ import annotations
 
 import errno
-import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.capacity import gvt_capacity
-from vgpuctl.mdev.definitions import Definition, canonical_uuid
+from vgpuctl.mdev.definitions import Definition, canonical_uuid, new_uuid
 from vgpuctl.mdev.errors import (
     CapacityError,
     Conflict,
@@ -75,7 +74,7 @@ class Manager:
     def create(self, parent: str, type_id: str, uuid: str | None = None,
                attrs: list[tuple[str, str]] | None = None) -> str:
         """Create an active vGPU; attributes are written in order and a failure removes it again."""
-        uuid = canonical_uuid(uuid) if uuid else str(uuidlib.uuid4())
+        uuid = canonical_uuid(uuid) if uuid else new_uuid()
         self.check_type(parent, type_id)
         with self.state.lock(f"parent-{parent}"):
             existing = active_device(self.root, uuid)
@@ -160,7 +159,7 @@ class Manager:
     def define(self, uuid: str | None, parent: str | None, type_id: str | None, auto: bool = False,
                attrs: list[tuple[str, str]] | None = None) -> Definition:
         """mdevctl define: new definition, or promote an active device when only -u is given."""
-        uuid = canonical_uuid(uuid) if uuid else str(uuidlib.uuid4())
+        uuid = canonical_uuid(uuid) if uuid else new_uuid()
         active = active_device(self.root, uuid)
         if active and parent in (None, active.parent) and type_id in (None, active.type_id):
             parent, type_id = active.parent, active.type_id
