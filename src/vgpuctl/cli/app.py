@@ -86,4 +86,4 @@ def mdevctl_command(args: tuple[str, ...]) -> None:
 
 
 # The command modules register themselves on `cli`.
-from vgpuctl.cli import sim, units, vgpus  # noqa: E402, F401
+from vgpuctl.cli import doctor, setup, sim, units, vgpus, vm  # noqa: E402, F401

@@ -34,8 +34,12 @@ def sim_presets() -> None:
 @click.option("--kconfig", multiple=True, help="Kconfig override, e.g. CONFIG_VFIO_MDEV=n (repeatable).")
 @click.option("--defer", help="Comma-separated modules not loaded at boot, e.g. kvmgt; "
               "load them later with 'sim ctl DIR load kvmgt'.")
+@click.option("--no-virt", is_flag=True, help="VT-x/AMD-V off in the firmware: no vmx/svm, no kvm_intel, no /dev/kvm.")
+@click.option("--kconfig-file", type=click.Choice(["boot", "proc", "none"]),
+              help="Where the kernel config is: /boot/config-<release> (default), /proc/config.gz, or neither.")
 def sim_mount(directory: Path, preset: str, kernel: str | None, pci_id: str | None, aperture: int | None,
-              cmdline: str | None, modules: str | None, kconfig: tuple[str, ...], defer: str | None) -> None:
+              cmdline: str | None, modules: str | None, kconfig: tuple[str, ...], defer: str | None,
+              no_virt: bool, kconfig_file: str | None) -> None:
     """Mount a simulated host at DIRECTORY and keep serving it in the background."""
     from vgpuctl.sim import mount
     from vgpuctl.sim.host import SimHost
@@ -46,6 +50,7 @@ def sim_mount(directory: Path, preset: str, kernel: str | None, pci_id: str | No
             kernel=kernel, pci_id=pci_id, aperture_mib=aperture, cmdline=cmdline,
             modules=modules.split(",") if modules is not None else None, kconfig=list(kconfig),
             defer=defer.split(",") if defer is not None else None,
+            virt=False if no_virt else None, kconfig_file=kconfig_file,
         )
         SimHost(spec, preset)  # validate in the foreground, where errors can be shown
         pid = mount.mount(spec.to_json(), directory, preset)

@@ -105,6 +105,53 @@ class HostRoot:
         """Exists exactly when systemd is the running init (sd_booted())."""
         return "/run/systemd/system"
 
+    @property
+    def etc_modules_load_d(self) -> str:
+        """Modules systemd-modules-load loads at boot, a name a line."""
+        return "/etc/modules-load.d"
+
+    @property
+    def etc_modprobe_d(self) -> str:
+        """modprobe's configuration (``options MODULE PARAM=VALUE`` ...)."""
+        return "/etc/modprobe.d"
+
+    @property
+    def proc_cmdline(self) -> str:
+        """The command line the running kernel was booted with."""
+        return "/proc/cmdline"
+
+    @property
+    def proc_osrelease(self) -> str:
+        """The running kernel's release (``uname -r``)."""
+        return "/proc/sys/kernel/osrelease"
+
+    def kernel_config(self, release: str) -> str:
+        """The Kconfig a distribution kernel ships with."""
+        return f"/boot/config-{release}"
+
+    def os_release(self) -> dict[str, str]:
+        """``/etc/os-release`` (else ``/usr/lib/os-release``) as a dict, quotes removed; {} if neither exists."""
+        for candidate in ("/etc/os-release", "/usr/lib/os-release"):
+            try:
+                text = self.read_text(candidate)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            fields = {}
+            for line in text.splitlines():
+                key, sep, value = line.strip().partition("=")
+                if sep and key and not key.startswith("#"):
+                    value = value.strip()
+                    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                        value = value[1:-1]
+                    fields[key] = value
+            return fields
+        return {}
+
+    @property
+    def is_this_machine(self) -> bool:
+        """Whether the root is this machine's own ``/``, whose programs vgpuctl may run."""
+        return self.root.resolve() == Path("/")
+
     def mdev_types_dir(self, parent: str) -> str:
         return f"{self.sys_class_mdev_bus}/{parent}/mdev_supported_types"
 

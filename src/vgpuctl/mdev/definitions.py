@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vgpuctl.host import HostRoot
+from vgpuctl.host.files import atomic_write as atomic_write  # re-exported: it lived here first
+from vgpuctl.host.files import fsync_dir as fsync_dir
 from vgpuctl.mdev.errors import InvalidInput
 
 START_MODES = ("auto", "manual")
@@ -120,38 +120,3 @@ def delete(root: HostRoot, definition: Definition) -> None:
     path = root.path(definition_path(root, definition.parent, definition.uuid))
     path.unlink()
     fsync_dir(path.parent)  # the empty parent directory stays, as mdevctl leaves it
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename over, fsync the directory: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same directory (rename is atomic only within one filesystem); made
-    # without the tempfile module, which costs milliseconds on every command's start.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)

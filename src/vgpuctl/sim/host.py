@@ -1,4 +1,4 @@
-"""A simulated vGPU host: the mdev core and the rest of a host's sysfs, procfs, /dev, /boot, /etc.
+"""A simulated vGPU host: the mdev core and the rest of a host's sysfs, procfs, /dev, /boot, /lib/modules, /etc.
 
 ``SimHost(spec)`` builds the tree of :mod:`vgpuctl.sim.vfs` nodes that a real kernel would show
 for the hardware, kernel version, command line and loaded modules in ``spec``. Writes to
@@ -14,6 +14,7 @@ after boot are kept, one line each, in ``/.vgpuctl-sim-uevents``, so that a test
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import re
 import threading
@@ -41,6 +42,7 @@ UUID_STRING_LEN = 36
 IGPU_ADDRESS = "0000:00:02.0"
 VFIO_MAJOR = 511  # dynamic char major as commonly seen for /dev/vfio/<group>
 IGPU_BAR2_START = 0x4000000000
+AMD_VENDOR_ID = 0x1002
 # Next to the marker: commands for the simulated host (write-only) and the uevents it emitted.
 SIM_CONTROL = "/.vgpuctl-sim-control"
 SIM_UEVENTS = "/.vgpuctl-sim-uevents"
@@ -156,8 +158,12 @@ class SimHost:
             "CONFIG_VFIO_IOMMU_TYPE1": "m",
             "CONFIG_KVM": "m",
             "CONFIG_KVM_INTEL": "m",
+            "CONFIG_KVM_AMD": "m",
             "CONFIG_INTEL_IOMMU": "y",
         }
+        if self.spec.kconfig_file == "proc":
+            config["CONFIG_IKCONFIG"] = "y"
+            config["CONFIG_IKCONFIG_PROC"] = "y"
         if self.kernel.has_vfio_mdev_module:
             config["CONFIG_VFIO_MDEV_DEVICE"] = "m"
         if self.kernel.at_least(6, 6):
@@ -172,6 +178,15 @@ class SimHost:
     @property
     def is_intel(self) -> bool:
         return self.spec.gpu is not None and self.spec.gpu.vendor_id == INTEL_VENDOR_ID
+
+    @property
+    def cpu_is_amd(self) -> bool:
+        """An AMD GPU at 00:02.0 is an AMD APU's iGPU: the CPU is AMD too (every other host is Intel)."""
+        return self.spec.gpu is not None and self.spec.gpu.vendor_id == AMD_VENDOR_ID
+
+    @property
+    def kvm_vendor_module(self) -> str:
+        return "kvm_amd" if self.cpu_is_amd else "kvm_intel"
 
     def _gvt_param(self, key: str) -> str | None:
         return self.cmdline_param(f"i915.{key}")
@@ -213,11 +228,15 @@ class SimHost:
         """The modules this host has loaded once booted with nothing deferred."""
         if self.spec.modules is not None:
             return list(self.spec.modules)
-        modules = ["kvm", "kvm_intel", "vfio", "vfio_iommu_type1"]
+        modules = ["kvm", self.kvm_vendor_module, "vfio", "vfio_iommu_type1"]
         if self.is_intel:
             modules = self.kernel.required_modules
             if self._kvmgt_refused:
                 modules.remove("kvmgt")
+        if not self.spec.virt:
+            # VT-x/AMD-V off in the firmware: kvm_intel/kvm_amd refuse to load ("VMX not supported",
+            # "disabled by bios"); kvm.ko, loaded first as their dependency, stays.
+            modules = [m for m in modules if m not in ("kvm_intel", "kvm_amd")]
         if self.spec.nvidia_gpus:
             modules += ["nvidia", "nvidia_vgpu_vfio", "mdev"]
         modules += [s for s in self.spec.samples if s == "mtty" or self.kernel.has_mdpy_mbochs]
@@ -257,7 +276,14 @@ class SimHost:
         fs.put("/proc/cmdline", Attr(show=const(self.cmdline + "\n")))
         fs.put("/proc/sys/kernel/osrelease", Attr(show=const(release + "\n")))
         fs.put("/proc/modules", Attr(show=self._proc_modules))
-        fs.put(f"/boot/config-{release}", Blob(data=bytearray(self._config_text().encode()), mode=0o644))
+        fs.put("/proc/cpuinfo", Blob(data=bytearray(self._cpuinfo().encode()), mode=0o444))
+        fs.mkdirs("/boot")
+        if self.spec.kconfig_file == "boot":
+            fs.put(f"/boot/config-{release}", Blob(data=bytearray(self._config_text().encode()), mode=0o644))
+        elif self.spec.kconfig_file == "proc":
+            packed = gzip.compress(self._config_text().encode(), mtime=0)
+            fs.put("/proc/config.gz", Blob(data=bytearray(packed), mode=0o444))
+        self._build_lib_modules()
         if fresh:
             self._build_etc()
         fs.mkdirs("/dev")
@@ -296,6 +322,49 @@ class SimHost:
         lines = [f"# Linux/x86 {self.spec.kernel} Kernel Configuration (simulated)"]
         lines += [f"{key}={value}" for key, value in sorted(self.kconfig.items())]
         return "\n".join(lines) + "\n"
+
+    def _cpuinfo(self, cpus: int = 4) -> str:
+        """/proc/cpuinfo: what the doctor reads is vendor_id, model name and the vmx/svm/hypervisor flags."""
+        flags = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse "
+                 "sse2 ht syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid pni "
+                 "pclmulqdq monitor ssse3 fma cx16 sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand "
+                 "lahf_lm abm 3dnowprefetch fsgsbase bmi1 avx2 smep bmi2 erms")
+        if self.cpu_is_amd:
+            vendor, family, model, name = "AuthenticAMD", 25, 80, "AMD Ryzen 7 5700G with Radeon Graphics"
+            flags += " svm" if self.spec.virt else ""
+            vmx_flags = None
+        else:
+            igpu = self.spec.gpu.device_id if self.spec.gpu is not None and self.is_intel else None
+            vendor, family, (model, name) = "GenuineIntel", 6, _intel_cpu(igpu)
+            flags += " vmx" if self.spec.virt else ""
+            # 5.9+ prints the VMX features on their own line, when VMX is usable.
+            vmx_flags = ("vnmi preemption_timer invvpid ept_x_only ept_ad ept_1gb flexpriority tsc_offset vtpr "
+                         "mtf vapic ept vpid unrestricted_guest ple") if self.spec.virt else None
+        blocks = []
+        for cpu in range(cpus):
+            lines = [f"processor\t: {cpu}", f"vendor_id\t: {vendor}", f"cpu family\t: {family}",
+                     f"model\t\t: {model}", f"model name\t: {name}", f"siblings\t: {cpus}",
+                     f"core id\t\t: {cpu}", f"cpu cores\t: {cpus}", f"flags\t\t: {flags}"]
+            if vmx_flags and self.kernel.at_least(5, 9):
+                lines.append(f"vmx flags\t: {vmx_flags}")
+            blocks.append("\n".join(lines) + "\n")
+        return "\n".join(blocks) + "\n"
+
+    def _build_lib_modules(self) -> None:
+        """/lib/modules/<release>/modules.builtin and modules.dep for the modules a GVT-g host cares about."""
+        config = self.kconfig
+        builtin: list[str] = []
+        dep: list[str] = []
+        for symbol, path, needs in _module_files(self.kernel):
+            state = config.get(symbol)
+            if state == "y":
+                builtin.append(path)
+            elif state == "m":
+                deps = [p for s, p, _ in _module_files(self.kernel) if s in needs and config.get(s) == "m"]
+                dep.append(f"{path}: {' '.join(deps)}".rstrip())
+        base = f"/lib/modules/{self.spec.kernel}"
+        self.vfs.put(f"{base}/modules.builtin", Blob(data=bytearray("".join(p + "\n" for p in builtin).encode())))
+        self.vfs.put(f"{base}/modules.dep", Blob(data=bytearray("".join(d + "\n" for d in dep).encode())))
 
     def _proc_modules(self) -> str:
         return "".join(f"{m} 65536 0 - Live 0x0000000000000000\n" for m in self.modules)
@@ -375,6 +444,14 @@ class SimHost:
         driver = ("i915" if self.loaded("i915") else None) if self.is_intel else "amdgpu"
         self._add_pci_device(IGPU_ADDRESS, path, gpu.vendor_id, gpu.device_id, 0x030000, driver, iommu_on,
                              bar2_mib=gpu.aperture_mib)
+        if driver:
+            # The bound DRM driver's nodes: the primary card and the render node (what OpenGL, e.g. QEMU's
+            # egl-headless display, opens).
+            for name, minor in (("card0", 0), ("renderD128", 128)):
+                self.vfs.mkdirs(f"{path}/drm/{name}")
+                self.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
+                self.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
+                self.vfs.put(f"/dev/dri/{name}", CharDev(major=226, minor=minor, mode=0o660 if minor < 128 else 0o666))
         if not (self.gvt_initialises and self.loaded("i915")):
             return
         # GVT device init got far enough to expose the golden-state firmware blob (root only).
@@ -710,6 +787,50 @@ def _pci_uevent_env(address: str, vendor: int, device: int, pci_class: int, driv
                     f"bc{pci_class >> 16:02X}sc{(pci_class >> 8) & 0xFF:02X}i{pci_class & 0xFF:02X}",
     }
     return env
+
+
+_CPU_BY_PLATFORM = {  # a CPU model of each iGPU platform, for /proc/cpuinfo (family 6)
+    "BDW": (61, "Intel(R) Core(TM) i5-5200U CPU @ 2.20GHz"),
+    "SKL": (94, "Intel(R) Core(TM) i7-6700 CPU @ 3.40GHz"),
+    "KBL": (158, "Intel(R) Core(TM) i7-7700 CPU @ 3.60GHz"),
+    "BXT": (92, "Intel(R) Celeron(R) CPU J3455 @ 1.50GHz"),
+    "CFL": (158, "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz"),
+    "CML": (165, "Intel(R) Core(TM) i7-10700 CPU @ 2.90GHz"),
+    "GEMINI": (122, "Intel(R) Celeron(R) J4105 CPU @ 1.50GHz"),
+    "ICE": (126, "Intel(R) Core(TM) i7-1065G7 CPU @ 1.30GHz"),
+    "TIGER": (140, "11th Gen Intel(R) Core(TM) i7-1165G7 @ 2.80GHz"),
+    "ALDER": (151, "12th Gen Intel(R) Core(TM) i7-12700K"),
+}
+
+
+def _intel_cpu(igpu_device_id: int | None) -> tuple[int, str]:
+    """(model, model name) of an Intel CPU with this iGPU; a Xeon (no iGPU) otherwise."""
+    platform = platform_for(igpu_device_id) if igpu_device_id is not None else None
+    if platform is not None and platform.short in _CPU_BY_PLATFORM:
+        return _CPU_BY_PLATFORM[platform.short]
+    return 85, "Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz"
+
+
+def _module_files(kernel: Kernel) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(Kconfig symbol, path under /lib/modules/<release>, symbols of the modules it depends on), by era."""
+    kvmgt = f"kernel/drivers/gpu/drm/i915/{'' if kernel.gvt_in_kvmgt else 'gvt/'}kvmgt.ko"  # 5.19+: all GVT in kvmgt
+    files = [
+        ("CONFIG_KVM", "kernel/arch/x86/kvm/kvm.ko", ()),
+        ("CONFIG_KVM_INTEL", "kernel/arch/x86/kvm/kvm-intel.ko", ("CONFIG_KVM",)),
+        ("CONFIG_KVM_AMD", "kernel/arch/x86/kvm/kvm-amd.ko", ("CONFIG_KVM",)),
+        ("CONFIG_VFIO", "kernel/drivers/vfio/vfio.ko", ()),
+        ("CONFIG_VFIO_IOMMU_TYPE1", "kernel/drivers/vfio/vfio_iommu_type1.ko", ("CONFIG_VFIO",)),
+        ("CONFIG_VFIO_MDEV", "kernel/drivers/vfio/mdev/mdev.ko", ("CONFIG_VFIO",)),
+        ("CONFIG_DRM_I915", "kernel/drivers/gpu/drm/i915/i915.ko", ()),
+        ("CONFIG_DRM_I915_GVT_KVMGT", kvmgt, ("CONFIG_DRM_I915", "CONFIG_KVM", "CONFIG_VFIO_MDEV", "CONFIG_VFIO")),
+        ("CONFIG_SAMPLE_VFIO_MDEV_MTTY", "kernel/samples/vfio-mdev/mtty.ko", ("CONFIG_VFIO_MDEV", "CONFIG_VFIO")),
+        ("CONFIG_SAMPLE_VFIO_MDEV_MDPY", "kernel/samples/vfio-mdev/mdpy.ko", ("CONFIG_VFIO_MDEV", "CONFIG_VFIO")),
+        ("CONFIG_SAMPLE_VFIO_MDEV_MBOCHS", "kernel/samples/vfio-mdev/mbochs.ko", ("CONFIG_VFIO_MDEV", "CONFIG_VFIO")),
+    ]
+    if kernel.has_vfio_mdev_module:
+        files.insert(6, ("CONFIG_VFIO_MDEV_DEVICE", "kernel/drivers/vfio/mdev/vfio_mdev.ko",
+                         ("CONFIG_VFIO_MDEV", "CONFIG_VFIO")))
+    return files
 
 
 def _pci_resource(bar2_mib: int) -> str:

@@ -14,6 +14,7 @@ READY_CMDLINE_FLAGS = "intel_iommu=on i915.enable_gvt=1 kvm.ignore_msrs=1"
 # Modules whose loading registers mdev parents: the ones a host can boot without and load later
 # (as when kvmgt is loaded from /etc/modules-load.d after udev has started).
 DEFERRABLE_MODULES = ("kvmgt", "nvidia_vgpu_vfio", "mtty", "mdpy", "mbochs")
+KCONFIG_FILES = ("boot", "proc", "none")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class HostSpec:
     kconfig: tuple[tuple[str, str], ...] = ()
     # Modules not loaded at boot, to be loaded later through the control file ("load kvmgt").
     defer: tuple[str, ...] = ()
+    # VT-x / AMD-V enabled in the firmware: the CPU shows vmx/svm and kvm_intel/kvm_amd loads.
+    virt: bool = True
+    # Where the kernel configuration can be read: "boot" (/boot/config-<release>, Debian),
+    # "proc" (/proc/config.gz, CONFIG_IKCONFIG_PROC) or "none" (only /lib/modules/<release>/modules.*).
+    kconfig_file: str = "boot"
 
     def with_overrides(
         self,
@@ -52,6 +58,8 @@ class HostSpec:
         modules: list[str] | None = None,
         kconfig: list[str] | None = None,
         defer: list[str] | None = None,
+        virt: bool | None = None,
+        kconfig_file: str | None = None,
     ) -> HostSpec:
         spec = self
         if kernel is not None:
@@ -80,6 +88,12 @@ class HostSpec:
             spec = replace(spec, kconfig=spec.kconfig + tuple(pairs))
         if defer is not None:
             spec = replace(spec, defer=check_deferrable(defer))
+        if virt is not None:
+            spec = replace(spec, virt=virt)
+        if kconfig_file is not None:
+            if kconfig_file not in KCONFIG_FILES:
+                raise ValueError(f"kconfig file must be one of {', '.join(KCONFIG_FILES)}, got {kconfig_file!r}")
+            spec = replace(spec, kconfig_file=kconfig_file)
         return spec
 
     def to_json(self) -> str:
@@ -98,6 +112,8 @@ class HostSpec:
             modules=tuple(raw["modules"]) if raw["modules"] is not None else None,
             kconfig=tuple((k, v) for k, v in raw["kconfig"]),
             defer=tuple(raw.get("defer", ())),
+            virt=raw.get("virt", True),
+            kconfig_file=raw.get("kconfig_file", "boot"),
         )
 
 

@@ -1,0 +1,577 @@
+"""VM commands: ``vgpuctl vm create|edit|rm|list|show|argv|xml``.
+
+A VM is a spec in ``<state-dir>/vms/<name>.toml``; these commands write and read it, and show the
+QEMU command line and libvirt XML it becomes, without starting anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from vgpuctl.cli.app import State, cli, print_json, reports_errors, say
+
+if TYPE_CHECKING:
+    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.vm.argv import QemuCommand
+    from vgpuctl.vm.runtime import ResolvedVgpu
+    from vgpuctl.vm.spec import VmSpec
+
+F = TypeVar("F", bound=Callable[..., Any])
+NONE = "none"  # clears an optional value in 'vm edit' (--cdrom none, --kernel none, ...)
+PROFILE_NAMES = ("streaming", "gaming", "automotive")  # vgpuctl.vm.profiles.PROFILES, without importing it
+BACKEND_NAMES = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none")
+
+
+def state_dir() -> StateDir:
+    from vgpuctl.mdev.state import StateDir
+
+    return StateDir.from_env(State.state_dir)
+
+
+@cli.group("vm")
+def vm() -> None:
+    """Virtual machines: specs and profiles, and the QEMU command line and libvirt XML they become."""
+
+
+# ---------------------------------------------------------------------- the options create and edit share
+
+_SPEC_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("--profile", type=click.Choice(PROFILE_NAMES),
+                 help="Start from a profile's defaults (edit: switch profile; disks, network and boot stay)."),
+    click.option("--memory", type=int, metavar="MiB", help="Guest memory in MiB."),
+    click.option("--cpus", type=int, metavar="N", help="Virtual CPUs."),
+    click.option("--cpu", metavar="MODEL[,FLAGS]", help="QEMU -cpu (default host under KVM, max under TCG)."),
+    click.option("--machine", type=click.Choice(["pc", "q35"]), help="Machine type (default pc)."),
+    click.option("--firmware", type=click.Choice(["seabios", "ovmf"]), help="Firmware (default seabios)."),
+    click.option("--boot", type=click.Choice(["disk", "cdrom", "kernel"]),
+                 help="Boot from disk (then cdrom), cdrom (then disk), or the --kernel directly."),
+    click.option("--disk", "disks", multiple=True, metavar="PATH[:SIZE[:FORMAT]]",
+                 help="A disk image, repeatable (edit: replaces the list; --disk none removes all); SIZE "
+                      "(e.g. 20G) creates it at start when missing; FORMAT qcow2 (default) or raw."),
+    click.option("--cdrom", metavar="ISO", help="An ISO image ('none' removes it)."),
+    click.option("--kernel", metavar="FILE", help="Boot this kernel directly (implies --boot kernel)."),
+    click.option("--initrd", metavar="FILE", help="Initial ramdisk for --kernel."),
+    click.option("--append", metavar="CMDLINE", help="Kernel command line for --kernel."),
+    click.option("--vgpu", "vgpu_uuid", metavar="UUID", help="Use this existing or defined vGPU."),
+    click.option("-t", "--type", "type_id", metavar="TYPE", help="Create a vGPU of this type at start."),
+    click.option("-p", "--parent", metavar="PARENT", help="The parent for --type or the requirements."),
+    click.option("--resolution", metavar="WxH", help="Create the smallest vGPU giving at least this resolution."),
+    click.option("--min-memory", type=int, metavar="MiB", help="... with at least this much graphics memory."),
+    click.option("--weight", type=int, help="... with at least this scheduler weight (GVT-g)."),
+    click.option("--largest", is_flag=True, help="Create the largest vGPU type that fits."),
+    click.option("--no-vgpu", is_flag=True, help="No vGPU (also turns the vGPU display and ramfb off)."),
+    click.option("--display", "backend", type=click.Choice(BACKEND_NAMES),
+                 help="Display backend (vnc and egl-headless on a unix socket; spice local, with OpenGL)."),
+    click.option("--vnc-socket", metavar="PATH", help="VNC unix socket (default in the VM's runtime directory)."),
+    click.option("--rendernode", metavar="PATH", help="DRM render node for OpenGL (e.g. /dev/dri/renderD128)."),
+    click.option("--screen", metavar="WxH", help="Fixed screen resolution (EDID xres/yres); 'none' removes it."),
+    click.option("--display-option", "display_options", multiple=True, metavar="KEY=VALUE",
+                 help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them)."),
+    click.option("--vgpu-display/--no-vgpu-display", default=None,
+                 help="Show the vGPU's own display (QEMU display=on, -vga none)."),
+    click.option("--ramfb/--no-ramfb", default=None, help="Boot display on the vGPU's console (needs the display)."),
+    click.option("--igd-opregion/--no-igd-opregion", default=None,
+                 help="x-igd-opregion (default: on for GVT-g types)."),
+    click.option("--network", metavar="MODE", help="user, none, tap, tap:IFNAME or bridge:NAME."),
+    click.option("--vhost-net/--no-vhost-net", default=None, help="Use vhost-net for tap/bridge when present."),
+    click.option("--mac", help="MAC address (default derived from the name)."),
+    click.option("--order", type=int, help="Start order among VMs (lower first)."),
+    click.option("--fast-boot/--no-fast-boot", default=None, help="No boot menu, no PXE ROM."),
+    click.option("--localtime/--utc", "localtime", default=None, help="Guest RTC in local time (Windows)."),
+    click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
+                 help="Extra QEMU argument, repeatable, e.g. --qemu-arg=-S (edit: replaces them)."),
+]
+
+
+def spec_options(command: F) -> F:
+    for option in reversed(_SPEC_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _path(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _optional_path(text: str | None, current: str | None) -> str | None:
+    if text is None:
+        return current
+    return None if text == NONE else _path(text)
+
+
+def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
+    """The spec with the command line's options on top (``o`` holds click's parameters)."""
+    from vgpuctl.vm.profiles import apply_profile
+    from vgpuctl.vm.spec import Disk, Display, Network, VgpuRequest
+
+    if o["profile"] is not None:
+        spec = apply_profile(spec, o["profile"])
+    changes: dict[str, Any] = {}
+    for option, name in (("memory", "memory_mib"), ("cpus", "cpus"), ("cpu", "cpu"), ("machine", "machine"),
+                         ("firmware", "firmware"), ("order", "order"), ("fast_boot", "fast_boot"),
+                         ("localtime", "rtc_localtime"), ("igd_opregion", "igd_opregion")):
+        if o[option] is not None:
+            changes[name] = o[option]
+    if o["disks"]:
+        disks = []
+        for item in o["disks"]:
+            if item == NONE:
+                continue
+            path, _, rest = item.partition(":")
+            size, _, fmt = rest.partition(":")
+            disks.append(Disk(_path(path), size or None, fmt or ("raw" if path.endswith((".raw", ".img"))
+                                                                  else "qcow2")))
+        changes["disks"] = disks
+    changes["cdrom"] = _optional_path(o["cdrom"], spec.cdrom)
+    changes["kernel"] = _optional_path(o["kernel"], spec.kernel)
+    changes["initrd"] = _optional_path(o["initrd"], spec.initrd)
+    if o["append"] is not None:
+        changes["append"] = None if o["append"] == NONE else o["append"]
+    if o["boot"] is not None:
+        changes["boot"] = o["boot"]
+    elif o["kernel"] not in (None, NONE):
+        changes["boot"] = "kernel"
+    elif o["kernel"] == NONE and spec.boot == "kernel":
+        changes["boot"] = "disk"
+
+    vgpu = spec.vgpu
+    wanted = {"uuid": o["vgpu_uuid"], "type": o["type_id"], "resolution": o["resolution"],
+              "min_memory_mib": o["min_memory"], "weight": o["weight"], "largest": True if o["largest"] else None}
+    if o["no_vgpu"]:
+        if any(v is not None for v in wanted.values()):
+            raise ValueError("--no-vgpu cannot be combined with --vgpu/--type/--resolution/--min-memory/"
+                             "--weight/--largest")
+        vgpu = VgpuRequest()
+    elif any(v is not None for v in wanted.values()):
+        if o["vgpu_uuid"]:
+            from vgpuctl.mdev.definitions import canonical_uuid
+
+            wanted["uuid"] = canonical_uuid(o["vgpu_uuid"])
+        vgpu = VgpuRequest(parent=o["parent"], **{k: v for k, v in wanted.items() if v is not None})
+    elif o["parent"] is not None:
+        vgpu = replace(vgpu, parent=o["parent"])
+    changes["vgpu"] = vgpu
+    display_on = o["vgpu_display"]
+    if display_on is None and o["no_vgpu"]:
+        display_on = False
+    if display_on is not None:
+        changes["vgpu_display"] = display_on
+    ramfb = o["ramfb"]
+    if ramfb is None and display_on is False:
+        ramfb = False  # ramfb needs the display
+    if ramfb is not None:
+        changes["ramfb"] = ramfb
+
+    display: Display = spec.display
+    if o["backend"] is not None:
+        display = replace(display, backend=o["backend"])
+        if o["backend"] not in ("vnc", "egl-headless"):
+            display = replace(display, vnc_socket=None)
+    if o["vnc_socket"] is not None:
+        display = replace(display, vnc_socket=_optional_path(o["vnc_socket"], None))
+    if o["rendernode"] is not None:
+        display = replace(display, rendernode=_optional_path(o["rendernode"], None))
+    if o["screen"] is not None:
+        display = replace(display, resolution=None if o["screen"] == NONE else o["screen"])
+    if o["display_options"]:
+        pairs = {}
+        for item in o["display_options"]:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--display-option must look like KEY=VALUE, got {item!r}")
+            pairs[key] = value
+        display = replace(display, options=pairs)
+    changes["display"] = display
+
+    network: Network = spec.network
+    if o["network"] is not None:
+        mode, _, arg = o["network"].partition(":")
+        if mode not in ("user", "none", "tap", "bridge") or (mode == "bridge" and not arg) \
+                or (mode in ("user", "none") and arg):
+            raise ValueError(f"--network must be user, none, tap, tap:IFNAME or bridge:NAME, got {o['network']!r}")
+        network = replace(network, mode=mode, bridge=arg if mode == "bridge" else None,
+                          ifname=(arg or None) if mode == "tap" else None)
+    if o["vhost_net"] is not None:
+        network = replace(network, vhost=o["vhost_net"])
+    if o["mac"] is not None:
+        network = replace(network, mac=None if o["mac"] == NONE else o["mac"].lower())
+    changes["network"] = network
+    if o["qemu_args"]:
+        changes["extra_args"] = [a for a in o["qemu_args"] if a != NONE]
+    return replace(spec, **changes)
+
+
+# ---------------------------------------------------------------------- create / edit / rm
+
+
+def _report_saved(spec: VmSpec, path: Path, verb: str) -> None:
+    profile = f" (profile {spec.profile})" if spec.profile else ""
+    say(f"{verb} VM {spec.name}{profile}: {path}")
+    for warning in spec.warnings():
+        say(f"warning: {warning}")
+    if spec.requires:
+        say(f"requires (checked when it starts): {', '.join(spec.requires)}")
+
+
+@vm.command("create")
+@click.argument("name")
+@spec_options
+@reports_errors
+def create(name: str, **options: Any) -> None:
+    """Create a VM from a profile's defaults (or vgpuctl's) and the options given."""
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.profiles import new_spec
+
+    specs.check_name(name)
+    state = state_dir()
+    if specs.exists(state, name):
+        from vgpuctl.mdev.errors import Conflict
+
+        raise Conflict(f"VM {name!r} already exists; change it with 'vgpuctl vm edit' or pick another name")
+    spec = apply_options(new_spec(name), options)
+    _report_saved(spec, specs.save(state, spec, new=True), "created")
+
+
+@vm.command("edit")
+@click.argument("name")
+@spec_options
+@reports_errors
+def edit(name: str, **options: Any) -> None:
+    """Change a VM's spec (takes effect at its next start)."""
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.runtime import is_running
+
+    state = state_dir()
+    spec = apply_options(specs.load(state, name), options)
+    _report_saved(spec, specs.save(state, spec), "changed")
+    if is_running(state, name):
+        say("the VM is running: the change takes effect when it next starts")
+
+
+@vm.command("rm")
+@click.argument("name")
+@reports_errors
+def rm(name: str) -> None:
+    """Remove a stopped VM: its spec and runtime directory (disk images stay)."""
+    import shutil
+
+    from vgpuctl.mdev.errors import Conflict
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.runtime import RuntimePaths, is_running
+
+    state = state_dir()
+    spec = specs.load(state, name)
+    if is_running(state, name):
+        raise Conflict(f"VM {name} is running; stop it first")
+    specs.remove(state, name)
+    shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)
+    kept = [d.path for d in spec.disks]
+    say(f"removed VM {name}" + (f"; disk images kept: {', '.join(kept)}" if kept else ""))
+
+
+# ---------------------------------------------------------------------- list / show
+
+
+def _vgpu_summary(spec: VmSpec) -> str:
+    if spec.vgpu.kind == "none":
+        return "-"
+    flags = [f for f, on in (("display", spec.vgpu_display), ("ramfb", spec.ramfb)) if on]
+    return spec.vgpu.describe() + (f" [{', '.join(flags)}]" if flags else "")
+
+
+@vm.command("list")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def list_command(json_output: bool) -> None:
+    """Every VM with its profile, size, vGPU request, display and whether it runs."""
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.runtime import is_running
+
+    state = state_dir()
+    rows: list[dict[str, Any]] = []
+    for spec in specs.load_all(state):
+        rows.append({"name": spec.name, "profile": spec.profile, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
+                     "vgpu": spec.vgpu.describe() if spec.vgpu.kind != "none" else None,
+                     "vgpu_display": spec.vgpu_display, "display": spec.display.backend, "order": spec.order,
+                     "running": is_running(state, spec.name), "_vgpu": _vgpu_summary(spec)})
+    if json_output:
+        print_json([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+        return
+    if not rows:
+        say("no VMs; 'vgpuctl vm create NAME --profile streaming|gaming|automotive' makes one")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vgpuctl.cli.app import out
+
+    table = Table("name", "profile", "state", "memory", "cpus", "vGPU", "display", "order")
+    for r in rows:
+        table.add_row(r["name"], r["profile"] or "-", "running" if r["running"] else "stopped",
+                      f"{r['memory_mib']} MiB", str(r["cpus"]), escape(r["_vgpu"]), r["display"],
+                      "-" if r["order"] is None else str(r["order"]))
+    out().print(table)
+
+
+@vm.command("show")
+@click.argument("name")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def show(name: str, json_output: bool) -> None:
+    """A VM's whole spec, its files, host requirements (checked at start) and warnings."""
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.argv import default_mac
+    from vgpuctl.vm.profiles import PROFILES
+    from vgpuctl.vm.runtime import RuntimePaths, check_requirements, is_running
+
+    state = state_dir()
+    spec = specs.load(state, name)
+    paths = RuntimePaths.for_vm(state, name)
+    requirements = check_requirements(State.root, spec)
+    running = is_running(state, name)
+    if json_output:
+        print_json({"name": spec.name, "file": str(specs.spec_path(state, name)), "running": running,
+                    "spec": spec.to_dict(), "paths": paths.to_json(),
+                    "requires": [{"requirement": r.requirement, "met": r.met, "actual": r.actual, "where": r.where}
+                                 for r in requirements],
+                    "warnings": spec.warnings()})
+        return
+    rows: list[tuple[str, str]] = [
+        ("name", spec.name),
+        ("profile", f"{spec.profile}: {PROFILES[spec.profile].summary}" if spec.profile else "-"),
+        ("file", str(specs.spec_path(state, name))),
+        ("state", "running" if running else "stopped"),
+        ("memory", f"{spec.memory_mib} MiB"),
+        ("cpus", f"{spec.cpus}" + (f" (-cpu {spec.cpu})" if spec.cpu else "")),
+        ("machine", f"{spec.machine}, {spec.firmware}"),
+        ("boot", spec.boot + (", fast" if spec.fast_boot else "")
+         + (f", order {spec.order}" if spec.order is not None else "")),
+    ]
+    for disk in spec.disks:
+        rows.append(("disk", f"{disk.path} ({disk.format}" + (f", {disk.size} if created)" if disk.size else ")")))
+    for label in ("cdrom", "kernel", "initrd", "append"):
+        if getattr(spec, label):
+            rows.append((label, str(getattr(spec, label))))
+    net = spec.network
+    where = f" {net.bridge}" if net.bridge else f" {net.ifname}" if net.ifname else ""
+    rows.append(("network", net.mode + where + ("" if net.mode == "none" else
+                                                  f", mac {net.mac or default_mac(spec.name)}")
+                 + (", vhost-net" if net.mode in ("tap", "bridge") and net.vhost else "")))
+    rows.append(("vgpu", spec.vgpu.describe()))
+    if spec.vgpu.kind != "none":
+        shown = "shown by QEMU (display=on, -vga none)" if spec.vgpu_display else "not shown by QEMU (display=off)"
+        opregion = {None: "x-igd-opregion for GVT-g types", True: "x-igd-opregion on",
+                    False: "x-igd-opregion off"}[spec.igd_opregion]
+        rows.append(("vgpu display", shown + (", ramfb boot display" if spec.ramfb else "") + f"; {opregion}"))
+    display = spec.display
+    detail = display.backend
+    if display.backend in ("vnc", "egl-headless"):
+        detail += f", VNC on {display.vnc_socket or paths.vnc_socket}"
+    if display.backend == "spice":
+        detail += f", SPICE on {paths.spice_socket}"
+    if display.resolution:
+        detail += f", fixed {display.resolution}"
+    if display.options:
+        detail += ", " + ",".join(f"{k}={v}" for k, v in display.options.items())
+    rows.append(("display", detail))
+    if spec.rtc_localtime:
+        rows.append(("clock", "local time"))
+    for arg in spec.extra_args:
+        rows.append(("qemu arg", arg))
+    for r in requirements:
+        rows.append(("requires", f"{r.describe()} — checked when the VM starts"))
+    rows.append(("runtime", str(paths.directory)))
+    for warning in spec.warnings():
+        rows.append(("warning", warning))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        say(f"{key:<{width}}  {value}")
+
+
+# ---------------------------------------------------------------------- argv / xml
+
+
+def _resolve(spec: VmSpec) -> ResolvedVgpu | None:
+    from vgpuctl.vm.runtime import resolve_vgpu
+
+    return resolve_vgpu(State.root, spec)
+
+
+def _default_qemu() -> str:
+    from vgpuctl.vm.lifecycle import default_qemu
+
+    return default_qemu()
+
+
+def build(name: str, accel: str, qemu: str | None) -> tuple[VmSpec, ResolvedVgpu | None, QemuCommand, list[str]]:
+    from vgpuctl.vm.lifecycle import prepare
+
+    prepared = prepare(State.root, state_dir(), name, accel=accel, qemu=qemu)
+    return prepared.spec, prepared.vgpu, prepared.command, prepared.notes
+
+
+@vm.command("argv")
+@click.argument("name")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="Accelerator; auto runs the KVM probe (a tiny guest) and falls back to tcg.")
+@click.option("--qemu", "qemu", metavar="PATH", help="QEMU binary (default: found as 'vgpuctl doctor' does).")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def argv_command(name: str, accel: str, qemu: str | None, json_output: bool) -> None:
+    """The exact QEMU command line the VM starts with (shell-quoted), notes as # comments above it."""
+    _, vgpu, command, notes = build(name, accel, qemu)
+    if json_output:
+        print_json({"argv": command.argv, "notes": notes, "vgpu": vgpu.to_json() if vgpu else None,
+                    "accel": command.argv[command.argv.index("-accel") + 1],
+                    "simulated_replacement": "x".join(map(str, command.replaced_vgpu))
+                    if command.replaced_vgpu else None,
+                    "paths": command.paths.to_json()})
+        return
+    for note in notes:
+        say(f"# {note}")
+    say(command.shell())
+
+
+@vm.command("xml")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE.")
+@reports_errors
+def xml_command(name: str, output: Path | None) -> None:
+    """The VM as libvirt domain XML (for virsh define); the vGPU must exist when libvirt starts it."""
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.libvirt import domain_xml
+
+    spec = specs.load(state_dir(), name)
+    vgpu = _resolve(spec)
+    qemu = _default_qemu()
+    text = domain_xml(spec, vgpu, emulator=qemu if qemu.startswith("/") else None)
+    notes = []
+    if vgpu is not None and vgpu.state != "active":
+        notes.append(f"vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) does not exist yet: create it first "
+                     f"(vgpuctl create -p {vgpu.parent} -t {vgpu.type_id} -u {vgpu.uuid}); libvirt does not")
+    if State.root.is_simulated and vgpu is not None:
+        notes.append("simulated host: the XML names the vGPU as libvirt on a real host would")
+    if output:
+        from vgpuctl.mdev.definitions import atomic_write
+
+        atomic_write(output.absolute(), text.encode())
+        say(f"wrote {output}")
+        for note in notes:
+            say(f"note: {note}")
+    else:
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(text, nl=False)
+
+
+# ---------------------------------------------------------------------- running VMs
+
+accel_option = click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+                            help="Accelerator; auto: KVM when a probe guest really runs under it, else TCG.")
+
+
+def _print_status(status: Any, json_output: bool) -> None:
+    if json_output:
+        print_json(status.to_json())
+        return
+    line = f"{status.name}: {status.state}"
+    if status.pid:
+        line += f" (pid {status.pid}, {status.accel or '?'})"
+    if status.detail:
+        line += f" - {status.detail}"
+    say(line)
+    if status.vgpu:
+        say(f"  vGPU       {status.vgpu}")
+    if status.simulated_display:
+        say(f"  display    {status.simulated_display} in place of the vGPU (simulated host)")
+    for kind, where in status.console.items():
+        say(f"  {kind:<10} {where}")
+    for line in status.log_tail:
+        say(f"  | {line}")
+
+
+@vm.command("start")
+@click.argument("name")
+@accel_option
+@click.option("--qemu", metavar="PATH", help="QEMU binary.")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def start(name: str, accel: str, qemu: str | None, json_output: bool) -> None:
+    """Start the VM: preflight, its vGPU (created on demand, then reused), QEMU until QMP says running."""
+    from vgpuctl.vm import lifecycle
+
+    _print_status(lifecycle.start(State.root, state_dir(), name, accel=accel, qemu=qemu), json_output)
+
+
+@vm.command("stop")
+@click.argument("name")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the guest.")
+@reports_errors
+def stop(name: str, timeout: float) -> None:
+    """ACPI power button; quit QEMU if the guest has not powered off in time."""
+    from vgpuctl.vm import lifecycle
+
+    _print_status(lifecycle.stop(State.root, state_dir(), name, timeout_s=timeout), False)
+
+
+@vm.command("kill")
+@click.argument("name")
+@reports_errors
+def kill(name: str) -> None:
+    """Kill QEMU at once (the guest gets no chance to shut down)."""
+    from vgpuctl.vm import lifecycle
+
+    _print_status(lifecycle.kill(State.root, state_dir(), name), False)
+
+
+@vm.command("status")
+@click.argument("name")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def status_command(name: str, json_output: bool) -> None:
+    """Running, paused, stopped or crashed (with the tail of QEMU's log); the accelerator; where to connect."""
+    from vgpuctl.vm import lifecycle
+
+    _print_status(lifecycle.status(State.root, state_dir(), name), json_output)
+
+
+@vm.command("console")
+@click.argument("name")
+@reports_errors
+def console(name: str) -> None:
+    """Where to connect to the VM's display and consoles."""
+    from vgpuctl.vm import lifecycle
+
+    status = lifecycle.status(State.root, state_dir(), name)
+    if not status.console:
+        raise ValueError(f"VM {name} is {status.state}: nothing to connect to")
+    for kind, where in status.console.items():
+        say(f"{kind:<10} {where}")
+
+
+@vm.command("screenshot")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@reports_errors
+def screenshot(name: str, file: Path) -> None:
+    """Save the VM's display as a PNG (QMP screendump)."""
+    from vgpuctl.vm import lifecycle
+
+    say(str(lifecycle.screenshot(State.root, state_dir(), name, file)))
+
+
+@vm.command("release-vgpu")
+@click.argument("name")
+@reports_errors
+def release_vgpu(name: str) -> None:
+    """Remove the vGPU vgpuctl made for a stopped VM (it is otherwise kept and reused by the next start)."""
+    from vgpuctl.vm import lifecycle
+
+    uuid = lifecycle.release_vgpu(State.root, state_dir(), name)
+    say(f"removed vGPU {uuid}" if uuid else f"VM {name} holds no vGPU")

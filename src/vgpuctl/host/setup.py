@@ -1,0 +1,1176 @@
+"""Making a host ready for Intel GVT-g: kernel command line, modules at boot, module options.
+
+Three steps, as ``vgpuctl setup plan`` / ``apply`` / ``revert``:
+
+* :func:`make_plan` reads the host under its root and works out every change, as file edits
+  (old bytes -> new bytes, shown as unified diffs) and commands (grubby, kernelstub, update-grub
+  ...). It refuses, before anything is written, when a file it would edit cannot be parsed.
+* :func:`apply` backs up each file's original content (or its absence) under the setup state
+  directory, records a hash of what it writes, writes atomically, then runs the commands. A plan
+  with nothing to change does nothing at all: a second apply is a no-op.
+* :func:`revert` restores each original if the file still holds what vgpuctl wrote (else it
+  refuses for that file unless forced), regenerates the boot configuration, and undoes the
+  command-line changes made through grubby or kernelstub.
+
+The kernel command line goes through the distribution's own mechanism (:data:`MECHANISMS`):
+``grub`` (``/etc/default/grub`` [+ ``grub.d/*.cfg``], then update-grub or grub[2]-mkconfig),
+``grubby`` (Fedora/RHEL/CentOS), ``systemd-boot`` (loader entries' ``options`` lines, plus
+``/etc/kernel/cmdline`` for kernels installed later) and ``kernelstub`` (Pop!_OS). Commands run
+only on the machine's own root, or from an explicit tools directory (tests put stubs there);
+under another root they are shown, not run.
+
+Parameters (spec 4.3): ``i915.enable_gvt=1``, ``kvm.ignore_msrs=1``, ``intel_iommu=on`` are
+added unless already in effect; ``i915.enable_gvt=0``/``kvm.ignore_msrs=0``/``intel_iommu=off``
+are replaced; ``i915.enable_guc`` values that request GuC submission (bit 0: 1, 3) lose that bit
+(1 -> 0, 3 -> 2: HuC loading stays), as does ``i915.enable_guc_submission`` (<= 4.15).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgpuctl.host.files import atomic_write, fsync_dir
+from vgpuctl.host.root import HostRoot
+
+# ---------------------------------------------------------------- places (as on the host)
+
+DEFAULT_GRUB = "/etc/default/grub"
+DEFAULT_GRUB_D = "/etc/default/grub.d"  # Debian/Ubuntu: sourced after /etc/default/grub
+GRUB_CONFIGS = ("/boot/grub2/grub.cfg", "/boot/grub/grub.cfg")
+KERNELSTUB_CONFIG = "/etc/kernelstub/configuration"
+KERNEL_CMDLINE = "/etc/kernel/cmdline"  # kernel-install's command line for new systemd-boot entries
+LOADER_BASES = ("/efi", "/boot", "/boot/efi")  # where systemd-boot's ESP / XBOOTLDR are mounted
+MODULES_LOAD_DIRS = ("/etc/modules-load.d", "/run/modules-load.d", "/usr/local/lib/modules-load.d",
+                     "/usr/lib/modules-load.d", "/lib/modules-load.d")
+DEBIAN_MODULES = "/etc/modules"
+MODPROBE_DIRS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/usr/lib/modprobe.d",
+                 "/lib/modprobe.d")
+TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+IGNORE_MSRS = "/sys/module/kvm/parameters/ignore_msrs"
+I915_ENABLE_GVT = "/sys/module/i915/parameters/enable_gvt"
+PROC_MODULES = "/proc/modules"
+OUR_FILE = "vgpuctl.conf"
+
+MECHANISMS = ("grub", "grubby", "systemd-boot", "kernelstub", "none")
+WANTED_PARAMS = ("i915.enable_gvt=1", "kvm.ignore_msrs=1", "intel_iommu=on")
+BASE_MODULES = ("kvmgt", "vfio-iommu-type1", "mdev")
+OLD_KERNEL_MODULES = ("vfio_mdev",)  # its own module up to 5.13 (spec 4.2)
+MODULE_OPTIONS = (("i915", "enable_gvt", "CONFIG_DRM_I915"), ("kvm", "ignore_msrs", "CONFIG_KVM"))
+FEDORA_FAMILY = frozenset({"fedora", "rhel", "centos", "rocky", "almalinux", "ol", "amzn"})
+DEBIAN_FAMILY = frozenset({"debian", "ubuntu"})
+SUSE_FAMILY = frozenset({"suse", "opensuse", "sles"})
+
+MODULES_HEADER = ("# Written by 'vgpuctl setup apply': modules Intel GVT-g (KVMGT) vGPUs need, loaded at boot.\n"
+                  "# 'vgpuctl setup revert' puts back what was here before.\n")
+OPTIONS_HEADER = ("# Written by 'vgpuctl setup apply': module options for Intel GVT-g (KVMGT).\n"
+                  "# 'vgpuctl setup revert' puts back what was here before.\n")
+
+
+class SetupError(RuntimeError):
+    """The host cannot be set up automatically; the message says what to do by hand."""
+
+
+# ---------------------------------------------------------------- the kernel command line
+
+
+def cmdline_spans(text: str) -> list[tuple[int, int]]:
+    """Where each parameter is, split as the kernel's next_arg() does (double quotes hold spaces)."""
+    spans = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i].isspace():
+            i += 1
+        if i >= n:
+            break
+        start, quoted = i, False
+        while i < n and (quoted or not text[i].isspace()):
+            if text[i] == '"':
+                quoted = not quoted
+            i += 1
+        spans.append((start, i))
+    return spans
+
+
+def split_cmdline(text: str) -> list[str]:
+    return [text[a:b] for a, b in cmdline_spans(text)]
+
+
+def _key(token: str) -> str:
+    """A parameter's name as the kernel compares it (parameq: '-' and '_' are the same)."""
+    return token.lstrip('"').partition("=")[0].replace("-", "_")
+
+
+def _value(token: str) -> str | None:
+    name, sep, value = token.partition("=")
+    if not sep:
+        return None
+    if name.startswith('"'):
+        return value.rstrip('"')
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+
+
+def _as_bool(value: str | None) -> bool | None:
+    """kstrtobool, as param_set_bool reads a value; a bare name means true; None if not a boolean."""
+    if value is None:
+        return True
+    word = value.lower()
+    if word in ("on", "off"):
+        return word == "on"
+    if word[:1] in ("y", "1"):
+        return True
+    if word[:1] in ("n", "0"):
+        return False
+    return None
+
+
+def _as_int(value: str | None) -> int | None:
+    try:
+        return int(value or "", 0)
+    except ValueError:
+        return None
+
+
+def _judge(want: str, token: str) -> bool | None:
+    """Whether ``token`` gives the wanted setting (True), works against it (False), or neither (None)."""
+    if _key(want) == "intel_iommu":
+        options = (_value(token) or "").split(",")
+        return True if "on" in options else False if "off" in options else None
+    return _as_bool(_value(token))
+
+
+def _fixed(want: str, token: str) -> str:
+    """``token`` changed in place to give the wanted setting, keeping its spelling and other options."""
+    name = token.partition("=")[0]
+    if _key(want) == "intel_iommu":
+        options = ["on" if o == "off" else o for o in (_value(token) or "").split(",")]
+        return f"{name}={','.join(options)}"
+    return f"{name}={want.partition('=')[2]}"
+
+
+@dataclass(frozen=True)
+class CmdlineChange:
+    """Parameters to append, to change in place (old -> new), and to drop."""
+
+    add: tuple[str, ...] = ()
+    replace: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.replace or self.remove)
+
+    @property
+    def new_tokens(self) -> list[str]:
+        """What a tool that only adds and removes must add (appended and replacing values)."""
+        return _unique([*self.add, *(new for _, new in self.replace)])
+
+    @property
+    def old_tokens(self) -> list[str]:
+        """What such a tool must remove."""
+        return _unique([*self.remove, *(old for old, _ in self.replace)])
+
+    def as_remove_and_add(self) -> CmdlineChange:
+        """The same change as a tool makes it that can only remove and append (grubby, kernelstub)."""
+        return CmdlineChange(add=tuple(self.new_tokens), remove=tuple(self.old_tokens))
+
+    def union(self, other: CmdlineChange) -> CmdlineChange:
+        replace = dict(self.replace)
+        replace.update((old, new) for old, new in other.replace if old not in replace)
+        return CmdlineChange(tuple(_unique([*self.add, *other.add])), tuple(replace.items()),
+                             tuple(_unique([*self.remove, *other.remove])))
+
+    def words(self) -> str:
+        parts = []
+        if self.add:
+            parts.append("add " + " ".join(self.add))
+        parts += [f"replace {old} with {new}" for old, new in self.replace]
+        if self.remove:
+            parts.append("remove " + " ".join(self.remove))
+        return "; ".join(parts)
+
+    def apply(self, text: str, add_here: bool = True) -> str:
+        """``text`` (a command line) with the change made, its other spacing kept as it was."""
+        spans = cmdline_spans(text)
+        additions = list(self.add) if add_here else []
+        if not spans:
+            return text + " ".join(additions)
+        prefix = text[:spans[0][0]]
+        items = [(text[a:b], text[b:spans[i + 1][0]] if i + 1 < len(spans) else text[b:])
+                 for i, (a, b) in enumerate(spans)]
+        trailing = items[-1][1]
+        replace = dict(self.replace)
+        kept = [(replace.get(token, token), sep) for token, sep in items if token not in self.remove]
+        if not kept:
+            return prefix + " ".join(additions) + (trailing if additions else "")
+        kept[-1] = (kept[-1][0], trailing)
+        if additions:
+            kept[-1] = (kept[-1][0], " ")
+            kept.append((" ".join(additions), trailing))
+        return prefix + "".join(token + sep for token, sep in kept)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def needed_change(tokens: Sequence[str]) -> CmdlineChange:
+    """What makes a command line right for GVT-g (empty when it already is)."""
+    add: list[str] = []
+    replace: dict[str, str] = {}
+    remove: list[str] = []
+    for want in WANTED_PARAMS:
+        found = [t for t in tokens if _key(t) == _key(want)]
+        good = [t for t in found if _judge(want, t) is True]
+        bad = _unique(t for t in found if _judge(want, t) is False)
+        if good:
+            remove += bad
+        elif bad:
+            replace[bad[-1]] = _fixed(want, bad[-1])  # the last one is the one in effect
+            remove += bad[:-1]
+        else:
+            add.append(want)
+    for token in _unique(tokens):
+        key, number = _key(token), _as_int(_value(token))
+        if key == "i915.enable_guc" and number is not None and number > 0 and number & 1:
+            replace[token] = f"{token.partition('=')[0]}={number & ~1}"  # keep HuC loading (bit 1)
+        elif key == "i915.enable_guc_submission" and (number or 0) > 0:
+            replace[token] = f"{token.partition('=')[0]}=0"
+    return CmdlineChange(tuple(add), tuple(replace.items()), tuple(_unique(remove)))
+
+
+# ---------------------------------------------------------------- edits, commands, tools
+
+
+def sha256(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+@dataclass(frozen=True)
+class FileEdit:
+    """One file's change: ``old``/``new`` are its bytes, None when absent (``new`` None: delete it)."""
+
+    host_path: str
+    old: bytes | None
+    new: bytes | None
+    mode: int
+    role: str  # boot (the kernel command line), modules, options
+
+    @property
+    def action(self) -> str:
+        return "create" if self.old is None else "delete" if self.new is None else "modify"
+
+    def diff(self) -> str:
+        return unified_diff(self.old, self.new, f"a{self.host_path}" if self.old is not None else "/dev/null",
+                            f"b{self.host_path}" if self.new is not None else "/dev/null")
+
+
+def unified_diff(old: bytes | str | None, new: bytes | str | None, from_label: str, to_label: str) -> str:
+    """A unified diff (``patch -p1`` from / applies it), marking a last line without a newline."""
+    def lines(data: bytes | str | None) -> list[str]:
+        text = data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+        return text.splitlines(keepends=True)
+
+    out = []
+    for line in difflib.unified_diff(lines(old), lines(new), from_label, to_label):
+        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A program to run on the host, by name (found on PATH or in the tools directory)."""
+
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Where the boot tools are, and whether vgpuctl may run them.
+
+    On the machine's own root they are found on PATH (and in the sbin directories) and run. With
+    ``directory`` they are taken from there only, and run whatever the root (tests put stubs that
+    record their arguments there). Under any other root they are looked for in the root's own bin
+    directories, to say which one the host has, but never run.
+    """
+
+    root: HostRoot
+    directory: Path | None = None
+
+    @property
+    def runnable(self) -> bool:
+        return self.directory is not None or self.root.is_this_machine
+
+    def why_not(self) -> str:
+        return (f"{self.root.root} is not this machine's root: run it on that host "
+                "(vgpuctl runs commands only on its own root, or from --tools-dir)")
+
+    def find(self, name: str) -> str | None:
+        if self.directory is not None:
+            candidate = self.directory / name
+            return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+        if self.root.is_this_machine:
+            return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *TOOL_DIRS]))
+        for directory in TOOL_DIRS:
+            if os.path.isfile(self.root.path(f"{directory}/{name}")):
+                return f"{directory}/{name}"
+        return None
+
+    def run(self, command: Command) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr); 127 when the program is missing or cannot start."""
+        if not self.runnable:
+            raise RuntimeError(f"not running {command}: {self.why_not()}")
+        program = self.find(command.argv[0])
+        if program is None:
+            return 127, "", f"{command.argv[0]}: not found"
+        env = dict(os.environ)
+        if self.directory is not None:
+            env["PATH"] = os.pathsep.join([str(self.directory), env.get("PATH", "")])
+        try:
+            done = subprocess.run([program, *command.argv[1:]], capture_output=True, text=True, timeout=600, env=env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return 127, "", str(e)
+        return done.returncode, done.stdout, done.stderr
+
+
+# ---------------------------------------------------------------- reading the host
+
+
+def _read(root: HostRoot, host_path: str, editing: bool = False) -> bytes | None:
+    """A file's bytes, or None when it does not exist; a file to edit must be a regular file."""
+    local = root.path(host_path)
+    if editing and local.is_symlink():
+        raise SetupError(f"{host_path} is a symbolic link (to {os.readlink(local)}); vgpuctl edits only "
+                         "regular files: edit it by hand, or replace the link with a copy")
+    try:
+        return local.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _text(host_path: str, data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise SetupError(f"{host_path} is not UTF-8 text, so vgpuctl will not edit it") from None
+
+
+def _mode(root: HostRoot, host_path: str) -> int:
+    try:
+        return root.path(host_path).stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o644
+
+
+def _conf_files(root: HostRoot, directories: Sequence[str], suffix: str = ".conf") -> list[str]:
+    """Effective config files by name across directories (the first directory wins a name), sorted."""
+    chosen: dict[str, str] = {}
+    for directory in directories:
+        local = root.path(directory)
+        if not local.is_dir():
+            continue
+        for name in os.listdir(local):
+            if name.endswith(suffix) and name not in chosen:
+                chosen[name] = f"{directory}/{name}"
+    return [path for name, path in sorted(chosen.items())
+            if not (root.path(path).is_symlink() and os.readlink(root.path(path)) == "/dev/null")]
+
+
+def distro_ids(root: HostRoot) -> set[str]:
+    fields = root.os_release()
+    return {fields.get("ID", ""), *fields.get("ID_LIKE", "").split()} - {""}
+
+
+def kernel_release(root: HostRoot) -> str | None:
+    try:
+        return root.read_value(root.proc_osrelease) or None
+    except OSError:
+        return None
+
+
+def _version(release: str | None) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", release or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def kernel_config(root: HostRoot, release: str | None) -> dict[str, str] | None:
+    if release is None:
+        return None
+    data = _read(root, root.kernel_config(release))
+    if data is None:
+        return None
+    config = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("CONFIG_"):
+            config[key] = value
+    return config
+
+
+def running_cmdline(root: HostRoot) -> str | None:
+    try:
+        return root.read_value(root.proc_cmdline)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- boot mechanisms
+
+
+@dataclass
+class BootPlan:
+    mechanism: str
+    summary: str  # how this host's command line is set, in a few words
+    detected: str = ""  # why this mechanism was chosen
+    change: CmdlineChange = field(default_factory=CmdlineChange)
+    edits: list[FileEdit] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)  # the changes themselves (grubby, kernelstub)
+    after: list[Command] = field(default_factory=list)  # to run once the files changed (update-grub ...)
+    regenerate: list[Command] = field(default_factory=list)  # what makes the boot config from the files
+    preview: str = ""  # a diff of the command line, for mechanisms that are commands
+    undo: dict[str, Any] | None = None  # what a command mechanism added and removed
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_mechanism(root: HostRoot, tools: Tools) -> tuple[str, str]:
+    """(mechanism, why) from the files under the root and the tools the host has."""
+    ids = distro_ids(root)
+    if root.exists(KERNELSTUB_CONFIG):
+        return "kernelstub", f"{KERNELSTUB_CONFIG} exists (Pop!_OS)"
+    fedora = sorted(ids & FEDORA_FAMILY)
+    if fedora and tools.find("grubby"):
+        return "grubby", f"a Fedora/RHEL family system ({', '.join(fedora)}) with grubby"
+    loaders = [f"{base}/loader/loader.conf" for base in LOADER_BASES if root.exists(f"{base}/loader/loader.conf")]
+    if loaders:
+        return "systemd-boot", f"{loaders[0]} exists"
+    if root.exists(DEFAULT_GRUB):
+        return "grub", f"{DEFAULT_GRUB} exists"
+    if _loader_entries(root):
+        return "systemd-boot", "boot loader entries exist"
+    raise SetupError("cannot tell how this host sets its kernel command line (no kernelstub configuration, "
+                     f"grubby, systemd-boot loader.conf or {DEFAULT_GRUB}); name it with --boot, or use "
+                     f"--boot none and add by hand: {' '.join(WANTED_PARAMS)}")
+
+
+def plan_boot(root: HostRoot, tools: Tools, mechanism: str = "auto") -> BootPlan:
+    detected = "chosen with --boot"
+    if mechanism == "auto":
+        mechanism, detected = detect_mechanism(root, tools)
+    if mechanism not in MECHANISMS:
+        raise SetupError(f"unknown boot mechanism {mechanism!r}; one of: {', '.join(MECHANISMS)}")
+    planners = {"grub": _plan_grub, "grubby": _plan_grubby, "systemd-boot": _plan_systemd_boot,
+                "kernelstub": _plan_kernelstub}
+    plan = BootPlan("none", "left alone (--boot none)") if mechanism == "none" else planners[mechanism](root, tools)
+    plan.detected = detected
+    return plan
+
+
+# ---- GRUB: /etc/default/grub
+
+
+GRUB_ASSIGNMENT = re.compile(r"^(?P<lead>[ \t]*(?:export[ \t]+)?)(?P<name>GRUB_CMDLINE_LINUX(?:_DEFAULT)?)"
+                             r"(?P<op>\+?=)", re.M)
+UNQUOTED = re.compile(r"[^\s#;&|<>()'\"`$\\]*")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """``NAME=value`` in a shell file that grub-mkconfig sources."""
+
+    host_path: str
+    name: str
+    line: int
+    start: int  # the value as written (with its quotes) is text[start:end]
+    end: int
+    quote: str  # '"', "'" or ""
+    value: str  # the literal text (best effort when there is a problem)
+    problem: str | None = None
+
+    def written(self, value: str) -> str:
+        quote = self.quote or ('"' if not value or any(c.isspace() for c in value) else "")
+        return f"{quote}{value}{quote}"
+
+
+def parse_grub_assignments(host_path: str, text: str) -> list[Assignment]:
+    """Each GRUB_CMDLINE_LINUX[_DEFAULT] assignment; one vgpuctl cannot edit safely carries a problem."""
+    found = []
+    for match in GRUB_ASSIGNMENT.finditer(text):
+        start = match.end()
+        line_end = text.find("\n", start)
+        line_end = len(text) if line_end < 0 else line_end
+        rest = text[start:line_end]
+        line = text.count("\n", 0, start) + 1
+        problem = None
+        quote = rest[:1] if rest[:1] in ("'", '"') else ""
+        if quote:
+            close = rest.find(quote, 1)
+            if close < 0:
+                later = text.find(quote, line_end)
+                problem = "spans several lines" if later >= 0 else "has no closing quote"
+                value, after, end = rest[1:], "", line_end
+            else:
+                value, after, end = rest[1:close], rest[close + 1:], start + close + 1
+            if problem is None and quote == '"' and ("$" in value or "`" in value):
+                problem = "uses shell expansion ($ or `)"
+            elif problem is None and quote == '"' and "\\" in value:
+                problem = "uses backslash escapes"
+        else:
+            value = UNQUOTED.match(rest).group()  # type: ignore[union-attr]
+            after, end = rest[len(value):], start + len(value)
+            if after.startswith("\\") and not after.strip("\\ \t"):
+                problem = "continues on the next line"
+            elif after[:1] in ("$", "`"):
+                problem = "uses shell expansion ($ or `)"
+        if problem is None and after.strip() and not (after[0] in " \t" and after.strip().startswith("#")):
+            problem = "has more than one plain value on its line"
+        if problem is None and match["op"] == "+=":
+            problem = "appends with +="
+        found.append(Assignment(host_path, match["name"], line, start, end, quote, value, problem))
+    return found
+
+
+def grub_regenerate(root: HostRoot, tools: Tools) -> Command:
+    """update-grub on Debian/Ubuntu, else grub2-mkconfig or grub-mkconfig writing the existing grub.cfg."""
+    debian = bool(distro_ids(root) & DEBIAN_FAMILY)
+    names = ("update-grub", "grub-mkconfig", "grub2-mkconfig") if debian else \
+        ("grub2-mkconfig", "grub-mkconfig", "update-grub")
+    name = next((n for n in names if tools.find(n)), names[0])
+    if name == "update-grub":
+        return Command(("update-grub",))
+    config = next((c for c in GRUB_CONFIGS if root.exists(c)),
+                  GRUB_CONFIGS[0] if name == "grub2-mkconfig" else GRUB_CONFIGS[1])
+    return Command((name, "-o", config))
+
+
+def _plan_grub(root: HostRoot, tools: Tools) -> BootPlan:
+    regenerate = grub_regenerate(root, tools)
+    plan = BootPlan("grub", f"GRUB: {DEFAULT_GRUB}, then {regenerate}", regenerate=[regenerate])
+    if tools.runnable and tools.find(regenerate.argv[0]) is None:
+        plan.notes.append(f"{regenerate.argv[0]} not found: regenerate the GRUB configuration by hand after apply")
+    paths = [DEFAULT_GRUB]
+    if root.path(DEFAULT_GRUB_D).is_dir():
+        paths += [f"{DEFAULT_GRUB_D}/{n}" for n in root.listdir(DEFAULT_GRUB_D) if n.endswith(".cfg")]
+    texts: dict[str, str] = {}
+    assignments: list[Assignment] = []
+    for path in paths:
+        data = _read(root, path, editing=True)
+        if data is None:
+            if path == DEFAULT_GRUB:
+                raise SetupError(f"{DEFAULT_GRUB} does not exist: is GRUB this host's boot loader? Name the right "
+                                 "one with --boot")
+            continue
+        texts[path] = _text(path, data)
+        assignments += parse_grub_assignments(path, texts[path])
+    last: dict[str, Assignment] = {}
+    for assignment in assignments:  # in the order grub-mkconfig sources them: the last one counts
+        last[assignment.name] = assignment
+    linux, default = last.get("GRUB_CMDLINE_LINUX"), last.get("GRUB_CMDLINE_LINUX_DEFAULT")
+    target = default
+    if target is None and linux is not None and distro_ids(root) & (FEDORA_FAMILY | SUSE_FAMILY):
+        target = linux  # these distributions put the whole command line there
+    tokens = [t for a in (linux, default) if a is not None for t in split_cmdline(a.value)]
+    change = needed_change(tokens)
+    plan.change = change
+    if not change:
+        for a in (linux, default):
+            if a is not None and a.problem:
+                plan.notes.append(f"{a.host_path}:{a.line}: {a.name} {a.problem}; its literal text already "
+                                  "has what GVT-g needs, so it is left alone")
+        return plan
+    by_hand = f"by hand: {change.words()} in {{name}}, then run '{regenerate}'; or set up the rest with --boot none"
+    if target is None:
+        fixes = f"; in GRUB_CMDLINE_LINUX: {CmdlineChange((), change.replace, change.remove).words()}" \
+            if change.replace or change.remove else ""
+        raise SetupError(f"{DEFAULT_GRUB} has no GRUB_CMDLINE_LINUX_DEFAULT line, so vgpuctl will not edit it. Do it "
+                         f"by hand: add the line GRUB_CMDLINE_LINUX_DEFAULT=\"{' '.join(change.add)}\"{fixes}, "
+                         f"then run '{regenerate}'; or set up the rest with --boot none")
+    for a in (linux, default):
+        if a is not None and a.problem:
+            raise SetupError(f"{a.host_path}:{a.line}: {a.name} {a.problem}, so vgpuctl will not edit it. Do it "
+                             + by_hand.format(name=a.name))
+    new_texts = dict(texts)
+    for a in sorted((a for a in (linux, default) if a is not None), key=lambda a: a.start, reverse=True):
+        value = change.apply(a.value, add_here=a is target)
+        if value != a.value:
+            text = new_texts[a.host_path]
+            new_texts[a.host_path] = text[:a.start] + a.written(value) + text[a.end:]
+    for path in paths:
+        if path in texts and new_texts[path] != texts[path]:
+            plan.edits.append(FileEdit(path, texts[path].encode(), new_texts[path].encode(), _mode(root, path), "boot"))
+    plan.after = [regenerate]
+    return plan
+
+
+# ---- systemd-boot: loader entries
+
+
+def _loader_entries(root: HostRoot) -> list[str]:
+    entries = []
+    for base in LOADER_BASES:
+        directory = f"{base}/loader/entries"
+        if root.path(directory).is_dir():
+            entries += [f"{directory}/{n}" for n in root.listdir(directory) if n.endswith(".conf")]
+    return entries
+
+
+OPTIONS_LINE = re.compile(r"^(?P<key>[ \t]*options)(?P<sep>[ \t]+|(?=\r?\n?$))(?P<value>.*?)(?P<end>\r?\n?)$")
+
+
+def _plan_systemd_boot(root: HostRoot, tools: Tools) -> BootPlan:
+    plan = BootPlan("systemd-boot", "systemd-boot: the loader entries' options lines")
+    entries = _loader_entries(root)
+    if not entries:
+        raise SetupError("no systemd-boot entries in " + ", ".join(f"{b}/loader/entries" for b in LOADER_BASES)
+                         + f": add by hand to the entry's options line: {' '.join(WANTED_PARAMS)}")
+    for path in entries:
+        text = _text(path, _read(root, path, editing=True) or b"")
+        lines = text.splitlines(keepends=True)
+        keys = [line.split(None, 1)[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if "linux" not in keys:
+            plan.notes.append(f"{path}: not a Linux entry (no 'linux' line), left alone")
+            continue
+        matches = {i: m for i, line in enumerate(lines) if (m := OPTIONS_LINE.match(line))}
+        indexes = list(matches)
+        tokens = [t for m in matches.values() for t in split_cmdline(m["value"])]
+        change = needed_change(tokens)
+        if not change:
+            continue
+        plan.change = plan.change.union(change)
+        for i, m in matches.items():
+            value = change.apply(m["value"], add_here=i == indexes[-1])
+            lines[i] = f"{m['key']}{m['sep'] or ' '}{value}{m['end']}"
+        if not indexes:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines.append(f"options {' '.join(change.add)}\n")
+        plan.edits.append(FileEdit(path, text.encode(), "".join(lines).encode(), _mode(root, path), "boot"))
+    data = _read(root, KERNEL_CMDLINE, editing=True)
+    if data is not None:
+        text = _text(KERNEL_CMDLINE, data)
+        change = needed_change(split_cmdline(text))
+        if change:
+            plan.change = plan.change.union(change)
+            plan.edits.append(FileEdit(KERNEL_CMDLINE, data, change.apply(text).encode(),
+                                       _mode(root, KERNEL_CMDLINE), "boot"))
+        plan.summary += f", and {KERNEL_CMDLINE} for kernels installed later"
+    else:
+        plan.notes.append(f"no {KERNEL_CMDLINE}: kernel-install takes new entries' command line from the running "
+                          "kernel's, i.e. from these entries once the host has rebooted")
+    return plan
+
+
+# ---- grubby (Fedora, RHEL, CentOS)
+
+
+def parse_grubby_info(output: str) -> list[tuple[str, str]]:
+    """(kernel, args) for each Linux entry in ``grubby --info=ALL`` output."""
+    kernels: list[tuple[str, str]] = []
+    kernel: str | None = None
+    for line in output.splitlines():
+        key, _, value = line.partition("=")
+        value = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+        if key == "index":
+            kernel = None
+        elif key == "kernel":
+            kernel = value
+        elif key == "args" and kernel is not None:
+            kernels.append((kernel, value))
+    return kernels
+
+
+def _plan_grubby(root: HostRoot, tools: Tools) -> BootPlan:
+    plan = BootPlan("grubby", "grubby: --update-kernel=ALL on every boot entry")
+    if tools.runnable:
+        code, out, err = tools.run(Command(("grubby", "--info=ALL")))
+        if code != 0:
+            raise SetupError(f"'grubby --info=ALL' failed: {(err or out).strip() or f'exit status {code}'}")
+        kernels = parse_grubby_info(out)
+        source = "grubby --info=ALL"
+        if not kernels:
+            raise SetupError("'grubby --info=ALL' lists no kernel with arguments; add by hand: grubby "
+                             f"--update-kernel=ALL --args='{' '.join(WANTED_PARAMS)}'")
+    else:
+        current = running_cmdline(root)
+        if current is None:
+            raise SetupError(f"cannot read the command line: grubby cannot be asked under --root {root.root} "
+                             f"and {root.proc_cmdline} is missing")
+        kernels = [("(running kernel)", current)]
+        source = root.proc_cmdline
+        plan.notes.append(f"grubby is not run under --root {root.root}: the current command line is "
+                          f"{root.proc_cmdline}'s")
+    before, after = [], []
+    for kernel, args in kernels:
+        change = needed_change(split_cmdline(args))
+        plan.change = plan.change.union(change)
+        before.append(f'kernel="{kernel}"\nargs="{args}"\n')
+        after.append(f'kernel="{kernel}"\nargs="{change.as_remove_and_add().apply(args)}"\n')
+    if not plan.change:
+        return plan
+    plan.preview = unified_diff("".join(before), "".join(after), source, "after grubby --update-kernel=ALL")
+    argv = ["grubby", "--update-kernel=ALL"]
+    if plan.change.old_tokens:
+        argv.append("--remove-args=" + " ".join(plan.change.old_tokens))
+    if plan.change.new_tokens:
+        argv.append("--args=" + " ".join(plan.change.new_tokens))
+    plan.commands = [Command(tuple(argv))]
+    plan.undo = {"tool": "grubby", "added": plan.change.new_tokens, "removed": plan.change.old_tokens}
+    return plan
+
+
+# ---- kernelstub (Pop!_OS)
+
+
+def _plan_kernelstub(root: HostRoot, tools: Tools) -> BootPlan:
+    plan = BootPlan("kernelstub", f"kernelstub: the user kernel_options in {KERNELSTUB_CONFIG}")
+    data = _read(root, KERNELSTUB_CONFIG)
+    try:
+        config = json.loads(data or b"")
+        options = config["user"]["kernel_options"]
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise SetupError(f"cannot read the user kernel_options of {KERNELSTUB_CONFIG}, so vgpuctl will not change "
+                         f"them; by hand: kernelstub -a '{' '.join(WANTED_PARAMS)}'") from None
+    change = needed_change(options)
+    plan.change = change
+    if not change:
+        return plan
+    current = " ".join(options)
+    plan.preview = unified_diff(current + "\n", change.as_remove_and_add().apply(current) + "\n",
+                                f"{KERNELSTUB_CONFIG} (user kernel_options)", "after kernelstub")
+    if change.old_tokens:
+        plan.commands.append(Command(("kernelstub", "-d", " ".join(change.old_tokens))))
+    if change.new_tokens:
+        plan.commands.append(Command(("kernelstub", "-a", " ".join(change.new_tokens))))
+    plan.undo = {"tool": "kernelstub", "added": change.new_tokens, "removed": change.old_tokens}
+    return plan
+
+
+def undo_commands(undo: dict[str, Any]) -> list[Command]:
+    """The commands that take back what a grubby or kernelstub run added and removed."""
+    added, removed = list(undo.get("added", [])), list(undo.get("removed", []))
+    if undo.get("tool") == "grubby":
+        argv = ["grubby", "--update-kernel=ALL"]
+        if added:
+            argv.append("--remove-args=" + " ".join(added))
+        if removed:
+            argv.append("--args=" + " ".join(removed))
+        return [Command(tuple(argv))]
+    commands = []
+    if added:
+        commands.append(Command(("kernelstub", "-d", " ".join(added))))
+    if removed:
+        commands.append(Command(("kernelstub", "-a", " ".join(removed))))
+    return commands
+
+
+# ---------------------------------------------------------------- modules and their options
+
+
+def _normal(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def wanted_modules(release: str | None) -> list[str]:
+    version = _version(release)
+    return [*BASE_MODULES, *(OLD_KERNEL_MODULES if version is not None and version < (5, 14) else ())]
+
+
+def modules_loaded_elsewhere(root: HostRoot, ours: str) -> dict[str, str]:
+    """Module (normalized) -> the other file that has it loaded at boot."""
+    found: dict[str, str] = {}
+    files = [p for p in _conf_files(root, MODULES_LOAD_DIRS) if p != ours and not p.endswith(f"/{OUR_FILE}")]
+    for path in [*files, DEBIAN_MODULES]:
+        data = _read(root, path)
+        for line in (data or b"").decode(errors="replace").splitlines():
+            word = line.split("#", 1)[0].strip()
+            if word and not word.startswith(";"):
+                found.setdefault(_normal(word.split()[0]), path)
+    return found
+
+
+def module_options_elsewhere(root: HostRoot, ours: str) -> list[tuple[str, str, str, str]]:
+    """(file, module, parameter, value) for every ``options`` line in the other modprobe files."""
+    found = []
+    for path in _conf_files(root, MODPROBE_DIRS):
+        if path == ours or path.endswith(f"/{OUR_FILE}"):
+            continue
+        for line in (_read(root, path) or b"").decode(errors="replace").splitlines():
+            words = line.split("#", 1)[0].split()
+            if len(words) >= 3 and words[0] == "options":
+                for word in words[2:]:
+                    name, _, value = word.partition("=")
+                    found.append((path, _normal(words[1]), _normal(name), value))
+    return found
+
+
+def _our_file(root: HostRoot, host_path: str, lines: list[str], header: str, role: str) -> FileEdit | None:
+    old = _read(root, host_path, editing=True)
+    new = (header + "".join(f"{line}\n" for line in lines)).encode() if lines else None
+    if old == new:
+        return None
+    if new is None and old is not None and not old.startswith(header.encode()):
+        return None  # not ours and nothing to add: leave it
+    return FileEdit(host_path, old, new, _mode(root, host_path), role)
+
+
+def plan_modules(root: HostRoot, release: str | None, notes: list[str]) -> FileEdit | None:
+    path = f"{root.etc_modules_load_d}/{OUR_FILE}"
+    elsewhere = modules_loaded_elsewhere(root, path)
+    if release is None:
+        notes.append(f"kernel release unknown ({root.proc_osrelease} unreadable): vfio_mdev (kernels < 5.14) is "
+                     "not listed")
+    return _our_file(root, path, [m for m in wanted_modules(release) if _normal(m) not in elsewhere],
+                     MODULES_HEADER, "modules")
+
+
+def plan_options(root: HostRoot, release: str | None, notes: list[str]) -> FileEdit | None:
+    path = f"{root.etc_modprobe_d}/{OUR_FILE}"
+    config = kernel_config(root, release)
+    elsewhere = module_options_elsewhere(root, path)
+    lines = []
+    for module, param, symbol in MODULE_OPTIONS:
+        if config is not None and config.get(symbol) == "y":
+            notes.append(f"{module} is built into this kernel ({symbol}=y): modprobe options do not reach it, "
+                         "the kernel command line sets it")
+            continue
+        values = [(f, v) for f, m, p, v in elsewhere if m == module and p == param]
+        good = [f for f, v in values if _as_bool(v or None) is True]
+        bad = [(f, v) for f, v in values if _as_bool(v or None) is not True]
+        for f, v in bad:
+            notes.append(f"{f} has 'options {module} {param}={v}', which works against GVT-g: remove it by hand")
+        if not good or bad:
+            lines.append(f"options {module} {param}=1")
+    for f, m, p, v in elsewhere:
+        number = _as_int(v)
+        if m == "i915" and p in ("enable_guc", "enable_guc_submission") and number is not None and number > 0 \
+                and (number & 1 or p == "enable_guc_submission"):
+            notes.append(f"{f} has 'options i915 {p}={v}', which asks for GuC submission: GVT-g then does not "
+                         "start; remove it by hand")
+    return _our_file(root, path, lines, OPTIONS_HEADER, "options")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    root: HostRoot
+    boot: BootPlan
+    edits: list[FileEdit]
+    pending: list[Command]  # commands that failed at the last apply, to run again
+    reboot: list[str]  # why a reboot is needed (empty: it is not)
+    notes: list[str]
+    now: list[str]  # optional steps that take effect at once (on this machine only)
+    runnable: bool  # whether apply runs the commands
+
+    @property
+    def commands(self) -> list[Command]:
+        return [*self.boot.commands, *self.boot.after, *(c for c in self.pending if c not in self.boot.after)]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.edits and not self.commands
+
+    def to_json(self) -> dict[str, Any]:
+        change = self.boot.change
+        return {
+            "root": str(self.root.root),
+            "boot": {"mechanism": self.boot.mechanism, "summary": self.boot.summary, "detected": self.boot.detected,
+                     "add": list(change.add), "replace": [list(r) for r in change.replace],
+                     "remove": list(change.remove), "preview": self.boot.preview or None},
+            "files": [{"path": e.host_path, "action": e.action, "role": e.role, "diff": e.diff()} for e in self.edits],
+            "commands": [{"argv": list(c.argv), "command": str(c), "runs": self.runnable} for c in self.commands],
+            "nothing_to_do": self.nothing_to_do,
+            "reboot": bool(self.reboot),
+            "reboot_reasons": self.reboot,
+            "notes": self.notes,
+            "now": self.now,
+        }
+
+
+def make_plan(root: HostRoot, tools: Tools, mechanism: str = "auto", pending: Sequence[Command] = (),
+              real_host: bool | None = None) -> Plan:
+    """Everything that would make the host ready; raises SetupError before anything could be written."""
+    boot = plan_boot(root, tools, mechanism)
+    notes = list(boot.notes)
+    release = kernel_release(root)
+    edits = list(boot.edits)
+    for edit in (plan_modules(root, release, notes), plan_options(root, release, notes)):
+        if edit is not None:
+            edits.append(edit)
+    reboot = []
+    if boot.change:
+        reboot.append("the kernel command line changes, which takes effect at the next boot")
+    running = running_cmdline(root)
+    if any(e.role == "options" and b"i915" in (e.old or b"") + (e.new or b"") for e in edits) \
+            and not _gvt_enabled_now(root, running):
+        reboot.append("i915 reads enable_gvt only when it loads, at boot")
+    if not reboot and boot.mechanism != "none" and running is not None:
+        missing = needed_change(split_cmdline(running))
+        if missing:
+            reboot.append(f"this kernel was booted without the new command line ({missing.words()})")
+    real = root.is_this_machine if real_host is None else real_host
+    now = immediate_steps(root, release, bool(reboot)) if real else []
+    running_tokens = split_cmdline(running or "")
+    if any(_key(t) == "nomodeset" or (_key(t) == "i915.modeset" and _value(t) == "0") for t in running_tokens):
+        notes.append("the running kernel has nomodeset or i915.modeset=0: i915 then does not drive the GPU and "
+                     "GVT-g cannot start; remove it by hand if nothing needs it")
+    return Plan(root, boot, edits, list(pending), reboot, notes, now, tools.runnable)
+
+
+def _gvt_enabled_now(root: HostRoot, running: str | None) -> bool:
+    """Whether the running i915 was loaded with enable_gvt on (its parameter is root-only: else the cmdline)."""
+    try:
+        return _as_bool(root.read_value(I915_ENABLE_GVT)) is True
+    except OSError:
+        return any(_key(t) == "i915.enable_gvt" and _as_bool(_value(t)) for t in split_cmdline(running or ""))
+
+
+def immediate_steps(root: HostRoot, release: str | None, rebooting: bool) -> list[str]:
+    """What can take effect before a reboot, for the administrator to run now."""
+    steps = []
+    try:
+        ignore_msrs = root.read_value(IGNORE_MSRS)
+    except OSError:
+        ignore_msrs = None
+    if ignore_msrs is not None and _as_bool(ignore_msrs) is not True:
+        steps.append(f"echo 1 > {IGNORE_MSRS}   # kvm.ignore_msrs at once, until the next boot")
+    if not rebooting:
+        try:
+            loaded = {line.split()[0] for line in root.read_text(PROC_MODULES).splitlines() if line.strip()}
+        except OSError:
+            loaded = set()
+        missing = [m for m in wanted_modules(release) if _normal(m) not in loaded]
+        if missing:
+            steps.append(f"modprobe -a {' '.join(missing)}   # load the modules now instead of at the next boot")
+    return steps
+
+
+# ---------------------------------------------------------------- backups, apply, revert
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing apply or revert did (or did not do), for the report."""
+
+    action: str  # created, updated, removed, restored, unchanged, refused, ran, failed, not run
+    target: str
+    note: str = ""
+
+    def line(self) -> str:
+        return f"{self.action:10} {self.target}" + (f"  ({self.note})" if self.note else "")
+
+
+class Manifest:
+    """What apply changed: each file's original (a copy under backup/) and the hash of what it wrote."""
+
+    VERSION = 1
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.file = directory / "manifest.json"
+        try:
+            data = json.loads(self.file.read_text())
+            if data.get("version") != self.VERSION or not isinstance(data.get("files"), dict):
+                raise ValueError
+        except FileNotFoundError:
+            data = {"version": self.VERSION, "root": None, "files": {}, "regenerate": [], "undo": [], "pending": []}
+        except (ValueError, AttributeError):
+            raise SetupError(f"{self.file} is damaged: vgpuctl cannot tell what it changed; the originals are "
+                             f"in {directory / 'backup'}") from None
+        self.data: dict[str, Any] = data
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        files: dict[str, dict[str, Any]] = self.data["files"]
+        return files
+
+    @property
+    def pending(self) -> list[Command]:
+        return [Command(tuple(argv)) for argv in self.data.get("pending", [])]
+
+    @property
+    def empty(self) -> bool:
+        return not self.files and not self.data.get("undo") and not self.data.get("pending")
+
+    def check_root(self, root: HostRoot) -> None:
+        recorded, ours = self.data.get("root"), str(root.root.resolve())
+        if recorded and recorded != ours and not self.empty:
+            raise SetupError(f"{self.directory} holds the setup of root {recorded}, not {ours}: revert it with "
+                             f"--root {recorded}, or use another --state-dir")
+        self.data["root"] = ours
+
+    def backup(self, host_path: str) -> Path:
+        return self.directory / "backup" / host_path.lstrip("/")
+
+    def save(self) -> None:
+        if self.empty:
+            self.file.unlink(missing_ok=True)
+            return
+        atomic_write(self.file, json.dumps(self.data, indent=2, sort_keys=True).encode() + b"\n", 0o600)
+
+    def forget(self, host_path: str) -> None:
+        self.files.pop(host_path, None)
+        backup = self.backup(host_path)
+        backup.unlink(missing_ok=True)
+        for directory in backup.parents:  # the now empty directories, up to and with backup/
+            if directory == self.directory:
+                break
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+def _write(root: HostRoot, edit: FileEdit) -> None:
+    local = root.path(edit.host_path)
+    if edit.new is None:
+        local.unlink(missing_ok=True)
+        fsync_dir(local.parent)
+    else:
+        atomic_write(local, edit.new, edit.mode)
+
+
+def _run(tools: Tools, command: Command) -> Step:
+    code, out, err = tools.run(command)
+    if code == 0:
+        return Step("ran", str(command))
+    last = (err or out).strip().splitlines()
+    return Step("failed", str(command), last[-1] if last else f"exit status {code}")
+
+
+def apply(plan: Plan, setup_dir: Path, tools: Tools) -> list[Step]:
+    """Make the plan's changes: backups first, then atomic writes, then the commands."""
+    manifest = Manifest(setup_dir)
+    if plan.nothing_to_do:
+        return []
+    manifest.check_root(plan.root)
+    for edit in plan.edits:  # record the originals before touching anything
+        entry = manifest.files.get(edit.host_path)
+        if entry is None:
+            if edit.old is not None:
+                atomic_write(manifest.backup(edit.host_path), edit.old, 0o600)
+            entry = manifest.files[edit.host_path] = {
+                "existed": edit.old is not None, "mode": edit.mode if edit.old is not None else None,
+                "original_sha256": sha256(edit.old), "role": edit.role}
+        entry["written_sha256"] = sha256(edit.new)
+    if any(e.role == "boot" for e in plan.edits):
+        manifest.data["regenerate"] = [list(c.argv) for c in plan.boot.regenerate]
+    manifest.save()
+    steps = []
+    for edit in plan.edits:
+        _write(plan.root, edit)
+        steps.append(Step({"create": "created", "modify": "updated", "delete": "removed"}[edit.action],
+                          edit.host_path))
+        if sha256(edit.new) == manifest.files[edit.host_path]["original_sha256"]:
+            manifest.forget(edit.host_path)  # back as it was before vgpuctl: nothing to revert
+    pending: list[Command] = []
+    for command in plan.boot.commands:
+        if not tools.runnable:
+            steps.append(Step("not run", str(command), tools.why_not()))
+            continue
+        step = _run(tools, command)
+        steps.append(step)
+        if step.action == "ran" and plan.boot.undo:
+            _record_undo(manifest, plan.boot.undo, command)
+    for command in [*plan.boot.after, *(c for c in plan.pending if c not in plan.boot.after)]:
+        if not tools.runnable:
+            steps.append(Step("not run", str(command), tools.why_not()))
+            continue
+        step = _run(tools, command)
+        steps.append(step)
+        if step.action != "ran":
+            pending.append(command)
+    manifest.data["pending"] = [list(c.argv) for c in pending]
+    manifest.save()
+    return steps
+
+
+def _record_undo(manifest: Manifest, undo: dict[str, Any], command: Command) -> None:
+    """Remember what a grubby/kernelstub command changed (kernelstub: -a adds, -d removes)."""
+    records: list[dict[str, Any]] = manifest.data.setdefault("undo", [])
+    record = next((r for r in records if r["tool"] == undo["tool"]), None)
+    if record is None:
+        record = {"tool": undo["tool"], "added": [], "removed": []}
+        records.append(record)
+    if undo["tool"] == "kernelstub":
+        key, tokens = ("added", undo["added"]) if command.argv[1] == "-a" else ("removed", undo["removed"])
+        record[key] = _unique([*record[key], *tokens])
+    else:
+        record["added"] = _unique([*record["added"], *undo["added"]])
+        record["removed"] = _unique([*record["removed"], *undo["removed"]])
+
+
+def revert(root: HostRoot, setup_dir: Path, tools: Tools, force: bool = False) -> tuple[list[Step], list[str]]:
+    """Put back what apply changed; returns the steps and why a reboot is needed."""
+    manifest = Manifest(setup_dir)
+    if manifest.empty:
+        return [], []
+    manifest.check_root(root)
+    steps, reboot = [], []
+    boot_restored = False
+    for host_path, entry in sorted(manifest.files.items()):
+        local = root.path(host_path)
+        current = None if local.is_symlink() else _read(root, host_path)
+        state = sha256(current) if not local.is_symlink() else "a symbolic link"
+        if state == entry["original_sha256"]:
+            manifest.forget(host_path)
+            steps.append(Step("unchanged", host_path, "already as it was before vgpuctl"))
+            continue
+        if state != entry["written_sha256"] and not force:
+            what = "was removed" if current is None and not local.is_symlink() else "changed"
+            steps.append(Step("refused", host_path, f"{what} since vgpuctl wrote it; --force puts back the original "
+                                                    "anyway, losing those changes"))
+            continue
+        if entry["existed"]:
+            original = manifest.backup(host_path).read_bytes()
+            if local.is_symlink():
+                local.unlink()
+            atomic_write(local, original, entry.get("mode") or 0o644)
+            steps.append(Step("restored", host_path, "forced" if state != entry["written_sha256"] else ""))
+        else:
+            local.unlink(missing_ok=True)
+            fsync_dir(local.parent)
+            steps.append(Step("removed", host_path, "vgpuctl created it"))
+        manifest.forget(host_path)
+        if entry["role"] == "boot":
+            boot_restored = True
+        if entry["role"] == "options":
+            reboot.append("i915 reads its options only when it loads, at boot")
+    if boot_restored:
+        reboot.insert(0, "the kernel command line is back as before, from the next boot")
+        for argv in manifest.data.get("regenerate", []):
+            command = Command(tuple(argv))
+            steps.append(_run(tools, command) if tools.runnable else Step("not run", str(command), tools.why_not()))
+    remaining = []
+    for undo in manifest.data.get("undo", []):
+        commands = undo_commands(undo)
+        if not tools.runnable:
+            steps += [Step("not run", str(c), tools.why_not()) for c in commands]
+            remaining.append(undo)
+            continue
+        results = [_run(tools, c) for c in commands]
+        steps += results
+        if all(r.action == "ran" for r in results):
+            reboot.insert(0, "the kernel command line is back as before, from the next boot")
+        else:
+            remaining.append(undo)
+    manifest.data["undo"] = remaining
+    if not manifest.files:
+        manifest.data["pending"] = []
+        manifest.data["regenerate"] = []
+    manifest.save()
+    return steps, _unique(reboot)

@@ -1,0 +1,406 @@
+"""Running VMs: start (preflight, vGPU on demand, QEMU detached, wait for QMP ``running``), stop,
+kill, status, screenshot — all re-attaching through the VM's QMP socket and pidfile, so a VM
+outlives the vgpuctl process that started it.
+
+QEMU runs under ``sh -c 'qemu ...; echo $? > exit-status'`` in a session of its own: the exit
+status tells a guest power-off (0) from a crash (anything else) after vgpuctl has gone away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgpuctl.host import HostRoot
+from vgpuctl.host.files import atomic_write
+from vgpuctl.mdev.errors import Conflict, KernelError, NotFound, VgpuError
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.vm import spec as specs
+from vgpuctl.vm.argv import QemuCommand, build_command
+from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths, check_requirements, read_pid, resolve_vgpu
+from vgpuctl.vm.spec import VmSpec
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+LOG_TAIL_LINES = 15
+
+
+class VmError(VgpuError):
+    """A VM could not be started, stopped or reached; the message says what to do."""
+
+
+@dataclass
+class Prepared:
+    """Everything a start needs, computed without changing anything."""
+
+    spec: VmSpec
+    vgpu: ResolvedVgpu | None
+    command: QemuCommand
+    accel: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VmStatus:
+    name: str
+    state: str  # running | paused | shutdown (guest powered off, QEMU waits) | stopped | crashed
+    pid: int | None = None
+    qmp_status: str | None = None
+    accel: str | None = None
+    vgpu: str | None = None
+    simulated_display: str | None = None  # the emulated adapter standing in for the vGPU on a simulated host
+    console: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+    log_tail: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- choosing how to run
+
+
+def qemu_host(root: HostRoot) -> HostRoot:
+    """The machine QEMU runs on: the host itself, or this machine when the host is simulated."""
+    return HostRoot(Path("/")) if root.is_simulated else root
+
+
+def default_qemu() -> str:
+    from vgpuctl.host.qemu import find_qemu
+
+    return find_qemu() or "qemu-system-x86_64"
+
+
+def choose_accel(state: StateDir, root: HostRoot, qemu: str, notes: list[str]) -> str:
+    """KVM when KVM really runs a guest, else TCG — by probe, cached per boot and QEMU binary."""
+    from vgpuctl.host.kvm import probe_kvm
+
+    key = _probe_key(qemu)
+    cache = state.path / "kvm-probe.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            notes.append(f"accelerator {cached['accel']}: {cached['detail']}")
+            return str(cached["accel"])
+    except (OSError, ValueError):
+        pass
+    report = probe_kvm(qemu_host(root), qemu_binary=qemu, run_guest=True)
+    accel = "kvm" if report.guest_runs else "tcg"
+    notes.append(f"accelerator {accel}: {report.detail}")
+    with contextlib.suppress(OSError):  # a read-only state dir only costs the probe next time
+        atomic_write(cache, json.dumps({"key": key, "accel": accel, "detail": report.detail}).encode())
+    return accel
+
+
+def _probe_key(qemu: str) -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        mtime = os.stat(qemu).st_mtime_ns if os.path.isabs(qemu) else 0
+    except OSError:
+        boot, mtime = "?", 0
+    return f"{boot}:{qemu}:{mtime}"
+
+
+def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None) -> Prepared:
+    """The spec, its vGPU (resolved read-only) and the exact QEMU command line."""
+    spec = specs.load(state, name)
+    vgpu = resolve_vgpu(root, spec)
+    notes: list[str] = []
+    if vgpu is not None and vgpu.state == "new":
+        notes.append(f"vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) is created at start: {vgpu.reason}")
+    elif vgpu is not None and vgpu.state == "defined":
+        notes.append(f"the defined vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) is started at start")
+    binary = qemu or default_qemu()
+    chosen = choose_accel(state, root, binary, notes) if accel == "auto" else accel
+    vhost = qemu_host(root).exists("/dev/vhost-net")
+    command = build_command(spec, vgpu, qemu=binary, accel=chosen,
+                            runtime_dir=RuntimePaths.for_vm(state, name).directory,
+                            simulated=root.is_simulated, vhost_net=vhost)
+    return Prepared(spec, vgpu, command, chosen, notes + command.notes)
+
+
+# ---------------------------------------------------------------------- QMP
+
+
+def qmp(paths: RuntimePaths, command: str, arguments: dict[str, Any] | None = None,
+        timeout_s: float = 5.0) -> Any:
+    """One QMP command over the VM's socket (qemu.qmp), returning its result."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def run() -> Any:
+        client = QMPClient("vgpuctl")
+        await asyncio.wait_for(client.connect(str(paths.qmp_socket)), timeout_s)
+        try:
+            return await asyncio.wait_for(client.execute(command, arguments), timeout_s)
+        finally:
+            await client.disconnect()
+
+    return asyncio.run(run())
+
+
+def _qmp_status(paths: RuntimePaths) -> str | None:
+    try:
+        result = qmp(paths, "query-status", timeout_s=2.0)
+    except Exception:
+        return None
+    return str(result.get("status")) if isinstance(result, dict) else None
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+def _run_file(paths: RuntimePaths) -> Path:
+    return paths.directory / "run.json"
+
+
+def _exit_file(paths: RuntimePaths, run: dict[str, Any]) -> Path:
+    """Where this run's shell leaves QEMU's exit status. One name per run: the shell of a killed
+    earlier run may still be writing its own when the next run starts."""
+    return paths.directory / f"exit-status.{run['run_id']}"
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _log_tail(paths: RuntimePaths) -> list[str]:
+    try:
+        return paths.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    except OSError:
+        return []
+
+
+def _running_vgpus(state: StateDir, but: str) -> dict[str, str]:
+    """vGPU uuid -> VM name for every other VM that runs now."""
+    used = {}
+    for other in specs.names(state):
+        if other == but:
+            continue
+        paths = RuntimePaths.for_vm(state, other)
+        try:
+            info = json.loads(_run_file(paths).read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("vgpu") and _alive(read_pid(paths)):
+            used[info["vgpu"]] = other
+    return used
+
+
+def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None,
+          timeout_s: float = START_TIMEOUT_S) -> VmStatus:
+    """Preflight, make sure the vGPU exists, start QEMU detached and wait until QMP says ``running``."""
+    from vgpuctl.mdev.lifecycle import Manager
+
+    paths = RuntimePaths.for_vm(state, name)
+    with state.lock(f"vm-{name}"):
+        current = status(root, state, name)
+        if current.state in ("running", "paused", "shutdown"):
+            raise Conflict(f"VM {name} is already {current.state} (pid {current.pid}); "
+                           f"'vgpuctl vm stop {name}' first")
+        prepared = prepare(root, state, name, accel=accel, qemu=qemu)
+        _preflight(root, state, prepared, paths)
+        vgpu = prepared.vgpu
+        if vgpu is not None and vgpu.state != "active":
+            Manager(root, state).create(vgpu.parent, vgpu.type_id, vgpu.uuid)
+        paths.directory.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.pidfile, paths.qmp_socket, *paths.directory.glob("exit-status.*")):
+            stale.unlink(missing_ok=True)
+        _make_disks(prepared.spec)
+        argv = prepared.command.argv
+        replaced = prepared.command.replaced_vgpu
+        run = {"run_id": time.time_ns(), "argv": argv, "accel": prepared.accel, "vgpu": vgpu.uuid if vgpu else None,
+               "simulated_display": f"emulated VGA {replaced[0]}x{replaced[1]}" if replaced else None,
+               "notes": prepared.notes, "started": time.time()}
+        atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+        exit_file = _exit_file(paths, run)
+        with open(paths.log, "w") as log:
+            # The shell waits for QEMU and keeps its exit status for later status calls.
+            subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+        _wait_running(paths, exit_file, name, timeout_s)
+    return status(root, state, name)
+
+
+def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: RuntimePaths) -> None:
+    problems = list(paths.socket_problems())
+    for requirement in check_requirements(root, prepared.spec):
+        if requirement.met is False:
+            problems.append(requirement.describe())
+    vgpu = prepared.vgpu
+    if vgpu is not None:
+        holder = _running_vgpus(state, prepared.spec.name).get(vgpu.uuid)
+        if holder:
+            problems.append(f"vGPU {vgpu.uuid} is in use by VM {holder}; a vGPU serves one VM at a time")
+    if not os.path.exists(prepared.command.argv[0]) and "/" in prepared.command.argv[0]:
+        problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
+    if problems:
+        raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
+
+
+def _make_disks(spec: VmSpec) -> None:
+    for disk in spec.disks:
+        if os.path.exists(disk.path) or not disk.size:
+            continue
+        done = subprocess.run(["qemu-img", "create", "-q", "-f", disk.format, disk.path, disk.size],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise VmError(f"could not create disk {disk.path}: {done.stderr.strip()} (apt-get install qemu-utils)")
+
+
+def _wait_running(paths: RuntimePaths, exit_file: Path, name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if exit_file.exists():
+            tail = "\n  ".join(_log_tail(paths))
+            raise VmError(f"QEMU for VM {name} exited at start:\n  {tail}")
+        if paths.qmp_socket.exists() and _qmp_status(paths) == "running":
+            return
+        time.sleep(0.005)
+    raise VmError(f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
+
+
+def status(root: HostRoot, state: StateDir, name: str) -> VmStatus:
+    """Re-attach to the VM through its pidfile and QMP socket; a vanished QEMU is reported as crashed."""
+    if not specs.exists(state, name):
+        raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs")
+    paths = RuntimePaths.for_vm(state, name)
+    try:
+        run: dict[str, Any] = json.loads(_run_file(paths).read_text())
+    except (OSError, ValueError):
+        return VmStatus(name, "stopped")
+    result = VmStatus(name, "stopped", accel=run.get("accel"), vgpu=run.get("vgpu"),
+                      simulated_display=run.get("simulated_display"))
+    pid = read_pid(paths)
+    if _alive(pid):
+        result.pid = pid
+        result.qmp_status = _qmp_status(paths)
+        result.state = {"running": "running", "paused": "paused", "shutdown": "shutdown",
+                        None: "running"}.get(result.qmp_status, result.qmp_status or "running")
+        result.console = _console(paths)
+        return result
+    code = _exit_status(paths, run)
+    if code == 0:
+        result.detail = "the guest powered off"
+    else:
+        result.state = "crashed"
+        result.detail = f"QEMU ended with status {code}" if code >= 0 else "QEMU is gone without an exit status"
+        result.log_tail = _log_tail(paths)
+    return result
+
+
+def _exit_status(paths: RuntimePaths, run: dict[str, Any], wait_s: float = 1.0) -> int:
+    """QEMU's exit status as its shell recorded it; -1 if there is none (the shell died too)."""
+    deadline = time.monotonic() + wait_s  # the shell writes it just after QEMU is gone
+    while True:
+        try:
+            text = _exit_file(paths, run).read_text().strip()
+            if text:
+                return int(text)
+        except (OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(0.01)
+
+
+def _console(paths: RuntimePaths) -> dict[str, str]:
+    found = {"qmp": str(paths.qmp_socket), "serial_log": str(paths.serial_log)}
+    if paths.vnc_socket.exists():
+        found["vnc"] = f"unix:{paths.vnc_socket}"
+    if paths.spice_socket.exists():
+        found["spice"] = f"unix:{paths.spice_socket}"
+    return found
+
+
+def stop(root: HostRoot, state: StateDir, name: str, *, timeout_s: float = STOP_TIMEOUT_S) -> VmStatus:
+    """ACPI power button, then ``quit`` if the guest has not powered off within the timeout."""
+    paths = RuntimePaths.for_vm(state, name)
+    with state.lock(f"vm-{name}"):
+        current = status(root, state, name)
+        if current.state not in ("running", "paused", "shutdown"):
+            raise Conflict(f"VM {name} is not running ({current.state})")
+        if current.state == "running":
+            _try_qmp(paths, "system_powerdown")
+            if _wait_gone(current.pid, timeout_s):
+                return _finish(root, state, name)
+        _try_qmp(paths, "quit")
+        if not _wait_gone(current.pid, 5.0) and current.pid:
+            os.kill(current.pid, signal.SIGKILL)
+            _wait_gone(current.pid, 5.0)
+        return _finish(root, state, name)
+
+
+def kill(root: HostRoot, state: StateDir, name: str) -> VmStatus:
+    with state.lock(f"vm-{name}"):
+        current = status(root, state, name)
+        if current.pid is None:
+            raise Conflict(f"VM {name} is not running ({current.state})")
+        os.kill(current.pid, signal.SIGKILL)
+        _wait_gone(current.pid, 5.0)
+        return _finish(root, state, name)
+
+
+def _try_qmp(paths: RuntimePaths, command: str) -> None:
+    with contextlib.suppress(Exception):  # the process may go away under us: that is the goal
+        qmp(paths, command)
+
+
+def _wait_gone(pid: int | None, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _finish(root: HostRoot, state: StateDir, name: str) -> VmStatus:
+    """After a stop or kill asked for by the user: forget the run (the vGPU stays for the next start)."""
+    paths = RuntimePaths.for_vm(state, name)
+    _run_file(paths).unlink(missing_ok=True)
+    paths.pidfile.unlink(missing_ok=True)
+    return VmStatus(name, "stopped", detail="stopped")
+
+
+def release_vgpu(root: HostRoot, state: StateDir, name: str) -> str | None:
+    """Remove the vGPU vgpuctl created for this VM (a stopped VM only). Returns its UUID, if any."""
+    from vgpuctl.mdev.lifecycle import Manager
+    from vgpuctl.mdev.sysfs import active_device
+    from vgpuctl.vm.runtime import vm_vgpu_uuid
+
+    if status(root, state, name).pid is not None:
+        raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
+    uuid = vm_vgpu_uuid(name)
+    if active_device(root, uuid) is None:
+        return None
+    Manager(root, state).remove(uuid)
+    return uuid
+
+
+def screenshot(root: HostRoot, state: StateDir, name: str, target: Path) -> Path:
+    """The VM's display as a PNG (QMP screendump)."""
+    paths = RuntimePaths.for_vm(state, name)
+    if status(root, state, name).pid is None:
+        raise Conflict(f"VM {name} is not running")
+    target = target.absolute()
+    try:
+        qmp(paths, "screendump", {"filename": str(target), "format": "png"})
+    except Exception as e:
+        raise KernelError(f"screendump failed: {e}") from None
+    return target

@@ -1,0 +1,270 @@
+"""A VM at run time, seen without starting anything: its files, whether it runs, which vGPU it would get.
+
+Per VM, ``<state-dir>/vms/<name>.toml`` is the spec and ``<state-dir>/vms/<name>/`` holds what
+QEMU uses and leaves: the QMP socket, the pidfile (written by QEMU's ``-pidfile``), its log, the
+serial console log, the VNC/SPICE sockets and, with OVMF, the VM's own copy of the UEFI variables.
+Unix socket paths are limited to 107 bytes; with the default state dir and a 63-character name
+they stay below it (:meth:`RuntimePaths.socket_problems` says when a custom state dir does not).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.errors import CapacityError, Conflict, NotFound
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
+
+SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
+# Debian's OVMF (package ovmf): code read-only and shared, variables copied per VM at first start.
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
+OVMF_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS.fd"
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """The files of one VM's QEMU process, all in one directory."""
+
+    directory: Path
+
+    @classmethod
+    def for_vm(cls, state: StateDir, name: str) -> RuntimePaths:
+        return cls(vms_dir(state) / check_name(name))
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "qemu.pid"
+
+    @property
+    def log(self) -> Path:
+        """Where the lifecycle sends QEMU's stdout and stderr (not an argument of QEMU's)."""
+        return self.directory / "qemu.log"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.directory / "serial.log"
+
+    @property
+    def vnc_socket(self) -> Path:
+        return self.directory / "vnc.sock"
+
+    @property
+    def spice_socket(self) -> Path:
+        return self.directory / "spice.sock"
+
+    @property
+    def nvram(self) -> Path:
+        """The VM's UEFI variables (OVMF): a copy of OVMF_VARS_TEMPLATE the lifecycle makes at first start."""
+        return self.directory / "OVMF_VARS.fd"
+
+    def socket_problems(self) -> list[str]:
+        return [f"socket path {p} is longer than {SOCKET_PATH_MAX} bytes: use a shorter --state-dir or VM name"
+                for p in (self.qmp_socket, self.vnc_socket, self.spice_socket)
+                if len(os.fsencode(p)) > SOCKET_PATH_MAX]
+
+    def to_json(self) -> dict[str, str]:
+        return {k: str(getattr(self, k)) for k in ("directory", "qmp_socket", "pidfile", "log", "serial_log",
+                                                     "vnc_socket", "spice_socket", "nvram")}
+
+
+def read_pid(paths: RuntimePaths) -> int | None:
+    try:
+        text = paths.pidfile.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def is_running(state: StateDir, name: str) -> bool:
+    """True while the VM's QEMU runs: the pidfile names a live process whose command line has that pidfile.
+
+    (A stale pidfile whose pid was reused by another program does not count.)
+    """
+    paths = RuntimePaths.for_vm(state, name)
+    pid = read_pid(paths)
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return False
+    except PermissionError:
+        return True  # alive, and not ours to read: assume it is the VM
+    return os.fsencode(paths.pidfile) in argv
+
+
+# ---------------------------------------------------------------------- the vGPU a VM would get
+
+
+@dataclass(frozen=True)
+class ResolvedVgpu:
+    """The concrete vGPU for a VM: existing (active or defined) or to be created by the lifecycle."""
+
+    uuid: str
+    parent: str
+    type_id: str
+    resolution: tuple[int, int] | None
+    state: str  # "active" (exists now), "defined" (an mdevctl definition, not started), "new" (to create)
+    reason: str = ""
+
+    @property
+    def is_gvt(self) -> bool:
+        return self.type_id.startswith("i915-GVTg_")
+
+    @property
+    def sysfs_path(self) -> str:
+        """The path QEMU opens (``sysfsdev=``). A QEMU argument on the real host, not a file vgpuctl reads,
+        so it is never put under the host root."""
+        return f"/sys/bus/mdev/devices/{self.uuid}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "parent": self.parent, "type": self.type_id,
+                "resolution": "x".join(map(str, self.resolution)) if self.resolution else None,
+                "state": self.state, "reason": self.reason}
+
+
+def vm_vgpu_uuid(name: str) -> str:
+    """The UUID of the vGPU vgpuctl creates for VM ``name``: stable, so a restarted VM (or one whose QEMU
+    died) finds its vGPU again, and the command line does not change from start to start."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"vgpuctl:vm:{check_name(name)}"))
+
+
+def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
+    """Which vGPU the VM gets, read-only: nothing is created, reserved or started here."""
+    from vgpuctl.mdev import definitions
+    from vgpuctl.mdev.choose import Request, choose, mismatch
+    from vgpuctl.mdev.sysfs import active_device, parent_names, read_types
+
+    request = spec.vgpu
+    kind = request.kind
+    if kind == "none":
+        return None
+
+    def type_of(parent: str, type_id: str) -> tuple[int, int] | None:
+        found = next((t for t in read_types(root, parent) if t.type_id == type_id), None)
+        return found.resolution if found else None
+
+    if kind == "uuid":
+        assert request.uuid
+        device = active_device(root, request.uuid)
+        if device and request.parent in (None, device.parent):
+            return ResolvedVgpu(device.uuid, device.parent, device.type_id, type_of(device.parent, device.type_id),
+                                "active", "exists")
+        found = definitions.find(root, request.uuid, request.parent)
+        if len(found) > 1:
+            raise Conflict(f"vGPU {request.uuid} is defined on several parents "
+                           f"({', '.join(d.parent for d in found)}); set vgpu.parent")
+        if not found:
+            where = f" on {request.parent}" if request.parent else ""
+            raise NotFound(f"vGPU {request.uuid}{where} neither exists nor is defined; 'vgpuctl list' shows vGPUs")
+        d = found[0]
+        return ResolvedVgpu(d.uuid, d.parent, d.mdev_type, type_of(d.parent, d.mdev_type), "defined",
+                            "defined, not active: started when the VM starts")
+
+    parents = [request.parent] if request.parent else parent_names(root)
+    if request.parent and request.parent not in parent_names(root):
+        raise NotFound(f"no parent device {request.parent!r}; 'vgpuctl gpus' lists them")
+    types = [t for p in parents for t in read_types(root, p)]
+    uuid = vm_vgpu_uuid(spec.name)
+    requirements = Request(parse_resolution("vgpu.resolution", request.resolution) if request.resolution else None,
+                           request.min_memory_mib, request.weight)
+
+    # The VM's own vGPU may still exist (a QEMU that died, a VM stopped without cleaning up): reuse it.
+    existing = active_device(root, uuid)
+    if existing:
+        mine = next((t for t in types if t.parent == existing.parent and t.type_id == existing.type_id), None)
+        fits = mine is not None and (request.type == mine.type_id if kind == "type"
+                                     else mismatch(mine, requirements) is None)
+        if mine is not None and fits:
+            return ResolvedVgpu(uuid, existing.parent, existing.type_id, mine.resolution, "active",
+                                "the VM's vGPU from an earlier start still exists")
+
+    if kind == "type":
+        matching = [t for t in types if t.type_id == request.type]
+        if not matching:
+            where = request.parent or "any parent"
+            raise NotFound(f"{where} has no vGPU type {request.type!r}; 'vgpuctl types' lists them")
+        free = [t for t in matching if t.available_instances > 0]
+        if not free:
+            raise CapacityError(f"no room for {request.type} ({', '.join(t.parent for t in matching)}); "
+                                "remove a vGPU or stop a VM")
+        best = max(free, key=lambda t: t.available_instances)
+        return ResolvedVgpu(uuid, best.parent, best.type_id, best.resolution, "new",
+                            f"type {best.type_id} asked for; {best.available_instances} can be created on "
+                            f"{best.parent} now")
+
+    if request.largest:
+        suitable = [t for t in types if mismatch(t, requirements) is None]
+        free = [t for t in suitable if t.available_instances > 0]
+        if not free:
+            if suitable:
+                raise CapacityError(f"every type that gives {requirements.describe()} is full; remove a vGPU")
+            raise NotFound(f"no vGPU type on this host gives {requirements.describe()} "
+                           "(no mdev types at all? see 'vgpuctl doctor')")
+
+        def size(t: Any) -> tuple[int, int, int]:
+            weight = t.fields.get("weight")
+            return (t.memory_mib or 0, weight if isinstance(weight, int) else 0, t.available_instances)
+
+        best = max(free, key=size)
+        memory = f"{best.memory_mib} MiB graphics memory" if best.memory_mib else "the most resources"
+        return ResolvedVgpu(uuid, best.parent, best.type_id, best.resolution, "new",
+                            f"the largest type that fits now ({memory})")
+
+    choice = choose(types, requirements)
+    return ResolvedVgpu(uuid, choice.chosen.parent, choice.chosen.type_id, choice.chosen.resolution, "new",
+                        choice.reason)
+
+
+# ---------------------------------------------------------------------- host requirements
+
+
+@dataclass(frozen=True)
+class RequirementStatus:
+    requirement: str  # "kvm.ignore_msrs=1"
+    met: bool | None  # None: cannot be read (module not loaded, no permission)
+    actual: str | None
+    where: str
+
+    def describe(self) -> str:
+        if self.met:
+            return f"{self.requirement}: met"
+        if self.met is None:
+            return f"{self.requirement}: cannot tell ({self.where} unreadable or missing)"
+        return (f"{self.requirement}: NOT met ({self.where} is {self.actual}); set it with "
+                f"'echo {self.requirement.split('=', 1)[1]} > {self.where}' or the kernel command line "
+                f"{self.requirement}")
+
+
+_TRUE, _FALSE = {"1", "y", "yes", "on", "true"}, {"0", "n", "no", "off", "false"}
+
+
+def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
+    """Each of spec.requires as the host has it now (module parameters under /sys/module)."""
+    statuses = []
+    for requirement in spec.requires:
+        setting, _, wanted = requirement.partition("=")
+        module, _, parameter = setting.partition(".")
+        where = f"/sys/module/{module}/parameters/{parameter}"
+        try:
+            actual: str | None = root.read_value(where).strip()
+        except OSError:
+            actual = None
+        if actual is None:
+            met = None
+        else:
+            a, w = actual.lower(), wanted.lower()
+            met = a == w or (a in _TRUE and w in _TRUE) or (a in _FALSE and w in _FALSE)
+        statuses.append(RequirementStatus(requirement, met, actual, where))
+    return statuses

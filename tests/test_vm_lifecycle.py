@@ -1,0 +1,203 @@
+"""VMs on real QEMU with the project's test guest, on a mounted simulated host.
+
+Accelerator: whatever the KVM probe decides; on the machines our tests and CI run on that is TCG
+(/dev/kvm is KVM-PVM there), and test_accelerator_is_decided_by_the_probe says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GVT_PARENT, MountFn
+from tests.test_testguest import Image, read_ppm
+from vgpuctl.host import HostRoot
+from vgpuctl.host.kvm import probe_kvm
+from vgpuctl.mdev.errors import CapacityError, Conflict
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.sysfs import active_devices
+from vgpuctl.vm import lifecycle, profiles
+from vgpuctl.vm import spec as specs
+from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
+from vgpuctl.vm.testguest import build_test_guest
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(scope="module")
+def guest() -> Path:
+    return build_test_guest()
+
+
+@pytest.fixture
+def state() -> StateDir:
+    # Short: QMP/VNC socket paths must stay under 108 bytes.
+    import tempfile
+
+    return StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
+
+
+@pytest.fixture
+def host(mount_host: MountFn) -> HostRoot:
+    return mount_host("coffeelake", aperture_mib=1024)
+
+
+def new_vm(state: StateDir, name: str, guest: Path, profile: str = "automotive") -> None:
+    spec = profiles.new_spec(name, profile)
+    spec.kernel, spec.boot, spec.memory_mib, spec.cpus = str(guest), "kernel", 64, 1
+    spec.display.backend = "vnc"
+    specs.save(state, spec, new=True)
+
+
+def screen(state: StateDir, name: str, tmp_path: Path) -> Image:
+    target = tmp_path / f"{name}-{time.monotonic_ns()}.ppm"
+    lifecycle.qmp(RuntimePaths.for_vm(state, name), "screendump", {"filename": str(target)})
+    return read_ppm(target)
+
+
+def dominant(image: Image) -> str:
+    red, green, blue = image.mean()
+    return max((red, "red"), (green, "green"), (blue, "blue"))[1]
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_start_screenshot_key_stop_and_the_vgpu_is_reused(host: HostRoot, state: StateDir, guest: Path,
+                                                          tmp_path: Path) -> None:
+    new_vm(state, "car1", guest)
+    started = lifecycle.start(host, state, "car1", accel="tcg")
+    try:
+        assert started.state == "running" and started.qmp_status == "running" and started.accel == "tcg"
+        assert started.vgpu == vm_vgpu_uuid("car1")
+        assert started.simulated_display == "emulated VGA 1024x768"
+        assert [(d.uuid, d.type_id) for d in active_devices(host)] == [(started.vgpu, "i915-GVTg_V5_8")]
+        wait_for(lambda: dominant(screen(state, "car1", tmp_path)) == "blue")  # the guest's picture
+        png = lifecycle.screenshot(host, state, "car1", tmp_path / "shot.png")
+        header = png.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1024, 768)
+        paths = RuntimePaths.for_vm(state, "car1")
+        lifecycle.qmp(paths, "send-key", {"keys": [{"type": "qcode", "data": "a"}]})
+        wait_for(lambda: dominant(screen(state, "car1", tmp_path)) == "red")  # the guest reacted
+        with pytest.raises(Conflict, match="already running"):
+            lifecycle.start(host, state, "car1", accel="tcg")
+    finally:
+        stopped = lifecycle.stop(host, state, "car1", timeout_s=10)
+    assert stopped.state == "stopped"
+    assert lifecycle.status(host, state, "car1").state == "stopped"
+    with pytest.raises(Conflict, match="not running"):
+        lifecycle.stop(host, state, "car1")
+    # The vGPU stays and is reused, not churned (GVT-g fragments its graphics memory).
+    assert [d.uuid for d in active_devices(host)] == [started.vgpu]
+    again = lifecycle.start(host, state, "car1", accel="tcg")
+    assert again.vgpu == started.vgpu and len(active_devices(host)) == 1
+    lifecycle.kill(host, state, "car1")
+    assert lifecycle.release_vgpu(host, state, "car1") == started.vgpu
+    assert active_devices(host) == []
+
+
+def test_guest_power_off_kill_and_crash_are_told_apart(host: HostRoot, state: StateDir, guest: Path,
+                                                        tmp_path: Path) -> None:
+    new_vm(state, "vm1", guest)
+    running = lifecycle.start(host, state, "vm1", accel="tcg")
+    # The guest clears a power-button press that comes before it set ACPI up: wait for its picture.
+    wait_for(lambda: dominant(screen(state, "vm1", tmp_path)) == "blue")
+    lifecycle.qmp(RuntimePaths.for_vm(state, "vm1"), "system_powerdown")  # the guest powers off by itself
+    wait_for(lambda: lifecycle.status(host, state, "vm1").state != "running")
+    off = lifecycle.status(host, state, "vm1")
+    assert off.state == "stopped" and off.detail == "the guest powered off"
+
+    lifecycle.start(host, state, "vm1", accel="tcg")
+    killed = lifecycle.kill(host, state, "vm1")
+    assert killed.state == "stopped" and lifecycle.status(host, state, "vm1").state == "stopped"
+
+    crashing = lifecycle.start(host, state, "vm1", accel="tcg")
+    assert crashing.pid and crashing.pid != running.pid
+    os.kill(crashing.pid, signal.SIGSEGV)  # QEMU dies on its own
+    wait_for(lambda: lifecycle.status(host, state, "vm1").state == "crashed")
+    crashed = lifecycle.status(host, state, "vm1")
+    assert "139" in crashed.detail  # 128 + SIGSEGV, kept by the shell QEMU runs under
+    assert crashed.vgpu == vm_vgpu_uuid("vm1")
+    restarted = lifecycle.start(host, state, "vm1", accel="tcg")  # a crashed VM starts again
+    assert restarted.state == "running"
+    lifecycle.kill(host, state, "vm1")
+
+
+def test_a_vm_outlives_vgpuctl_and_the_cli_reattaches(host: HostRoot, state: StateDir, guest: Path) -> None:
+    new_vm(state, "web", guest, profile="streaming")
+    env = {**os.environ, "VGPUCTL_ROOT": str(host.root), "VGPUCTL_STATE_DIR": str(state.path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vgpuctl", "vm", *args], capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    started = cli("start", "web", "--accel", "tcg")
+    assert started.returncode == 0, started.stderr
+    assert "web: running" in started.stdout and "emulated VGA 1920x1200" in started.stdout
+    status = cli("status", "web", "--json")  # a new process finds the VM through its socket and pidfile
+    info = json.loads(status.stdout)
+    assert info["state"] == "running" and info["accel"] == "tcg"
+    assert info["console"]["vnc"].startswith("unix:")
+    refused = cli("rm", "web")
+    assert refused.returncode == 1 and "running" in refused.stderr
+    again = cli("start", "web")
+    assert again.returncode == 1 and "already running" in again.stderr
+    argv = cli("argv", "web", "--accel", "tcg")
+    assert "-device VGA,id=hostdev0,xres=1920,yres=1200" in argv.stdout and "simulated host" in argv.stdout
+    stopped = cli("stop", "web")
+    assert stopped.returncode == 0 and "web: stopped" in stopped.stdout
+    assert cli("stop", "web").returncode == 1
+
+
+def test_seven_vms_share_a_1g_aperture_gpu_and_the_eighth_is_refused(host: HostRoot, state: StateDir,
+                                                                     guest: Path) -> None:
+    names = [f"car{i}" for i in range(8)]
+    for name in names:
+        new_vm(state, name, guest)  # automotive: 1024x768, the smallest GVT-g type
+    try:
+        for name in names[:7]:
+            assert lifecycle.start(host, state, name, accel="tcg").state == "running"
+        assert len(active_devices(host)) == 7
+        with pytest.raises(CapacityError, match="full"):
+            lifecycle.start(host, state, names[7], accel="tcg")
+        assert lifecycle.status(host, state, names[7]).state == "stopped"
+    finally:
+        for name in names[:7]:
+            if lifecycle.status(host, state, name).pid:
+                lifecycle.kill(host, state, name)
+
+
+def test_accelerator_is_decided_by_the_probe(host: HostRoot, state: StateDir, guest: Path) -> None:
+    report = probe_kvm(HostRoot(Path("/")))
+    new_vm(state, "probe", guest)
+    started = lifecycle.start(host, state, "probe")  # accel auto
+    try:
+        assert started.accel == ("kvm" if report.guest_runs else "tcg")
+    finally:
+        lifecycle.kill(host, state, "probe")
+    cached = json.loads((state.path / "kvm-probe.json").read_text())
+    assert cached["accel"] == started.accel
+
+
+def test_qemu_that_fails_at_start_is_reported_with_its_log(host: HostRoot, state: StateDir, guest: Path) -> None:
+    new_vm(state, "bad", guest)
+    spec = specs.load(state, "bad")
+    spec.extra_args = ["-device", "no-such-device"]
+    specs.save(state, spec)
+    with pytest.raises(lifecycle.VmError, match="no-such-device"):
+        lifecycle.start(host, state, "bad", accel="tcg")
+    assert lifecycle.status(host, state, "bad").state == "crashed"
+    assert GVT_PARENT in {d.parent for d in active_devices(host)}  # its vGPU stays for the next try

@@ -1,0 +1,723 @@
+"""VM specs, profiles, the QEMU command line, libvirt XML and the vm commands — nothing boots.
+
+The argv tests assert exact fragments of what libvirt emits for an mdev (spec/peers.md §2.1);
+the XML is checked by libvirt's own ``virt-xml-validate`` (Debian: libvirt-clients + libxml2-utils);
+the CLI runs in-process against a mounted simulated Coffee Lake host.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.cli.app import cli as app
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.errors import InvalidInput
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.vm import spec as specs
+from vgpuctl.vm.argv import QemuCommand, build_argv, build_command, default_mac
+from vgpuctl.vm.libvirt import domain_xml
+from vgpuctl.vm.profiles import GAMING_CPU, PROFILES, apply_profile, new_spec
+from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths, check_requirements, is_running, vm_vgpu_uuid
+from vgpuctl.vm.spec import Disk, Display, Network, VgpuRequest, VmSpec
+
+UUID = "6f1b1a52-6d2a-4a4c-9a62-1fb3c7d43c1a"
+SYSFS = f"/sys/bus/mdev/devices/{UUID}"
+V54 = ResolvedVgpu(UUID, GVT_PARENT, "i915-GVTg_V5_4", (1920, 1200), "active")
+V58 = ResolvedVgpu(UUID, GVT_PARENT, "i915-GVTg_V5_8", (1024, 768), "active")
+MDPY = ResolvedVgpu(UUID, "mdpy", "mdpy-hd", (1920, 1080), "active")
+RUN = Path("/run/vgpuctl-test/vm1")
+PROFILE_NAMES = [None, *PROFILES]
+
+
+def command(spec: VmSpec, vgpu: ResolvedVgpu | None = V54, *, simulated: bool = False, accel: str = "kvm",
+            vhost_net: bool = False) -> QemuCommand:
+    if spec.vgpu.kind == "none":
+        vgpu = None
+    return build_command(spec, vgpu, qemu="qemu-system-x86_64", accel=accel, runtime_dir=RUN,
+                         simulated=simulated, vhost_net=vhost_net)
+
+
+def values(argv: list[str], flag: str) -> list[str]:
+    """Every value given to ``flag`` (e.g. all -device arguments), in order."""
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def fake_qemu(pidfile: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line names the pidfile, as QEMU's does (-pidfile PATH), once it has exec'd."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-pidfile", str(pidfile)])
+    for _ in range(500):
+        try:
+            if str(pidfile).encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    pidfile.write_text(f"{process.pid}\n")
+    return process
+
+
+def vgpu_device(argv: list[str]) -> str:
+    (device,) = [d for d in values(argv, "-device") if "id=hostdev0" in d]
+    return device
+
+
+# ---------------------------------------------------------------------- specs: TOML round trip and refusals
+
+
+def full_spec() -> VmSpec:
+    return VmSpec(
+        name="full-1", profile="gaming", memory_mib=3000, cpus=3, cpu="host,hv_relaxed", machine="q35",
+        firmware="ovmf", boot="cdrom", fast_boot=True, order=4, rtc_localtime=True,
+        disks=[Disk("/srv/a.qcow2", "20G"), Disk("/srv/b.raw", None, "raw")], cdrom="/srv/install.iso",
+        kernel="/boot/vmlinuz", initrd="/boot/initrd.img", append="console=ttyS0 quiet",
+        network=Network(mode="bridge", bridge="br0", vhost=False, mac="52:54:00:aa:bb:cc"),
+        vgpu=VgpuRequest(parent=GVT_PARENT, resolution="1920x1080", min_memory_mib=512, weight=4),
+        vgpu_display=True, ramfb=True, igd_opregion=False,
+        display=Display(backend="dbus", rendernode="/dev/dri/renderD128", resolution="1280x720",
+                        options={"p2p": "yes"}),
+        requires=["kvm.ignore_msrs=1"], extra_args=["-S", "-device", "isa-debug-exit"])
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_every_profile_round_trips_through_toml(profile: str | None, tmp_path: Path) -> None:
+    spec = new_spec("vm1", profile)
+    text = spec.to_toml()
+    assert VmSpec.from_toml(text, "vm1.toml") == spec
+    state = StateDir(tmp_path)
+    path = specs.save(state, spec, new=True)
+    assert path == tmp_path / "vms" / "vm1.toml" and specs.load(state, "vm1") == spec
+    assert specs.names(state) == ["vm1"]
+
+
+def test_a_full_spec_round_trips_and_none_is_left_out(tmp_path: Path) -> None:
+    spec = full_spec().validate()
+    text = spec.to_toml()
+    assert VmSpec.from_toml(text, "x") == spec
+    assert "null" not in text and "None" not in text
+    bare = VmSpec("bare")
+    assert "[vgpu]" not in bare.to_toml() and "cdrom" not in bare.to_toml()
+    assert VmSpec.from_toml(bare.to_toml(), "x") == bare
+    # Written atomically; a second create of the same name is refused.
+    state = StateDir(tmp_path)
+    specs.save(state, spec, new=True)
+    with pytest.raises(Exception, match="already exists"):
+        specs.save(state, spec, new=True)
+    assert [p.name for p in (tmp_path / "vms").iterdir()] == ["full-1.toml"]
+
+
+BAD_SPECS = [
+    ('memory_mib = "lots"', "memory_mib must be a positive integer (MiB), got 'lots'"),
+    ("memory_mib = 0", "memory_mib must be a positive integer (MiB), got 0"),
+    ("memory_mib = true", "memory_mib must be a positive integer (MiB), got true"),
+    ("vgpu = {min_memory_mib = 1.5}", "vgpu.min_memory_mib must be a positive integer (MiB), got 1.5"),
+    ("cpus = 0", "cpus must be a positive integer up to 255, got 0"),
+    ('firmware = "uefi"', "firmware must be one of seabios, ovmf, got 'uefi'"),
+    ('machine = "virt"', "machine must be one of pc, q35, got 'virt'"),
+    ('boot = "kernel"', "boot = 'kernel' needs kernel"),
+    ('boot = "cdrom"', "boot = 'cdrom' needs cdrom"),
+    ('initrd = "/boot/initrd"', "initrd and append need kernel"),
+    ('colour = "red"', "unknown field 'colour'"),
+    ('profile = "racing"', "profile must be one of streaming, gaming, automotive, got 'racing'"),
+    ('disks = [{path = "disk.qcow2"}]', "disks[0].path must be an absolute path, got 'disk.qcow2'"),
+    ('disks = [{path = "/d", format = "vmdk"}]', "disks[0].format must be one of qcow2, raw, got 'vmdk'"),
+    ('disks = [{path = "/d", size = "lots"}]', "disks[0].size must be a size such as 20G"),
+    ('disks = [{size = "1G"}]', "disks[0].path is missing"),
+    ('disks = [{path = "/d"}, {path = "/d"}]', "disks: /d is given twice"),
+    ('cdrom = "x.iso"', "cdrom must be an absolute path"),
+    ('network = {mode = "bridge"}', "network.mode = 'bridge' needs network.bridge"),
+    ('network = {mode = "slirp"}', "network.mode must be one of none, user, tap, bridge, got 'slirp'"),
+    ('network = {mode = "user", mac = "52:54:00:zz:00:00"}', "network.mac must look like 52:54:00:12:34:56"),
+    ('network = {mode = "user", speed = 1}', "unknown field 'network.speed'"),
+    ('vgpu = {uuid = "nope"}', "vgpu.uuid must be a UUID, got 'nope'"),
+    (f'vgpu = {{uuid = "{UUID.upper()}"}}', f"vgpu.uuid must be written in lower case with hyphens: {UUID}"),
+    (f'vgpu = {{uuid = "{UUID}", type = "i915-GVTg_V5_4"}}', "vgpu: give either uuid, or type, or requirements"),
+    ('vgpu = {type = "i915-GVTg_V5_4", resolution = "1920x1200"}',
+     "vgpu: give either type or requirements, not type with resolution"),
+    ('vgpu = {resolution = "big"}', "vgpu.resolution must look like 1920x1200, got 'big'"),
+    ("vgpu = {weight = 17}", "vgpu.weight must be a positive integer up to 16, got 17"),
+    ('vgpu = {parent = "0000:00:02.0"}', "vgpu.parent alone says nothing"),
+    ("vgpu_display = true", "vgpu_display = true needs a vGPU"),
+    ('vgpu_display = true\nvgpu = {type = "t"}\ndisplay = {backend = "none"}',
+     "vgpu_display = true needs an OpenGL display backend"),
+    ('ramfb = true\nvgpu = {type = "t"}', "ramfb = true needs vgpu_display = true"),
+    ('display = {backend = "rdp"}', "display.backend must be one of vnc, spice, egl-headless, dbus, gtk, sdl, none"),
+    ('display = {backend = "spice", vnc_socket = "/x.sock"}', "display.vnc_socket needs display.backend vnc"),
+    ('display = {resolution = "800"}', "display.resolution must look like 1920x1200"),
+    ('display = {options = {gl = "on,x"}}', "display.options.gl must be a QEMU option name"),
+    ('requires = ["ignore_msrs"]', "requires[0] must look like MODULE.PARAMETER=VALUE"),
+    ("extra_args = [1]", "extra_args must be a list of strings"),
+    ("disks = 3", "disks must be a list of tables"),
+    ("order = -1", "order must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_SPECS)
+def test_bad_specs_are_refused_naming_the_field(line: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "vms" / "x.toml"
+    path.parent.mkdir()
+    path.write_text(f'name = "x"\n{line}\n')
+    with pytest.raises(InvalidInput) as error:
+        specs.load(StateDir(tmp_path), "x")
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
+
+
+def test_bad_names_files_and_toml(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    for name in ("Upper", "-dash", "a" * 64, "a/b", "", "under_score"):
+        with pytest.raises(InvalidInput, match="VM name must be"):
+            specs.spec_path(state, name)
+    path = tmp_path / "vms" / "y.toml"
+    path.parent.mkdir()
+    path.write_text("name = \n")
+    with pytest.raises(InvalidInput, match="not valid TOML"):
+        specs.load(state, "y")
+    path.write_text('name = "z"\n')
+    with pytest.raises(InvalidInput, match="name is 'z' but the file is named for 'y'"):
+        specs.load(state, "y")
+    path.write_text("memory_mib = 1\n")
+    with pytest.raises(InvalidInput, match="name is missing"):
+        specs.load(state, "y")
+    with pytest.raises(Exception, match="no VM 'nothing'"):
+        specs.load(state, "nothing")
+
+
+# ---------------------------------------------------------------------- profiles
+
+
+def test_profile_defaults() -> None:
+    base = new_spec("b")
+    assert (base.profile, base.memory_mib, base.cpus, base.firmware, base.network.mode) == (None, 2048, 2, "seabios",
+                                                                                            "user")
+    assert base.vgpu.kind == "none" and not base.vgpu_display and base.display.backend == "vnc"
+
+    streaming = new_spec("s", "streaming")
+    assert streaming.vgpu == VgpuRequest(resolution="1920x1200")
+    assert streaming.vgpu_display and streaming.ramfb and streaming.display.backend == "egl-headless"
+    assert streaming.memory_mib == 4096 and streaming.requires == []
+
+    gaming = new_spec("g", "gaming")
+    assert gaming.vgpu == VgpuRequest(largest=True) and gaming.vgpu.kind == "requirements"
+    assert gaming.cpu == GAMING_CPU == "host,kvm=off,hv_relaxed,hv_spinlocks=0x1fff,hv_vapic,hv_time"
+    assert gaming.requires == ["kvm.ignore_msrs=1"] and gaming.rtc_localtime
+    assert gaming.display.backend == "spice" and gaming.vgpu_display and gaming.ramfb
+    assert (gaming.memory_mib, gaming.cpus, gaming.firmware) == (8192, 4, "seabios")
+
+    car = new_spec("c", "automotive")
+    assert car.vgpu == VgpuRequest(resolution="1024x768") and car.display.resolution == "1024x768"
+    assert car.display.backend == "gtk" and car.fast_boot and car.order == 1
+    assert (car.memory_mib, car.cpus) == (1024, 1)
+
+
+def test_switching_profile_keeps_the_vms_own_fields() -> None:
+    spec = replace(new_spec("v", "gaming"), disks=[Disk("/d.qcow2")], extra_args=["-S"],
+                   network=Network(mode="tap"), memory_mib=1234)
+    switched = apply_profile(spec, "streaming")
+    assert switched.profile == "streaming" and switched.memory_mib == 4096 and switched.cpu is None
+    assert switched.requires == [] and not switched.rtc_localtime
+    assert switched.disks == [Disk("/d.qcow2")] and switched.extra_args == ["-S"] and switched.network.mode == "tap"
+    assert apply_profile(switched, None).vgpu.kind == "none"
+
+
+# ---------------------------------------------------------------------- argv on a real host (a given vGPU)
+
+
+def test_base_vm_argv_exactly() -> None:
+    spec = replace(new_spec("vm1"), disks=[Disk("/srv/vm1.qcow2", "10G")])
+    argv = build_argv(spec, None, qemu="/usr/bin/qemu-system-x86_64", accel="kvm", runtime_dir=RUN, simulated=False)
+    mac = default_mac("vm1")
+    assert argv == [
+        "/usr/bin/qemu-system-x86_64", "-name", "guest=vm1,debug-threads=on", "-machine", "pc", "-accel", "kvm",
+        "-cpu", "host", "-m", "2048", "-smp", "2", "-no-user-config", "-nodefaults", "-msg", "timestamp=on",
+        "-qmp", f"unix:{RUN}/qmp.sock,server=on,wait=off", "-pidfile", f"{RUN}/qemu.pid",
+        "-serial", f"file:{RUN}/serial.log", "-boot", "order=c",
+        "-drive", "file=/srv/vm1.qcow2,if=virtio,format=qcow2",
+        "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,id=input0,bus=usb.0",
+        "-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
+        "-device", "VGA,id=video0", "-display", "none", "-vnc", f"unix:{RUN}/vnc.sock",
+    ]
+    assert "-daemonize" not in argv
+    assert mac.startswith("52:54:00:") and mac != default_mac("vm2")
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_profile_argv_on_a_real_host(profile: str) -> None:
+    cmd = command(new_spec("vm1", profile))
+    argv = cmd.argv
+    device = vgpu_device(argv)
+    # ramfb (every profile has it) means the non-hotpluggable driver; display explicit; OpRegion for GVT-g.
+    assert device == f"vfio-pci-nohotplug,id=hostdev0,sysfsdev={SYSFS},display=on,ramfb=on,x-igd-opregion=on" + (
+        ",xres=1024,yres=768" if profile == "automotive" else "")
+    assert values(argv, "-vga") == ["none"]
+    assert not any(d.startswith("VGA") for d in values(argv, "-device"))
+    assert values(argv, "-global") == ["PIIX4_PM.disable_s3=1", "PIIX4_PM.disable_s4=1"]
+    assert values(argv, "-qmp") == [f"unix:{RUN}/qmp.sock,server=on,wait=off"]
+    assert cmd.notes == [] and cmd.replaced_vgpu is None
+    if profile == "streaming":
+        assert values(argv, "-display") == ["egl-headless"] and values(argv, "-vnc") == [f"unix:{RUN}/vnc.sock"]
+        assert values(argv, "-m") == ["4096"]
+    elif profile == "gaming":
+        assert values(argv, "-cpu") == [GAMING_CPU] and values(argv, "-rtc") == ["base=localtime"]
+        assert values(argv, "-display") == ["none"]
+        assert values(argv, "-spice") == [f"unix=on,addr={RUN}/spice.sock,disable-ticketing=on,gl=on"]
+    else:
+        assert values(argv, "-display") == ["gtk,gl=on"] and values(argv, "-boot") == ["order=c,menu=off"]
+        assert values(argv, "-smp") == ["1"] and values(argv, "-m") == ["1024"]
+        assert f"virtio-net-pci,netdev=n0,mac={default_mac('vm1')},romfile=" in values(argv, "-device")
+
+
+GL_DISPLAYS = {
+    "vnc": (["egl-headless"], [f"unix:{RUN}/vnc.sock"], []),
+    "egl-headless": (["egl-headless"], [f"unix:{RUN}/vnc.sock"], []),
+    "spice": (["none"], [], [f"unix=on,addr={RUN}/spice.sock,disable-ticketing=on,gl=on"]),
+    "dbus": (["dbus,p2p=yes,gl=on"], [], []),
+    "gtk": (["gtk,gl=on"], [], []),
+    "sdl": (["sdl,gl=on"], [], []),
+}
+PLAIN_DISPLAYS = {
+    "vnc": (["none"], [f"unix:{RUN}/vnc.sock"], []),
+    "egl-headless": (["egl-headless"], [f"unix:{RUN}/vnc.sock"], []),
+    "spice": (["none"], [], [f"unix=on,addr={RUN}/spice.sock,disable-ticketing=on"]),
+    "dbus": (["dbus,p2p=yes"], [], []),
+    "gtk": (["gtk"], [], []),
+    "sdl": (["sdl"], [], []),
+    "none": (["none"], [], []),
+}
+
+
+@pytest.mark.parametrize("backend", list(GL_DISPLAYS))
+def test_every_display_with_the_vgpu_as_the_display_uses_opengl(backend: str) -> None:
+    spec = replace(new_spec("vm1"), vgpu=VgpuRequest(type="i915-GVTg_V5_4"), vgpu_display=True,
+                   display=Display(backend=backend))
+    argv = command(spec).argv
+    assert vgpu_device(argv) == f"vfio-pci,id=hostdev0,sysfsdev={SYSFS},display=on,x-igd-opregion=on"
+    assert values(argv, "-vga") == ["none"]
+    assert (values(argv, "-display"), values(argv, "-vnc"), values(argv, "-spice")) == GL_DISPLAYS[backend]
+
+
+@pytest.mark.parametrize("backend", list(PLAIN_DISPLAYS))
+def test_every_display_with_the_vgpu_not_shown(backend: str) -> None:
+    spec = replace(new_spec("vm1"), vgpu=VgpuRequest(type="i915-GVTg_V5_4"), display=Display(backend=backend))
+    argv = command(spec).argv
+    assert vgpu_device(argv) == f"vfio-pci,id=hostdev0,sysfsdev={SYSFS},display=off,x-igd-opregion=on"
+    assert "-vga" not in argv and "VGA,id=video0" in values(argv, "-device")
+    assert (values(argv, "-display"), values(argv, "-vnc"), values(argv, "-spice")) == PLAIN_DISPLAYS[backend]
+    assert ("usb-tablet,id=input0,bus=usb.0" in values(argv, "-device")) == (backend != "none")
+
+
+def test_opregion_only_for_gvt_types_unless_asked_and_display_options() -> None:
+    spec = replace(new_spec("vm1"), vgpu=VgpuRequest(type="mdpy-hd"), vgpu_display=True,
+                   display=Display(backend="egl-headless", rendernode="/dev/dri/renderD129", vnc_socket="/v/s.sock",
+                                   options={"x-opt": "1"}))
+    argv = command(spec, MDPY).argv
+    assert vgpu_device(argv) == f"vfio-pci,id=hostdev0,sysfsdev={SYSFS},display=on"
+    assert "-global" not in argv  # the S3/S4 globals are for GVT-g
+    assert values(argv, "-display") == ["egl-headless,rendernode=/dev/dri/renderD129,x-opt=1"]
+    assert values(argv, "-vnc") == ["unix:/v/s.sock"]
+    forced = command(replace(spec, igd_opregion=True), MDPY).argv
+    assert vgpu_device(forced).endswith(",display=on,x-igd-opregion=on")
+    off = command(replace(spec, vgpu=VgpuRequest(type="i915-GVTg_V5_4"), igd_opregion=False)).argv
+    assert "x-igd-opregion" not in vgpu_device(off)
+    dbus = command(replace(spec, display=Display(backend="dbus", options={"addr": "unix:path=/x"}))).argv
+    assert values(dbus, "-display") == ["dbus,gl=on,addr=unix:path=/x"]
+
+
+def test_firmware_boot_disks_network_and_extra_args() -> None:
+    spec = replace(new_spec("vm1"), firmware="ovmf", machine="q35", boot="cdrom",
+                   disks=[Disk("/srv/a,b.qcow2"), Disk("/srv/c.img", format="raw")], cdrom="/iso/x.iso",
+                   network=Network(mode="tap", ifname="tap7"), extra_args=["-S", "-device", "isa-debug-exit"],
+                   vgpu=VgpuRequest(type="i915-GVTg_V5_4"))
+    cmd = command(spec, vhost_net=True)
+    argv = cmd.argv
+    assert values(argv, "-drive") == [
+        "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
+        f"if=pflash,format=raw,unit=1,file={RUN}/OVMF_VARS.fd",
+        "file=/srv/a,,b.qcow2,if=virtio,format=qcow2",  # QEMU's comma escape
+        "file=/srv/c.img,if=virtio,format=raw",
+        "file=/iso/x.iso,if=ide,media=cdrom,readonly=on",
+    ]
+    assert cmd.paths.nvram == RUN / "OVMF_VARS.fd"
+    assert values(argv, "-boot") == ["order=dc"] and values(argv, "-machine") == ["q35"]
+    assert values(argv, "-global") == ["ICH9-LPC.disable_s3=1", "ICH9-LPC.disable_s4=1"]
+    assert values(argv, "-netdev") == ["tap,id=n0,ifname=tap7,script=no,downscript=no,vhost=on"]
+    assert argv[-3:] == ["-S", "-device", "isa-debug-exit"]
+    no_vhost = command(spec, vhost_net=False)
+    assert values(no_vhost.argv, "-netdev") == ["tap,id=n0,ifname=tap7,script=no,downscript=no"]
+    assert any("no /dev/vhost-net" in n for n in no_vhost.notes)
+    bridge = command(replace(spec, network=Network(mode="bridge", bridge="br0", mac="52:54:00:01:02:03")),
+                     vhost_net=True).argv
+    assert values(bridge, "-netdev") == ["tap,id=n0,br=br0,helper=/usr/lib/qemu/qemu-bridge-helper,vhost=on"]
+    assert "virtio-net-pci,netdev=n0,mac=52:54:00:01:02:03" in values(bridge, "-device")
+    assert "-netdev" not in command(replace(spec, network=Network(mode="none"))).argv
+    kernel = replace(spec, boot="kernel", kernel="/k/vmlinuz", initrd="/k/initrd", append="console=ttyS0 quiet")
+    argv = command(kernel).argv
+    assert argv[argv.index("-kernel"):argv.index("-kernel") + 6] == [
+        "-kernel", "/k/vmlinuz", "-initrd", "/k/initrd", "-append", "console=ttyS0 quiet"]
+    assert "-boot" not in argv
+    disk_first = command(replace(spec, boot="disk")).argv
+    assert values(disk_first, "-boot") == ["order=cd"]  # an empty new disk falls through to the installer
+
+
+def test_tcg_and_gvt_notes() -> None:
+    cmd = command(new_spec("vm1", "gaming"), accel="tcg")
+    assert values(cmd.argv, "-cpu") == ["max,kvm=off,hv_relaxed,hv_spinlocks=0x1fff,hv_vapic,hv_time"]
+    assert values(cmd.argv, "-accel") == ["tcg"]
+    assert any("TCG has no 'host' CPU model" in n for n in cmd.notes)
+    assert any("GVT-g needs KVM" in n for n in cmd.notes)
+    with pytest.raises(ValueError, match="accelerator"):
+        command(new_spec("vm1"), accel="hvf")
+    with pytest.raises(ValueError, match="asks for"):
+        build_argv(new_spec("vm1", "gaming"), None, qemu="q", accel="kvm", runtime_dir=RUN, simulated=False)
+    ovmf = command(replace(new_spec("vm1", "streaming"), firmware="ovmf"))
+    assert any("unmodified OVMF" in n for n in ovmf.notes)
+    long = build_command(new_spec("vm1"), None, qemu="q", accel="kvm", runtime_dir=Path("/" + "x" * 120),
+                         simulated=False)
+    assert any("longer than 107 bytes" in n for n in long.notes)
+
+
+# ---------------------------------------------------------------------- argv on a simulated host (replacement)
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_simulated_host_replaces_the_vgpu_with_an_emulated_adapter(profile: str) -> None:
+    vgpu = V58 if profile == "automotive" else V54
+    cmd = command(new_spec("vm1", profile), vgpu, simulated=True)
+    argv = cmd.argv
+    size = (1024, 768) if profile == "automotive" else (1920, 1200)
+    assert vgpu_device(argv) == f"VGA,id=hostdev0,xres={size[0]},yres={size[1]}"
+    assert values(argv, "-vga") == ["none"] and cmd.replaced_vgpu == size
+    assert not any("vfio" in a or "sysfsdev" in a or "gl=on" in a or "egl-headless" in a for a in argv)
+    assert any(n.startswith(f"simulated host: QEMU cannot open the simulated vGPU {UUID} ({vgpu.type_id}")
+               and f"at {size[0]}x{size[1]}" in n for n in cmd.notes)
+    # Everything else is the same VM.
+    real = command(new_spec("vm1", profile), vgpu).argv
+    assert values(argv, "-m") == values(real, "-m") and values(argv, "-netdev") == values(real, "-netdev")
+
+
+def test_simulated_host_without_the_vgpu_display_adds_a_secondary_adapter() -> None:
+    spec = replace(new_spec("vm1"), vgpu=VgpuRequest(type="i915-GVTg_V5_4"))
+    cmd = command(spec, simulated=True)
+    assert values(cmd.argv, "-device")[-2:] == ["VGA,id=video0", "bochs-display,id=hostdev0,xres=1920,yres=1200"]
+    unknown = command(spec, ResolvedVgpu(UUID, "mtty", "mtty-1", None, "active"), simulated=True)
+    assert vgpu_device(unknown.argv) == "bochs-display,id=hostdev0,xres=1024,yres=768"
+    assert any("gives no resolution" in n for n in unknown.notes)
+
+
+def test_qemu_accepts_the_emulated_adapters() -> None:
+    """Debian's QEMU knows xres/yres on both adapters the simulated host uses (a help query, no VM)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-system-x86_64 is required (Debian: qemu-system-x86)")
+    for device in ("VGA", "bochs-display"):
+        text = subprocess.run([qemu, "-device", f"{device},help"], capture_output=True, text=True, timeout=30).stdout
+        assert "xres=<uint32>" in text and "yres=<uint32>" in text
+
+
+# ---------------------------------------------------------------------- libvirt XML
+
+
+def validate_xml(text: str, tmp_path: Path, name: str) -> None:
+    tool = shutil.which("virt-xml-validate")
+    if tool is None or shutil.which("xmllint") is None:
+        pytest.fail("virt-xml-validate and xmllint are required (Debian: libvirt-clients libxml2-utils)")
+    path = tmp_path / f"{name}.xml"
+    path.write_text(text)
+    result = subprocess.run([tool, str(path), "domain"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.stdout, result.stderr, text)
+    assert "validates" in result.stdout + result.stderr
+
+
+XML_SPECS = {
+    "base": lambda: new_spec("vm1"),
+    "streaming": lambda: new_spec("vm1", "streaming"),
+    "gaming": lambda: replace(new_spec("vm1", "gaming"), disks=[Disk("/srv/win.qcow2", "64G")]),
+    "automotive": lambda: replace(new_spec("vm1", "automotive"), kernel="/k/bzImage", initrd="/k/initrd",
+                                  append="quiet", boot="kernel"),
+    "full": lambda: replace(full_spec(), profile=None, cpu="host,hv_relaxed,+avx2"),
+    "sdl-tap-vnc-off": lambda: replace(new_spec("vm1"), vgpu=VgpuRequest(uuid=UUID),
+                                       network=Network(mode="tap", ifname="tap0"),
+                                       display=Display(backend="sdl", resolution="800x600")),
+    "spice-nodisplay": lambda: replace(new_spec("vm1"), display=Display(backend="spice"), cpu="max"),
+    "gtk-cdrom-q35": lambda: replace(new_spec("vm1", "automotive"), machine="q35", cdrom="/iso/x.iso",
+                                     firmware="ovmf"),
+    "headless": lambda: replace(new_spec("vm1"), network=Network(mode="none"), display=Display(backend="none"),
+                                cpu="Skylake-Client"),
+}
+
+
+@pytest.mark.parametrize("name", list(XML_SPECS))
+def test_domain_xml_is_valid_for_libvirt(name: str, tmp_path: Path) -> None:
+    spec = XML_SPECS[name]()
+    vgpu = None if spec.vgpu.kind == "none" else V54
+    validate_xml(domain_xml(spec, vgpu), tmp_path, name)
+    validate_xml(domain_xml(spec, vgpu, paths=RuntimePaths(RUN), emulator="/usr/bin/qemu-system-x86_64"),
+                 tmp_path, name + "-paths")
+
+
+def test_domain_xml_contents() -> None:
+    text = domain_xml(new_spec("vm1", "streaming"), V54, paths=RuntimePaths(RUN))
+    assert text.startswith('<domain xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0" type="kvm">')
+    assert ('<hostdev mode="subsystem" type="mdev" managed="no" model="vfio-pci" display="on" ramfb="on">'
+            in text)
+    assert f'<address uuid="{UUID}" />' in text and '<model type="none" />' in text
+    assert '<graphics type="egl-headless" />' in text and f'<graphics type="vnc" socket="{RUN}/vnc.sock" />' in text
+    assert '<qemu:property name="x-igd-opregion" type="bool" value="true" />' in text
+    assert '<memory unit="MiB">4096</memory>' in text and "<suspend-to-mem enabled=\"no\" />" in text
+    gaming = domain_xml(new_spec("vm1", "gaming"), V54)
+    for fragment in ('<cpu mode="host-passthrough" />', '<relaxed state="on" />', '<vapic state="on" />',
+                     '<spinlocks state="on" retries="8191" />', '<hidden state="on" />',
+                     '<timer name="hypervclock" present="yes" />', '<clock offset="localtime">',
+                     '<listen type="none" />', '<gl enable="yes" />'):
+        assert fragment in gaming
+    assert "qemu:commandline" not in gaming
+    car = domain_xml(new_spec("vm1", "automotive"), V58)
+    for fragment in ('<qemu:arg value="gtk,gl=on" />', '<graphics type="egl-headless" />',
+                     '<qemu:property name="xres" type="unsigned" value="1024" />', '<bootmenu enable="no" />',
+                     '<rom enabled="no" />'):
+        assert fragment in car
+    plain = domain_xml(new_spec("vm1"), None)
+    assert "hostdev" not in plain and '<model type="vga"' in plain and "qemu:" not in plain.split(">", 1)[1]
+
+
+# ---------------------------------------------------------------------- runtime: running, requirements
+
+
+def test_is_running_follows_the_pidfile_and_the_process(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    paths = RuntimePaths.for_vm(state, "vm1")
+    assert paths.directory == tmp_path / "vms" / "vm1"
+    assert not is_running(state, "vm1")
+    paths.directory.mkdir(parents=True)
+    paths.pidfile.write_text("999999999\n")
+    assert not is_running(state, "vm1")  # no such process
+    # A process whose command line names the pidfile stands in for QEMU (-pidfile PATH).
+    process = fake_qemu(paths.pidfile)
+    try:
+        assert is_running(state, "vm1")
+        other = RuntimePaths.for_vm(state, "vm2")
+        other.directory.mkdir()
+        other.pidfile.write_text(f"{process.pid}\n")  # a live pid that is not that VM's QEMU
+        assert not is_running(state, "vm2")
+    finally:
+        process.kill()
+        process.wait()
+    assert not is_running(state, "vm1")
+
+
+def test_vm_vgpu_uuid_is_stable_per_name() -> None:
+    assert vm_vgpu_uuid("car1") == vm_vgpu_uuid("car1") != vm_vgpu_uuid("car2")
+    assert len(vm_vgpu_uuid("car1")) == 36
+
+
+# ---------------------------------------------------------------------- the vm commands on a simulated host
+
+
+class Cli:
+    def __init__(self, root: HostRoot, state: Path) -> None:
+        self.root, self.state = root, state
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, ok: bool = True) -> tuple[int, str, str]:
+        result = self.runner.invoke(app, ["--root", str(self.root.root), "--state-dir", str(self.state), *args])
+        if ok:
+            assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
+        return result.exit_code, result.stdout, result.stderr
+
+    def json(self, *args: str) -> object:
+        return json.loads(self(*args, "--json")[1])
+
+
+@pytest.fixture
+def gvt(mount_host: MountFn, tmp_path: Path) -> Cli:
+    return Cli(mount_host("coffeelake", aperture_mib=1024), tmp_path / "state")
+
+
+@pytest.mark.fuse
+def test_vm_create_list_show_edit_rm(gvt: Cli, tmp_path: Path) -> None:
+    _, out, _ = gvt("vm", "create", "s1", "--profile", "streaming", "--disk", "/srv/s1.qcow2:10G")
+    assert f"created VM s1 (profile streaming): {gvt.state}/vms/s1.toml" in out
+    _, out, _ = gvt("vm", "create", "g1", "--profile", "gaming", "--memory", "6144", "--cdrom", "/iso/win.iso",
+                    "--disk", "/srv/g1.qcow2:64G")
+    assert "requires (checked when it starts): kvm.ignore_msrs=1" in out
+    gvt("vm", "create", "car1", "--profile", "automotive", "--kernel", "/k/bzImage", "--append", "quiet",
+        "--order", "2", "--display", "sdl")
+    gvt("vm", "create", "plain", "--network", "bridge:br0", "--no-vhost-net")
+    code, _, err = gvt("vm", "create", "s1", ok=False)
+    assert code == 1 and "VM 's1' already exists" in err
+    code, _, err = gvt("vm", "create", "Bad", ok=False)
+    assert code == 1 and "VM name must be" in err
+    code, _, err = gvt("vm", "create", "x", "--memory", "0", ok=False)
+    assert code == 1 and "memory_mib must be a positive integer (MiB), got 0" in err
+    code, _, err = gvt("vm", "create", "x", "--vgpu-display", ok=False)
+    assert code == 1 and "vgpu_display = true needs a vGPU" in err
+
+    rows = gvt.json("vm", "list")
+    assert isinstance(rows, list)
+    assert [r["name"] for r in rows] == ["car1", "g1", "plain", "s1"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["g1"] == {"name": "g1", "profile": "gaming", "memory_mib": 6144, "cpus": 4,
+                             "vgpu": "a new vGPU: the largest type that fits", "vgpu_display": True,
+                             "display": "spice", "order": None, "running": False}
+    assert by_name["car1"]["order"] == 2 and by_name["car1"]["display"] == "sdl"
+    assert by_name["plain"]["vgpu"] is None
+    assert "a new vGPU: >= 1920x1200 [display, ramfb]" in gvt("vm", "list")[1]
+
+    shown = gvt.json("vm", "show", "g1")
+    assert isinstance(shown, dict)
+    assert shown["spec"]["memory_mib"] == 6144 and shown["spec"]["cdrom"] == "/iso/win.iso"
+    assert shown["spec"]["disks"] == [{"path": "/srv/g1.qcow2", "size": "64G", "format": "qcow2"}]
+    assert shown["requires"] == [{"requirement": "kvm.ignore_msrs=1", "met": True, "actual": "Y",
+                                  "where": "/sys/module/kvm/parameters/ignore_msrs"}]
+    assert shown["paths"]["qmp_socket"] == f"{gvt.state}/vms/g1/qmp.sock" and shown["running"] is False
+    gvt.root.write_text("/sys/module/kvm/parameters/ignore_msrs", "N")
+    _, out, _ = gvt("vm", "show", "g1")
+    assert "requires      kvm.ignore_msrs=1: NOT met (/sys/module/kvm/parameters/ignore_msrs is N)" in out
+    assert "checked when the VM starts" in out and "profile       gaming: one big Windows VM" in out
+    car = gvt.json("vm", "show", "car1")
+    assert isinstance(car, dict)
+    assert car["spec"]["boot"] == "kernel" and car["spec"]["kernel"] == "/k/bzImage"
+    plain = gvt.json("vm", "show", "plain")
+    assert isinstance(plain, dict) and plain["spec"]["network"] == {"mode": "bridge", "bridge": "br0",
+                                                                    "vhost": False}
+
+    # edit: options on top of the spec; --profile switches the profile but keeps disks and boot.
+    _, out, _ = gvt("vm", "edit", "s1", "--cpus", "3", "--no-ramfb", "--display", "dbus",
+                    "--display-option", "p2p=no")
+    spec = specs.load(StateDir(gvt.state), "s1")
+    assert spec.cpus == 3 and not spec.ramfb and spec.display == Display(backend="dbus", options={"p2p": "no"})
+    gvt("vm", "edit", "s1", "--no-vgpu")
+    spec = specs.load(StateDir(gvt.state), "s1")
+    assert spec.vgpu.kind == "none" and not spec.vgpu_display and not spec.ramfb
+    gvt("vm", "edit", "s1", "--profile", "gaming")
+    spec = specs.load(StateDir(gvt.state), "s1")
+    assert spec.profile == "gaming" and spec.cpu == GAMING_CPU and spec.disks == [Disk("/srv/s1.qcow2", "10G")]
+    gvt("vm", "edit", "s1", "--type", "i915-GVTg_V5_2", "-p", GVT_PARENT, "--qemu-arg=-S", "--cdrom", "none")
+    spec = specs.load(StateDir(gvt.state), "s1")
+    assert spec.vgpu == VgpuRequest(type="i915-GVTg_V5_2", parent=GVT_PARENT) and spec.extra_args == ["-S"]
+    code, _, err = gvt("vm", "edit", "s1", "--display", "none", ok=False)
+    assert code == 1 and "needs an OpenGL display backend" in err
+    code, _, err = gvt("vm", "edit", "nothing", "--cpus", "1", ok=False)
+    assert code == 1 and "no VM 'nothing'" in err
+
+    # rm: refused while running, then the spec and runtime directory go, disks stay.
+    paths = RuntimePaths.for_vm(StateDir(gvt.state), "s1")
+    paths.directory.mkdir(parents=True)
+    process = fake_qemu(paths.pidfile)
+    try:
+        code, _, err = gvt("vm", "rm", "s1", ok=False)
+        assert code == 1 and "VM s1 is running; stop it first" in err
+        assert gvt.json("vm", "show", "s1")["running"] is True  # type: ignore[index]
+    finally:
+        process.kill()
+        process.wait()
+    _, out, _ = gvt("vm", "rm", "s1")
+    assert out.strip() == "removed VM s1; disk images kept: /srv/s1.qcow2"
+    assert not paths.directory.exists() and not (gvt.state / "vms" / "s1.toml").exists()
+    code, _, err = gvt("vm", "rm", "s1", ok=False)
+    assert code == 1 and "no VM 's1'" in err
+
+
+@pytest.mark.fuse
+def test_vm_argv_resolves_the_vgpu_and_marks_the_simulated_replacement(gvt: Cli) -> None:
+    gvt("vm", "create", "s1", "--profile", "streaming", "--disk", "/srv/s1.qcow2")
+    gvt("vm", "create", "car1", "--profile", "automotive")
+    gvt("vm", "create", "g1", "--profile", "gaming")
+    _, out, _ = gvt("vm", "argv", "s1", "--accel", "tcg", "--qemu", "/usr/bin/qemu-system-x86_64")
+    lines = out.splitlines()
+    uuid = vm_vgpu_uuid("s1")
+    assert lines[0] == (f"# would create vGPU {uuid} (i915-GVTg_V5_4 on {GVT_PARENT}) at start: the smallest type "
+                        "that gives 1920x1200 (640 MiB graphics memory); 5 can be created there now; also possible: "
+                        f"{GVT_PARENT} i915-GVTg_V5_1, {GVT_PARENT} i915-GVTg_V5_2")
+    assert any(line.startswith("# simulated host: QEMU cannot open the simulated vGPU") for line in lines)
+    command_line = lines[-1]
+    assert command_line.startswith("/usr/bin/qemu-system-x86_64 -name guest=s1,debug-threads=on -machine pc "
+                                   "-accel tcg -cpu max -m 4096")
+    assert "-vga none -device VGA,id=hostdev0,xres=1920,yres=1200 -display none -vnc unix:" in command_line
+
+    data = gvt.json("vm", "argv", "car1", "--accel", "kvm")
+    assert isinstance(data, dict)
+    assert data["vgpu"]["type"] == "i915-GVTg_V5_8" and data["vgpu"]["state"] == "new"
+    assert data["simulated_replacement"] == "1024x768" and data["accel"] == "kvm"
+    assert "VGA,id=hostdev0,xres=1024,yres=768" in data["argv"]
+    assert data["paths"]["pidfile"] == f"{gvt.state}/vms/car1/qemu.pid"
+    gaming = gvt.json("vm", "argv", "g1", "--accel", "kvm")
+    assert isinstance(gaming, dict) and gaming["vgpu"]["type"] == "i915-GVTg_V5_1"  # the largest that fits
+    assert "the largest type that fits now (2560 MiB graphics memory)" in gaming["vgpu"]["reason"]
+
+    # An existing vGPU by UUID; the VM's own vGPU from an earlier start is found again.
+    other = "11111111-0000-4000-8000-000000000001"
+    gvt("create", "-p", GVT_PARENT, "-t", "i915-GVTg_V5_2", "-u", other)
+    gvt("vm", "edit", "s1", "--vgpu", other)
+    data = gvt.json("vm", "argv", "s1", "--accel", "kvm")
+    assert isinstance(data, dict) and data["vgpu"] == {"uuid": other, "parent": GVT_PARENT, "type": "i915-GVTg_V5_2",
+                                                       "resolution": "1920x1200", "state": "active",
+                                                       "reason": "exists"}
+    assert not any(n.startswith("would") for n in data["notes"])
+    gvt("create", "-p", GVT_PARENT, "-t", "i915-GVTg_V5_8", "-u", vm_vgpu_uuid("car1"))
+    data = gvt.json("vm", "argv", "car1", "--accel", "kvm")
+    assert isinstance(data, dict) and data["vgpu"]["state"] == "active"
+    missing = "22222222-0000-4000-8000-000000000002"
+    gvt("vm", "edit", "s1", "--vgpu", missing)
+    code, _, err = gvt("vm", "argv", "s1", "--accel", "kvm", ok=False)
+    assert code == 1 and f"vGPU {missing} neither exists nor is defined" in err
+    gvt("define", "-u", missing, "-p", GVT_PARENT, "-t", "i915-GVTg_V5_4")
+    _, out, _ = gvt("vm", "argv", "s1", "--accel", "kvm")
+    assert f"# would start the defined vGPU {missing} (i915-GVTg_V5_4 on {GVT_PARENT}) at start" in out
+
+
+@pytest.mark.fuse
+def test_vm_argv_auto_accel_uses_the_kvm_probe(gvt: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vgpuctl.host import kvm
+
+    seen: list[HostRoot] = []
+
+    def fake_probe(root: HostRoot, qemu_binary: str | None = None, run_guest: bool = True,
+                   timeout_s: float = 3.0) -> kvm.KvmReport:
+        seen.append(root)
+        return kvm.KvmReport(True, True, 12, None, True, False, "KVM internal error. Suberror: 1",
+                             "an ordinary guest cannot run under KVM")
+
+    monkeypatch.setattr(kvm, "probe_kvm", fake_probe)
+    gvt("vm", "create", "plain")
+    _, out, _ = gvt("vm", "argv", "plain")
+    assert "# accelerator tcg: an ordinary guest cannot run under KVM" in out and "-accel tcg -cpu max" in out
+    assert seen == [HostRoot(Path("/"))]  # QEMU runs on this machine, not in the simulated host
+
+
+@pytest.mark.fuse
+def test_vm_xml_command(gvt: Cli, tmp_path: Path) -> None:
+    gvt("vm", "create", "g1", "--profile", "gaming", "--disk", "/srv/g1.qcow2")
+    _, out, err = gvt("vm", "xml", "g1")
+    assert out.startswith("<domain ") and f"<address uuid=\"{vm_vgpu_uuid('g1')}\" />" in out
+    assert "does not exist yet: create it first" in err and "simulated host" in err
+    validate_xml(out, tmp_path, "cli")
+    target = tmp_path / "out" / "g1.xml"
+    target.parent.mkdir()
+    _, out, _ = gvt("vm", "xml", "g1", "-o", str(target))
+    assert out.startswith(f"wrote {target}") and target.read_text().startswith("<domain ")
+    assert target.read_text() == gvt("vm", "xml", "g1")[1]
+
+
+def test_check_requirements_reads_module_parameters(tmp_path: Path) -> None:
+    root = HostRoot(tmp_path)
+    params = tmp_path / "sys/module/kvm/parameters"
+    params.mkdir(parents=True)
+    spec = new_spec("g", "gaming")
+    (status,) = check_requirements(root, spec)
+    assert status.met is None and "cannot tell" in status.describe()
+    (params / "ignore_msrs").write_text("Y\n")
+    assert check_requirements(root, spec)[0].met is True
+    (params / "ignore_msrs").write_text("N\n")
+    (status,) = check_requirements(root, spec)
+    assert status.met is False and status.actual == "N"
+    assert "echo 1 > /sys/module/kvm/parameters/ignore_msrs" in status.describe()
