@@ -114,9 +114,9 @@ def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", 
     vgpu = resolve_vgpu(root, spec)
     notes: list[str] = []
     if vgpu is not None and vgpu.state == "new":
-        notes.append(f"vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) is created at start: {vgpu.reason}")
+        notes.append(f"would create vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start: {vgpu.reason}")
     elif vgpu is not None and vgpu.state == "defined":
-        notes.append(f"the defined vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) is started at start")
+        notes.append(f"would start the defined vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start")
     binary = qemu or default_qemu()
     chosen = choose_accel(state, root, binary, notes) if accel == "auto" else accel
     vhost = qemu_host(root).exists("/dev/vhost-net")
