@@ -64,8 +64,45 @@ def reports_errors(command: F) -> F:
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
+# Each command's module is imported only when that command runs, so that e.g. `vgpuctl list --json`
+# does not pay for the VM, doctor or simulator code (the lazy-group pattern from click's docs).
+COMMANDS = {
+    "gpus": "vgpus:gpus",
+    "types": "vgpus:types_command",
+    "list": "vgpus:list_command",
+    "create": "vgpus:create",
+    "remove": "vgpus:remove",
+    "define": "vgpus:define",
+    "undefine": "vgpus:undefine",
+    "modify": "vgpus:modify",
+    "start": "vgpus:start",
+    "stop": "vgpus:stop",
+    "autostart": "vgpus:autostart",
+    "install-units": "units:install_units",
+    "uninstall-units": "units:uninstall_units",
+    "vm": "vm:vm",
+    "doctor": "doctor:doctor",
+    "setup": "setup:setup_group",
+    "sim": "sim:sim_group",
+    "demo": "sim:demo",
+}
 
-@click.group(context_settings=CONTEXT)
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module, attribute = COMMANDS[cmd_name].split(":")
+        command: click.Command = getattr(importlib.import_module(f"vgpuctl.cli.{module}"), attribute)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.option("--root", envvar="VGPUCTL_ROOT", metavar="DIR", help="Host root directory (default /).")
 @click.option("--state-dir", envvar="VGPUCTL_STATE_DIR", metavar="DIR",
               help="vgpuctl's own state (default /var/lib/vgpuctl).")
@@ -83,7 +120,3 @@ def mdevctl_command(args: tuple[str, ...]) -> None:
     from vgpuctl.cli.mdevctl import run_as_mdevctl
 
     sys.exit(run_as_mdevctl(["mdevctl", *args], root=State.root, state_dir=State.state_dir))
-
-
-# The command modules register themselves on `cli`.
-from vgpuctl.cli import doctor, setup, sim, units, vgpus, vm  # noqa: E402, F401

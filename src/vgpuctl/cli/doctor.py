@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from vgpuctl.cli.app import State, cli, print_json, reports_errors, say
+from vgpuctl.cli.app import State, print_json, reports_errors, say
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import Check, Report
@@ -51,7 +51,7 @@ def print_report(report: Report) -> None:
     say(click.style(verdict, fg="green" if report.ready else "red", bold=True) if colour else verdict)
 
 
-@cli.command()
+@click.command()
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
 @click.option("--no-guest", is_flag=True, help="Do not start a tiny KVM guest to prove that KVM runs guests.")
 @click.option("--qemu", "qemu_binary", metavar="PATH", help="The QEMU binary to probe (default: found in PATH).")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from vgpuctl.cli.app import State, cli, die, print_json, say
+from vgpuctl.cli.app import State, die, print_json, say
 
 if TYPE_CHECKING:
     from vgpuctl.host.setup import Plan, Step, Tools
@@ -81,7 +81,7 @@ def _steps(steps: list[Step]) -> None:
         say(step.line())
 
 
-@cli.group("setup")
+@click.group("setup")
 def setup_group() -> None:
     """Make the host ready for Intel GVT-g: kernel command line, modules at boot, module options.
 

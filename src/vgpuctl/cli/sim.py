@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from vgpuctl.cli.app import cli, die, out, say
+from vgpuctl.cli.app import die, out, say
 
 
-@cli.group("sim")
+@click.group("sim")
 def sim_group() -> None:
     """Simulated vGPU hosts, mounted as real filesystems (no GPU needed)."""
 
@@ -127,7 +127,7 @@ def _last_seqnum(text: str) -> int:
     return int(lines[-1].rsplit("SEQNUM=", 1)[1]) if lines else 0
 
 
-@cli.command()
+@click.command()
 @click.option("--preset", default="coffeelake", show_default=True, help="Preset to tour.")
 @click.option("--aperture", type=int, default=1024, show_default=True, help="BIOS aperture in MiB.")
 def demo(preset: str, aperture: int) -> None:

@@ -6,13 +6,13 @@ import sys
 
 import click
 
-from vgpuctl.cli.app import State, cli, die, say
+from vgpuctl.cli.app import State, die, say
 from vgpuctl.mdev.errors import VgpuError
 
 force_option = click.option("--force", is_flag=True, help="Also replace or remove files vgpuctl did not write.")
 
 
-@cli.command("install-units")
+@click.command("install-units")
 @click.option("--program", help="Program the unit and rule run (default: this vgpuctl's real path).")
 @click.option("--print", "print_only", is_flag=True, help="Only show the files; write nothing.")
 @force_option
@@ -39,7 +39,7 @@ def install_units(program: str | None, print_only: bool, force: bool) -> None:
         say(step.line())
 
 
-@cli.command("uninstall-units")
+@click.command("uninstall-units")
 @force_option
 def uninstall_units(force: bool) -> None:
     """Disable and remove the unit and rule that install-units wrote (files it did not write stay)."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vgpuctl.cli.app import State, cli, out, print_json, reports_errors, say
+from vgpuctl.cli.app import State, out, print_json, reports_errors, say
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -65,7 +65,7 @@ def types_table(types: list[MdevType]) -> Table:
     return table
 
 
-@cli.command()
+@click.command()
 @json_option
 @reports_errors
 def gpus(json_output: bool) -> None:
@@ -109,7 +109,7 @@ def gpus(json_output: bool) -> None:
         say("no mdev-capable GPU on this host; 'vgpuctl doctor' says why")
 
 
-@cli.command("types")
+@click.command("types")
 @parent_option
 @json_option
 @reports_errors
@@ -129,7 +129,7 @@ def types_command(parent: str | None, json_output: bool) -> None:
         say("no vGPU types on this host; 'vgpuctl doctor' says why")
 
 
-@cli.command("list")
+@click.command("list")
 @click.option("-d", "--defined", is_flag=True, help="Only defined vGPUs.")
 @click.option("--active", "active_only", is_flag=True, help="Only active vGPUs.")
 @parent_option
@@ -189,7 +189,7 @@ def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str
 # ---------------------------------------------------------------- transient vGPUs
 
 
-@cli.command()
+@click.command()
 @uuid_option
 @parent_option
 @type_option
@@ -235,7 +235,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
         say(new)
 
 
-@cli.command()
+@click.command()
 @required_uuid
 @force_option
 @reports_errors
@@ -247,7 +247,7 @@ def remove(uuid: str, force: bool) -> None:
 # ---------------------------------------------------------------- definitions
 
 
-@cli.command()
+@click.command()
 @uuid_option
 @parent_option
 @type_option
@@ -261,7 +261,7 @@ def define(uuid: str | None, parent: str | None, type_id: str | None, auto: bool
         say(definition.uuid)
 
 
-@cli.command()
+@click.command()
 @required_uuid
 @parent_option
 @force_option
@@ -271,7 +271,7 @@ def undefine(uuid: str, parent: str | None, force: bool) -> None:
     manager(force).undefine(uuid, parent)
 
 
-@cli.command()
+@click.command()
 @required_uuid
 @parent_option
 @type_option
@@ -296,7 +296,7 @@ def modify(uuid: str, parent: str | None, type_id: str | None, auto: bool, manua
                           (addattr, value) if addattr is not None and value is not None else None, delattr, index)
 
 
-@cli.command()
+@click.command()
 @uuid_option
 @parent_option
 @type_option
@@ -308,7 +308,7 @@ def start(uuid: str | None, parent: str | None, type_id: str | None) -> None:
         say(new)
 
 
-@cli.command()
+@click.command()
 @required_uuid
 @force_option
 @reports_errors
@@ -317,7 +317,7 @@ def stop(uuid: str, force: bool) -> None:
     manager(force).stop(uuid)
 
 
-@cli.command()
+@click.command()
 @click.argument("parent", required=False)
 @json_option
 @reports_errors

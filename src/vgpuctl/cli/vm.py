@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from vgpuctl.cli.app import State, cli, print_json, reports_errors, say
+from vgpuctl.cli.app import State, print_json, reports_errors, say
 
 if TYPE_CHECKING:
     from vgpuctl.mdev.state import StateDir
@@ -34,7 +34,7 @@ def state_dir() -> StateDir:
     return StateDir.from_env(State.state_dir)
 
 
-@cli.group("vm")
+@click.group("vm")
 def vm() -> None:
     """Virtual machines: specs and profiles, and the QEMU command line and libvirt XML they become."""
 
