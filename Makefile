@@ -40,6 +40,8 @@ lint: $(STAMP_PY)
 bench: deps
 	$(PY) bench/bench_sim.py
 	$(PY) bench/bench_cli.py
+	$(PY) bench/bench_doctor.py
+	$(PY) bench/bench_vm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,8 @@
 """``vgpuctl setup plan/apply/revert`` on a distribution layout each: GRUB with update-grub (Debian) and with
 grub2-mkconfig, grubby (Fedora), systemd-boot and kernelstub (Pop!_OS).
 
-The layouts are written into the mounted simulated host's ``etc/`` (plain storage). The simulator's
-``/boot`` is read-only, so the systemd-boot layout lives in a plain directory used as the root.
+The layouts are written into the mounted simulated host's ``etc/`` and ``boot/`` (plain storage).
+The systemd-boot layout is tested both in a plain directory used as the root and on a mounted host.
 The boot tools are stubs in a tools directory (``--tools-dir``) that record their argv, one JSON
 list a line; grubby's and kernelstub's stubs also keep the state the real tools would change.
 """
@@ -447,7 +447,7 @@ def test_commands_are_shown_not_run_under_another_root(mount_host: MountFn, tmp_
     assert setup.read("/etc/modules-load.d/vgpuctl.conf") == MODULES
 
 
-# ---------------------------------------------------------------- systemd-boot (a plain directory as root)
+# ---------------------------------------------------------------- systemd-boot
 
 ENTRY = """\
 title   Arch Linux
@@ -465,7 +465,7 @@ WINDOWS = "title Windows Boot Manager\nefi /EFI/Microsoft/Boot/bootmgfw.efi\n"
 
 
 def test_systemd_boot_plan_apply_again_revert(tmp_path: Path) -> None:
-    # The simulator's /boot is read-only, so this layout is a plain directory used as the root.
+    # A plain directory as the root: the whole layout, /proc included, written by the test.
     setup = Setup(HostRoot(tmp_path / "root"), tmp_path / "state")
     files = {
         "/etc/os-release": 'NAME="Arch Linux"\nID=arch\n',
@@ -675,3 +675,18 @@ def test_tools_under_another_root_are_found_not_run(tmp_path: Path) -> None:
     tools = Tools(root)
     assert tools.find("grubby") == "/usr/sbin/grubby" and not tools.runnable
     assert Tools(root, tmp_path / "bin").runnable and Tools(root, tmp_path / "bin").find("grubby") is None
+
+
+def test_systemd_boot_round_trip_on_a_mounted_simulated_host(mount_host: MountFn, tmp_path: Path) -> None:
+    """The same layout on the simulator, whose /boot is writable storage like /etc."""
+    root = mount_host("coffeelake-bare")
+    setup = Setup(root, tmp_path / "state")
+    setup.write("/boot/loader/loader.conf", "default arch.conf\n")
+    setup.write("/boot/loader/entries/arch.conf", ENTRY)
+    assert "boot: systemd-boot" in setup("plan")
+    setup("apply")
+    entry = setup.read("/boot/loader/entries/arch.conf")
+    assert entry is not None and "i915.enable_guc=2 i915.enable_gvt=1 kvm.ignore_msrs=1 intel_iommu=on" in entry
+    assert "nothing to do" in setup("apply")
+    setup("revert")
+    assert setup.read("/boot/loader/entries/arch.conf") == ENTRY

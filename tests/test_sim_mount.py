@@ -311,6 +311,7 @@ def test_demo_tours_the_host_and_leaves_nothing_mounted() -> None:
     assert tour.returncode == 0, tour.stderr
     assert "No space left on device" in tour.stdout
     assert tour.stdout.count("created vGPU") == 7
+    assert "vm start demo   -> running under" in tour.stdout and "vm stop demo   -> stopped" in tour.stdout
     assert Path("/proc/self/mountinfo").read_text().count("fuse.vgpuctl-sim") == before
 
 

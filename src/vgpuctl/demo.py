@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vgpuctl.host import HostRoot
+from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import read_types
 from vgpuctl.sim import mount
 from vgpuctl.sim.presets import preset as find_preset
@@ -28,8 +29,9 @@ def run_tour(out: Console, preset_name: str, aperture_mib: int) -> None:
         try:
             root = HostRoot(directory)
             _tour(out, root)
+            _vm_tour(out, root, StateDir(Path(tmp) / "state"))
         finally:
-            out.rule("5. Unmount")
+            out.rule("6. Unmount")
             mount.umount(directory)
             out.print(f"$ vgpuctl sim umount {directory}", highlight=False)
 
@@ -66,3 +68,31 @@ def _tour(out: Console, root: HostRoot) -> None:
         root.write_text(f"{root.mdev_device_dir(uuid)}/remove", "1")
         out.print(f"removed {uuid}", highlight=False)
     out.print(types_table(read_types(root, PARENT)))
+
+
+def _vm_tour(out: Console, root: HostRoot, state: StateDir) -> None:
+    """A VM on a vGPU: the project's test guest under QEMU (TCG where KVM cannot run guests)."""
+    from vgpuctl.vm import lifecycle, profiles
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.runtime import RuntimePaths
+    from vgpuctl.vm.testguest import build_test_guest
+
+    out.rule("5. A VM on a vGPU (streaming profile, the test guest)")
+    spec = profiles.new_spec("demo", "streaming")
+    spec.kernel, spec.boot, spec.memory_mib, spec.cpus = str(build_test_guest()), "kernel", 64, 1
+    specs.save(state, spec, new=True)
+    status = lifecycle.start(root, state, "demo")
+    out.print(f"$ vgpuctl vm start demo   -> {status.state} under {status.accel}, vGPU {status.vgpu}", highlight=False)
+    if status.simulated_display:
+        out.print(f"  (simulated host: {status.simulated_display} stands in for the vGPU)", highlight=False)
+    try:
+        import time
+
+        time.sleep(0.5)  # let the guest draw a frame or two
+        shot = lifecycle.screenshot(root, state, "demo", state.path / "demo.png")
+        lifecycle.qmp(RuntimePaths.for_vm(state, "demo"), "send-key", {"keys": [{"type": "qcode", "data": "a"}]})
+        out.print(f"$ vgpuctl vm screenshot demo {shot}   ({shot.stat().st_size} bytes); a key press recolours it",
+                  highlight=False)
+    finally:
+        stopped = lifecycle.stop(root, state, "demo", timeout_s=10)
+        out.print(f"$ vgpuctl vm stop demo   -> {stopped.state} (ACPI power button)", highlight=False)

@@ -277,7 +277,7 @@ class SimHost:
         fs.put("/proc/sys/kernel/osrelease", Attr(show=const(release + "\n")))
         fs.put("/proc/modules", Attr(show=self._proc_modules))
         fs.put("/proc/cpuinfo", Blob(data=bytearray(self._cpuinfo().encode()), mode=0o444))
-        fs.mkdirs("/boot")
+        fs.mkdirs("/boot").writable = True  # disk, like /etc: boot loader entries live here
         if self.spec.kconfig_file == "boot":
             fs.put(f"/boot/config-{release}", Blob(data=bytearray(self._config_text().encode()), mode=0o644))
         elif self.spec.kconfig_file == "proc":
