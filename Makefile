@@ -6,9 +6,9 @@ DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils g
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PY := $(VENV)/.py-installed
 
-.PHONY: demo test lint bench deps clean
+.PHONY: demo test lint bench deps compile clean
 
-deps: $(STAMP_DEB) $(STAMP_PY)
+deps: $(STAMP_DEB) $(STAMP_PY) compile
 
 # Debian packages: only when something is missing (apt-get needs root, as the README says).
 $(STAMP_DEB): Makefile
@@ -26,6 +26,11 @@ $(STAMP_PY): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
+
+# An editable install leaves the package uncompiled; compile it, so that every command's start-up does
+# not recompile it (and environments with PYTHONDONTWRITEBYTECODE=1 never would).
+compile: $(STAMP_PY)
+	@$(PY) -m compileall -q src/vgpuctl
 
 demo: deps
 	$(VENV)/bin/vgpuctl demo
