@@ -29,18 +29,15 @@ No accelerator, GPU, KVM or QEMU is involved: everything is the simulator, the k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -63,14 +60,13 @@ from bench_sim import (
     machine_facts,
     mdevctl_ready,
     populate,
+    run_on_mounted_host,
     static_copy,
     step,
 )
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.sysfs import active_devices, parent_names, read_types
-from vgpuctl.sim import mount as sim_mount
-from vgpuctl.sim.presets import preset
 
 TARGET_CLI_RATIO = 2.0  # vgpuctl / mdevctl wall time, at most
 TARGET_INPROC_RATIO = 20.0  # mdevctl spawn / in-process query, at least
@@ -434,33 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in machine_facts():
         console.print(f"[bold]{key}:[/bold] {value}")
     console.print(f"[bold]date:[/bold] {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    work = Path(tempfile.mkdtemp(prefix="vgpuctl-bench-cli-"))
-    root = work / "host"
-    root.mkdir()
     rows: list[Row] = []
     notes: list[str] = []
-    load_start, cpus = os.getloadavg()[0], len(os.sched_getaffinity(0))
-    if load_start > 0.5 * cpus:
-        notes.append(f"busy machine: 1-min load {load_start:.2f} at the start on {cpus} CPUs; expect noisy numbers")
     started = time.perf_counter()
-    try:
-        step(f"mounting preset {PRESET!r} at {root}")
-        sim_mount.mount(preset(PRESET).to_json(), root, PRESET)
-        bench(root, work, opts, rows, notes)
-    finally:
-        unmounted = True
-        if sim_mount.is_sim_mount(root):
-            try:
-                sim_mount.umount(root)
-            except sim_mount.MountError as e:
-                console.print(f"[yellow]{e}; unmounting lazily[/yellow]")
-                with contextlib.suppress(sim_mount.MountError):
-                    sim_mount.umount(root, lazy=True)
-            unmounted = not sim_mount.is_sim_mount(root)
-        if unmounted:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            console.print(f"[red]could not unmount {root}; left {work} in place[/red]")
+    run_on_mounted_host("vgpuctl-bench-cli-", lambda root, work: bench(root, work, opts, rows, notes), notes)
     # Markdown rows must not wrap (one table row per line): print them on a console as wide as needed.
     (Console(width=1000) if opts.markdown else console).print(render(rows, opts.markdown))
     for note in notes:

@@ -454,27 +454,18 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks: unmount, remove temp files
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    facts = machine_facts()
-    for key, value in facts:
-        console.print(f"[bold]{key}:[/bold] {value}")
-    console.print(f"[bold]date:[/bold] {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    work = Path(tempfile.mkdtemp(prefix="vgpuctl-bench-"))
+def run_on_mounted_host(prefix: str, work_fn: Callable[[Path, Path], None], notes: list[str]) -> None:
+    """Mount PRESET in a fresh temp dir, run work_fn(root, work), and always unmount and clean up."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     root = work / "host"
     root.mkdir()
-    rows: list[Row] = []
-    notes: list[str] = []
     load_start, cpus = os.getloadavg()[0], len(os.sched_getaffinity(0))
     if load_start > 0.5 * cpus:
         notes.append(f"busy machine: 1-min load {load_start:.2f} at the start on {cpus} CPUs; expect noisy numbers")
-    started = time.perf_counter()
     try:
         step(f"mounting preset {PRESET!r} at {root}")
         sim_mount.mount(preset(PRESET).to_json(), root, PRESET)
-        bench(root, work, opts, rows, notes)
+        work_fn(root, work)
     finally:
         unmounted = True
         if sim_mount.is_sim_mount(root):
@@ -489,6 +480,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             console.print(f"[red]could not unmount {root}; left {work} in place[/red]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    facts = machine_facts()
+    for key, value in facts:
+        console.print(f"[bold]{key}:[/bold] {value}")
+    console.print(f"[bold]date:[/bold] {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    rows: list[Row] = []
+    notes: list[str] = []
+    started = time.perf_counter()
+    run_on_mounted_host("vgpuctl-bench-", lambda root, work: bench(root, work, opts, rows, notes), notes)
     console.print(render(rows, opts.markdown))
     for note in notes:
         console.print(f"- {note}")
