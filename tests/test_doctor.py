@@ -258,7 +258,8 @@ def test_enable_gvt_missing(mount_host: MountFn) -> None:
     assert r.evidence("enable-gvt") == {"/proc/cmdline": "no i915.enable_gvt",
                                         "/sys/module/i915/parameters/enable_gvt": "N"}
     assert r.fix("enable-gvt").splitlines() == [
-        "Add it to the kernel command line:",
+        "vgpuctl setup plan && vgpuctl setup apply  # any boot loader; backed up, 'setup revert' undoes it",
+        "or add it to the kernel command line by hand:",
         "sed -i 's/^GRUB_CMDLINE_LINUX_DEFAULT=\"/&i915.enable_gvt=1 /' /etc/default/grub && update-grub && reboot",
         "or: echo 'options i915 enable_gvt=1' > /etc/modprobe.d/i915-gvt.conf && update-initramfs -u && reboot"]
     # 6.x: kvmgt loads anyway and registers nothing; that is reported as its own failure.

@@ -654,8 +654,9 @@ def check_kernel_config(ctx: Context, c: Check) -> None:
 
 
 def _kernel_param_fix(host: Host, param: str) -> str:
-    """Exact commands that put a parameter on the kernel command line, for GRUB."""
-    return "Add it to the kernel command line:\n" + GRUB_ADD.format(param=param)
+    """Exact commands that put a parameter on the kernel command line: vgpuctl's own, or by hand for GRUB."""
+    return ("vgpuctl setup plan && vgpuctl setup apply  # any boot loader; backed up, 'setup revert' undoes it\n"
+            "or add it to the kernel command line by hand:\n" + GRUB_ADD.format(param=param))
 
 
 def check_enable_gvt(ctx: Context, c: Check) -> None:
