@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils
+DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PY := $(VENV)/.py-installed
 

@@ -85,6 +85,7 @@ COMMANDS = {
     "setup": "setup:setup_group",
     "sim": "sim:sim_group",
     "demo": "sim:demo",
+    "serve": "serve:serve",
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -45,12 +45,6 @@ def parse_attrs(items: tuple[str, ...]) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- seeing the host
 
 
-def type_json(t: MdevType) -> dict[str, Any]:
-    return {"parent": t.parent, "type": t.type_id, "name": t.name, "available_instances": t.available_instances,
-            "device_api": t.device_api, "description": t.description, "fields": t.fields,
-            "memory_mib": t.memory_mib, "resolution": "x".join(map(str, t.resolution)) if t.resolution else None}
-
-
 def types_table(types: list[MdevType]) -> Table:
     from rich.table import Table
 
@@ -70,43 +64,27 @@ def types_table(types: list[MdevType]) -> Table:
 @reports_errors
 def gpus(json_output: bool) -> None:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
-    from rich.table import Table
+    from vgpuctl.mdev.report import gpus_rows
 
-    from vgpuctl.mdev.capacity import gvt_capacity
-    from vgpuctl.mdev.sysfs import active_devices, aperture_mib, read_parents
-
-    root = State.root
-    active = active_devices(root)
-    rows: list[dict[str, Any]] = []
-    table = Table("parent", "vendor", "platform", "aperture", "low GM free", "high GM free", "fences free",
-                  "vGPU ids free", "types", "active")
-    for parent in read_parents(root):
-        capacity = gvt_capacity(root, parent.name, parent.types)
-        vgpus = [d.uuid for d in active if d.parent == parent.name]
-        aperture = aperture_mib(root, parent.name) if capacity else None
-        rows.append({
-            "parent": parent.name,
-            "vendor": parent.vendor,
-            "vendor_id": f"0x{parent.vendor_id:04x}" if parent.vendor_id is not None else None,
-            "device_id": f"0x{parent.device_id:04x}" if parent.device_id is not None else None,
-            "platform": parent.platform,
-            "aperture_mib": aperture,
-            "pools": {p.name: {"total": p.total, "used": p.used, "free": p.free, "unit": p.unit}
-                      for p in capacity.pools} if capacity else None,
-            "types": len(parent.types),
-            "active_vgpus": vgpus,
-        })
-        pools = capacity.pools if capacity else []
-        free = [f"{p.free}/{p.total}{' ' + p.unit if p.unit else ''}" for p in pools] or ["-"] * 4
-        device = f" 0x{parent.device_id:04x}" if parent.device_id is not None else ""
-        table.add_row(parent.name, parent.vendor + device, parent.platform or "-",
-                      f"{aperture} MiB" if aperture else "-", *free, str(len(parent.types)), str(len(vgpus)))
+    rows = gpus_rows(State.root)
     if json_output:
         print_json(rows)
-    elif rows:
-        out().print(table)
-    else:
+        return
+    if not rows:
         say("no mdev-capable GPU on this host; 'vgpuctl doctor' says why")
+        return
+    from rich.table import Table
+
+    table = Table("parent", "vendor", "platform", "aperture", "low GM free", "high GM free", "fences free",
+                  "vGPU ids free", "types", "active")
+    for row in rows:
+        pools = (row["pools"] or {}).values()
+        free = [f"{p['free']}/{p['total']}{' ' + p['unit'] if p['unit'] else ''}" for p in pools] or ["-"] * 4
+        device = f" {row['device_id']}" if row["device_id"] is not None else ""
+        aperture = row["aperture_mib"]
+        table.add_row(row["parent"], row["vendor"] + device, row["platform"] or "-",
+                      f"{aperture} MiB" if aperture else "-", *free, str(row["types"]), str(len(row["active_vgpus"])))
+    out().print(table)
 
 
 @click.command("types")
@@ -115,14 +93,11 @@ def gpus(json_output: bool) -> None:
 @reports_errors
 def types_command(parent: str | None, json_output: bool) -> None:
     """Every vGPU type with its available instances and its description as fields."""
-    from vgpuctl.mdev.sysfs import parent_names, read_types
+    from vgpuctl.mdev.report import read_all_types, type_row
 
-    root = State.root
-    if parent:
-        manager().check_parent(parent)
-    found = [t for p in ([parent] if parent else parent_names(root)) for t in read_types(root, p)]
+    found = read_all_types(State.root, parent)
     if json_output:
-        print_json([type_json(t) for t in found])
+        print_json([type_row(t) for t in found])
     elif found:
         out().print(types_table(found))
     else:
@@ -138,38 +113,11 @@ def types_command(parent: str | None, json_output: bool) -> None:
 @reports_errors
 def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str | None, json_output: bool) -> None:
     """Active and defined vGPUs with parent, type, start mode and owner."""
-    from vgpuctl.mdev import definitions
+    from vgpuctl.mdev.report import vgpu_rows
     from vgpuctl.mdev.state import StateDir
-    from vgpuctl.mdev.sysfs import active_devices
 
-    root = State.root
-    owned = StateDir.from_env(State.state_dir).owned()
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    if not defined:
-        for d in active_devices(root):
-            rows[(d.parent, d.uuid)] = {"uuid": d.uuid, "parent": d.parent, "type": d.type_id, "active": True,
-                                        "defined": False, "start": None, "attrs": []}
-    if not active_only:
-        for definition in definitions.load_all(root):
-            key = (definition.parent, definition.uuid)
-            row = rows.get(key)
-            if row is None:
-                row = rows[key] = {"uuid": definition.uuid, "parent": definition.parent,
-                                   "type": definition.mdev_type, "active": False, "defined": True}
-            row.update(defined=True, start=definition.start,
-                       attrs=[{k: v} for k, v in definition.attrs], defined_type=definition.mdev_type)
-        if defined:
-            active = {d.uuid: d for d in active_devices(root)}
-            for row in rows.values():
-                running = active.get(row["uuid"])
-                row["active"] = bool(running and running.parent == row["parent"])
-    for row in rows.values():
-        row["owner"] = "vgpuctl" if row["uuid"] in owned else "other"
-        row.setdefault("start", None)
-        row.setdefault("attrs", [])
-        row.pop("defined_type", None)
-    selected = [r for key, r in sorted(rows.items())
-                if (parent is None or r["parent"] == parent) and (uuid is None or r["uuid"] == uuid)]
+    selected = vgpu_rows(State.root, StateDir.from_env(State.state_dir), defined_only=defined,
+                         active_only=active_only, parent=parent, uuid=uuid)
     if json_output:
         print_json(selected)
         return
@@ -203,8 +151,7 @@ def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str
 def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tuple[str, ...], resolution: str | None,
            min_memory: int | None, weight: int | None, dry_run: bool, json_output: bool) -> None:
     """Create an active (transient) vGPU, or let vgpuctl choose parent and type for a request."""
-    from vgpuctl.mdev.choose import Request, choose, parse_resolution
-    from vgpuctl.mdev.sysfs import parent_names, read_types
+    from vgpuctl.mdev.choose import Request, choose_on_host, parse_resolution
 
     choosing = resolution is not None or min_memory is not None or weight is not None
     if choosing and (parent or type_id):
@@ -214,10 +161,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
     reason = None
     if choosing:
         request = Request(parse_resolution(resolution) if resolution else None, min_memory, weight)
-        types = [t for p in parent_names(State.root) for t in read_types(State.root, p)]
-        if parent:
-            types = [t for t in types if t.parent == parent]
-        choice = choose(types, request)
+        choice = choose_on_host(State.root, request, parent)
         parent, type_id, reason = choice.chosen.parent, choice.chosen.type_id, choice.reason
         if not json_output:
             say(f"chose {type_id} on {parent}: {reason}")

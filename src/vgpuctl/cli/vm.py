@@ -259,19 +259,9 @@ def edit(name: str, **options: Any) -> None:
 @reports_errors
 def rm(name: str) -> None:
     """Remove a stopped VM: its spec and runtime directory (disk images stay)."""
-    import shutil
+    from vgpuctl.vm.inventory import remove
 
-    from vgpuctl.mdev.errors import Conflict
-    from vgpuctl.vm import spec as specs
-    from vgpuctl.vm.runtime import RuntimePaths, is_running
-
-    state = state_dir()
-    spec = specs.load(state, name)
-    if is_running(state, name):
-        raise Conflict(f"VM {name} is running; stop it first")
-    specs.remove(state, name)
-    shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)
-    kept = [d.path for d in spec.disks]
+    kept = remove(state_dir(), name)
     say(f"removed VM {name}" + (f"; disk images kept: {', '.join(kept)}" if kept else ""))
 
 
@@ -291,15 +281,11 @@ def _vgpu_summary(spec: VmSpec) -> str:
 def list_command(json_output: bool) -> None:
     """Every VM with its profile, size, vGPU request, display and whether it runs."""
     from vgpuctl.vm import spec as specs
-    from vgpuctl.vm.runtime import is_running
+    from vgpuctl.vm.inventory import vm_row
 
     state = state_dir()
-    rows: list[dict[str, Any]] = []
-    for spec in specs.load_all(state):
-        rows.append({"name": spec.name, "profile": spec.profile, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
-                     "vgpu": spec.vgpu.describe() if spec.vgpu.kind != "none" else None,
-                     "vgpu_display": spec.vgpu_display, "display": spec.display.backend, "order": spec.order,
-                     "running": is_running(state, spec.name), "_vgpu": _vgpu_summary(spec)})
+    rows: list[dict[str, Any]] = [{**vm_row(state, spec), "_vgpu": _vgpu_summary(spec)}
+                                  for spec in specs.load_all(state)]
     if json_output:
         print_json([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
         return
@@ -331,17 +317,15 @@ def show(name: str, json_output: bool) -> None:
     from vgpuctl.vm.runtime import RuntimePaths, check_requirements, is_running
 
     state = state_dir()
+    if json_output:
+        from vgpuctl.vm.inventory import vm_detail
+
+        print_json(vm_detail(State.root, state, name))
+        return
     spec = specs.load(state, name)
     paths = RuntimePaths.for_vm(state, name)
     requirements = check_requirements(State.root, spec)
     running = is_running(state, name)
-    if json_output:
-        print_json({"name": spec.name, "file": str(specs.spec_path(state, name)), "running": running,
-                    "spec": spec.to_dict(), "paths": paths.to_json(),
-                    "requires": [{"requirement": r.requirement, "met": r.met, "actual": r.actual, "where": r.where}
-                                 for r in requirements],
-                    "warnings": spec.warnings()})
-        return
     rows: list[tuple[str, str]] = [
         ("name", spec.name),
         ("profile", f"{spec.profile}: {PROFILES[spec.profile].summary}" if spec.profile else "-"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import CapacityError, NotFound
 from vgpuctl.mdev.sysfs import MdevType
 
@@ -92,3 +93,13 @@ def choose(types: list[MdevType], request: Request) -> Choice:
     if others:
         reason += f"; also possible: {', '.join(others)}"
     return Choice(best, reason, rejected)
+
+
+def choose_on_host(root: HostRoot, request: Request, parent: str | None = None) -> Choice:
+    """The choice among every type on the host (or on ``parent``), as ``vgpuctl create --resolution`` makes it."""
+    from vgpuctl.mdev.sysfs import parent_names, read_types
+
+    types = [t for p in parent_names(root) for t in read_types(root, p)]
+    if parent:
+        types = [t for t in types if t.parent == parent]
+    return choose(types, request)

@@ -22,6 +22,7 @@ from vgpuctl.mdev.errors import (
     NotOwned,
     VgpuError,
 )
+from vgpuctl.mdev.report import check_parent
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import ActiveDevice, active_device, active_devices, parent_names, read_types
 
@@ -50,14 +51,7 @@ class Manager:
         return self._parents
 
     def check_parent(self, parent: str) -> None:
-        names = self.parents()
-        if parent in names:
-            return
-        hint = next((n for n in names if n.lower() == parent.lower()), None)
-        if hint:
-            raise NotFound(f"no parent device {parent!r}; did you mean {hint!r}?")
-        listed = ", ".join(names) if names else "none (is the vendor driver, e.g. kvmgt, loaded? try 'vgpuctl doctor')"
-        raise NotFound(f"no parent device {parent!r}; mdev parents on this host: {listed}")
+        check_parent(self.root, parent, self.parents())
 
     def check_type(self, parent: str, type_id: str) -> None:
         self.check_parent(parent)

@@ -1,0 +1,138 @@
+"""What the host's vGPUs look like, as plain JSON-ready rows: the one place both the CLI
+(``gpus``, ``types``, ``list`` with ``--json``) and the HTTP service (``/api/v1/gpus`` ...) get them from.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev import definitions
+from vgpuctl.mdev.capacity import gvt_capacity
+from vgpuctl.mdev.errors import NotFound
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, parent_names, read_parents, read_types
+
+
+class PoolRow(TypedDict):
+    total: int
+    used: int
+    free: int
+    unit: str
+
+
+class GpuRow(TypedDict):
+    parent: str
+    vendor: str
+    vendor_id: str | None
+    device_id: str | None
+    platform: str | None
+    aperture_mib: int | None
+    pools: dict[str, PoolRow] | None  # GVT-g pools by name ("low GM (aperture)", ...); None for other vendors
+    types: int
+    active_vgpus: list[str]
+
+
+class TypeRow(TypedDict):
+    parent: str
+    type: str
+    name: str | None
+    available_instances: int
+    device_api: str
+    description: str | None
+    fields: dict[str, str | int]
+    memory_mib: int | None
+    resolution: str | None
+
+
+class VgpuRow(TypedDict):
+    uuid: str
+    parent: str
+    type: str
+    active: bool
+    defined: bool
+    start: str | None  # "auto" | "manual" for a definition
+    attrs: list[dict[str, str]]  # mdevctl's form: one {name: value} per attribute, in order
+    owner: str  # "vgpuctl" | "other"
+
+
+def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) -> None:
+    """NotFound (with the close match or the parents there are) unless ``parent`` is an mdev parent."""
+    names = parent_names(root) if names is None else names
+    if parent in names:
+        return
+    hint = next((n for n in names if n.lower() == parent.lower()), None)
+    if hint:
+        raise NotFound(f"no parent device {parent!r}; did you mean {hint!r}?")
+    listed = ", ".join(names) if names else "none (is the vendor driver, e.g. kvmgt, loaded? try 'vgpuctl doctor')"
+    raise NotFound(f"no parent device {parent!r}; mdev parents on this host: {listed}")
+
+
+def gpus_rows(root: HostRoot) -> list[GpuRow]:
+    """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
+    active = active_devices(root)
+    rows: list[GpuRow] = []
+    for parent in read_parents(root):
+        capacity = gvt_capacity(root, parent.name, parent.types)
+        rows.append({
+            "parent": parent.name,
+            "vendor": parent.vendor,
+            "vendor_id": f"0x{parent.vendor_id:04x}" if parent.vendor_id is not None else None,
+            "device_id": f"0x{parent.device_id:04x}" if parent.device_id is not None else None,
+            "platform": parent.platform,
+            "aperture_mib": aperture_mib(root, parent.name) if capacity else None,
+            "pools": {p.name: {"total": p.total, "used": p.used, "free": p.free, "unit": p.unit}
+                      for p in capacity.pools} if capacity else None,
+            "types": len(parent.types),
+            "active_vgpus": [d.uuid for d in active if d.parent == parent.name],
+        })
+    return rows
+
+
+def read_all_types(root: HostRoot, parent: str | None = None) -> list[MdevType]:
+    """Every type of every parent (or of ``parent``, which must exist)."""
+    if parent:
+        check_parent(root, parent)
+    return [t for p in ([parent] if parent else parent_names(root)) for t in read_types(root, p)]
+
+
+def type_row(t: MdevType) -> TypeRow:
+    return {"parent": t.parent, "type": t.type_id, "name": t.name, "available_instances": t.available_instances,
+            "device_api": t.device_api, "description": t.description, "fields": t.fields,
+            "memory_mib": t.memory_mib, "resolution": "x".join(map(str, t.resolution)) if t.resolution else None}
+
+
+def types_rows(root: HostRoot, parent: str | None = None) -> list[TypeRow]:
+    """Every vGPU type with its available instances and its description as fields."""
+    return [type_row(t) for t in read_all_types(root, parent)]
+
+
+def vgpu_rows(root: HostRoot, state: StateDir, *, defined_only: bool = False, active_only: bool = False,
+              parent: str | None = None, uuid: str | None = None) -> list[VgpuRow]:
+    """Active and defined vGPUs (one row where a definition is active), with start mode and owner,
+    sorted by parent then UUID."""
+    owned = state.owned()
+    rows: dict[tuple[str, str], VgpuRow] = {}
+    if not defined_only:
+        for d in active_devices(root):
+            rows[(d.parent, d.uuid)] = {"uuid": d.uuid, "parent": d.parent, "type": d.type_id, "active": True,
+                                        "defined": False, "start": None, "attrs": [], "owner": "other"}
+    if not active_only:
+        for definition in definitions.load_all(root):
+            key = (definition.parent, definition.uuid)
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = {"uuid": definition.uuid, "parent": definition.parent,
+                                   "type": definition.mdev_type, "active": False, "defined": True, "start": None,
+                                   "attrs": [], "owner": "other"}
+            row["defined"], row["start"] = True, definition.start
+            row["attrs"] = [{k: v} for k, v in definition.attrs]
+        if defined_only:
+            active = {d.uuid: d for d in active_devices(root)}
+            for row in rows.values():
+                running = active.get(row["uuid"])
+                row["active"] = bool(running and running.parent == row["parent"])
+    for row in rows.values():
+        row["owner"] = "vgpuctl" if row["uuid"] in owned else "other"
+    return [r for _, r in sorted(rows.items())
+            if (parent is None or r["parent"] == parent) and (uuid is None or r["uuid"] == uuid)]

@@ -1,0 +1,549 @@
+"""The REST API under ``/api/v1``: thin routes over the same library calls the CLI makes.
+
+Every route is a plain (sync) function: FastAPI runs it in its threadpool, so the blocking sysfs
+reads, file locks, QMP calls and QEMU starts never stall the event loop. Listings answer exactly what
+the CLI's ``--json`` prints (:mod:`vgpuctl.mdev.report`, :mod:`vgpuctl.vm.inventory`); errors are
+``{"error", "message"}`` with the statuses in :mod:`vgpuctl.service.errors`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.service.auth import require_auth
+from vgpuctl.service.errors import ERROR_RESPONSES
+
+# Names that become path components under /sys and /etc/mdevctl.d: no '/', no leading '.'.
+PARENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$"
+TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9:._+-]{0,63}$"
+ATTR_PART_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
+RESOLUTION_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+VM_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+
+ParentName = Annotated[str, Field(pattern=PARENT_PATTERN, examples=["0000:00:02.0"])]
+TypeName = Annotated[str, Field(pattern=TYPE_PATTERN, examples=["i915-GVTg_V5_4"])]
+Uuid = Annotated[str, Field(pattern=UUID_PATTERN, examples=["2f6bb1f4-4b8a-4a77-9d5f-0d0e1c3e7a11"])]
+UuidPath = Annotated[str, Path(pattern=UUID_PATTERN, description="a vGPU's UUID")]
+VmName = Annotated[str, Path(pattern=VM_NAME_PATTERN, description="the VM's name")]
+
+
+@dataclass(frozen=True)
+class Context:
+    root: HostRoot
+    state: StateDir
+
+
+def context(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[Context, Depends(context)]
+Force = Annotated[bool, Query(description="Also act on what vgpuctl did not create (as --force).")]
+
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_auth)], responses=ERROR_RESPONSES)
+
+
+# ---------------------------------------------------------------------- response shapes (for the OpenAPI document)
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PoolOut(Row):
+    total: int
+    used: int
+    free: int
+    unit: str
+
+
+class GpuOut(Row):
+    parent: str
+    vendor: str
+    vendor_id: str | None
+    device_id: str | None
+    platform: str | None
+    aperture_mib: int | None
+    pools: dict[str, PoolOut] | None = Field(description="GVT-g pools by name; null for other vendors")
+    types: int
+    active_vgpus: list[str]
+
+
+class TypeOut(Row):
+    parent: str
+    type: str
+    name: str | None
+    available_instances: int
+    device_api: str
+    description: str | None
+    fields: dict[str, str | int]
+    memory_mib: int | None
+    resolution: str | None
+
+
+class VgpuOut(Row):
+    uuid: str
+    parent: str
+    type: str
+    active: bool
+    defined: bool
+    start: Literal["auto", "manual"] | None
+    attrs: list[dict[str, str]]
+    owner: Literal["vgpuctl", "other"]
+
+
+class CreatedVgpu(Row):
+    uuid: str | None = Field(None, description="absent for a dry run")
+    parent: str
+    type: str
+    reason: str | None = Field(None, description="why the chooser took this type (requests only)")
+    rejected: list[str] | None = Field(None, description="types the chooser ruled out, and why (dry run only)")
+
+
+class DefinitionOut(Row):
+    uuid: str
+    parent: str
+    type: str
+    start: Literal["auto", "manual"]
+    attrs: list[dict[str, str]]
+
+
+class VmStatusOut(Row):
+    name: str
+    state: str = Field(description="running | paused | shutdown | stopped | crashed")
+    pid: int | None = None
+    qmp_status: str | None = None
+    accel: str | None = None
+    vgpu: str | None = None
+    simulated_display: str | None = None
+    console: dict[str, str] = {}
+    detail: str = ""
+    log_tail: list[str] = []
+
+
+# ---------------------------------------------------------------------- request bodies
+
+
+def _check_attrs(attrs: list[dict[str, str]]) -> list[dict[str, str]]:
+    import re
+
+    for attr in attrs:
+        if len(attr) != 1:
+            raise ValueError("each attribute is one {\"name\": \"value\"} object, in order")
+        ((name, _),) = attr.items()
+        if not all(re.fullmatch(ATTR_PART_PATTERN, part) for part in name.split("/")):
+            raise ValueError(f"attribute name {name!r} must be a sysfs attribute name (letters, digits, _ . -)")
+    return attrs
+
+
+def _pairs(attrs: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [next(iter(a.items())) for a in attrs]
+
+
+class VgpuCreate(BaseModel):
+    """Either ``parent`` and ``type``, or a request for the chooser (``resolution``, ``min_memory``,
+    ``weight``; ``parent`` then only restricts where it looks)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"parent": "0000:00:02.0", "type": "i915-GVTg_V5_4"}, {"resolution": "1920x1200", "min_memory": 512}]})
+
+    parent: ParentName | None = None
+    type: TypeName | None = None
+    uuid: Uuid | None = Field(None, description="default: a new random UUID")
+    attrs: list[dict[str, str]] = Field(default_factory=list, description="[{\"name\": \"value\"}, ...] in order")
+    resolution: str | None = Field(None, pattern=RESOLUTION_PATTERN, description="at least WxH")
+    min_memory: int | None = Field(None, ge=1, le=1 << 20, description="at least this much graphics memory, MiB")
+    weight: int | None = Field(None, ge=1, le=16, description="at least this scheduler weight (GVT-g)")
+    dry_run: bool = Field(False, description="only say what the chooser would take (200, nothing created)")
+
+    _attrs = field_validator("attrs")(_check_attrs)
+
+    @property
+    def choosing(self) -> bool:
+        return self.resolution is not None or self.min_memory is not None or self.weight is not None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> VgpuCreate:
+        if self.choosing and self.type:
+            raise ValueError("give either parent and type, or a request (resolution/min_memory/weight), not both")
+        if not self.choosing and not (self.parent and self.type):
+            raise ValueError("say what to create: parent and type, or a request (resolution, min_memory, weight)")
+        if self.dry_run and not self.choosing:
+            raise ValueError("dry_run only applies when vgpuctl chooses (resolution/min_memory/weight)")
+        return self
+
+
+class DefinitionCreate(BaseModel):
+    """A persistent vGPU in mdevctl's format. Only ``uuid`` promotes that active vGPU to a definition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uuid: Uuid | None = Field(None, description="default: a new random UUID")
+    parent: ParentName | None = None
+    type: TypeName | None = None
+    start: Literal["auto", "manual"] = "manual"
+    attrs: list[dict[str, str]] = Field(default_factory=list)
+
+    _attrs = field_validator("attrs")(_check_attrs)
+
+
+class AttrIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=rf"^{ATTR_PART_PATTERN}(/{ATTR_PART_PATTERN})*$")
+    value: str
+
+
+class DefinitionChange(BaseModel):
+    """What ``vgpuctl modify`` changes: type, start mode, an attribute added (at ``index``, else last) or
+    deleted (at ``index``, else the last)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: TypeName | None = None
+    start: Literal["auto", "manual"] | None = None
+    add_attr: AttrIn | None = None
+    delete_attr: bool = False
+    index: int | None = Field(None, ge=0, le=1024)
+
+    @model_validator(mode="after")
+    def _something(self) -> DefinitionChange:
+        if not (self.type or self.start or self.add_attr or self.delete_attr):
+            raise ValueError("nothing to change: give type, start, add_attr or delete_attr")
+        return self
+
+
+class DiskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    size: str | None = None
+    format: Literal["qcow2", "raw"] = "qcow2"
+
+
+class NetworkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none", "user", "tap", "bridge"] | None = None
+    bridge: str | None = None
+    ifname: str | None = None
+    vhost: bool | None = None
+    mac: str | None = None
+
+
+class VgpuRequestIn(BaseModel):
+    """One of: uuid; type (on parent); requirements (resolution, min_memory_mib, weight, largest). {} for none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uuid: Uuid | None = None
+    parent: ParentName | None = None
+    type: TypeName | None = None
+    resolution: str | None = None
+    min_memory_mib: int | None = None
+    weight: int | None = None
+    largest: bool | None = None
+
+
+class DisplayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none"] | None = None
+    vnc_socket: str | None = None
+    rendernode: str | None = None
+    resolution: str | None = None
+    options: dict[str, str] | None = None
+
+
+class VmCreate(BaseModel):
+    """A new VM: a profile's defaults (or vgpuctl's), then these fields, as in the spec's TOML file.
+    ``display`` and ``network`` are merged into the profile's, ``vgpu`` replaces it, ``kernel`` implies
+    ``boot: kernel``; null removes a setting. The library checks every value and says what is wrong."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "car1", "profile": "automotive", "kernel": "/srv/guest.elf", "memory_mib": 64, "cpus": 1,
+         "display": {"backend": "vnc"}}]})
+
+    name: str = Field(pattern=VM_NAME_PATTERN)
+    profile: Literal["streaming", "gaming", "automotive"] | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+    cpu: str | None = None
+    machine: Literal["pc", "q35"] | None = None
+    firmware: Literal["seabios", "ovmf"] | None = None
+    boot: Literal["disk", "cdrom", "kernel"] | None = None
+    fast_boot: bool | None = None
+    order: int | None = None
+    rtc_localtime: bool | None = None
+    disks: list[DiskIn] | None = None
+    cdrom: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    network: NetworkIn | None = None
+    vgpu: VgpuRequestIn | None = None
+    vgpu_display: bool | None = None
+    ramfb: bool | None = None
+    igd_opregion: bool | None = None
+    display: DisplayIn | None = None
+    requires: list[str] | None = None
+    extra_args: list[str] | None = None
+
+
+class VmStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accel: Annotated[Literal["auto", "kvm", "tcg"],
+                     Field(description="auto: KVM when a probe guest runs under it")] = "auto"
+
+
+class VmStop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: Annotated[float, Field(gt=0, le=600,
+                                    description="seconds to wait for the guest before quitting QEMU")] = 30.0
+
+
+# ---------------------------------------------------------------------- the host
+
+
+@router.get("/gpus", tags=["host"], response_model=list[GpuOut])
+def gpus(ctx: Ctx) -> Any:
+    """Each mdev-capable GPU (as ``vgpuctl gpus --json``)."""
+    from vgpuctl.mdev.report import gpus_rows
+
+    return gpus_rows(ctx.root)
+
+
+@router.get("/types", tags=["host"], response_model=list[TypeOut])
+def types(ctx: Ctx, parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None) -> Any:
+    """Every vGPU type with its available instances (as ``vgpuctl types --json [-p PARENT]``)."""
+    from vgpuctl.mdev.report import types_rows
+
+    return types_rows(ctx.root, parent)
+
+
+@router.get("/doctor", tags=["host"])
+def doctor(ctx: Ctx, guest: Annotated[bool, Query(description="start a tiny KVM guest (slow)")] = True
+           ) -> dict[str, Any]:
+    """Is this host ready for GVT-g vGPUs? (as ``vgpuctl doctor --json [--no-guest]``)."""
+    from vgpuctl.host.doctor import run_doctor
+
+    return run_doctor(ctx.root, run_guest=guest).to_json()
+
+
+# ---------------------------------------------------------------------- vGPUs
+
+
+@router.get("/vgpus", tags=["vgpus"], response_model=list[VgpuOut])
+def list_vgpus(ctx: Ctx, defined: Annotated[bool, Query(description="only defined vGPUs (as -d)")] = False,
+               active: Annotated[bool, Query(description="only active vGPUs (as --active)")] = False,
+               parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None,
+               uuid: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None) -> Any:
+    """Active and defined vGPUs with start mode and owner (as ``vgpuctl list --json``)."""
+    from vgpuctl.mdev.definitions import canonical_uuid
+    from vgpuctl.mdev.report import vgpu_rows
+
+    return vgpu_rows(ctx.root, ctx.state, defined_only=defined, active_only=active, parent=parent,
+                     uuid=canonical_uuid(uuid) if uuid else None)
+
+
+@router.post("/vgpus", tags=["vgpus"], status_code=201, response_model=CreatedVgpu, response_model_exclude_unset=True,
+             responses={200: {"model": CreatedVgpu, "description": "Dry run: what would be created"}})
+def create_vgpu(ctx: Ctx, body: VgpuCreate, response: Response) -> Any:
+    """Create an active vGPU: on ``parent`` of ``type``, or the smallest type that satisfies the request
+    (as ``vgpuctl create``). A full GPU is 409 ``capacity_error``, saying which pool and what still fits."""
+    from vgpuctl.mdev.choose import Request as Wanted
+    from vgpuctl.mdev.choose import choose_on_host, parse_resolution
+    from vgpuctl.mdev.lifecycle import Manager
+    from vgpuctl.mdev.report import check_parent
+
+    parent, type_id, reason = body.parent, body.type, None
+    if body.choosing:
+        if parent:
+            check_parent(ctx.root, parent)
+        wanted = Wanted(parse_resolution(body.resolution) if body.resolution else None, body.min_memory, body.weight)
+        choice = choose_on_host(ctx.root, wanted, parent)
+        parent, type_id, reason = choice.chosen.parent, choice.chosen.type_id, choice.reason
+        if body.dry_run:
+            response.status_code = 200
+            return {"parent": parent, "type": type_id, "reason": reason, "rejected": choice.rejected}
+    assert parent and type_id
+    new = Manager(ctx.root, ctx.state).create(parent, type_id, body.uuid, _pairs(body.attrs))
+    return {"uuid": new, "parent": parent, "type": type_id, "reason": reason}
+
+
+@router.delete("/vgpus/{uuid}", tags=["vgpus"], status_code=204)
+def remove_vgpu(ctx: Ctx, uuid: UuidPath, force: Force = False) -> None:
+    """Remove an active vGPU (only one vgpuctl created, unless ``force``); its definition stays."""
+    from vgpuctl.mdev.lifecycle import Manager
+
+    Manager(ctx.root, ctx.state, force=force).remove(uuid)
+
+
+# ---------------------------------------------------------------------- definitions
+
+
+def _definition(d: Any) -> dict[str, Any]:
+    return {"uuid": d.uuid, "parent": d.parent, "type": d.mdev_type, "start": d.start,
+            "attrs": [{k: v} for k, v in d.attrs]}
+
+
+@router.post("/definitions", tags=["definitions"], status_code=201, response_model=DefinitionOut)
+def define(ctx: Ctx, body: DefinitionCreate) -> Any:
+    """Define a persistent vGPU in mdevctl's format (as ``vgpuctl define``)."""
+    from vgpuctl.mdev.lifecycle import Manager
+
+    definition = Manager(ctx.root, ctx.state).define(body.uuid, body.parent, body.type, body.start == "auto",
+                                                     _pairs(body.attrs))
+    return _definition(definition)
+
+
+@router.patch("/definitions/{uuid}", tags=["definitions"], response_model=DefinitionOut)
+def modify(ctx: Ctx, uuid: UuidPath, body: DefinitionChange,
+           parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None, force: Force = False) -> Any:
+    """Change a definition: start mode (auto/manual), type, attributes (as ``vgpuctl modify``)."""
+    from vgpuctl.mdev.lifecycle import Manager
+
+    add = (body.add_attr.name, body.add_attr.value) if body.add_attr else None
+    definition = Manager(ctx.root, ctx.state, force=force).modify(uuid, parent, body.type, body.start, add,
+                                                                  body.delete_attr, body.index)
+    return _definition(definition)
+
+
+@router.delete("/definitions/{uuid}", tags=["definitions"], status_code=204)
+def undefine(ctx: Ctx, uuid: UuidPath, parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None,
+             force: Force = False) -> None:
+    """Remove a definition (only one vgpuctl created, unless ``force``); an active vGPU stays."""
+    from vgpuctl.mdev.lifecycle import Manager
+
+    Manager(ctx.root, ctx.state, force=force).undefine(uuid, parent)
+
+
+@router.post("/definitions/{uuid}/start", tags=["definitions"], status_code=201, response_model=CreatedVgpu,
+             response_model_exclude_unset=True)
+def start_definition(ctx: Ctx, uuid: UuidPath, parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None
+                     ) -> Any:
+    """Start a defined vGPU (as ``vgpuctl start -u``); stop it with ``DELETE /vgpus/{uuid}``."""
+    from vgpuctl.mdev.lifecycle import Manager
+
+    manager = Manager(ctx.root, ctx.state)
+    definition = manager.one_definition(uuid, parent)
+    new = manager.start(definition.uuid, definition.parent)
+    return {"uuid": new, "parent": definition.parent, "type": definition.mdev_type}
+
+
+# ---------------------------------------------------------------------- VMs
+
+
+@router.get("/vms", tags=["vms"])
+def list_vms(ctx: Ctx) -> list[dict[str, Any]]:
+    """Every VM: its ``vgpuctl vm list --json`` row (``vgpu`` is the request), its status (``state``, ``pid``,
+    ``accel``, ``vgpu_uuid``, ``console``, ``detail``, ...) and its whole ``spec``."""
+    from vgpuctl.vm.inventory import vm_overviews
+
+    return vm_overviews(ctx.root, ctx.state)
+
+
+@router.post("/vms", tags=["vms"], status_code=201)
+def create_vm(ctx: Ctx, body: VmCreate) -> dict[str, Any]:
+    """Create a VM from a profile and fields (as ``vgpuctl vm create``); answers as ``GET /vms/{name}``."""
+    from vgpuctl.vm import inventory
+
+    fields = body.model_dump(exclude_unset=True, exclude={"name", "profile"})
+    inventory.create(ctx.state, body.name, body.profile, fields)
+    return _vm(ctx, body.name)
+
+
+def _vm(ctx: Context, name: str) -> dict[str, Any]:
+    from vgpuctl.vm import inventory
+    from vgpuctl.vm import spec as specs
+
+    detail = inventory.vm_detail(ctx.root, ctx.state, name)
+    detail.update(inventory.vm_overview(ctx.root, ctx.state, specs.load(ctx.state, name)))
+    return detail
+
+
+@router.get("/vms/{name}", tags=["vms"])
+def get_vm(ctx: Ctx, name: VmName) -> dict[str, Any]:
+    """A VM as in ``GET /vms``, with its files (``file``, ``paths``), host ``requires`` and ``warnings``."""
+    return _vm(ctx, name)
+
+
+@router.delete("/vms/{name}", tags=["vms"], status_code=204)
+def remove_vm(ctx: Ctx, name: VmName) -> None:
+    """Remove a stopped VM: its spec and runtime directory; disk images stay (as ``vgpuctl vm rm``)."""
+    from vgpuctl.vm import inventory
+
+    inventory.remove(ctx.state, name)
+
+
+@router.get("/vms/{name}/status", tags=["vms"], response_model=VmStatusOut)
+def vm_status(ctx: Ctx, name: VmName) -> Any:
+    """Running, paused, shutdown, stopped or crashed (as ``vgpuctl vm status --json``)."""
+    from vgpuctl.vm import lifecycle
+
+    return lifecycle.status(ctx.root, ctx.state, name).to_json()
+
+
+@router.post("/vms/{name}/start", tags=["vms"], response_model=VmStatusOut)
+def start_vm(ctx: Ctx, name: VmName, body: VmStart | None = None) -> Any:
+    """Start the VM: preflight, its vGPU (created on demand), QEMU until QMP says running."""
+    from vgpuctl.vm import lifecycle
+
+    return lifecycle.start(ctx.root, ctx.state, name, accel=(body or VmStart()).accel).to_json()
+
+
+@router.post("/vms/{name}/stop", tags=["vms"], response_model=VmStatusOut)
+def stop_vm(ctx: Ctx, name: VmName, body: VmStop | None = None) -> Any:
+    """ACPI power button; quit QEMU if the guest has not powered off within ``timeout`` seconds."""
+    from vgpuctl.vm import lifecycle
+
+    return lifecycle.stop(ctx.root, ctx.state, name, timeout_s=(body or VmStop()).timeout).to_json()
+
+
+@router.post("/vms/{name}/kill", tags=["vms"], response_model=VmStatusOut)
+def kill_vm(ctx: Ctx, name: VmName) -> Any:
+    """Kill QEMU at once (the guest gets no chance to shut down)."""
+    from vgpuctl.vm import lifecycle
+
+    return lifecycle.kill(ctx.root, ctx.state, name).to_json()
+
+
+@router.get("/vms/{name}/screenshot", tags=["vms"], response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The VM's display as PNG"}})
+def screenshot(ctx: Ctx, name: VmName) -> Response:
+    """The VM's display now, as a PNG (QMP screendump)."""
+    from vgpuctl.vm import lifecycle
+
+    # A directory of our own for QEMU to write into (0700): nobody else can swap the file under us.
+    with tempfile.TemporaryDirectory(prefix="vgpuctl-screenshot-") as directory:
+        data = lifecycle.screenshot(ctx.root, ctx.state, name, pathlib.Path(directory) / "screen.png").read_bytes()
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+# ---------------------------------------------------------------------- live
+
+
+@router.get("/events", tags=["live"], response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "events gpus, vgpus, vms (whole snapshots) and error"}})
+async def events(request: Request) -> StreamingResponse:
+    """Server-sent events: ``gpus``, ``vgpus`` and ``vms`` — the same JSON as the listings — at connect and
+    whenever one changes (polled every 0.5 s while anyone listens, so CLI changes show too)."""
+    from vgpuctl.service.events import EventHub
+
+    hub: EventHub = request.app.state.events
+    return StreamingResponse(hub.stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -1,0 +1,118 @@
+"""The VMs as plain JSON-ready data, and the spec-level changes that are not QEMU's business:
+the one place both the CLI (``vm list/show --json``, ``vm rm``) and the HTTP service get them from.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.errors import Conflict, InvalidInput
+from vgpuctl.mdev.state import StateDir
+from vgpuctl.vm import spec as specs
+from vgpuctl.vm.runtime import RuntimePaths, check_requirements, is_running
+from vgpuctl.vm.spec import VmSpec
+
+# What the body of a create may set besides name and profile: VmSpec's fields as in its TOML file.
+SPEC_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "boot", "fast_boot", "order", "rtc_localtime",
+               "disks", "cdrom", "kernel", "initrd", "append", "network", "vgpu", "vgpu_display", "ramfb",
+               "igd_opregion", "display", "requires", "extra_args")
+
+
+def vm_row(state: StateDir, spec: VmSpec) -> dict[str, Any]:
+    """One row of ``vgpuctl vm list --json``."""
+    return {"name": spec.name, "profile": spec.profile, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
+            "vgpu": spec.vgpu.describe() if spec.vgpu.kind != "none" else None,
+            "vgpu_display": spec.vgpu_display, "display": spec.display.backend, "order": spec.order,
+            "running": is_running(state, spec.name)}
+
+
+def vm_rows(state: StateDir) -> list[dict[str, Any]]:
+    return [vm_row(state, spec) for spec in specs.load_all(state)]
+
+
+def vm_overview(root: HostRoot, state: StateDir, spec: VmSpec) -> dict[str, Any]:
+    """A VM's list row with its status (``vm status --json`` less the name; the vGPU's UUID as ``vgpu_uuid``,
+    since ``vgpu`` is the request) and its whole spec: what the service lists and streams."""
+    from vgpuctl.vm.lifecycle import status
+
+    now = status(root, state, spec.name).to_json()
+    now.pop("name")
+    now["vgpu_uuid"] = now.pop("vgpu")
+    return {**vm_row(state, spec), **now, "spec": spec.to_dict()}
+
+
+def vm_overviews(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
+    return [vm_overview(root, state, spec) for spec in specs.load_all(state)]
+
+
+def vm_detail(root: HostRoot, state: StateDir, name: str) -> dict[str, Any]:
+    """``vgpuctl vm show --json``: the whole spec, its files, host requirements and warnings."""
+    spec = specs.load(state, name)
+    return {"name": spec.name, "file": str(specs.spec_path(state, name)), "running": is_running(state, name),
+            "spec": spec.to_dict(), "paths": RuntimePaths.for_vm(state, name).to_json(),
+            "requires": [{"requirement": r.requirement, "met": r.met, "actual": r.actual, "where": r.where}
+                         for r in check_requirements(root, spec)],
+            "warnings": spec.warnings()}
+
+
+def spec_from_fields(name: str, profile: str | None, fields: dict[str, Any]) -> VmSpec:
+    """A new VM's spec: the profile's defaults (or vgpuctl's), then ``fields`` in the spec's own TOML form
+    (``{"memory_mib": 64, "display": {"backend": "vnc"}, "vgpu": {"type": "i915-GVTg_V5_8"}}``).
+
+    As ``vgpuctl vm create`` does: ``display`` and ``network`` are merged into the profile's, ``vgpu``
+    replaces it (``{}`` for none, which also turns the vGPU display and ramfb off), ``kernel`` implies
+    ``boot = "kernel"``, and a null value removes a setting. Every field is checked as in a spec file.
+    """
+    from vgpuctl.vm.profiles import new_spec
+
+    specs.check_name(name)
+    unknown = [k for k in fields if k not in SPEC_FIELDS]
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r} (known: {', '.join(SPEC_FIELDS)})")
+    data = new_spec(name, profile).to_dict()
+    for key, value in fields.items():
+        current = data.get(key)
+        if key in ("display", "network") and isinstance(value, dict) and isinstance(current, dict):
+            merged = {**current, **value}
+            if key == "display" and "vnc_socket" not in value and merged.get("backend") not in ("vnc", "egl-headless"):
+                merged.pop("vnc_socket", None)
+            data[key] = merged
+        else:
+            data[key] = value
+    if fields.get("kernel") and "boot" not in fields:
+        data["boot"] = "kernel"
+    if "vgpu" in fields and not fields["vgpu"]:
+        data["vgpu"] = {}
+        for flag in ("vgpu_display", "ramfb"):
+            if flag not in fields:
+                data[flag] = False
+    return VmSpec.from_dict(_without_nulls(data), f"vm {name}")
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def create(state: StateDir, name: str, profile: str | None, fields: dict[str, Any]) -> VmSpec:
+    """Save a new VM made by :func:`spec_from_fields`; Conflict if the name is taken."""
+    if specs.exists(state, name):
+        raise Conflict(f"VM {name!r} already exists; change it with 'vgpuctl vm edit' or pick another name")
+    spec = spec_from_fields(name, profile, fields)
+    specs.save(state, spec, new=True)
+    return spec
+
+
+def remove(state: StateDir, name: str) -> list[str]:
+    """Remove a stopped VM: its spec and runtime directory. Returns the disk images, which stay."""
+    spec = specs.load(state, name)
+    if is_running(state, name):
+        raise Conflict(f"VM {name} is running; stop it first")
+    specs.remove(state, name)
+    shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)
+    return [d.path for d in spec.disks]
