@@ -33,7 +33,7 @@ compile: $(STAMP_PY)
 	@$(PY) -m compileall -q src/vgpuctl
 
 demo: deps
-	$(VENV)/bin/vgpuctl demo
+	$(VENV)/bin/vgpuctl demo --serve
 
 test: deps lint
 	$(PY) -m pytest -q

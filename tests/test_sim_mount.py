@@ -329,3 +329,40 @@ def test_removed_devices_vanish_at_once_despite_kernel_caching(mount_host: Mount
         assert not os.path.exists(real) and not os.path.exists(real / "remove")
         assert not os.path.exists(types_dir(root) / "i915-GVTg_V5_8" / "devices" / U1)
         assert U1 not in os.listdir(root.path("/sys/bus/mdev/devices"))
+
+
+def test_demo_serve_runs_three_vms_behind_the_service_until_interrupted() -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = Path("/proc/self/mountinfo").read_text().count("fuse.vgpuctl-sim")
+    demo = subprocess.Popen([*VGPUCTL, "demo", "--serve", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        token = None
+        deadline = time.monotonic() + 120
+        assert demo.stdout is not None
+        while token is None and time.monotonic() < deadline:
+            line = demo.stdout.readline()
+            assert line, demo.stderr.read() if demo.stderr else "demo ended early"
+            if line.startswith("token "):
+                token = line.split()[1]
+        assert token, "the demo printed no token"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/vms",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            vms = json.loads(answer.read())
+        assert sorted((vm["name"], vm["state"]) for vm in vms) == [
+            ("car1", "running"), ("car2", "running"), ("stream1", "running")]
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0
+    assert "stopped the VMs and unmounted the simulated host" in out
+    assert Path("/proc/self/mountinfo").read_text().count("fuse.vgpuctl-sim") == before

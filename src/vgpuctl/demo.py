@@ -96,3 +96,42 @@ def _vm_tour(out: Console, root: HostRoot, state: StateDir) -> None:
     finally:
         stopped = lifecycle.stop(root, state, "demo", timeout_s=10)
         out.print(f"$ vgpuctl vm stop demo   -> {stopped.state} (ACPI power button)", highlight=False)
+
+
+DEMO_VMS = (("stream1", "streaming"), ("car1", "automotive"), ("car2", "automotive"))
+
+
+def run_service_demo(out: Console, preset_name: str, aperture_mib: int, port: int) -> None:
+    """The main job: a simulated host, three VMs on its vGPUs, and the service, until Ctrl-C; then clean up."""
+    from vgpuctl.cli.serve import run_service
+    from vgpuctl.vm import lifecycle, profiles
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.testguest import build_test_guest
+
+    spec = find_preset(preset_name).with_overrides(aperture_mib=aperture_mib)
+    guest = str(build_test_guest())
+    # Short paths: the VMs' QMP and VNC sockets must fit in 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="vgd-") as tmp:
+        directory, state = Path(tmp) / "host", StateDir(Path(tmp) / "s")
+        directory.mkdir()
+        out.rule("The service: a simulated Coffee Lake with three VMs")
+        mount.mount(spec.to_json(), directory, preset_name)
+        root = HostRoot(directory)
+        try:
+            for name, profile in DEMO_VMS:
+                vm = profiles.new_spec(name, profile)
+                vm.kernel, vm.boot, vm.memory_mib, vm.cpus = guest, "kernel", 64, 1
+                vm.display.backend = "vnc"  # the dashboard streams it; no local window on a server
+                specs.save(state, vm, new=True)
+                status = lifecycle.start(root, state, name)
+                out.print(f"VM {name} ({profile}): {status.state} under {status.accel}, vGPU {status.vgpu}",
+                          highlight=False)
+            out.print("Open the URL below, log in with the token; Ctrl-C stops the VMs and unmounts.",
+                      highlight=False)
+            run_service(root, state, "127.0.0.1", port, print_token=True)
+        finally:
+            for name, _ in DEMO_VMS:
+                if specs.exists(state, name) and lifecycle.status(root, state, name).pid:
+                    lifecycle.kill(root, state, name)
+            mount.umount(directory, lazy=True)
+            out.print("stopped the VMs and unmounted the simulated host", highlight=False)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from vgpuctl.cli.app import State, die, reports_errors, say
+
+if TYPE_CHECKING:
+    from vgpuctl.host import HostRoot
+    from vgpuctl.mdev.state import StateDir
 
 
 def is_loopback(host: str) -> bool:
@@ -60,16 +66,22 @@ def serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, print
     Every request needs the token from <state-dir>/token (made at the first start, mode 0600) as
     'Authorization: Bearer <token>', or a browser session from the login page.
     """
+    from vgpuctl.mdev.state import StateDir
+
     check_bind(host, tls_cert, tls_key)
+    run_service(State.root, StateDir.from_env(State.state_dir), host, port, tls_cert, tls_key, print_token)
+
+
+def run_service(root: HostRoot, state: StateDir, host: str, port: int, tls_cert: str | None = None,
+                tls_key: str | None = None, print_token: bool = False) -> None:
+    """Bind, say where, and serve until SIGINT/SIGTERM (also what `vgpuctl demo --serve` runs)."""
     import uvicorn
 
-    from vgpuctl.mdev.state import StateDir
     from vgpuctl.service.app import create_app
     from vgpuctl.service.auth import load_or_create_token, token_path
 
-    state = StateDir.from_env(State.state_dir)
     token = load_or_create_token(state)
-    app = create_app(State.root, state, token)
+    app = create_app(root, state, token)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     url = f"{'https' if tls_cert else 'http'}://{shown}:{port}/"
@@ -83,4 +95,5 @@ def serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, print
     # uvicorn's access log is off: it prints query strings. The service logs method, path and status itself.
     config = uvicorn.Config(app, ssl_certfile=tls_cert, ssl_keyfile=tls_key, access_log=False, server_header=False,
                             proxy_headers=False, log_level="info", timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a graceful shutdown: a normal end
+        uvicorn.Server(config).run(sockets=[sock])

@@ -130,11 +130,16 @@ def _last_seqnum(text: str) -> int:
 @click.command()
 @click.option("--preset", default="coffeelake", show_default=True, help="Preset to tour.")
 @click.option("--aperture", type=int, default=1024, show_default=True, help="BIOS aperture in MiB.")
-def demo(preset: str, aperture: int) -> None:
-    """A guided tour on a simulated host: types, create until full, the kernel's error, clean up."""
-    from vgpuctl.demo import run_tour
+@click.option("--serve", is_flag=True, help="Then serve the dashboard with three VMs until Ctrl-C.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8470, show_default=True, help="Port for --serve.")
+def demo(preset: str, aperture: int, serve: bool, port: int) -> None:
+    """A guided tour on a simulated host: types, create until full, the kernel's error, a VM; with --serve,
+    the dashboard on a simulated Coffee Lake running three VMs (streaming and automotive), until Ctrl-C."""
+    from vgpuctl.demo import run_service_demo, run_tour
 
     try:
         run_tour(out(), preset, aperture)
+        if serve:
+            run_service_demo(out(), preset, aperture, port)
     except Exception as e:  # the tour must always explain itself
         die(f"demo failed: {e}")
