@@ -50,7 +50,7 @@ class Prepared:
 @dataclass
 class VmStatus:
     name: str
-    state: str  # running | paused | shutdown (guest powered off, QEMU waits) | stopped | crashed
+    state: str  # starting | running | paused | shutdown (guest powered off, QEMU waits) | stopped | crashed
     pid: int | None = None
     qmp_status: str | None = None
     accel: str | None = None
@@ -178,6 +178,15 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _is_our_shell(pid: int | None) -> bool:
+    """The shell a start left to wait for QEMU is still there (QEMU starting, or just gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return _alive(pid) and b"VGPUCTL_EXIT" in f.read()
+    except OSError:
+        return False
+
+
 def _log_tail(paths: RuntimePaths) -> list[str]:
     try:
         return paths.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
@@ -209,7 +218,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
     paths = RuntimePaths.for_vm(state, name)
     with state.lock(f"vm-{name}"):
         current = status(root, state, name)
-        if current.state in ("running", "paused", "shutdown"):
+        if current.state in ("starting", "running", "paused", "shutdown"):
             raise Conflict(f"VM {name} is already {current.state} (pid {current.pid}); "
                            f"'vgpuctl vm stop {name}' first")
         prepared = prepare(root, state, name, accel=accel, qemu=qemu)
@@ -226,13 +235,14 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         run = {"run_id": time.time_ns(), "argv": argv, "accel": prepared.accel, "vgpu": vgpu.uuid if vgpu else None,
                "simulated_display": f"emulated VGA {replaced[0]}x{replaced[1]}" if replaced else None,
                "notes": prepared.notes, "started": time.time()}
-        atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
         exit_file = _exit_file(paths, run)
         with open(paths.log, "w") as log:
             # The shell waits for QEMU and keeps its exit status for later status calls.
-            subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+            shell = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+        run["shell_pid"] = shell.pid
+        atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
         _wait_running(paths, exit_file, name, timeout_s)
     return status(root, state, name)
 
@@ -293,6 +303,9 @@ def status(root: HostRoot, state: StateDir, name: str) -> VmStatus:
         result.state = {"running": "running", "paused": "paused", "shutdown": "shutdown",
                         None: "running"}.get(result.qmp_status, result.qmp_status or "running")
         result.console = _console(paths)
+        return result
+    if not _exit_file(paths, run).exists() and _is_our_shell(run.get("shell_pid")):
+        result.state, result.detail = "starting", "QEMU is starting"
         return result
     code = _exit_status(paths, run)
     if code == 0:

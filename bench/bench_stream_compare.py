@@ -1,0 +1,767 @@
+"""vgpuctl's display stream against noVNC on QEMU's own WebSocket listener, in one run, in headless Chromium.
+
+Run with ``.venv/bin/python bench/bench_stream_compare.py`` (about 1.5 min; ``--help`` for the knobs). Needs
+``qemu-system-x86_64``, gcc (the test guest), Debian's ``chromium`` and Debian's ``novnc`` (``/usr/share/novnc``).
+
+Setups, each with its own QEMU booting the test guest under TCG at 1920x1080 with the same arguments but ``-vnc``
+(the guest moves a full-height bar 7 px every 10 ms; a key press repaints the whole screen in the next scheme):
+
+``vgpuctl``
+    ``-vnc unix:<state>/vms/<name>/vnc.sock``; the display route (``vgpuctl.service.stream``, no auth) in a uvicorn
+    **subprocess** configured as ``vgpuctl serve`` configures it (permessage-deflate on: uvicorn's default), and a
+    page that plays it with the dashboard's player (``service/web/display.js``).
+``vgpuctl-nodeflate``
+    the same with ``ws_per_message_deflate=False`` (JPEG does not compress: deflate only costs CPU).
+``novnc``
+    ``-vnc 127.0.0.1:<N>,websocket=127.0.0.1:<port>`` (QEMU's built-in listener; it answers only the path ``/``, so
+    the page gets ``path=``), Debian's noVNC 1.3.0 ``vnc_lite.html`` served from a loopback static HTTP server, noVNC's
+    default encodings and settings (QEMU then sends Tight without JPEG: QEMU's ``lossy`` is off by default).
+
+Chromium runs once (``--headless``, software rendering) and is driven over a plain DevTools WebSocket: no domain
+is enabled (so no per-frame network events are copied to the driver); only ``Page.addScriptToEvaluateOnNewDocument``,
+``Page.navigate``, ``Runtime.evaluate`` and ``Input.dispatchKeyEvent`` are used. The same script is injected into
+both pages before they load; it wraps ``WebSocket`` to count the bytes of received messages and measures from the
+canvas' pixels, never from the players' own events:
+
+* **painted fps**: for ``--fps-seconds``, every animation frame reads the middle row of the biggest canvas on the
+  page (one ``getImageData`` of 1920x1 px) and hashes it; a hash that differs from the previous one is one painted
+  frame (the bar spans the full height, so every update that moved it changes that row).
+* **input-to-picture latency**: ``--presses`` times, a key press (``KeyA``) sent with CDP ``Input.dispatchKeyEvent``
+  to the focused canvas — each player sends it the way it sends a user's keys; t0 is ``performance.now()`` in a
+  capturing ``keydown`` listener, t1 the first animation frame whose middle row shows another dominant colour.
+* **bytes/s**: WebSocket message payload counted in the page; wire bytes (TCP, both directions, with WebSocket
+  framing and any deflate) from ``ss -ti`` on the server's socket.
+* **CPU**, over the fps window, in % of one core: the uvicorn process (vgpuctl's server), QEMU split into its vCPU
+  thread (the guest, ``CPU 0/TCG``) and the rest (main loop with the VNC server and WebSocket code, ``vnc_worker``
+  encoding, I/O threads; QEMU runs with ``-name …,debug-threads=on``), and the whole Chromium process tree.
+
+Prints one table, then the targets' verdicts; ``--json FILE`` writes every number. Everything it starts is stopped
+at the end (also on Ctrl-C/SIGTERM and after ``--timeout`` seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.server
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB = ROOT / "src" / "vgpuctl" / "service" / "web"
+NOVNC = Path("/usr/share/novnc")
+QEMU = "qemu-system-x86_64"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SETUPS = ("vgpuctl", "vgpuctl-nodeflate", "novnc")
+VM_NAME = "bench"
+TARGET_FPS = 25.0
+TARGET_LATENCY_MS = 80.0
+
+VGPUCTL_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>vgpuctl display</title></head>
+<body style="margin:0"><canvas id="c" tabindex="0"></canvas>
+<script type="module">
+import { DisplayPlayer } from "./display.js";
+const url = new URL("/api/v1/vms/VM/display", location.href); url.protocol = "ws:";
+new DisplayPlayer(document.getElementById("c"), url.href, {}).start();
+</script></body></html>
+"""
+
+# Injected into every page before its own scripts (Page.addScriptToEvaluateOnNewDocument).
+MEASURE_JS = r"""
+(() => {
+  const counter = { bytes: 0, messages: 0 };
+  // A factory, not a subclass: the socket stays a plain WebSocket (noVNC checks its prototype's members).
+  const NativeWebSocket = window.WebSocket;
+  function CountingWebSocket(...args) {
+    const ws = new NativeWebSocket(...args);
+    ws.addEventListener("message", (event) => {
+      const d = event.data;
+      counter.bytes += typeof d === "string" ? d.length : (d.byteLength ?? d.size ?? 0);
+      counter.messages++;
+    });
+    return ws;
+  }
+  CountingWebSocket.prototype = NativeWebSocket.prototype;
+  for (const k of ["CONNECTING", "OPEN", "CLOSING", "CLOSED"]) CountingWebSocket[k] = NativeWebSocket[k];
+  window.WebSocket = CountingWebSocket;
+  const raf = () => new Promise((resolve) => requestAnimationFrame(resolve));
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  function canvas() {
+    let best = null;
+    for (const c of document.querySelectorAll("canvas")) {
+      if (!best || c.width * c.height > best.width * best.height) best = c;
+    }
+    return best;
+  }
+  // One read of the middle row: a hash of its pixels and its dominant colour.
+  function sample(c) {
+    const d = c.getContext("2d").getImageData(0, c.height >> 1, c.width, 1).data;
+    let h = 2166136261, r = 0, g = 0, b = 0;
+    for (let i = 0; i < d.length; i += 4) {
+      h = Math.imul(h ^ (d[i] | (d[i + 1] << 8) | (d[i + 2] << 16)), 16777619);
+      r += d[i]; g += d[i + 1]; b += d[i + 2];
+    }
+    return { hash: h >>> 0, scheme: r > g && r > b ? "red" : g > b ? "green" : "blue" };
+  }
+  window.__bench = {
+    counter,
+    async ready() {  // a canvas of the guest's size whose middle row changes
+      const c = canvas();
+      if (!c || c.width < 64 || c.height < 64) return null;
+      const first = sample(c).hash;
+      for (let i = 0; i < 60; i++) {
+        await raf();
+        if (sample(c).hash !== first) return [c.width, c.height];
+      }
+      return null;
+    },
+    focus() {
+      const c = canvas();
+      c.focus();
+      return document.activeElement === c;
+    },
+    async fps(ms) {
+      const c = canvas();
+      const b0 = counter.bytes, m0 = counter.messages;
+      let last = sample(c).hash, rafs = 0;
+      const times = [];
+      const t0 = performance.now();
+      let t = t0;
+      while (t - t0 < ms) {
+        await raf();
+        rafs++;
+        const h = sample(c).hash;
+        t = performance.now();
+        if (h !== last) { times.push(t); last = h; }
+      }
+      const secs = (t - t0) / 1000;
+      return { secs, painted: times.length, rafs, payload_bytes: counter.bytes - b0, messages: counter.messages - m0,
+               gaps_ms: times.slice(1).map((x, i) => x - times[i]), size: [c.width, c.height] };
+    },
+    arm(timeoutMs) {  // watch for the next key press and the picture it changes
+      const c = canvas();
+      const before = sample(c).scheme;
+      const st = { t0: null };
+      window.addEventListener("keydown", () => { if (st.t0 === null) st.t0 = performance.now(); },
+                              { capture: true, once: true });
+      this.pending = (async () => {
+        const limit = performance.now() + timeoutMs;
+        for (;;) {
+          await raf();
+          const now = performance.now();
+          if (st.t0 !== null) {
+            const s = sample(c).scheme;
+            if (s !== before) return { latency_ms: now - st.t0, before, after: s };
+          }
+          if (now > limit) return { latency_ms: null, before, after: null, key_seen: st.t0 !== null };
+        }
+      })();
+      return before;
+    },
+    result() { return this.pending; },
+  };
+})();
+"""
+
+
+# ------------------------------------------------------------------------------------------ processes and CPU
+
+
+def cpu_of(pid: int, task: int | None = None) -> tuple[str, float]:
+    """(comm, utime+stime in seconds) of a process (all its threads) or of one of its threads."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    with open(path) as f:
+        text = f.read()
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return comm, (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def qemu_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of QEMU's threads: ``vcpu`` (the ``CPU n/TCG`` threads) and ``rest``."""
+    out = {"vcpu": 0.0, "rest": 0.0}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            comm, secs = cpu_of(pid, int(task))
+            out["vcpu" if comm.startswith("CPU ") else "rest"] += secs
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process and all its live descendants."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError):
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+                parent[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+    total = 0.0
+    for pid in parent:
+        p = pid
+        while p > 1 and p != root:
+            p = parent.get(p, 0)
+        if p == root:
+            with contextlib.suppress(OSError):
+                total += cpu_of(pid)[1]
+    return total
+
+
+def wire_bytes(port: int) -> int | None:
+    """TCP bytes sent + received on the established sockets whose local port is ``port`` (``ss -ti``)."""
+    try:
+        out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    acked = sum(int(v) for v in re.findall(r"\bbytes_acked:(\d+)", out))
+    received = sum(int(v) for v in re.findall(r"\bbytes_received:(\d+)", out))
+    return acked + received if "bytes_" in out else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_vnc_display() -> int:
+    for display in range(50, 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 5900 + display))
+            except OSError:
+                continue
+            return display
+    raise RuntimeError("no free VNC display in :50..:99")
+
+
+def stop(proc: subprocess.Popen[bytes], group: bool = False) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                if group:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            proc.wait(5)
+
+
+def wait_for(check: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited ({proc.returncode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+@dataclass
+class Guest:
+    state: Path
+    proc: subprocess.Popen[bytes]
+    debug_log: Path
+    qmp_socket: Path
+
+    def keys_seen(self) -> int:
+        return self.debug_log.read_text(errors="replace").count("vgpuctl-test-guest key ")
+
+
+@contextlib.contextmanager
+def guest(elf: Path, resolution: tuple[int, int], vnc: str | None) -> Iterator[Guest]:
+    """QEMU with the test guest laid out as vgpuctl VM ``bench``; ``vnc`` None: ``-vnc unix:<its socket>``."""
+    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.vm.runtime import RuntimePaths
+    from vgpuctl.vm.testguest import READY_LINE, kernel_args
+
+    with tempfile.TemporaryDirectory(prefix="vgsc-") as tmp:  # short: unix socket paths have ~108 bytes
+        paths = RuntimePaths.for_vm(StateDir(Path(tmp)), VM_NAME)
+        paths.directory.mkdir(parents=True)
+        debug_log = paths.directory / "debug.log"
+        argv = [QEMU, "-name", f"{VM_NAME},debug-threads=on", "-machine", "pc", "-accel", "tcg", "-m", "64",
+                "-nodefaults", "-vga", "std", "-display", "none", "-vnc", vnc or f"unix:{paths.vnc_socket}",
+                *kernel_args(elf, resolution), "-pidfile", str(paths.pidfile),
+                "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+                "-chardev", f"file,id=dbg,path={debug_log}", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"]
+        with (paths.directory / "qemu.log").open("wb") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            wait_for(lambda: debug_log.exists() and READY_LINE in debug_log.read_text(errors="replace")
+                     and paths.pidfile.exists() and paths.qmp_socket.exists(), 20, "the test guest", proc)
+            yield Guest(Path(tmp), proc, debug_log, paths.qmp_socket)
+        finally:
+            stop(proc)
+
+
+@contextlib.contextmanager
+def key_storm(qmp_socket: Path, hz: float) -> Iterator[list[int]]:
+    """Key presses (press + release of ``a``) sent straight to QEMU over QMP at ``hz``, in a thread, while inside:
+    each makes the guest repaint its whole screen in the next scheme. Yields [presses sent so far]."""
+    sent = [0]
+    halt = threading.Event()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(str(qmp_socket))
+    reader = sock.makefile("rb")
+
+    def command(execute: str, **arguments: Any) -> None:
+        sock.sendall(json.dumps({"execute": execute, "arguments": arguments}).encode() + b"\n")
+        while True:  # skip events up to the reply
+            reply = json.loads(reader.readline())
+            if "return" in reply or "error" in reply:
+                if "error" in reply:
+                    raise RuntimeError(f"QMP {execute}: {reply['error']}")
+                return
+
+    reader.readline()  # the greeting
+    command("qmp_capabilities")
+    key = {"type": "qcode", "data": "a"}
+    events = [{"type": "key", "data": {"down": down, "key": key}} for down in (True, False)]
+
+    def run() -> None:
+        period = 1 / hz
+        next_at = time.monotonic()
+        while not halt.is_set():
+            command("input-send-event", events=events)
+            sent[0] += 1
+            next_at += period
+            halt.wait(max(0.0, next_at - time.monotonic()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield sent
+    finally:
+        halt.set()
+        thread.join(5)
+        reader.close()
+        sock.close()
+
+
+# ------------------------------------------------------------------------------------------ servers
+
+
+def serve_vgpuctl(state: str, port: int, deflate: bool) -> None:
+    """The subprocess: vgpuctl's display route (no auth) + the player page, on uvicorn as ``vgpuctl serve`` runs it."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, Response
+
+    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.service.stream import make_router
+
+    app = FastAPI()
+    app.state.state = StateDir(Path(state))
+    app.include_router(make_router(None))
+    page = VGPUCTL_PAGE.replace("/VM/", f"/{VM_NAME}/")
+    player = (WEB / "display.js").read_bytes()
+
+    @app.get("/bench.html")
+    def bench_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/display.js")
+    def display_js() -> Response:
+        return Response(player, media_type="text/javascript")
+
+    # As vgpuctl.cli.serve.run_service configures uvicorn (it keeps uvicorn's permessage-deflate default).
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, access_log=False, server_header=False,
+                            proxy_headers=False, log_level="warning", timeout_graceful_shutdown=3,
+                            ws_per_message_deflate=deflate)
+    uvicorn.Server(config).run()
+
+
+@contextlib.contextmanager
+def vgpuctl_server(state: Path, deflate: bool) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    argv = [sys.executable, __file__, "--serve-vgpuctl", str(state), "--port", str(port),
+            *(["--deflate"] if deflate else [])]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/display.js", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_for(up, 20, "the uvicorn subprocess", proc)
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def static_server(directory: Path) -> Iterator[int]:
+    """noVNC's files on a loopback HTTP server in a thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(QuietHandler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+# ------------------------------------------------------------------------------------------ the browser
+
+
+class Cdp:
+    """A plain DevTools connection to one page: commands only, no domain enabled (so no events to copy)."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.stack = contextlib.ExitStack()
+        self.ws = self.stack.enter_context(connect(ws_url, max_size=None, open_timeout=10))
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
+        ident = next(self.ids)
+        self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            if message.get("id") == ident:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message.get("result", {})
+                return result
+
+    def eval(self, expression: str, timeout: float = 30.0) -> Any:
+        result = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True,
+                           returnByValue=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise RuntimeError(f"{expression}: {details.get('exception', {}).get('description') or details}")
+        return result["result"].get("value")
+
+    def key(self, code: str = "KeyA", key: str = "a") -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, code=code, key=key, windowsVirtualKeyCode=ord(key.upper()),
+                      nativeVirtualKeyCode=ord(key.upper()), **({"text": key} if kind == "keyDown" else {}))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stack.close()
+
+
+@contextlib.contextmanager
+def browser(chromium: str, size: tuple[int, int]) -> Iterator[tuple[subprocess.Popen[bytes], Cdp]]:
+    with tempfile.TemporaryDirectory(prefix="vgsc-chromium-") as profile:
+        proc = subprocess.Popen([chromium, *CHROMIUM_ARGS, f"--window-size={size[0]},{size[1]}",
+                                 f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        cdp: Cdp | None = None
+        try:
+            active = Path(profile) / "DevToolsActivePort"
+            port = int(wait_for(lambda: active.exists() and active.read_text().split("\n")[0], 30,
+                                "chromium's DevTools port", proc))
+
+            def page_target() -> str | None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                        targets = json.load(r)
+                except OSError:
+                    return None
+                return next((t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"), None)
+
+            cdp = Cdp(wait_for(page_target, 15, "chromium's page target", proc))
+            cdp.call("Page.enable")  # page lifecycle events only; scripts to inject on navigation need it
+            cdp.call("Page.addScriptToEvaluateOnNewDocument", source=MEASURE_JS)
+            cdp.call("Emulation.setFocusEmulationEnabled", enabled=True)
+            yield proc, cdp
+        finally:
+            if cdp is not None:
+                cdp.close()
+            stop(proc, group=True)
+
+
+# ------------------------------------------------------------------------------------------ one setup
+
+
+@dataclass
+class Result:
+    setup: str
+    size: list[int] = field(default_factory=list)
+    secs: float = 0.0
+    painted_fps: float = 0.0
+    raf_per_s: float = 0.0
+    gap_p50_ms: float = 0.0
+    gap_p95_ms: float = 0.0
+    gap_max_ms: float = 0.0
+    latencies_ms: list[float | None] = field(default_factory=list)
+    payload_bytes_per_s: float = 0.0
+    messages_per_s: float = 0.0
+    wire_bytes_per_s: float | None = None
+    server_cpu_pct: float | None = None
+    qemu_vcpu_pct: float = 0.0
+    qemu_rest_pct: float = 0.0
+    browser_cpu_pct: float = 0.0
+    keys_sent: int = 0
+    keys_seen_by_guest: int = 0
+
+    @property
+    def latency_median_ms(self) -> float | None:
+        values = [v for v in self.latencies_ms if v is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def latency_p95_ms(self) -> float | None:
+        values = sorted(v for v in self.latencies_ms if v is not None)
+        return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))] if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["latency_median_ms"] = self.latency_median_ms
+        out["latency_p95_ms"] = self.latency_p95_ms
+        return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure(cdp: Cdp, browser_pid: int, g: Guest, url: str, setup: str, server: subprocess.Popen[bytes] | None,
+            wire_port: int, args: argparse.Namespace) -> Result:
+    result = Result(setup)
+    cdp.call("Page.navigate", url=url)
+    size = wait_for(lambda: cdp.eval("window.__bench ? window.__bench.ready() : null"), 40, f"{setup}: a live canvas")
+    result.size = list(size)
+    time.sleep(args.warmup)
+
+    def snapshot() -> tuple[float, dict[str, float], float | None, float, int | None]:
+        return (time.monotonic(), qemu_cpu(g.proc.pid), cpu_of(server.pid)[1] if server else None,
+                tree_cpu(browser_pid), wire_bytes(wire_port))
+
+    before = snapshot()
+    page = cdp.eval(f"__bench.fps({args.fps_seconds * 1000})", timeout=args.fps_seconds + 20)
+    after = snapshot()
+    wall = after[0] - before[0]
+    result.secs = page["secs"]
+    result.painted_fps = page["painted"] / page["secs"]
+    result.raf_per_s = page["rafs"] / page["secs"]
+    gaps = page["gaps_ms"]
+    result.gap_p50_ms, result.gap_p95_ms = percentile(gaps, 0.5), percentile(gaps, 0.95)
+    result.gap_max_ms = max(gaps, default=0.0)
+    result.payload_bytes_per_s = page["payload_bytes"] / page["secs"]
+    result.messages_per_s = page["messages"] / page["secs"]
+    if before[4] is not None and after[4] is not None:
+        result.wire_bytes_per_s = (after[4] - before[4]) / wall
+    if before[2] is not None and after[2] is not None:
+        result.server_cpu_pct = 100 * (after[2] - before[2]) / wall
+    result.qemu_vcpu_pct = 100 * (after[1]["vcpu"] - before[1]["vcpu"]) / wall
+    result.qemu_rest_pct = 100 * (after[1]["rest"] - before[1]["rest"]) / wall
+    result.browser_cpu_pct = 100 * (after[3] - before[3]) / wall
+
+    if not cdp.eval("__bench.focus()"):
+        raise RuntimeError(f"{setup}: the canvas did not take the keyboard focus")
+    keys_before = g.keys_seen()
+    for _ in range(args.presses):
+        time.sleep(random.uniform(0.3, 0.5))  # a different phase against QEMU's 30 ms refresh each time
+        cdp.eval("__bench.arm(3000)")
+        cdp.key()
+        result.keys_sent += 1
+        outcome = cdp.eval("__bench.result()", timeout=10)
+        result.latencies_ms.append(outcome["latency_ms"])
+    time.sleep(0.2)
+    result.keys_seen_by_guest = g.keys_seen() - keys_before
+    cdp.call("Page.navigate", url="about:blank")
+    return result
+
+
+def run_setup(setup: str, elf: Path, resolution: tuple[int, int], cdp: Cdp, browser_pid: int, novnc_port: int,
+              args: argparse.Namespace) -> Result:
+    if setup == "novnc":
+        ws_port = free_port()
+        vnc = f"127.0.0.1:{free_vnc_display()},websocket=127.0.0.1:{ws_port}"
+        with guest(elf, resolution, vnc) as g:
+            url = f"http://127.0.0.1:{novnc_port}/vnc_lite.html?host=127.0.0.1&port={ws_port}&path="
+            return measure(cdp, browser_pid, g, url, setup, None, ws_port, args)
+    with guest(elf, resolution, None) as g, vgpuctl_server(g.state, setup == "vgpuctl") as (server, port):
+        return measure(cdp, browser_pid, g, f"http://127.0.0.1:{port}/bench.html", setup, server, port, args)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+LABELS = {"vgpuctl": "vgpuctl (as `vgpuctl serve`: deflate on)", "vgpuctl-nodeflate": "vgpuctl, deflate off",
+          "novnc": "noVNC 1.3.0 → QEMU websocket"}
+
+
+def table(results: list[Result]) -> str:
+    head = ["setup", "painted fps", "frame gap p50/p95/max ms", "latency median ms", "latency p95/max ms",
+            "payload MB/s", "wire MB/s", "server CPU %", "QEMU vCPU %", "QEMU other %", "Chromium CPU %"]
+    rows = [head]
+    for r in results:
+        lat = [v for v in r.latencies_ms if v is not None]
+        missed = len(r.latencies_ms) - len(lat)
+        rows.append([
+            LABELS.get(r.setup, r.setup), fmt(r.painted_fps),
+            f"{r.gap_p50_ms:.0f} / {r.gap_p95_ms:.0f} / {r.gap_max_ms:.0f}",
+            f"{fmt(r.latency_median_ms, 0)} (n={len(lat)}{f', {missed} timed out' if missed else ''})",
+            f"{fmt(r.latency_p95_ms, 0)} / {fmt(max(lat, default=None), 0)}",
+            fmt(r.payload_bytes_per_s / 1e6, 2),
+            fmt(None if r.wire_bytes_per_s is None else r.wire_bytes_per_s / 1e6, 2),
+            "– (in QEMU)" if r.server_cpu_pct is None else fmt(r.server_cpu_pct, 0),
+            fmt(r.qemu_vcpu_pct, 0), fmt(r.qemu_rest_pct, 0), fmt(r.browser_cpu_pct, 0)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                   strict=True)))
+             + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def verdicts(results: list[Result]) -> list[str]:
+    by = {r.setup: r for r in results}
+    ours, novnc = by.get("vgpuctl") or by.get("vgpuctl-nodeflate"), by.get("novnc")
+    out: list[str] = []
+    if ours is None:
+        return out
+    label = LABELS[ours.setup]
+
+    def say(ok: bool, text: str) -> None:
+        out.append(f"target: {text}: {'HOLDS' if ok else 'MISSED'}")
+
+    say(ours.painted_fps >= TARGET_FPS, f"{label} painted fps >= {TARGET_FPS:.0f} ({ours.painted_fps:.1f})")
+    median = ours.latency_median_ms
+    say(median is not None and median <= TARGET_LATENCY_MS,
+        f"{label} median input-to-picture <= {TARGET_LATENCY_MS:.0f} ms ({fmt(median, 0)} ms)")
+    if novnc is not None:
+        ratio = ours.painted_fps / novnc.painted_fps if novnc.painted_fps else float("inf")
+        say(ratio >= 4, f"fps >= 4x noVNC's ({ours.painted_fps:.1f} vs {novnc.painted_fps:.1f}: {ratio:.1f}x)")
+        theirs = novnc.latency_median_ms
+        if median is not None and theirs:
+            say(median <= theirs / 2, f"latency <= 1/2 noVNC's ({median:.0f} vs {theirs:.0f} ms: "
+                                      f"{median / theirs:.2f}x)")
+        else:
+            out.append("target: latency <= 1/2 noVNC's: no median for one of them")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+class Timeout(Exception):
+    pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", default="1920x1080")
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, in order; of {SETUPS}")
+    parser.add_argument("--fps-seconds", type=float, default=5.0)
+    parser.add_argument("--presses", type=int, default=10)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of playing before measuring")
+    parser.add_argument("--timeout", type=int, default=170, help="give up (and clean up) after this many seconds")
+    parser.add_argument("--json", metavar="FILE", help="write all numbers there")
+    parser.add_argument("--serve-vgpuctl", metavar="STATE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--deflate", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_vgpuctl:
+        serve_vgpuctl(args.serve_vgpuctl, args.port, args.deflate)
+        return 0
+
+    sys.path.insert(0, str(ROOT / "src"))
+    width, height = (int(v) for v in args.resolution.split("x"))
+    setups = [s for s in args.setups.split(",") if s]
+    if unknown := set(setups) - set(SETUPS):
+        parser.error(f"unknown setups {sorted(unknown)}")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    missing = [what for what, ok in (("chromium (apt-get install chromium)", chromium),
+                                     (f"{QEMU} (apt-get install qemu-system-x86)", shutil.which(QEMU)),
+                                     ("noVNC (apt-get install novnc)", "novnc" not in setups
+                                      or (NOVNC / "vnc_lite.html").exists())) if not ok]
+    if missing or chromium is None:
+        print("missing: " + ", ".join(missing), file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise Timeout(f"stopped after {args.timeout} s") if signum == signal.SIGALRM else KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.alarm(args.timeout)
+    from vgpuctl.vm.testguest import build_test_guest
+
+    started = time.monotonic()
+    results: list[Result] = []
+    try:
+        elf = build_test_guest()
+        with static_server(NOVNC) as novnc_port, browser(chromium, (width, height + 120)) as (proc, cdp):
+            for setup in setups:
+                t = time.monotonic()
+                results.append(run_setup(setup, elf, (width, height), cdp, proc.pid, novnc_port, args))
+                print(f"# {setup}: {time.monotonic() - t:.0f} s", file=sys.stderr)
+    except (Timeout, RuntimeError) as e:
+        print(f"bench_stream_compare: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.alarm(0)
+    load = os.getloadavg()
+    print(f"# {args.resolution}, TCG, {os.cpu_count()} CPUs, load {load[0]:.2f} {load[1]:.2f}, "
+          f"{time.monotonic() - started:.0f} s; CPU in % of one core over the {args.fps_seconds:.0f} s fps window")
+    print(table(results))
+    for r in results:
+        if r.keys_seen_by_guest != r.keys_sent:
+            print(f"WARNING: {r.setup}: {r.keys_sent} key presses sent, the guest saw {r.keys_seen_by_guest}")
+        if r.size != [width, height]:
+            print(f"WARNING: {r.setup}: canvas {r.size}, expected {[width, height]}")
+    for line in verdicts(results):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"resolution": args.resolution, "load": load,
+                                               "results": [r.to_json() for r in results]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
