@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium
+DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium novnc iproute2
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PY := $(VENV)/.py-installed
 
@@ -47,6 +47,7 @@ bench: deps
 	$(PY) bench/bench_cli.py
 	$(PY) bench/bench_doctor.py
 	$(PY) bench/bench_vm.py
+	$(PY) bench/bench_stream_compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

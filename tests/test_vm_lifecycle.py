@@ -6,6 +6,7 @@ Accelerator: whatever the KVM probe decides; on the machines our tests and CI ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import active_devices
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs
-from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
+from vgpuctl.vm.runtime import RuntimePaths, is_running, read_pid, vm_vgpu_uuid
 from vgpuctl.vm.testguest import build_test_guest
 
 pytestmark = pytest.mark.fuse
@@ -38,11 +40,19 @@ def guest() -> Path:
 
 
 @pytest.fixture
-def state() -> StateDir:
+def state() -> Iterator[StateDir]:
     # Short: QMP/VNC socket paths must stay under 108 bytes.
+    import shutil
     import tempfile
 
-    return StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
+    state = StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
+    yield state
+    for name in specs.names(state):  # a failed test must not leave its QEMUs running
+        pid = read_pid(RuntimePaths.for_vm(state, name))
+        if pid and is_running(state, name):  # its own QEMU (command line names the pidfile), nothing else
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(state.path, ignore_errors=True)
 
 
 @pytest.fixture
