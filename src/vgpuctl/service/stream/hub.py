@@ -236,6 +236,7 @@ class Viewer:
 class HubStats:
     connections: int = 0
     updates: int = 0
+    pictures: int = 0  # updates that changed something: the pictures QEMU really produced
     encodes: int = 0
     """Encodes run (one per group of viewers served together)."""
     frames_queued: int = 0
@@ -365,18 +366,23 @@ class DisplayHub:
         self._wake_event.set()
 
     async def _report_loop(self, name: str) -> None:
-        """Each second: the frames per second the fastest viewer got, and the number of viewers."""
+        """Each second: the pictures per second the fastest viewer got, and the number of viewers.
+
+        A large update is sent in bands as it arrives (several frames for one picture), so the frames a
+        viewer got are capped by the pictures QEMU produced in the same second."""
         try:
             from vgpuctl.service import metrics
         except ImportError:  # the service's metrics (prometheus_client) are not installed
             return
         seen: dict[int, int] = {}
+        pictures = self.stats.pictures
         try:
             while not self.closed:
                 await asyncio.sleep(1.0)
                 counts = {id(v): v.frames_received for v in self.viewers}
                 fps = max((n - seen.get(key, n) for key, n in counts.items()), default=0)
-                seen = counts
+                fps = min(fps, self.stats.pictures - pictures)
+                seen, pictures = counts, self.stats.pictures
                 metrics.report_stream(name, fps=fps, viewers=len(self.viewers))
         finally:
             metrics.clear_stream(name)
@@ -420,6 +426,7 @@ class DisplayHub:
             for viewer in self.viewers:
                 viewer.pending = np.ones(grid, np.bool_)
         if update.rects or update.resized:
+            self.stats.pictures += 1
             streamed = set(update.streamed) if self._have_picture else set()
             self._have_picture = self._have_picture or bool(update.rects)
             self._last_update_us = int(update.finished * 1e6)
