@@ -659,14 +659,19 @@ def _kernel_param_fix(host: Host, param: str) -> str:
             "or add it to the kernel command line by hand:\n" + GRUB_ADD.format(param=param))
 
 
+def _see_param(host: Host, c: Check, module: str, param: str) -> tuple[str | None, tuple[str, str] | None, str | None]:
+    """A module parameter's sources as evidence (command line, modprobe.d); returns them and the running value."""
+    cmd, modprobe = host.param_sources(module, param)
+    c.see("/proc/cmdline", f"{module}.{param}={cmd}" if cmd is not None else f"no {module}.{param}")
+    if modprobe:
+        c.see(modprobe[1], f"options {module} {param}={modprobe[0]}")
+    return cmd, modprobe, host.value(f"/sys/module/{module}/parameters/{param}")
+
+
 def check_enable_gvt(ctx: Context, c: Check) -> None:
     host = ctx.host
-    cmd, modprobe = host.param_sources("i915", "enable_gvt")
     sysfs_path = "/sys/module/i915/parameters/enable_gvt"
-    runtime = host.value(sysfs_path)
-    c.see("/proc/cmdline", f"i915.enable_gvt={cmd}" if cmd is not None else "no i915.enable_gvt")
-    if modprobe:
-        c.see(modprobe[1], f"options i915 enable_gvt={modprobe[0]}")
+    cmd, modprobe, runtime = _see_param(host, c, "i915", "enable_gvt")
     if runtime is not None:
         c.see(sysfs_path, runtime)
     elif host.denied(sysfs_path):
@@ -701,12 +706,8 @@ def check_enable_gvt(ctx: Context, c: Check) -> None:
 
 def check_guc(ctx: Context, c: Check) -> None:
     host = ctx.host
-    cmd, modprobe = host.param_sources("i915", "enable_guc")
     sysfs_path = "/sys/module/i915/parameters/enable_guc"
-    runtime = host.value(sysfs_path)
-    c.see("/proc/cmdline", f"i915.enable_guc={cmd}" if cmd is not None else "no i915.enable_guc")
-    if modprobe:
-        c.see(modprobe[1], f"options i915 enable_guc={modprobe[0]}")
+    cmd, modprobe, runtime = _see_param(host, c, "i915", "enable_guc")
     if runtime is not None:
         c.see(sysfs_path, runtime)
     legacy = host.cmdline_param("i915.enable_guc_submission")
@@ -735,13 +736,9 @@ def check_guc(ctx: Context, c: Check) -> None:
 
 def check_ignore_msrs(ctx: Context, c: Check) -> None:
     host = ctx.host
-    cmd, modprobe = host.param_sources("kvm", "ignore_msrs")
     sysfs_path = "/sys/module/kvm/parameters/ignore_msrs"
-    runtime = host.value(sysfs_path)
+    cmd, modprobe, runtime = _see_param(host, c, "kvm", "ignore_msrs")
     c.see(sysfs_path, runtime if runtime is not None else "absent: kvm not loaded")
-    c.see("/proc/cmdline", f"kvm.ignore_msrs={cmd}" if cmd is not None else "no kvm.ignore_msrs")
-    if modprobe:
-        c.see(modprobe[1], f"options kvm ignore_msrs={modprobe[0]}")
     persistent = bool(_truthy(cmd)) or (modprobe is not None and bool(_truthy(modprobe[0])))
     now = _truthy(runtime)
     why = ("Windows guests with Intel's graphics driver read MSRs that KVM does not emulate (RAPL/energy: 0x606, "
