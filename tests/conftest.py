@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from vgpuctl.host import HostRoot
 from vgpuctl.sim import mount as sim_mount
@@ -39,3 +41,22 @@ def mount_host(tmp_path: Path) -> Iterator[MountFn]:
     for directory in mounted:
         if sim_mount.is_sim_mount(directory):
             sim_mount.umount(directory, lazy=True)
+
+
+class Cli:
+    """vgpuctl in-process (click's runner) against one host root and one state dir."""
+
+    def __init__(self, root: HostRoot, state: Path) -> None:
+        self.root, self.state = root, state
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, ok: bool = True) -> tuple[int, str, str]:
+        from vgpuctl.cli.app import cli
+
+        result = self.runner.invoke(cli, ["--root", str(self.root.root), "--state-dir", str(self.state), *args])
+        if ok:
+            assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
+        return result.exit_code, result.stdout, result.stderr
+
+    def json(self, *args: str) -> object:
+        return json.loads(self(*args, "--json")[1])

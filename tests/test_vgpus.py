@@ -11,11 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from tests.conftest import GVT_PARENT, MountFn
-from vgpuctl.cli.app import cli as app
-from vgpuctl.host import HostRoot
+from tests.conftest import GVT_PARENT, Cli, MountFn
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import Definition, atomic_write
 
@@ -25,21 +22,6 @@ U1 = "11111111-0000-4000-8000-000000000001"
 U2 = "11111111-0000-4000-8000-000000000002"
 
 
-class Cli:
-    """vgpuctl in-process against one host root and one state dir."""
-
-    def __init__(self, root: HostRoot, state: Path) -> None:
-        self.root, self.state = root, state
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, ok: bool = True) -> tuple[int, str, str]:
-        result = self.runner.invoke(app, ["--root", str(self.root.root), "--state-dir", str(self.state), *args])
-        if ok:
-            assert result.exit_code == 0, (args, result.stdout, result.stderr)
-        return result.exit_code, result.stdout, result.stderr
-
-    def json(self, *args: str) -> object:
-        return json.loads(self(*args, "--json")[1])
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ the CLI runs in-process against a mounted simulated Coffee Lake host.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -16,10 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from tests.conftest import GVT_PARENT, MountFn
-from vgpuctl.cli.app import cli as app
+from tests.conftest import GVT_PARENT, Cli, MountFn
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import InvalidInput
 from vgpuctl.mdev.state import StateDir
@@ -522,19 +519,6 @@ def test_vm_vgpu_uuid_is_stable_per_name() -> None:
 # ---------------------------------------------------------------------- the vm commands on a simulated host
 
 
-class Cli:
-    def __init__(self, root: HostRoot, state: Path) -> None:
-        self.root, self.state = root, state
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, ok: bool = True) -> tuple[int, str, str]:
-        result = self.runner.invoke(app, ["--root", str(self.root.root), "--state-dir", str(self.state), *args])
-        if ok:
-            assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
-        return result.exit_code, result.stdout, result.stderr
-
-    def json(self, *args: str) -> object:
-        return json.loads(self(*args, "--json")[1])
 
 
 @pytest.fixture
