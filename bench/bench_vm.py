@@ -2,16 +2,23 @@
 
 Both run the project's test guest on a mounted simulated Coffee Lake (1 GiB aperture); the accelerator
 is TCG (pinned with --accel tcg, the same the probe picks on these KVM-PVM machines). Rows:
-  bare QEMU       Popen(the exact argv `vgpuctl vm argv` prints) -> QMP query-status == running
+  bare QEMU       Popen(qemu-system-x86_64 with the argv `vgpuctl vm argv` prints) -> QMP query-status ==
+                  running, waited for the fastest way we know (the way vgpuctl itself waits): the QMP
+                  socket bound before QEMU starts and passed to it (-chardev socket,fd=N), one
+                  connection that QEMU's monitor greets as soon as it runs
   vgpuctl CLI     `vgpuctl vm start NAME --accel tcg` as a whole process (returns once QMP says running)
-  vgpuctl library vgpuctl.vm.lifecycle.start() in this process (what the service will call)
+  vgpuctl library vgpuctl.vm.lifecycle.start() in this process
+  vgpuctl service POST /api/v1/vms/NAME/start to a running `vgpuctl serve` (keep-alive HTTP connection,
+                  bearer token), until the response (sent once QMP says running)
   7 VMs at once   seven `vgpuctl vm start` processes in parallel, wall time until all return
-Target: CLI <= 3x bare QEMU. Run: make bench (or .venv/bin/python bench/bench_vm.py [--runs N]).
+Targets: CLI <= 3x bare QEMU, service <= 1.3x. Run: make bench (or .venv/bin/python bench/bench_vm.py
+[--runs N]).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
@@ -41,22 +48,63 @@ def new_vm(state: StateDir, name: str, guest: Path) -> None:
 
 
 def bare_qemu(argv: list[str], paths: RuntimePaths) -> float:
-    for stale in (paths.pidfile, paths.qmp_socket):
-        stale.unlink(missing_ok=True)
+    paths.pidfile.unlink(missing_ok=True)
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with lifecycle.listen_qmp(paths.qmp_socket) as listener:
+        process = subprocess.Popen(lifecycle.preopened_qmp_argv(argv, listener.fileno()), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(listener.fileno(),))
     try:
-        while True:
-            if paths.qmp_socket.exists():
-                try:
-                    if lifecycle.qmp(paths, "query-status", timeout_s=2.0).get("status") == "running":
-                        return time.perf_counter() - started
-                except Exception:  # not listening yet
-                    pass
-            time.sleep(0.005)
+        lifecycle.wait_running(paths.qmp_socket, lambda: process.poll() is not None, 10.0, "bare QEMU: no 'running'")
+        return time.perf_counter() - started
     finally:
         process.kill()
         process.wait()
+
+
+class Service:
+    """`vgpuctl serve` on a free loopback port, and one keep-alive HTTP connection to it."""
+
+    def __init__(self, env: dict[str, str], state: StateDir) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen([VGPUCTL, "serve", "--port", str(self.port)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.token = (state.path / "token").read_text().strip()
+                self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                self.request("GET", "/api/v1/vms")
+                break
+            except (OSError, http.client.HTTPException):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise SystemExit("vgpuctl serve did not come up") from None
+                time.sleep(0.1)
+
+    def request(self, method: str, path: str, body: dict[str, str] | None = None) -> dict[str, object]:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        self.connection.request(method, path, json.dumps(body) if body is not None else None, headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise SystemExit(f"{method} {path}: {response.status} {data.decode()}")
+        return json.loads(data)  # type: ignore[no-any-return]
+
+    def start(self, name: str) -> float:
+        started = time.perf_counter()
+        answer = self.request("POST", f"/api/v1/vms/{name}/start", {"accel": "tcg"})
+        elapsed = time.perf_counter() - started
+        if answer.get("state") != "running":
+            raise SystemExit(f"service start: {answer}")
+        return elapsed
+
+    def close(self) -> None:
+        self.connection.close()
+        self.process.terminate()
+        self.process.wait(10)
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -78,12 +126,17 @@ def main() -> None:
     mount.mount(preset("coffeelake").with_overrides(aperture_mib=1024).to_json(), directory, "coffeelake")
     root = HostRoot(directory)
     env = {**os.environ, "VGPUCTL_ROOT": str(directory), "VGPUCTL_STATE_DIR": str(state.path)}
-    rows: dict[str, list[float]] = {"bare QEMU": [], "vgpuctl CLI": [], "vgpuctl library": []}
+    rows: dict[str, list[float]] = {"bare QEMU": [], "vgpuctl CLI": [], "vgpuctl library": [],
+                                    "vgpuctl service": []}
+    service: Service | None = None
     try:
         for index in range(8):
             new_vm(state, f"car{index}", guest)
         argv = lifecycle.prepare(root, state, "car0", accel="tcg").command.argv
         lifecycle.start(root, state, "car0", accel="tcg")  # warm-up: the vGPU exists from now on
+        lifecycle.kill(root, state, "car0")
+        service = Service(env, state)
+        service.start("car0")  # warm-up: the service's first start imports the VM modules
         lifecycle.kill(root, state, "car0")
         for _ in range(options.runs):
             rows["bare QEMU"].append(bare_qemu(argv, RuntimePaths.for_vm(state, "car0")))
@@ -92,6 +145,8 @@ def main() -> None:
             started = time.perf_counter()
             lifecycle.start(root, state, "car0", accel="tcg")
             rows["vgpuctl library"].append(time.perf_counter() - started)
+            lifecycle.kill(root, state, "car0")
+            rows["vgpuctl service"].append(service.start("car0"))
             lifecycle.kill(root, state, "car0")
         lifecycle.release_vgpu(root, state, "car0")  # kept for reuse otherwise: seven is the GPU's limit
         started = time.perf_counter()
@@ -102,6 +157,8 @@ def main() -> None:
         seven = time.perf_counter() - started
         running = sum(lifecycle.status(root, state, f"car{i}").state == "running" for i in range(1, 8))
     finally:
+        if service is not None:
+            service.close()
         for name in specs.names(state):
             if lifecycle.status(root, state, name).pid:
                 lifecycle.kill(root, state, name)

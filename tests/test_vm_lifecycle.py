@@ -157,6 +157,8 @@ def test_a_vm_outlives_vgpuctl_and_the_cli_reattaches(host: HostRoot, state: Sta
     started = cli("start", "web", "--accel", "tcg")
     assert started.returncode == 0, started.stderr
     assert "web: running" in started.stdout and "emulated VGA 1920x1200" in started.stdout
+    run = json.loads((RuntimePaths.for_vm(state, "web").directory / "run.json").read_text())
+    assert "-chardev" in run["argv"] and "-qmp" not in run["argv"]  # QEMU got its QMP socket pre-opened
     status = cli("status", "web", "--json")  # a new process finds the VM through its socket and pidfile
     info = json.loads(status.stdout)
     assert info["state"] == "running" and info["accel"] == "tcg"
@@ -167,6 +169,7 @@ def test_a_vm_outlives_vgpuctl_and_the_cli_reattaches(host: HostRoot, state: Sta
     assert again.returncode == 1 and "already running" in again.stderr
     argv = cli("argv", "web", "--accel", "tcg")
     assert "-device VGA,id=hostdev0,xres=1920,yres=1200" in argv.stdout and "simulated host" in argv.stdout
+    assert "-qmp unix:" in argv.stdout  # the command line a user can run by hand
     stopped = cli("stop", "web")
     assert stopped.returncode == 0 and "web: stopped" in stopped.stdout
     assert cli("stop", "web").returncode == 1

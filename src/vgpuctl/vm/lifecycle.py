@@ -4,6 +4,9 @@ outlives the vgpuctl process that started it.
 
 QEMU runs under ``sh -c 'qemu ...; echo $? > exit-status'`` in a session of its own: the exit
 status tells a guest power-off (0) from a crash (anything else) after vgpuctl has gone away.
+Its QMP socket is bound by vgpuctl before QEMU starts and handed over as a file descriptor, as
+libvirt does, so a start connects at once and learns ``running`` the moment QEMU's monitor speaks;
+``run.json`` keeps the exact argv (``vgpuctl vm argv`` prints the equivalent with a socket path).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,15 +241,18 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
                "simulated_display": f"emulated VGA {replaced[0]}x{replaced[1]}" if replaced else None,
                "notes": prepared.notes, "started": time.time()}
         exit_file = _exit_file(paths, run)
-        with open(paths.log, "w") as log:
+        with listen_qmp(paths.qmp_socket) as listener, open(paths.log, "w") as log:
+            run["argv"] = argv = preopened_qmp_argv(argv, listener.fileno())
             # The shell waits for QEMU and keeps its exit status for later status calls.
             shell = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+                                     pass_fds=(listener.fileno(),), start_new_session=True,
+                                     env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
         run["shell_pid"] = shell.pid
         atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
-        _wait_running(paths, exit_file, name, timeout_s)
-    return status(root, state, name)
+        wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
+                     f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
+    return status(root, state, name, qmp_status="running")
 
 
 def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: RuntimePaths) -> None:
@@ -273,20 +281,88 @@ def _make_disks(spec: VmSpec) -> None:
             raise VmError(f"could not create disk {disk.path}: {done.stderr.strip()} (apt-get install qemu-utils)")
 
 
-def _wait_running(paths: RuntimePaths, exit_file: Path, name: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if exit_file.exists():
-            tail = "\n  ".join(_log_tail(paths))
-            raise VmError(f"QEMU for VM {name} exited at start:\n  {tail}")
-        if paths.qmp_socket.exists() and _qmp_status(paths) == "running":
-            return
-        time.sleep(0.005)
-    raise VmError(f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
+def listen_qmp(path: Path) -> socket.socket:
+    """A listening socket for QEMU's monitor, bound before QEMU starts (libvirt does the same).
+
+    vgpuctl connects at once and QEMU greets as soon as its monitor runs: no polling for the socket
+    file, no retry delays. QEMU inherits the socket; it stays reachable at ``path`` for later calls.
+    """
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(16)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
-def status(root: HostRoot, state: StateDir, name: str) -> VmStatus:
-    """Re-attach to the VM through its pidfile and QMP socket; a vanished QEMU is reported as crashed."""
+def preopened_qmp_argv(argv: list[str], fd: int) -> list[str]:
+    """``argv`` with its ``-qmp unix:...`` replaced by the pre-opened listening socket ``fd``."""
+    at = argv.index("-qmp")
+    return [*argv[:at], "-chardev", f"socket,id=vgpuctl-qmp,fd={fd},server=on,wait=off",
+            "-mon", "chardev=vgpuctl-qmp,mode=control", *argv[at + 2:]]
+
+
+def wait_running(qmp_socket: Path, exited: Callable[[], bool], timeout_s: float, timeout_message: str) -> None:
+    """Connect to a QEMU that is starting and return once QMP reports ``running``.
+
+    ``exited`` is asked every few ms while QEMU has not answered; it raises (or returns True) when
+    QEMU is gone. One connection for the whole wait: with a pre-opened socket the connection waits
+    in the listen backlog until QEMU's monitor greets.
+    """
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def wait() -> None:
+        client = QMPClient("vgpuctl")
+        connect = asyncio.ensure_future(client.connect(str(qmp_socket)))
+        try:
+            while not connect.done():
+                if exited():
+                    raise VmError("QEMU exited at start")
+                await asyncio.wait([connect], timeout=0.01)
+            connect.result()
+            while dict(await client.execute("query-status"))["status"] != "running":  # type: ignore[call-overload]
+                await asyncio.sleep(0.005)
+        finally:
+            connect.cancel()
+            await client.disconnect()
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(wait(), timeout_s)
+        except TimeoutError:
+            raise VmError(timeout_message) from None
+
+    try:
+        asyncio.run(bounded())
+    except VmError:
+        raise
+    except Exception as error:  # QEMU closed the socket: it is gone, or going
+        deadline = time.monotonic() + 1.0  # its shell records the exit status just after
+        while time.monotonic() < deadline:
+            if exited():
+                break
+            time.sleep(0.01)
+        raise VmError(f"QMP of the starting QEMU failed: {error}") from error
+
+
+def _exited_at_start(paths: RuntimePaths, exit_file: Path, name: str) -> bool:
+    if exit_file.exists():
+        tail = "\n  ".join(_log_tail(paths))
+        raise VmError(f"QEMU for VM {name} exited at start:\n  {tail}")
+    return False
+
+
+def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None = None) -> VmStatus:
+    """Re-attach to the VM through its pidfile and QMP socket; a vanished QEMU is reported as crashed.
+
+    ``qmp_status``: what QMP has just said, when the caller has asked (a start); saves a round trip.
+    """
     if not specs.exists(state, name):
         raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs")
     paths = RuntimePaths.for_vm(state, name)
@@ -299,7 +375,7 @@ def status(root: HostRoot, state: StateDir, name: str) -> VmStatus:
     pid = read_pid(paths)
     if _alive(pid):
         result.pid = pid
-        result.qmp_status = _qmp_status(paths)
+        result.qmp_status = qmp_status or _qmp_status(paths)
         result.state = {"running": "running", "paused": "paused", "shutdown": "shutdown",
                         None: "running"}.get(result.qmp_status, result.qmp_status or "running")
         result.console = _console(paths)

@@ -144,7 +144,7 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
     """Which vGPU the VM gets, read-only: nothing is created, reserved or started here."""
     from vgpuctl.mdev import definitions
     from vgpuctl.mdev.choose import Request, choose, mismatch
-    from vgpuctl.mdev.sysfs import active_device, parent_names, read_types
+    from vgpuctl.mdev.sysfs import active_device, parent_names, read_type, read_types
 
     request = spec.vgpu
     kind = request.kind
@@ -172,23 +172,24 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
         return ResolvedVgpu(d.uuid, d.parent, d.mdev_type, type_of(d.parent, d.mdev_type), "defined",
                             "defined, not active: started when the VM starts")
 
-    parents = [request.parent] if request.parent else parent_names(root)
-    if request.parent and request.parent not in parent_names(root):
-        raise NotFound(f"no parent device {request.parent!r}; 'vgpuctl gpus' lists them")
-    types = [t for p in parents for t in read_types(root, p)]
     uuid = vm_vgpu_uuid(spec.name)
     requirements = Request(parse_resolution("vgpu.resolution", request.resolution) if request.resolution else None,
                            request.min_memory_mib, request.weight)
 
-    # The VM's own vGPU may still exist (a QEMU that died, a VM stopped without cleaning up): reuse it.
+    # The VM's own vGPU may still exist (a QEMU that died, a VM stopped, the usual restart): reuse it.
+    # Only its own type is read then: a restart stays cheap however many types the host has.
     existing = active_device(root, uuid)
-    if existing:
-        mine = next((t for t in types if t.parent == existing.parent and t.type_id == existing.type_id), None)
-        fits = mine is not None and (request.type == mine.type_id if kind == "type"
-                                     else mismatch(mine, requirements) is None)
-        if mine is not None and fits:
+    if existing and request.parent in (None, existing.parent):
+        mine = read_type(root, existing.parent, existing.type_id)
+        fits = request.type == mine.type_id if kind == "type" else mismatch(mine, requirements) is None
+        if fits:
             return ResolvedVgpu(uuid, existing.parent, existing.type_id, mine.resolution, "active",
                                 "the VM's vGPU from an earlier start still exists")
+
+    parents = [request.parent] if request.parent else parent_names(root)
+    if request.parent and request.parent not in parent_names(root):
+        raise NotFound(f"no parent device {request.parent!r}; 'vgpuctl gpus' lists them")
+    types = [t for p in parents for t in read_types(root, p)]
 
     if kind == "type":
         matching = [t for t in types if t.type_id == request.type]
