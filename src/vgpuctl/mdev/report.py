@@ -8,7 +8,6 @@ from typing import TypedDict
 
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
-from vgpuctl.mdev.capacity import gvt_capacity
 from vgpuctl.mdev.errors import NotFound
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, parent_names, read_parents, read_types
@@ -70,6 +69,8 @@ def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) ->
 
 def gpus_rows(root: HostRoot) -> list[GpuRow]:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
+    from vgpuctl.mdev.capacity import gvt_capacity  # its platform tables are not needed by `list`
+
     active = active_devices(root)
     rows: list[GpuRow] = []
     for parent in read_parents(root):
