@@ -218,8 +218,6 @@ def _running_vgpus(state: StateDir, but: str) -> dict[str, str]:
 def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None,
           timeout_s: float = START_TIMEOUT_S) -> VmStatus:
     """Preflight, make sure the vGPU exists, start QEMU detached and wait until QMP says ``running``."""
-    from vgpuctl.mdev.lifecycle import Manager
-
     paths = RuntimePaths.for_vm(state, name)
     with state.lock(f"vm-{name}"):
         current = status(root, state, name)
@@ -230,6 +228,8 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         _preflight(root, state, prepared, paths)
         vgpu = prepared.vgpu
         if vgpu is not None and vgpu.state != "active":
+            from vgpuctl.mdev.lifecycle import Manager  # only now: a restart reuses its vGPU
+
             Manager(root, state).create(vgpu.parent, vgpu.type_id, vgpu.uuid)
         paths.directory.mkdir(parents=True, exist_ok=True)
         for stale in (paths.pidfile, paths.qmp_socket, *paths.directory.glob("exit-status.*")):
