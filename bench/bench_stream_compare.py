@@ -1,10 +1,11 @@
 """vgpuctl's display stream against noVNC on QEMU's own WebSocket listener, in one run, in headless Chromium.
 
-Run with ``.venv/bin/python bench/bench_stream_compare.py`` (about 85 s on 2 cores; ``--help`` for the knobs).
+Run with ``.venv/bin/python bench/bench_stream_compare.py`` (about 4 min on 2 cores; ``--help`` for the knobs).
 Needs ``qemu-system-x86_64``, gcc (the test guest), Debian's ``chromium`` and Debian's ``novnc``
 (``/usr/share/novnc``). Playwright is not used.
 
-Setups, each with its own QEMU booting the test guest under TCG at 1920x1080, with the same arguments but ``-vnc``:
+Setups, each with its own QEMU (one per workload) booting the test guest under TCG at 1920x1080, with the same
+arguments but ``-vnc``:
 
 ``vgpuctl``
     ``-vnc unix:<state>/vms/<name>/vnc.sock``; the display route (``vgpuctl.service.stream``, no auth) in a uvicorn
@@ -18,18 +19,22 @@ Setups, each with its own QEMU booting the test guest under TCG at 1920x1080, wi
     thread, noVNC's default encodings and settings (QEMU then sends Tight without JPEG: its ``lossy`` is off by
     default) — what a user who puts noVNC in front of QEMU gets.
 
-Two workloads per setup, on one page load:
+Two workloads per setup, each on its own QEMU and page load: painted fps, then input-to-picture latency.
 
 ``bar``
-    the guest's own animation: a full-height bar, 1/20 of the width, moved 7 px every 10 ms (so ~120 of 1920
-    columns change per VNC refresh); painted fps, then input-to-picture latency.
+    the guest's default animation: a full-height bar, 1/20 of the width, moved 7 px every 10 ms (so ~120 of 1920
+    columns change per VNC refresh).
 ``full-screen``
-    the same plus ``--storm-hz`` key presses per second sent straight to QEMU over QMP (``input-send-event``, not
-    through the browser): the guest repaints its **whole screen** in the next colour scheme on each press.
-    Painted fps only (the players do not send these keys).
+    the guest's ``anim=full`` animation (``--guest-fps``, default 60): a pattern scrolled diagonally over the whole
+    screen, so **every pixel row changes in every frame**; the guest reports how many frames it really drew each
+    second on its debug console (the "guest repaints/s" column; under TCG it may draw fewer than asked). With
+    ``--storm-hz N`` instead the old workload: the bar guest plus N key presses per second sent straight to QEMU
+    over QMP (each repaints the whole screen in the next scheme); painted fps only then, as the storm's keys
+    change the scheme all the time.
 
-After the ``vgpuctl`` setup, on the same QEMU, a **floor**: vgpuctl's own RFB client alone (Raw, pipelined, no server
-and no browser), key press until its framebuffer shows the new scheme — what guest and QEMU cost before streaming.
+After the ``vgpuctl`` setup of each workload, on the same QEMU, a **floor**: vgpuctl's own RFB client alone (Raw,
+pipelined, no server and no browser), key press until its framebuffer shows the new scheme — what guest and QEMU
+cost before streaming.
 
 Chromium runs once (``--headless``, software rendering) and is driven over a plain DevTools WebSocket: only the
 Page domain is enabled (for ``Page.addScriptToEvaluateOnNewDocument``; it sends navigation events, nothing per
@@ -39,12 +44,14 @@ canvas' pixels, never from the players' own events:
 
 * **painted fps**: for ``--fps-seconds``, every animation frame reads the middle row of the biggest canvas on the
   page (one ``getImageData`` of 1920x1 px) and hashes it; a hash that differs from the previous one is one painted
-  frame (the bar spans the full height, so every update that moved it changes that row). Frame gaps are the times
-  between such changes.
-* **input-to-picture latency**: ``--presses`` times, a key press (``KeyA``) sent with CDP ``Input.dispatchKeyEvent``
-  to the focused canvas — each player forwards it as it forwards a user's keys; t0 is ``performance.now()`` in a
-  capturing ``keydown`` listener, t1 the first animation frame whose middle row shows another dominant colour
-  (the guest repaints the whole screen). The guest's debug log is checked to have seen every press.
+  frame (in both workloads every guest frame changes that row: the bar spans the full height, the full-screen
+  pattern moves in every row). Frame gaps are the times between such changes.
+* **input-to-picture latency**, in both workloads: ``--presses`` times, a key press (``KeyA``) sent with CDP
+  ``Input.dispatchKeyEvent`` to the focused canvas — each player forwards it as it forwards a user's keys; t0 is
+  ``performance.now()`` in a capturing ``keydown`` listener, t1 the first animation frame whose middle row has the
+  next scheme's dominant colour (blue, red, green in turn: the guest repaints the whole screen in it; the scheme's
+  channel dominates every background pixel, also while the full-screen pattern scrolls). The guest's debug log is
+  checked to have seen every press.
 * **bytes/s**: WebSocket message payload counted in the page; wire bytes (TCP, both directions, with WebSocket
   framing and deflate) from ``ss -ti`` on the server's socket.
 * **CPU**, over the fps window, in % of one core: the uvicorn process (vgpuctl's server: RFB client, JPEG encode,
@@ -90,6 +97,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SETUPS = ("vgpuctl", "vgpuctl-nodeflate", "novnc")
+WORKLOADS = ("bar", "full-screen")
 VM_NAME = "bench"
 TARGET_FPS = 25.0
 TARGET_LATENCY_MS = 80.0
@@ -176,9 +184,10 @@ MEASURE_JS = r"""
                gaps_ms: times.slice(1).map((x, i) => x - times[i]), size: [c.width, c.height],
                player_frames: Number(c.dataset.frames) - f0 };  // vgpuctl's player counts its frames: a cross-check
     },
-    arm(timeoutMs) {  // watch for the next key press and the picture it changes
+    arm(timeoutMs) {  // watch for the next key press and the picture it changes to the next scheme
       const c = canvas();
       const before = sample(c).scheme;
+      const next = { blue: "red", red: "green", green: "blue" }[before];
       const st = { t0: null };
       window.addEventListener("keydown", () => { if (st.t0 === null) st.t0 = performance.now(); },
                               { capture: true, once: true });
@@ -189,7 +198,7 @@ MEASURE_JS = r"""
           const now = performance.now();
           if (st.t0 !== null) {
             const s = sample(c).scheme;
-            if (s !== before) return { latency_ms: now - st.t0, before, after: s };
+            if (s === next) return { latency_ms: now - st.t0, before, after: s };
           }
           if (now > limit) return { latency_ms: null, before, after: null, key_seen: st.t0 !== null };
         }
@@ -312,13 +321,17 @@ class Guest:
     debug_log: Path
     qmp_socket: Path
 
+    def log(self) -> str:
+        return self.debug_log.read_text(errors="replace")
+
     def keys_seen(self) -> int:
-        return self.debug_log.read_text(errors="replace").count("vgpuctl-test-guest key ")
+        return self.log().count("vgpuctl-test-guest key ")
 
 
 @contextlib.contextmanager
-def guest(elf: Path, resolution: tuple[int, int], vnc: str | None) -> Iterator[Guest]:
-    """QEMU with the test guest laid out as vgpuctl VM ``bench``; ``vnc`` None: ``-vnc unix:<its socket>``."""
+def guest(elf: Path, resolution: tuple[int, int], vnc: str | None, fps: int | None) -> Iterator[Guest]:
+    """QEMU with the test guest laid out as vgpuctl VM ``bench``; ``vnc`` None: ``-vnc unix:<its socket>``;
+    ``fps`` None: the bar animation, else the full-screen one at that rate."""
     from vgpuctl.mdev.state import StateDir
     from vgpuctl.vm.runtime import RuntimePaths
     from vgpuctl.vm.testguest import READY_LINE, kernel_args
@@ -329,7 +342,7 @@ def guest(elf: Path, resolution: tuple[int, int], vnc: str | None) -> Iterator[G
         debug_log = paths.directory / "debug.log"
         argv = [QEMU, "-name", f"{VM_NAME},debug-threads=on", "-machine", "pc", "-accel", "tcg", "-m", "64",
                 "-nodefaults", "-vga", "std", "-display", "none", "-vnc", vnc or f"unix:{paths.vnc_socket}",
-                *kernel_args(elf, resolution), "-pidfile", str(paths.pidfile),
+                *kernel_args(elf, resolution, "bar" if fps is None else "full", fps), "-pidfile", str(paths.pidfile),
                 "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
                 "-chardev", f"file,id=dbg,path={debug_log}", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"]
         with (paths.directory / "qemu.log").open("wb") as out:
@@ -560,7 +573,8 @@ class Result:
     qemu_vcpu_pct: float = 0.0
     qemu_rest_pct: float = 0.0
     browser_cpu_pct: float = 0.0
-    repaints_per_s: float = 0.0
+    repaints_per_s: float = 0.0  # storm: the key presses the guest repainted for
+    guest_fps: float | None = None  # full-screen: the frames the guest drew, from its debug log
     player_fps: float | None = None
     hub_updates_per_s: float | None = None
     hub_frames_per_s: float | None = None
@@ -603,9 +617,11 @@ def fps_window(cdp: Cdp, browser_pid: int, g: Guest, server: subprocess.Popen[by
                result: Result, seconds: float) -> None:
     """Painted fps, bytes and CPU over one window of ``seconds``, into ``result``."""
 
-    def snapshot() -> tuple[float, dict[str, float], float | None, float, int | None, int, dict[str, float] | None]:
+    from vgpuctl.vm.testguest import frame_rate, frame_reports
+
+    def snapshot() -> tuple[float, dict[str, float], float | None, float, int | None, str, dict[str, float] | None]:
         return (time.monotonic(), qemu_cpu(g.proc.pid), cpu_of(server.pid)[1] if server else None,
-                tree_cpu(browser_pid), wire_bytes(wire_port), g.keys_seen(),
+                tree_cpu(browser_pid), wire_bytes(wire_port), g.log(),
                 hub_stats(wire_port) if server else None)
 
     before = snapshot()
@@ -628,7 +644,10 @@ def fps_window(cdp: Cdp, browser_pid: int, g: Guest, server: subprocess.Popen[by
     result.qemu_vcpu_pct = 100 * (after[1]["vcpu"] - before[1]["vcpu"]) / wall
     result.qemu_rest_pct = 100 * (after[1]["rest"] - before[1]["rest"]) / wall
     result.browser_cpu_pct = 100 * (after[3] - before[3]) / wall
-    result.repaints_per_s = (after[5] - before[5]) / wall
+    key_line = "vgpuctl-test-guest key "
+    result.repaints_per_s = (after[5].count(key_line) - before[5].count(key_line)) / wall
+    # the guest's once-a-second reports written during the window (they lag it by up to a second)
+    result.guest_fps = frame_rate(after[5], skip=frame_reports(before[5]))
     if page.get("player_frames") is not None:
         result.player_fps = page["player_frames"] / page["secs"]
     if before[6] is not None and after[6] is not None:
@@ -638,14 +657,21 @@ def fps_window(cdp: Cdp, browser_pid: int, g: Guest, server: subprocess.Popen[by
         result.encode_ms_per_encode = delta["encode_ms"] / delta["encodes"] if delta["encodes"] else None
 
 
-def measure(cdp: Cdp, browser_pid: int, g: Guest, url: str, setup: str, server: subprocess.Popen[bytes] | None,
-            wire_port: int, args: argparse.Namespace) -> list[Result]:
-    """Both workloads on one page: the guest's own animation (fps, then latency), then full-screen repaints."""
+def measure(cdp: Cdp, browser_pid: int, g: Guest, url: str, setup: str, workload: str,
+            server: subprocess.Popen[bytes] | None, wire_port: int, args: argparse.Namespace) -> Result:
+    """One workload on one page: painted fps (with bytes and CPU), then input-to-picture latency."""
     cdp.call("Page.navigate", url=url)
     wait_for(lambda: cdp.eval("window.__bench ? window.__bench.ready() : null"), 40, f"{setup}: a live canvas")
     time.sleep(args.warmup)
-    bar = Result(setup, "bar")
-    fps_window(cdp, browser_pid, g, server, wire_port, bar, args.fps_seconds)
+    result = Result(setup, workload)
+    if workload == "full-screen" and args.storm_hz > 0:
+        with key_storm(g.qmp_socket, args.storm_hz):
+            time.sleep(1.0)
+            fps_window(cdp, browser_pid, g, server, wire_port, result, args.fps_seconds)
+        time.sleep(0.5)  # the presses still queued in the guest's keyboard controller
+        cdp.call("Page.navigate", url="about:blank")
+        return result  # no latency: the storm's keys change the scheme all the time
+    fps_window(cdp, browser_pid, g, server, wire_port, result, args.fps_seconds)
 
     if not cdp.eval("__bench.focus()"):
         raise RuntimeError(f"{setup}: the canvas did not take the keyboard focus")
@@ -654,25 +680,16 @@ def measure(cdp: Cdp, browser_pid: int, g: Guest, url: str, setup: str, server: 
         time.sleep(random.uniform(0.3, 0.5))  # a different phase against QEMU's 30 ms refresh each time
         cdp.eval("__bench.arm(3000)")
         cdp.key()
-        bar.keys_sent += 1
+        result.keys_sent += 1
         outcome = cdp.eval("__bench.result()", timeout=10)
-        bar.latencies_ms.append(outcome["latency_ms"])
+        result.latencies_ms.append(outcome["latency_ms"])
     time.sleep(0.2)
-    bar.keys_seen_by_guest = g.keys_seen() - keys_before
-    results = [bar]
-
-    if args.storm_hz > 0:
-        full = Result(setup, "full-screen")
-        with key_storm(g.qmp_socket, args.storm_hz):
-            time.sleep(1.0)
-            fps_window(cdp, browser_pid, g, server, wire_port, full, args.fps_seconds)
-        time.sleep(0.5)  # the presses still queued in the guest's keyboard controller
-        results.append(full)
+    result.keys_seen_by_guest = g.keys_seen() - keys_before
     cdp.call("Page.navigate", url="about:blank")
-    return results
+    return result
 
 
-def rfb_floor(vnc_socket: Path, presses: int) -> Result:
+def rfb_floor(vnc_socket: Path, presses: int, workload: str) -> Result:
     """The part of the latency before any streaming: vgpuctl's own RFB client (Raw, pipelined requests), no
     browser; key press (QEMU extended key event) until the middle row of its framebuffer shows the new scheme."""
     import asyncio
@@ -710,29 +727,33 @@ def rfb_floor(vnc_socket: Path, presses: int) -> Result:
             client.close()
         return latencies
 
-    result = Result("rfb-floor", "bar")
+    result = Result("rfb-floor", workload)
     result.latencies_ms = asyncio.run(run())
     result.keys_sent = presses
     return result
 
 
-def run_setup(setup: str, elf: Path, resolution: tuple[int, int], cdp: Cdp, browser_pid: int, novnc_port: int,
-              args: argparse.Namespace) -> list[Result]:
+def run_setup(setup: str, workload: str, elf: Path, resolution: tuple[int, int], cdp: Cdp, browser_pid: int,
+              novnc_port: int, args: argparse.Namespace) -> list[Result]:
+    """One setup with one workload, on a QEMU of its own (the guest's animation is chosen at boot)."""
+    fps = args.guest_fps if workload == "full-screen" and args.storm_hz <= 0 else None
     if setup == "novnc":
         ws_port = free_port()
         vnc = f"127.0.0.1:{free_vnc_display()},websocket=127.0.0.1:{ws_port}"
-        with guest(elf, resolution, vnc) as g:
+        with guest(elf, resolution, vnc, fps) as g:
             url = f"http://127.0.0.1:{novnc_port}/vnc_lite.html?host=127.0.0.1&port={ws_port}&path="
-            return measure(cdp, browser_pid, g, url, setup, None, ws_port, args)
-    with guest(elf, resolution, None) as g:
+            return [measure(cdp, browser_pid, g, url, setup, workload, None, ws_port, args)]
+    with guest(elf, resolution, None, fps) as g:
         with vgpuctl_server(g.state, setup == "vgpuctl") as (server, port):
-            results = measure(cdp, browser_pid, g, f"http://127.0.0.1:{port}/bench.html", setup, server, port, args)
-        if setup == "vgpuctl" and args.floor:
+            results = [measure(cdp, browser_pid, g, f"http://127.0.0.1:{port}/bench.html", setup, workload, server,
+                               port, args)]
+        if setup == "vgpuctl" and args.floor and results[0].keys_sent:
             from vgpuctl.mdev.state import StateDir
             from vgpuctl.vm.runtime import RuntimePaths
 
             keys_before = g.keys_seen()
-            results.append(rfb_floor(RuntimePaths.for_vm(StateDir(g.state), VM_NAME).vnc_socket, args.presses))
+            vnc_socket = RuntimePaths.for_vm(StateDir(g.state), VM_NAME).vnc_socket
+            results.append(rfb_floor(vnc_socket, args.presses, workload))
             results[-1].keys_seen_by_guest = g.keys_seen() - keys_before
         return results
 
@@ -748,6 +769,17 @@ LABELS = {"vgpuctl": "vgpuctl (as `vgpuctl serve`: deflate on)", "vgpuctl-nodefl
           "novnc": "noVNC 1.3.0 → QEMU websocket", "rfb-floor": "floor: RFB Raw client, no browser"}
 
 
+def guest_repaints(r: Result) -> str:
+    """What the guest itself repainted per second during the fps window."""
+    if r.workload == "bar":
+        return "100 (bar)"  # one move per 100 Hz tick
+    if r.guest_fps is not None:
+        return f"{r.guest_fps:.0f} (whole screen)"
+    if r.repaints_per_s:
+        return f"{r.repaints_per_s:.0f} (whole screen, QMP keys)"
+    return ""
+
+
 def table(results: list[Result]) -> str:
     head = ["setup", "workload", "guest repaints/s", "painted fps", "frame gap p50/p95/max ms", "latency median ms",
             "latency p95/max ms", "payload MB/s", "wire MB/s", "server CPU %", "QEMU vCPU %", "QEMU other %",
@@ -759,11 +791,11 @@ def table(results: list[Result]) -> str:
         latency = [f"{fmt(r.latency_median_ms, 0)} (n={len(lat)}{f', {missed} timed out' if missed else ''})",
                    f"{fmt(r.latency_p95_ms, 0)} / {fmt(max(lat, default=None), 0)}"] if r.keys_sent else ["", ""]
         if r.setup == "rfb-floor":
-            rows.append([LABELS[r.setup], r.workload, "100 (bar)", "", "", *latency, *[""] * 6])
+            rows.append([LABELS[r.setup], r.workload, guest_repaints(r), "", "", *latency, *[""] * 6])
             continue
         rows.append([
             LABELS.get(r.setup, r.setup), r.workload,
-            "100 (bar)" if r.workload == "bar" else f"{r.repaints_per_s:.0f} (whole screen)",
+            guest_repaints(r),
             fmt(r.painted_fps), f"{r.gap_p50_ms:.0f} / {r.gap_p95_ms:.0f} / {r.gap_max_ms:.0f}", *latency,
             fmt(r.payload_bytes_per_s / 1e6, 2),
             fmt(None if r.wire_bytes_per_s is None else r.wire_bytes_per_s / 1e6, 2),
@@ -821,11 +853,15 @@ def main() -> int:
     parser.add_argument("--fps-seconds", type=float, default=5.0)
     parser.add_argument("--presses", type=int, default=20)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of playing before measuring")
-    parser.add_argument("--storm-hz", type=float, default=30.0,
-                        help="full-screen workload: key presses per second sent to QEMU (0: skip it)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, in order; of {WORKLOADS}")
+    parser.add_argument("--guest-fps", type=int, default=60,
+                        help="full-screen workload: the frames per second the guest animates (1..100)")
+    parser.add_argument("--storm-hz", type=float, default=0.0,
+                        help="full-screen workload: instead of the guest's own animation, the bar guest plus this "
+                             "many key presses per second sent to QEMU over QMP (no latency then)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the latency floor (RFB client alone, no browser) after the vgpuctl setup")
-    parser.add_argument("--timeout", type=int, default=170, help="give up (and clean up) after this many seconds")
+    parser.add_argument("--timeout", type=int, default=420, help="give up (and clean up) after this many seconds")
     parser.add_argument("--json", metavar="FILE", help="write all numbers there")
     parser.add_argument("--serve-vgpuctl", metavar="STATE_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -840,6 +876,11 @@ def main() -> int:
     setups = [s for s in args.setups.split(",") if s]
     if unknown := set(setups) - set(SETUPS):
         parser.error(f"unknown setups {sorted(unknown)}")
+    workloads = [w for w in args.workloads.split(",") if w]
+    if unknown := set(workloads) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(unknown)}")
+    if not 1 <= args.guest_fps <= 100:
+        parser.error("--guest-fps: 1..100 (the guest paces frames with its 100 Hz timer)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     missing = [what for what, ok in (("chromium (apt-get install chromium)", chromium),
                                      (f"{QEMU} (apt-get install qemu-system-x86)", shutil.which(QEMU)),
@@ -862,18 +903,21 @@ def main() -> int:
     try:
         elf = build_test_guest()
         with static_server(NOVNC) as novnc_port, browser(chromium, (width, height + 120)) as (proc, cdp):
-            for setup in setups:
-                t = time.monotonic()
-                results.extend(run_setup(setup, elf, (width, height), cdp, proc.pid, novnc_port, args))
-                print(f"# {setup}: {time.monotonic() - t:.0f} s", file=sys.stderr)
+            for workload in workloads:
+                for setup in setups:
+                    t = time.monotonic()
+                    results.extend(run_setup(setup, workload, elf, (width, height), cdp, proc.pid, novnc_port, args))
+                    print(f"# {setup}, {workload}: {time.monotonic() - t:.0f} s", file=sys.stderr)
     except (Timeout, RuntimeError) as e:
         print(f"bench_stream_compare: {e}", file=sys.stderr)
         return 1
     finally:
         signal.alarm(0)
     load = os.getloadavg()
+    full = f"QMP key storm at {args.storm_hz:g} Hz" if args.storm_hz > 0 else f"guest anim=full fps={args.guest_fps}"
     print(f"# {args.resolution}, TCG, {os.cpu_count()} CPUs, load {load[0]:.2f} {load[1]:.2f}, "
-          f"{time.monotonic() - started:.0f} s; CPU in % of one core over the {args.fps_seconds:.0f} s fps window")
+          f"{time.monotonic() - started:.0f} s; full-screen: {full}; "
+          f"CPU in % of one core over the {args.fps_seconds:g} s fps window")
     print(table(results))
     for r in results:
         if r.hub_updates_per_s is not None:
@@ -882,13 +926,15 @@ def main() -> int:
                   f"the player drew {fmt(r.player_fps)} frames/s; {r.painted_fps:.1f} distinct pictures/s painted")
     for r in results:
         if r.keys_sent and r.keys_seen_by_guest != r.keys_sent:
-            print(f"WARNING: {r.setup}: {r.keys_sent} key presses sent, the guest saw {r.keys_seen_by_guest}")
+            print(f"WARNING: {r.setup}, {r.workload}: {r.keys_sent} key presses sent, "
+                  f"the guest saw {r.keys_seen_by_guest}")
         if r.setup != "rfb-floor" and r.size != [width, height]:
             print(f"WARNING: {r.setup}: canvas {r.size}, expected {[width, height]}")
     for line in verdicts(results):
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"resolution": args.resolution, "load": load,
+                                               "guest_fps": args.guest_fps, "storm_hz": args.storm_hz,
                                                "results": [r.to_json() for r in results]}, indent=1))
     return 0
 

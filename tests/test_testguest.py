@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 from qemu.qmp import EventListener, QMPClient
 
-from vgpuctl.vm.testguest import READY_LINE, TestGuestBuildError, build_test_guest, kernel_args
+from vgpuctl.vm.testguest import (
+    READY_LINE,
+    Animation,
+    TestGuestBuildError,
+    build_test_guest,
+    frame_rate,
+    kernel_args,
+    kernel_cmdline,
+)
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 10.0  # generous: the guest is ready ~0.2 s after QEMU starts, but the machine may be loaded
@@ -58,6 +66,9 @@ class Image:
 
     def columns_of(self, colour: tuple[int, int, int], y: int) -> list[int]:
         return [x for x in range(self.width) if self.pixel(x, y) == colour]
+
+    def row(self, y: int) -> bytes:
+        return self.rgb[3 * y * self.width : 3 * (y + 1) * self.width]
 
 
 def read_ppm(path: Path) -> Image:
@@ -121,15 +132,15 @@ class Guest:
 
 
 @contextlib.asynccontextmanager
-async def booted(elf: Path, display: Sequence[str] = ("-vga", "std"),
-                 resolution: tuple[int, int] | None = None) -> AsyncIterator[Guest]:
+async def booted(elf: Path, display: Sequence[str] = ("-vga", "std"), resolution: tuple[int, int] | None = None,
+                 animation: Animation = "bar", fps: int | None = None) -> AsyncIterator[Guest]:
     """QEMU (TCG, machine pc) running the guest, once its ready line is on the debug console."""
     with tempfile.TemporaryDirectory(prefix="vgtg-") as tmp:  # short: a unix socket path has ~108 bytes
         directory = Path(tmp)
         sock, debug_log, stderr_path = directory / "qmp.sock", directory / "debug.log", directory / "qemu.err"
         argv = [
             QEMU, "-machine", "pc", "-accel", "tcg", "-nodefaults", *display, "-display", "none",
-            *kernel_args(elf, resolution),
+            *kernel_args(elf, resolution, animation, fps),
             "-qmp", f"unix:{sock},server=on,wait=off",
             "-chardev", f"file,id=dbg,path={debug_log}", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
         ]
@@ -182,6 +193,19 @@ def assert_picture(image: Image) -> None:
 def dominant(image: Image) -> str:
     means = image.mean()
     return "rgb"[means.index(max(means))]
+
+
+def changed_fraction(first: Image, second: Image) -> float:
+    """The fraction of pixels (every 5th column of every row) that differ between two pictures."""
+    sample = [(x, y) for y in range(first.height) for x in range(0, first.width, 5)]
+    return sum(first.pixel(x, y) != second.pixel(x, y) for x, y in sample) / len(sample)
+
+
+def dominant_of_row(image: Image, y: int) -> str:
+    """What the stream benchmark looks at: the strongest channel summed over one row."""
+    row = image.row(y)
+    sums = [sum(row[0::3]), sum(row[1::3]), sum(row[2::3])]
+    return "rgb"[sums.index(max(sums))]
 
 
 async def power_down(guest: Guest) -> None:
@@ -284,3 +308,58 @@ def test_mode_on_the_command_line_on_bochs_display(guest_elf: Path) -> None:
 
     asyncio.run(scenario())
 
+
+
+def test_kernel_cmdline_picks_resolution_and_animation() -> None:
+    assert kernel_cmdline((1920, 1080)) == "mode=1920x1080"
+    assert kernel_cmdline((640, 480), "full") == "mode=640x480 anim=full"
+    assert kernel_cmdline(None, "full", 30) == "anim=full fps=30"
+    assert kernel_args(Path("g.elf")) == ["-kernel", "g.elf"]  # the bar, compiled-in resolution: no -append
+    with pytest.raises(ValueError, match="fps"):
+        kernel_cmdline(None, "full", 101)
+    with pytest.raises(ValueError, match="fps applies"):
+        kernel_cmdline(None, "bar", 30)
+
+
+def test_frame_rate_from_the_debug_log() -> None:
+    log = ("vgpuctl-test-guest ready mode=640x480 fb=0xfd000000 pm1a_cnt=0x604 s5=0\n"
+           "vgpuctl-test-guest anim=full fps=60\nvgpuctl-test-guest frames=30 ms=1000\n"
+           "vgpuctl-test-guest key scancode=0x1e scheme=1\nvgpuctl-test-guest frames=61 ms=1010\n"
+           "vgpuctl-test-guest frames=59 ms=990\n")
+    assert frame_rate(log) == 50.0
+    assert frame_rate(log, skip=1) == 60.0
+    assert frame_rate("vgpuctl-test-guest ready mode=640x480\n") is None
+
+
+def test_full_screen_animation_changes_every_row_and_keys_switch_its_scheme(guest_elf: Path) -> None:
+    async def scenario() -> None:
+        async with booted(guest_elf, resolution=(640, 480), animation="full", fps=50) as guest:
+            log = await guest.wait_log("anim=full fps=50")
+            assert "mode=640x480" in log
+            first = await guest.screendump()
+            assert (first.width, first.height) == (640, 480)
+            assert_picture(first)
+            for _ in range(20):  # 20 ms a frame; retried: a loaded machine may draw slower
+                await asyncio.sleep(0.1)
+                second = await guest.screendump()
+                rows = sum(first.row(y) != second.row(y) for y in range(first.height))
+                # not just a moving bar (which changes every row too): most of the picture moved
+                pixels = changed_fraction(first, second)
+                if rows >= 0.99 * first.height and pixels >= 0.5:
+                    break
+            else:
+                raise AssertionError(f"{rows} of {first.height} rows and {pixels:.0%} of the pixels changed")
+            middle = first.height // 2
+            assert dominant(first) == dominant_of_row(first, middle) == dominant_of_row(second, middle) == "b"
+
+            await guest.qmp.execute("send-key", {"keys": [{"type": "qcode", "data": "a"}]})
+            await guest.wait_log("key scancode=0x1e scheme=1")
+            after = await guest.screendump()
+            assert dominant(after) == dominant_of_row(after, middle) == "r"
+
+            log = await guest.wait_log("frames=", timeout=5)
+            rate = frame_rate(log)
+            assert rate is not None and 0 < rate <= 101, log  # 50 paced; a loaded machine draws fewer
+            await power_down(guest)
+
+    asyncio.run(scenario())

@@ -7,11 +7,18 @@ with Debian's gcc and binutils into a 32-bit multiboot (v1) ELF that QEMU loads 
 - sets a 32-bpp linear framebuffer through the Bochs VBE interface of QEMU's display device (PCI 1234:1111:
   ``-vga std``, ``-device VGA`` or ``-device bochs-display``), at the resolution compiled in (``resolution=``,
   default 1024x768) or the one given on its command line (``-append mode=1920x1080``);
-- draws a gradient with a bar that moves with time, so two screenshots a moment apart differ;
-- switches its colour scheme (blue, red, green background in turn) on every PS/2 key press;
+- draws a gradient with a bar that moves with time, so two screenshots a moment apart differ; or, with
+  ``anim=full`` on its command line (``kernel_args(..., animation="full")``), a pattern that scrolls diagonally
+  over the whole screen, so every row changes in every frame, at ``fps=N`` frames per second (default 60, at most
+  100: paced by its 100 Hz timer; as fast as it can when a frame takes longer to draw);
+- switches its colour scheme (blue, red, green background in turn) on every PS/2 key press; the
+  background's strongest channel is the scheme's in every pixel, so any row shows the scheme (in ``anim=full``
+  the whole screen is background);
 - powers off (ACPI S5) when the ACPI power button is pressed (QMP ``system_powerdown``), so QEMU exits;
 - writes ``vgpuctl-test-guest ready ...`` to the isa-debugcon port 0xe9 once its first frame is on screen,
-  then a ``... key scancode=0x1e scheme=1`` line per key press and a line when it powers off.
+  then a ``... key scancode=0x1e scheme=1`` line per key press and a line when it powers off; with ``anim=full``
+  also ``... anim=full fps=60`` after the ready line and, once a second, ``... frames=58 ms=1000`` (frames drawn
+  in that many milliseconds: the guest's real repaint rate, see ``frame_rate``).
 
 Builds are cached under ``$VGPUCTL_CACHE_DIR`` (else ``~/.cache/vgpuctl``) by a hash of the sources, the
 resolution, the build flags and the compiler and linker versions, and land there atomically, so concurrent
@@ -22,18 +29,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 READY_LINE = "vgpuctl-test-guest ready"
 """The start of the line the guest writes to the debug console once its first frame is drawn."""
 DEBUGCON_IOBASE = 0xE9
 DEFAULT_RESOLUTION = (1024, 768)
 MAX_DIMENSION = 4096
+MAX_FPS = 100
+"""anim=full draws at most one frame per tick of the guest's 100 Hz timer."""
+Animation = Literal["bar", "full"]
+_FRAMES_RE = re.compile(r"^vgpuctl-test-guest frames=(\d+) ms=(\d+)$", re.MULTILINE)
 DEBIAN_PACKAGES = ("gcc", "binutils")
 """What building the guest needs on Debian (booting it needs qemu-system-x86 too)."""
 
@@ -58,18 +71,49 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "vgpuctl"
 
 
-def kernel_cmdline(resolution: tuple[int, int]) -> str:
-    """The guest command line (QEMU ``-append``) that picks a resolution at boot."""
-    width, height = _check_resolution(resolution)
-    return f"mode={width}x{height}"
+def kernel_cmdline(resolution: tuple[int, int] | None = None, animation: Animation = "bar",
+                   fps: int | None = None) -> str:
+    """The guest command line (QEMU ``-append``) that picks a resolution and an animation at boot.
 
-
-def kernel_args(elf: Path, resolution: tuple[int, int] | None = None) -> list[str]:
-    """QEMU arguments that boot the guest: ``-kernel ELF`` and, for a resolution at boot, ``-append``."""
-    args = ["-kernel", str(elf)]
+    ``fps`` (1..100) only applies to ``animation="full"``; the guest's default is 60.
+    """
+    words: list[str] = []
     if resolution is not None:
-        args += ["-append", kernel_cmdline(resolution)]
+        width, height = _check_resolution(resolution)
+        words.append(f"mode={width}x{height}")
+    if animation == "full":
+        words.append("anim=full")
+        if fps is not None:
+            if not 1 <= fps <= MAX_FPS:
+                raise ValueError(f"fps {fps} outside 1..{MAX_FPS}")
+            words.append(f"fps={fps}")
+    elif animation != "bar":
+        raise ValueError(f"unknown animation {animation!r}: bar or full")
+    elif fps is not None:
+        raise ValueError("fps applies to animation='full' only (the bar moves with every timer tick)")
+    return " ".join(words)
+
+
+def kernel_args(elf: Path, resolution: tuple[int, int] | None = None, animation: Animation = "bar",
+                fps: int | None = None) -> list[str]:
+    """QEMU arguments that boot the guest: ``-kernel ELF`` and, when something is chosen at boot, ``-append``."""
+    args = ["-kernel", str(elf)]
+    if cmdline := kernel_cmdline(resolution, animation, fps):
+        args += ["-append", cmdline]
     return args
+
+
+def frame_rate(debug_log: str, skip: int = 0) -> float | None:
+    """Frames per second the guest drew (``anim=full``), from the ``frames=N ms=T`` lines of its debug log after
+    the first ``skip`` of them; None without such lines."""
+    counts = [(int(n), int(ms)) for n, ms in _FRAMES_RE.findall(debug_log)][skip:]
+    total_ms = sum(ms for _, ms in counts)
+    return 1000 * sum(n for n, _ in counts) / total_ms if total_ms else None
+
+
+def frame_reports(debug_log: str) -> int:
+    """How many ``frames=N ms=T`` lines the debug log holds (for ``frame_rate``'s ``skip``)."""
+    return len(_FRAMES_RE.findall(debug_log))
 
 
 def build_test_guest(

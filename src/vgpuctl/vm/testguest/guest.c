@@ -6,14 +6,22 @@
  *   "-device bochs-display"), at the resolution given on the multiboot command
  *   line ("mode=WIDTHxHEIGHT") or the one compiled in (TG_DEFAULT_WIDTH/HEIGHT);
  * - draws a gradient with a bar that moves with time (PIT at 100 Hz), so two
- *   screenshots a moment apart differ;
+ *   screenshots a moment apart differ; or, with "anim=full" on the command
+ *   line, a pattern that scrolls diagonally over the whole screen, so every
+ *   row changes in every frame, at "fps=N" frames per second (default 60, at
+ *   most 100: frames are paced by the PIT tick; as fast as it can when drawing
+ *   a frame takes longer than that);
  * - polls the PS/2 keyboard: every key press switches the colour scheme
- *   (blue, red, green background, in turn);
+ *   (blue, red, green background, in turn; the scheme's channel dominates
+ *   every background pixel, so any row shows the scheme: with anim=full, the
+ *   whole screen is background);
  * - polls the ACPI power button status (QEMU "system_powerdown") and then
  *   powers off by writing SLP_TYP(S5)|SLP_EN to PM1a_CNT, so QEMU exits;
  * - reports on QEMU's isa-debugcon (port 0xe9): a line starting with
  *   "vgpuctl-test-guest ready" once the first frame is on screen, and one line
- *   per key press and on power-off.
+ *   per key press and on power-off; with anim=full also
+ *   "vgpuctl-test-guest anim=full fps=N" after the ready line and, once a
+ *   second, "vgpuctl-test-guest frames=N ms=T": N frames drawn in T ms.
  *
  * Freestanding: no libc, no libgcc (32-bit arithmetic only), paging off.
  */
@@ -262,25 +270,33 @@ static u32 parse_uint(const char **sp)
     return v;
 }
 
+/* The value of "key" (given with its '=') at the start of a word of the command line, or 0. */
+static const char *cmdline_value(const char *cmdline, const char *key)
+{
+    const char *s = cmdline;
+    if (!s) return 0;
+    for (; *s; s++) {
+        u32 i = 0;
+        if (s != cmdline && s[-1] != ' ') continue;
+        while (key[i] && s[i] == key[i]) i++;
+        if (!key[i]) return s + i;
+    }
+    return 0;
+}
+
 /* "mode=WIDTHxHEIGHT" anywhere on the multiboot command line. */
 static void mode_from_cmdline(const char *cmdline, u32 *w, u32 *h)
 {
-    const char *s = cmdline;
-    if (!s) return;
-    for (; *s; s++) {
-        if (s[0] == 'm' && s[1] == 'o' && s[2] == 'd' && s[3] == 'e' && s[4] == '=' &&
-            (s == cmdline || s[-1] == ' ')) {
-            const char *p = s + 5;
-            u32 pw = parse_uint(&p), ph;
-            if (*p != 'x' && *p != 'X') return;
-            p++;
-            ph = parse_uint(&p);
-            if (pw >= 320 && ph >= 200 && pw <= MAX_DIM && ph <= MAX_DIM) {
-                *w = pw;
-                *h = ph;
-            }
-            return;
-        }
+    const char *p = cmdline_value(cmdline, "mode=");
+    u32 pw, ph;
+    if (!p) return;
+    pw = parse_uint(&p);
+    if (*p != 'x' && *p != 'X') return;
+    p++;
+    ph = parse_uint(&p);
+    if (pw >= 320 && ph >= 200 && pw <= MAX_DIM && ph <= MAX_DIM) {
+        *w = pw;
+        *h = ph;
     }
 }
 
@@ -349,29 +365,43 @@ static int set_mode(u32 w, u32 h)
 
 /* ---------------------------------------------------------------- drawing */
 
-static u32 col_part[MAX_DIM], row_part[MAX_DIM];
+/* anim=full: a triangle wave across (period COL_PERIOD px) and down (ROW_PERIOD rows), scrolled by
+   STEP_X and STEP_Y px a frame; the tables hold one period more than the screen, so a frame at phase
+   (ox, oy) reads col_part[x + ox] and row_part[y + oy]: no division or wrap-around per pixel. */
+#define COL_PERIOD 256
+#define ROW_PERIOD 128
+#define STEP_X 4
+#define STEP_Y 2
+
+static u32 col_part[MAX_DIM + COL_PERIOD], row_part[MAX_DIM + ROW_PERIOD];
 static u32 scheme;
 static u32 bar_pos, bar_width, bar_speed, bar_colour;
 static u32 last_tick;
+static int anim_full;
+static u32 fps = 60, frame_credit, phase, frames;
 
 #define NSCHEMES 3
 
 static u32 rgb(u32 r, u32 g, u32 b) { return (r << 16) | (g << 8) | b; }
 
-/* background(x, y) = col_part[x] | row_part[y]: the channels never overlap. */
+/* background(x, y) = col_part[x] | row_part[y]: the channels never overlap, and the scheme's own
+   channel (128..255) always outweighs the other two (0..63 each). */
 static void build_scheme(void)
 {
     u32 x, y;
-    for (x = 0; x < width; x++) {
-        u32 a = x * 255 / (width - 1);
+    u32 cols = anim_full ? width + COL_PERIOD : width, rows = anim_full ? height + ROW_PERIOD : height;
+    for (x = 0; x < cols; x++) {
+        u32 t = x & (COL_PERIOD - 1);
+        u32 a = anim_full ? (t < COL_PERIOD / 2 ? 2 * t : 2 * (COL_PERIOD - 1 - t)) : x * 255 / (width - 1);
         switch (scheme) {
         case 0: col_part[x] = rgb(a / 4, 0, 128 + a / 2); break; /* blue */
         case 1: col_part[x] = rgb(128 + a / 2, 0, a / 4); break; /* red */
         default: col_part[x] = rgb(a / 4, 128 + a / 2, 0); break; /* green */
         }
     }
-    for (y = 0; y < height; y++) {
-        u32 b = y * 255 / (height - 1) / 4;
+    for (y = 0; y < rows; y++) {
+        u32 t = y & (ROW_PERIOD - 1);
+        u32 b = anim_full ? (t < ROW_PERIOD / 2 ? t : ROW_PERIOD - 1 - t) : y * 255 / (height - 1) / 4;
         switch (scheme) {
         case 0: row_part[y] = rgb(0, b, 0); break;
         case 1: row_part[y] = rgb(0, b, 0); break;
@@ -408,6 +438,36 @@ static void draw_full(void)
         for (x = 0; x < width; x++) row[x] = col_part[x] | r;
     }
     for (i = 0; i < bar_width; i++) draw_column((bar_pos + i) % width, 1);
+}
+
+/* One frame of anim=full at the current phase, row by row in whole 32-bit words. Interrupts are on
+   meanwhile: a frame may take longer than a tick under TCG, and the ticks must still be counted. */
+static void draw_frame_full(void)
+{
+    u32 ox = (phase * STEP_X) & (COL_PERIOD - 1), oy = (phase * STEP_Y) & (ROW_PERIOD - 1), x, y;
+    const u32 *cols = col_part + ox;
+    __asm__ volatile("sti" ::: "memory");
+    for (y = 0; y < height; y++) {
+        u32 *row = fb + y * stride;
+        u32 r = row_part[y + oy];
+        for (x = 0; x < width; x++) row[x] = cols[x] | r;
+    }
+    __asm__ volatile("cli" ::: "memory");
+    frames++;
+}
+
+/* anim=full: whether the next frame is due. Each tick earns fps credits, a frame costs TICK_HZ; at
+   most one frame's worth is kept, so a guest that cannot keep up draws back to back, never a backlog. */
+static int full_frame_due(u32 now)
+{
+    u32 elapsed = now - last_tick;
+    last_tick = now;
+    if (elapsed > TICK_HZ) elapsed = TICK_HZ;
+    frame_credit += elapsed * fps;
+    if (frame_credit < TICK_HZ) return 0;
+    frame_credit -= TICK_HZ;
+    if (frame_credit > TICK_HZ) frame_credit = TICK_HZ;
+    return 1;
 }
 
 static void animate(u32 now)
@@ -474,7 +534,8 @@ static void poll_keyboard(void)
         scheme = (scheme + 1) % NSCHEMES;
         if (fb) {
             build_scheme();
-            draw_full();
+            if (anim_full) draw_frame_full();
+            else draw_full();
         }
         put_str("vgpuctl-test-guest key scancode=");
         put_hex(code);
@@ -601,6 +662,15 @@ void guest_main(u32 magic, const u32 *mbi)
 
     if (magic == 0x2badb002 && mbi && (mbi[0] & (1u << 2))) cmdline = (const char *)mbi[4];
     mode_from_cmdline(cmdline, &w, &h);
+    {
+        const char *v = cmdline_value(cmdline, "anim=");
+        anim_full = v && v[0] == 'f' && v[1] == 'u' && v[2] == 'l' && v[3] == 'l' && (!v[4] || v[4] == ' ');
+        v = cmdline_value(cmdline, "fps=");
+        if (v) {
+            u32 n = parse_uint(&v);
+            if (n) fps = n < TICK_HZ ? n : TICK_HZ;
+        }
+    }
 
     setup_interrupts();
     setup_keyboard();
@@ -610,7 +680,8 @@ void guest_main(u32 magic, const u32 *mbi)
         bar_width = width / 20 ? width / 20 : 1;
         bar_speed = width / 256 ? width / 256 : 1;
         build_scheme();
-        draw_full();
+        if (anim_full) draw_frame_full();
+        else draw_full();
     }
 
     put_str("vgpuctl-test-guest ready mode=");
@@ -624,12 +695,38 @@ void guest_main(u32 magic, const u32 *mbi)
     put_str(" s5=");
     put_dec(s5_slp_typ);
     put_str("\n");
+    if (anim_full) {
+        put_str("vgpuctl-test-guest anim=full fps=");
+        put_dec(fps);
+        put_str("\n");
+    }
 
     last_tick = ticks;
-    for (;;) {
-        poll_keyboard();
-        poll_power_button();
-        animate(ticks);
-        __asm__ volatile("sti; hlt; cli" ::: "memory");
+    {
+        u32 report_tick = ticks;
+        for (;;) {
+            poll_keyboard();
+            poll_power_button();
+            if (anim_full && fb) {
+                u32 now = ticks;
+                if (now - report_tick >= TICK_HZ) {
+                    put_str("vgpuctl-test-guest frames=");
+                    put_dec(frames);
+                    put_str(" ms=");
+                    put_dec((now - report_tick) * (1000 / TICK_HZ));
+                    put_str("\n");
+                    frames = 0;
+                    report_tick = now;
+                }
+                if (full_frame_due(now)) {
+                    phase++;
+                    draw_frame_full();
+                    continue; /* behind: the next one may be due already (ticks counted meanwhile) */
+                }
+            } else {
+                animate(ticks);
+            }
+            __asm__ volatile("sti; hlt; cli" ::: "memory");
+        }
     }
 }
