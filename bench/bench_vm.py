@@ -50,9 +50,10 @@ def new_vm(state: StateDir, name: str, guest: Path) -> None:
 def bare_qemu(argv: list[str], paths: RuntimePaths) -> float:
     paths.pidfile.unlink(missing_ok=True)
     started = time.perf_counter()
-    with lifecycle.listen_qmp(paths.qmp_socket) as listener:
-        process = subprocess.Popen(lifecycle.preopened_qmp_argv(argv, listener.fileno()), stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(listener.fileno(),))
+    listener = lifecycle.listen_qmp(paths.qmp_socket)
+    process = subprocess.Popen(lifecycle.preopened_qmp_argv(argv, listener), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(listener,))
+    os.close(listener)
     try:
         lifecycle.wait_running(paths.qmp_socket, lambda: process.poll() is not None, 10.0, "bare QEMU: no 'running'")
         return time.perf_counter() - started

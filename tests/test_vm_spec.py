@@ -572,7 +572,7 @@ def test_vm_create_list_show_edit_rm(gvt: Cli, tmp_path: Path) -> None:
     assert car["spec"]["boot"] == "kernel" and car["spec"]["kernel"] == "/k/bzImage"
     plain = gvt.json("vm", "show", "plain")
     assert isinstance(plain, dict) and plain["spec"]["network"] == {"mode": "bridge", "bridge": "br0",
-                                                                    "vhost": False}
+                                                                    "vhost": False, "mac": default_mac("plain")}
 
     # edit: options on top of the spec; --profile switches the profile but keeps disks and boot.
     _, out, _ = gvt("vm", "edit", "s1", "--cpus", "3", "--no-ramfb", "--display", "dbus",

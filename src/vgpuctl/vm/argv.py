@@ -29,13 +29,12 @@ host without a GPU has no render node); a note says so.
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vgpuctl.vm.runtime import OVMF_CODE, ResolvedVgpu, RuntimePaths
-from vgpuctl.vm.spec import VmSpec, parse_resolution
+from vgpuctl.vm.spec import VmSpec, default_mac, parse_resolution
 
 ACCELERATORS = ("kvm", "tcg")
 BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"  # Debian's qemu-system-common
@@ -66,12 +65,6 @@ def options(first: str, **props: str | None) -> str:
     """``first,k=v,...`` with None values left out."""
     parts = [first] + [f"{k}={v}" for k, v in props.items() if v is not None]
     return ",".join(parts)
-
-
-def default_mac(name: str) -> str:
-    """52:54:00 (QEMU's prefix) and three bytes of the name's hash: stable per VM, distinct between VMs."""
-    digest = hashlib.sha256(f"vgpuctl:{name}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 def build_argv(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: str, runtime_dir: Path,

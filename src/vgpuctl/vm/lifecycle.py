@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -241,13 +240,17 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
                "simulated_display": f"emulated VGA {replaced[0]}x{replaced[1]}" if replaced else None,
                "notes": prepared.notes, "started": time.time()}
         exit_file = _exit_file(paths, run)
-        with listen_qmp(paths.qmp_socket) as listener, open(paths.log, "w") as log:
-            run["argv"] = argv = preopened_qmp_argv(argv, listener.fileno())
-            # The shell waits for QEMU and keeps its exit status for later status calls.
-            shell = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     pass_fds=(listener.fileno(),), start_new_session=True,
-                                     env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+        listener = listen_qmp(paths.qmp_socket)
+        try:
+            run["argv"] = argv = preopened_qmp_argv(argv, listener)
+            with open(paths.log, "w") as log:
+                # The shell waits for QEMU and keeps its exit status for later status calls.
+                shell = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         pass_fds=(listener,), start_new_session=True,
+                                         env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+        finally:
+            os.close(listener)
         run["shell_pid"] = shell.pid
         atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
         wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
@@ -281,14 +284,15 @@ def _make_disks(spec: VmSpec) -> None:
             raise VmError(f"could not create disk {disk.path}: {done.stderr.strip()} (apt-get install qemu-utils)")
 
 
-def listen_qmp(path: Path) -> socket.socket:
-    """A listening socket for QEMU's monitor, bound before QEMU starts (libvirt does the same).
-
-    vgpuctl connects at once and QEMU greets as soon as its monitor runs: no polling for the socket
-    file, no retry delays. QEMU inherits the socket; it stays reachable at ``path`` for later calls.
+def listen_qmp(path: Path) -> int:
+    """A listening socket (its file descriptor) for QEMU's monitor, bound before QEMU starts, as
+    libvirt does: vgpuctl connects at once and QEMU greets as soon as its monitor runs — no polling
+    for the socket file, no retry delays. QEMU inherits it; close this process's copy once it has.
     """
+    import _socket  # the C module: `socket` (its enums, selectors) costs ~2 ms more before QEMU starts
+
     path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         listener.bind(str(path))
         os.chmod(path, 0o600)
@@ -296,7 +300,7 @@ def listen_qmp(path: Path) -> socket.socket:
     except OSError:
         listener.close()
         raise
-    return listener
+    return listener.detach()
 
 
 def preopened_qmp_argv(argv: list[str], fd: int) -> list[str]:

@@ -215,12 +215,26 @@ def load(state: StateDir, name: str) -> VmSpec:
     return spec
 
 
+def default_mac(name: str) -> str:
+    """52:54:00 (QEMU's prefix) and three bytes of the name's hash: stable per VM, distinct between VMs."""
+    import hashlib  # loads OpenSSL (~2 ms): only when a MAC is made, not at every start
+
+    digest = hashlib.sha256(f"vgpuctl:{name}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 def save(state: StateDir, spec: VmSpec, *, new: bool = False) -> Path:
-    """Write the spec atomically (validated first); ``new`` refuses to replace an existing VM."""
+    """Write the spec atomically (validated first); ``new`` refuses to replace an existing VM.
+
+    A new VM with a network gets its MAC written into the spec (as libvirt writes it into the domain):
+    the guest's NIC keeps its address whatever later versions derive, and ``vm show`` shows it.
+    """
     path = spec_path(state, spec.name)
     spec.validate(str(path))
     if new and path.exists():
         raise Conflict(f"VM {spec.name!r} already exists; change it with 'vgpuctl vm edit' or pick another name")
+    if new and spec.network.mode != "none" and spec.network.mac is None:
+        spec.network.mac = default_mac(spec.name)
     atomic_write(path, spec.to_toml().encode())
     return path
 
