@@ -84,7 +84,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,9 @@ QEMU = "qemu-system-x86_64"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SETUPS = ("vgpuctl", "vgpuctl-nodeflate", "novnc")
+SETUPS = ("vgpuctl", "vgpuctl-h264", "vgpuctl-nodeflate", "novnc")
+DEFAULT_SETUPS = ("vgpuctl", "vgpuctl-h264", "novnc")
+OURS = ("vgpuctl", "vgpuctl-h264", "vgpuctl-nodeflate")
 WORKLOADS = ("bar", "full-screen")
 VM_NAME = "bench"
 TARGET_FPS = 25.0
@@ -107,7 +109,8 @@ VGPUCTL_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>vgpuct
 <script type="module">
 import { DisplayPlayer } from "./display.js";
 const url = new URL("/api/v1/vms/VM/display", location.href); url.protocol = "ws:";
-new DisplayPlayer(document.getElementById("c"), url.href, {}).start();
+const codec = new URLSearchParams(location.search).get("codec") || "jpeg";
+new DisplayPlayer(document.getElementById("c"), url.href, { codec }).start();
 </script></body></html>
 """
 
@@ -744,9 +747,10 @@ def run_setup(setup: str, workload: str, elf: Path, resolution: tuple[int, int],
             url = f"http://127.0.0.1:{novnc_port}/vnc_lite.html?host=127.0.0.1&port={ws_port}&path="
             return [measure(cdp, browser_pid, g, url, setup, workload, None, ws_port, args)]
     with guest(elf, resolution, None, fps) as g:
-        with vgpuctl_server(g.state, setup == "vgpuctl") as (server, port):
-            results = [measure(cdp, browser_pid, g, f"http://127.0.0.1:{port}/bench.html", setup, workload, server,
-                               port, args)]
+        codec = "h264" if setup == "vgpuctl-h264" else "jpeg"
+        with vgpuctl_server(g.state, setup != "vgpuctl-nodeflate") as (server, port):
+            results = [measure(cdp, browser_pid, g, f"http://127.0.0.1:{port}/bench.html?codec={codec}", setup,
+                               workload, server, port, args)]
         if setup == "vgpuctl" and args.floor and results[0].keys_sent:
             from vgpuctl.mdev.state import StateDir
             from vgpuctl.vm.runtime import RuntimePaths
@@ -765,7 +769,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-LABELS = {"vgpuctl": "vgpuctl (as `vgpuctl serve`: deflate on)", "vgpuctl-nodeflate": "vgpuctl, deflate off",
+LABELS = {"vgpuctl": "vgpuctl JPEG (as `vgpuctl serve`: deflate on)",
+          "vgpuctl-h264": "vgpuctl H.264 (WebCodecs; deflate on)", "vgpuctl-nodeflate": "vgpuctl JPEG, deflate off",
           "novnc": "noVNC 1.3.0 → QEMU websocket", "rfb-floor": "floor: RFB Raw client, no browser"}
 
 
@@ -816,27 +821,30 @@ def verdicts(results: list[Result]) -> list[str]:
 
     for workload in ("bar", "full-screen"):
         by = {r.setup: r for r in results if r.workload == workload}
-        ours, novnc = by.get("vgpuctl") or by.get("vgpuctl-nodeflate"), by.get("novnc")
-        if ours is None:
-            continue
-        label = f"[{workload}] {LABELS[ours.setup]}"
-        say(ours.painted_fps >= TARGET_FPS, f"{label}: painted fps >= {TARGET_FPS:.0f} ({ours.painted_fps:.1f})")
-        if novnc is not None:
-            ratio = ours.painted_fps / novnc.painted_fps if novnc.painted_fps else float("inf")
-            say(ratio >= 4, f"[{workload}] fps >= 4x noVNC's ({ours.painted_fps:.1f} vs {novnc.painted_fps:.1f}: "
-                            f"{ratio:.1f}x)")
-        if not ours.keys_sent:
-            continue
-        median = ours.latency_median_ms
-        say(median is not None and median <= TARGET_LATENCY_MS,
-            f"{label}: median input-to-picture <= {TARGET_LATENCY_MS:.0f} ms ({fmt(median, 0)} ms)")
-        theirs = novnc.latency_median_ms if novnc is not None else None
-        if median is not None and theirs:
-            say(median <= theirs / 2, f"[{workload}] latency <= 1/2 noVNC's ({median:.0f} vs {theirs:.0f} ms: "
-                                      f"{median / theirs:.2f}x)")
-        elif novnc is not None:
-            out.append("target: latency <= 1/2 noVNC's: no median for one of them")
+        for ours in (by[setup] for setup in OURS if setup in by):
+            verdict(ours, by.get("novnc"), workload, say)
     return out
+
+
+def verdict(ours: Result, novnc: Result | None, workload: str, say: Callable[[bool, str], None]) -> None:
+    """One setup of ours against the targets and against noVNC."""
+    label = f"[{workload}] {LABELS[ours.setup]}"
+    say(ours.painted_fps >= TARGET_FPS, f"{label}: painted fps >= {TARGET_FPS:.0f} ({ours.painted_fps:.1f})")
+    if novnc is not None:
+        ratio = ours.painted_fps / novnc.painted_fps if novnc.painted_fps else float("inf")
+        say(ratio >= 4, f"{label}: fps >= 4x noVNC's ({ours.painted_fps:.1f} vs {novnc.painted_fps:.1f}: "
+                        f"{ratio:.1f}x)")
+    if not ours.keys_sent:
+        return
+    median = ours.latency_median_ms
+    say(median is not None and median <= TARGET_LATENCY_MS,
+        f"{label}: median input-to-picture <= {TARGET_LATENCY_MS:.0f} ms ({fmt(median, 0)} ms)")
+    theirs = novnc.latency_median_ms if novnc is not None else None
+    if median is not None and theirs:
+        say(median <= theirs / 2, f"{label}: latency <= 1/2 noVNC's ({median:.0f} vs {theirs:.0f} ms: "
+                                  f"{median / theirs:.2f}x)")
+    elif novnc is not None:
+        say(False, f"{label}: latency <= 1/2 noVNC's: no median for one of them")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -849,7 +857,8 @@ class Timeout(Exception):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", default="1920x1080")
-    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, in order; of {SETUPS}")
+    parser.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
+                        help=f"comma-separated, in order; of {SETUPS}")
     parser.add_argument("--fps-seconds", type=float, default=5.0)
     parser.add_argument("--presses", type=int, default=20)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of playing before measuring")

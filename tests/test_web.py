@@ -248,7 +248,8 @@ def test_dashboard_follows_the_host_and_drives_a_vm_and_its_display(service: Ser
     with vm_page.expect_event("websocket") as opened:
         vm_page.goto(f"{service.url}/vm.html?name={VM}")
     socket_ = opened.value
-    assert socket_.url.endswith(f"/api/v1/vms/{VM}/display")
+    # Chromium has WebCodecs with H.264 on a secure context (http on localhost is one): the player asks for it.
+    assert socket_.url.endswith(f"/api/v1/vms/{VM}/display?codec=h264")
     first = wait_canvas(vm_page, lambda s: s["frames"] > 0 and dominant(s) == "blue",
                         "the guest's blue screen")
     assert first["spread"] > 100, f"the canvas is blank: {first}"
@@ -269,6 +270,18 @@ def test_dashboard_follows_the_host_and_drives_a_vm_and_its_display(service: Ser
     assert presses and abs(presses[0]["x"] - first["w"] / 4) <= 3 and abs(presses[0]["y"] - first["h"] / 2) <= 3
     assert {"type": "key", "code": "KeyA", "key": "a", "down": True} in sent
     assert {"type": "key", "code": "KeyA", "key": "a", "down": False} in sent
+    expect(vm_page.locator("#stream-stats")).to_contain_text("H.264")
+
+    # The same display as JPEG tiles (?codec=jpeg, what browsers without WebCodecs get): the same picture.
+    jpeg_page = context.new_page()
+    jpeg_page.on("pageerror", lambda exc: errors.append(f"jpeg vm page: {exc}"))
+    with jpeg_page.expect_event("websocket") as opened:
+        jpeg_page.goto(f"{service.url}/vm.html?name={VM}&codec=jpeg")
+    assert opened.value.url.endswith(f"/api/v1/vms/{VM}/display")
+    jpeg_first = wait_canvas(jpeg_page, lambda s: s["frames"] > 0 and dominant(s) == "red", "the red screen as JPEG")
+    wait_canvas(jpeg_page, lambda s: s["hash"] != jpeg_first["hash"], "a moving picture as JPEG")
+    expect(jpeg_page.locator("#stream-stats")).to_contain_text("JPEG")
+    jpeg_page.close()
 
     # The dashboard's thumbnail follows (a new screenshot every 2 s).
     deadline = time.monotonic() + 15

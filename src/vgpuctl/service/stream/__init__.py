@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from vgpuctl.service.stream.hub import DisplayClosed, DisplayHub, HubRegistry, StreamOptions, Viewer
+from vgpuctl.service.stream.hub import CODECS, DisplayClosed, DisplayHub, HubRegistry, StreamOptions, Viewer
 from vgpuctl.service.stream.rfb import RfbError
 
 __all__ = ["CLOSE_DISPLAY_ENDED", "CLOSE_NOT_FOUND", "DisplayHub", "HubRegistry", "StreamOptions", "handle_input",
@@ -98,9 +98,13 @@ async def serve_display(websocket: WebSocket, name: str) -> None:
     if not paths.vnc_socket.exists():
         await _close(websocket, CLOSE_NOT_FOUND, f"VM {name} has no VNC display (display backend is not vnc)")
         return
+    codec = websocket.query_params.get("codec", "jpeg")
+    if codec not in CODECS:
+        await _close(websocket, 1008, f"codec must be one of {', '.join(CODECS)}")
+        return
     await websocket.accept()
     try:
-        viewer = await registry_of(websocket.app).join(paths.vnc_socket, name=name)
+        viewer = await registry_of(websocket.app).join(paths.vnc_socket, name=name, codec=codec)
     except (OSError, RfbError, DisplayClosed) as exc:
         await _close(websocket, CLOSE_NOT_FOUND, f"VM {name}: display unavailable: {exc}")
         return

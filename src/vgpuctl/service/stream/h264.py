@@ -50,7 +50,7 @@ def available() -> bool:
 class H264Encoder:
     """BGRX pictures of one size in, Annex B access units out (one per picture, none held back)."""
 
-    def __init__(self, width: int, height: int, *, crf: int = 23,
+    def __init__(self, width: int, height: int, *, pixel_format: str = "bgra", crf: int = 23,
                  keyframe_interval: int = KEYFRAME_INTERVAL) -> None:
         try:
             import av
@@ -60,6 +60,7 @@ class H264Encoder:
             # 4:2:0 needs even sizes; guests practically always use them. Odd ones are refused, not padded.
             raise H264Unavailable(f"H.264 4:2:0 needs an even screen size, not {width}x{height}")
         self.width, self.height = width, height
+        self.pixel_format = pixel_format
         self._av = av
         context: Any = av.CodecContext.create("libx264", "w")
         context.width, context.height = width, height
@@ -72,9 +73,9 @@ class H264Encoder:
         self._pts = 0
         self.pictures = 0
 
-    def encode(self, picture: npt.NDArray[np.uint8], *, keyframe: bool = False) -> AccessUnit:
-        """Code one ``height x width x 4`` BGRX picture (the RFB framebuffer as it is)."""
-        frame: Any = self._av.VideoFrame.from_ndarray(picture, format="bgra")
+    def encode(self, picture: npt.NDArray[np.uint8], keyframe: bool = False) -> AccessUnit:
+        """Code one ``height x width x 4`` picture in ``pixel_format`` (the RFB framebuffer as it is)."""
+        frame: Any = self._av.VideoFrame.from_ndarray(picture, format=self.pixel_format)
         frame.pts = self._pts
         self._pts += 33  # timestamps only order the pictures here; the stream is shown as it arrives
         if keyframe or self.pictures == 0:

@@ -59,6 +59,11 @@ KIND_FRAME_END = 2
 KIND_H264 = 3
 _JPEG_HEADER = struct.Struct(">BHHHHHH")
 _FRAME_END = struct.Struct(">BQ")
+_H264_HEADER = struct.Struct(">BHHBQ")  # kind, screen_w, screen_h, flags (bit 0: keyframe), captured_us
+CODECS = ("jpeg", "h264")
+CATCH_UP_KEYFRAME_S = 0.5
+"""H.264: at most one keyframe per this many seconds for viewers that skipped pictures (a keyframe is 10-50x a
+delta; on a link too slow for the deltas, a keyframe per skip would only make it slower)."""
 
 Mask = npt.NDArray[np.bool_]
 Rect = tuple[int, int, int, int]
@@ -109,6 +114,10 @@ def frame_end_message(timestamp_us: int) -> bytes:
     return _FRAME_END.pack(KIND_FRAME_END, timestamp_us)
 
 
+def h264_message(screen: tuple[int, int], keyframe: bool, captured_us: int, access_unit: bytes) -> bytes:
+    return _H264_HEADER.pack(KIND_H264, *screen, 1 if keyframe else 0, captured_us) + access_unit
+
+
 def jpeg_message(rect: Rect, screen: tuple[int, int], jpeg: bytes) -> bytes:
     return _JPEG_HEADER.pack(KIND_JPEG, *rect, *screen) + jpeg
 
@@ -149,9 +158,15 @@ def mask_rects(mask: Mask, tile: int, width: int, height: int, max_rect_pixels: 
 class Viewer:
     """One subscriber of a :class:`DisplayHub`: a bounded queue of frames and a pending-tiles mask."""
 
-    def __init__(self, hub: DisplayHub, mask: Mask) -> None:
+    def __init__(self, hub: DisplayHub, mask: Mask, codec: str = "jpeg") -> None:
         self.hub = hub
         self.pending = mask
+        self.codec = codec
+        """``jpeg`` (changed tiles) or ``h264`` (whole pictures, one encoder shared by the hub's H.264 viewers)."""
+        self.needs_keyframe = True
+        """H.264 only: this viewer cannot decode the next delta (it is new, skipped a picture, or asked)."""
+        self.catching_up = False
+        """H.264 only: it needs a keyframe because it skipped pictures (rate-limited), not because it is new."""
         self._frames: deque[Frame] = deque()
         self._ready = asyncio.Event()
         self.closed_reason: str | None = None
@@ -192,6 +207,7 @@ class Viewer:
 
     def request_full_frame(self) -> None:
         self.pending[:] = True
+        self.needs_keyframe, self.catching_up = True, False
         self.hub._wake()
 
     # ------------------------------------------------------------------------------- input
@@ -243,6 +259,8 @@ class HubStats:
     """Frames handed to viewers (an encode shared by n viewers counts n)."""
     encoded_bytes: int = 0
     encode_ms: float = 0.0
+    h264_pictures: int = 0
+    h264_keyframes: int = 0
 
 
 class DisplayHub:
@@ -270,6 +288,10 @@ class DisplayHub:
         self._last_update_us = 0
         self._seq = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._h264: Any = None  # h264.H264Encoder for the current screen size, made at the first H.264 viewer
+        self._h264_picture = -1  # stats.pictures when the last H.264 picture was coded
+        self._h264_keyframe_at = 0.0  # time.monotonic() of the last keyframe
+        self._h264_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -282,9 +304,15 @@ class DisplayHub:
         t = self.options.tile
         return (-(-self.rfb.height // t), -(-self.rfb.width // t))
 
-    async def subscribe(self) -> Viewer:
+    async def subscribe(self, codec: str = "jpeg") -> Viewer:
         """A new viewer; connects to the VM's display first if this is the first one. Its first frame is a full
-        one, as soon as the hub has a picture."""
+        one, as soon as the hub has a picture. ``codec`` h264 falls back to jpeg where PyAV/libx264 is missing."""
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
+        if codec == "h264":
+            from vgpuctl.service.stream import h264
+
+            codec = "h264" if h264.available() else "jpeg"
         if self.closed:
             raise DisplayClosed(self.close_reason or "the display hub is closed")
         if self._start_task is None:
@@ -300,7 +328,7 @@ class DisplayHub:
             self._joining -= 1
         if self.closed:
             raise DisplayClosed(self.close_reason)
-        viewer = Viewer(self, np.ones(self._grid(), np.bool_))
+        viewer = Viewer(self, np.ones(self._grid(), np.bool_), codec)
         self.viewers.append(viewer)
         self._wake()
         return viewer
@@ -468,9 +496,10 @@ class DisplayHub:
                 return
             if not self._have_picture:
                 continue
+            await self._serve_h264()
             groups: dict[bytes, list[Viewer]] = {}
             for viewer in self.viewers:
-                if viewer.has_room() and viewer.pending.any():
+                if viewer.codec == "jpeg" and viewer.has_room() and viewer.pending.any():
                     groups.setdefault(viewer.pending.tobytes() + str(viewer.pending.shape).encode(), []).append(viewer)
             for members in groups.values():
                 mask = members[0].pending.copy()
@@ -511,6 +540,77 @@ class DisplayHub:
         return frame
 
 
+    async def _serve_h264(self) -> None:
+        """One H.264 picture for every H.264 viewer with room, when QEMU has finished a new picture (never a
+        half-received one: a delta cannot be taken back) or a viewer needs a keyframe to start from.
+
+        A viewer without room skips the picture; since the next delta would not decode for it, it waits for a
+        keyframe — which the viewers in step then get too (one encode for all). Those keyframes come at most
+        every CATCH_UP_KEYFRAME_S; a new viewer, or one that asked for a refresh, gets one at once."""
+        watching = [v for v in self.viewers if v.codec == "h264"]
+        if not watching or self.rfb is None:
+            return
+        # Every picture coded goes to every H.264 viewer that can take it, or that viewer is out of step
+        # (the next delta refers to a picture it does not have) until its next keyframe.
+        fresh = self.stats.pictures != self._h264_picture
+        wait = CATCH_UP_KEYFRAME_S - (time.monotonic() - self._h264_keyframe_at)
+        keyframe = any(v.needs_keyframe and v.has_room() and not (v.catching_up and wait > 0) for v in watching)
+        if any(v.catching_up and v.has_room() for v in watching) and wait > 0 and self._h264_timer is None:
+            def due() -> None:
+                self._h264_timer = None
+                self._wake()
+
+            self._h264_timer = asyncio.get_running_loop().call_later(wait, due)  # serve it then, moving or not
+        if not (fresh or keyframe):
+            return
+        from vgpuctl.service.stream.h264 import H264Encoder, H264Unavailable
+
+        assert self._pool is not None
+        fb = self.rfb.framebuffer
+        height, width = fb.shape[:2]
+        if self._h264 is None or (self._h264.width, self._h264.height) != (width, height):
+            try:
+                self._h264 = H264Encoder(width, height, pixel_format=_av_format(self.rfb.pixel_format.colorspace))
+            except H264Unavailable as exc:  # e.g. an odd screen size: these viewers get JPEG instead
+                log.warning("display %s: H.264 unavailable (%s), sending JPEG", self.socket_path, exc)
+                for viewer in watching:
+                    viewer.codec, viewer.pending[:] = "jpeg", True
+                return
+            for viewer in watching:
+                viewer.needs_keyframe = True
+        self._h264_picture = self.stats.pictures
+        captured = self._last_update_us
+        started = time.perf_counter()
+        unit = await asyncio.get_running_loop().run_in_executor(self._pool, self._h264.encode, fb, keyframe)
+        elapsed = (time.perf_counter() - started) * 1000
+        screen = (width, height)
+        self._seq += 1
+        frame = Frame((h264_message(screen, unit.keyframe, captured, unit.data),), self._seq,
+                      ((0, 0, width, height),), screen, captured, elapsed)
+        self.stats.encodes += 1
+        self.stats.encode_ms += elapsed
+        self.stats.encoded_bytes += frame.size
+        self.stats.h264_pictures += 1
+        self.stats.h264_keyframes += unit.keyframe
+        if unit.keyframe:
+            self._h264_keyframe_at = time.monotonic()
+        for viewer in self.viewers:
+            if viewer.codec != "h264":
+                continue
+            if viewer.has_room() and (unit.keyframe or not viewer.needs_keyframe):
+                viewer.pending[:] = False
+                viewer.needs_keyframe = viewer.catching_up = False
+                viewer._push(frame)
+                self.stats.frames_queued += 1
+            elif not viewer.needs_keyframe:  # it skips this picture: the deltas after it would not decode
+                viewer.needs_keyframe = viewer.catching_up = True
+
+
+def _av_format(colorspace: str | None) -> str:
+    """PyAV's name for the framebuffer's byte order (the RFB client asks QEMU for 32-bit BGRX or RGBX)."""
+    return {"BGRX": "bgra", "BGRA": "bgra", "RGBX": "rgba", "RGBA": "rgba"}.get(colorspace or "", "bgra")
+
+
 def _encode_rect(fb: Framebuffer, rect: Rect, opts: StreamOptions, colorspace: str) -> bytes:
     x, y, w, h = rect
     data: bytes = simplejpeg.encode_jpeg(fb[y:y + h, x:x + w], opts.quality, colorspace, opts.subsampling,
@@ -529,14 +629,14 @@ class HubRegistry:
         if self.hubs.get(hub.socket_path) is hub:
             del self.hubs[hub.socket_path]
 
-    async def join(self, socket_path: str | Path, name: str | None = None) -> Viewer:
-        """A new viewer of the display at ``socket_path`` (of VM ``name``, for metrics)."""
+    async def join(self, socket_path: str | Path, name: str | None = None, codec: str = "jpeg") -> Viewer:
+        """A new viewer of the display at ``socket_path`` (of VM ``name``, for metrics), in ``codec``."""
         path = Path(socket_path)
         hub = self.hubs.get(path)
         if hub is None or hub.closed:
             hub = DisplayHub(path, self.options, on_close=self._forget, name=name)
             self.hubs[path] = hub
-        return await hub.subscribe()
+        return await hub.subscribe(codec)
 
     async def aclose(self) -> None:
         for hub in list(self.hubs.values()):

@@ -756,6 +756,7 @@ function vmPage() {
       }
     },
     onStats: (text) => { stats.textContent = text; },
+    codec: new URLSearchParams(location.search).get("codec") || "auto",  // ?codec=jpeg to compare
   });
 
   const buttons = { start: $("vm-start"), stop: $("vm-stop"), kill: $("vm-kill") };

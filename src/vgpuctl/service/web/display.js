@@ -4,6 +4,8 @@
 //   server -> client, binary: byte 0 = kind
 //     kind 1, a JPEG rectangle: bytes 1..12 = big-endian u16 x, y, w, h, screen_w, screen_h; bytes 13.. = JPEG
 //     kind 2, end of frame:     bytes 1..8  = big-endian u64 server time, µs since the epoch
+//     kind 3, an H.264 picture: bytes 1..4 = u16 screen_w, screen_h; byte 5 = flags (1: keyframe);
+//                               bytes 6..13 = u64 server time; bytes 14.. = the access unit (Annex B)
 //   client -> server, text JSON:
 //     {"type":"key","code":"KeyA","key":"a","down":true}
 //     {"type":"pointer","x":10,"y":20,"buttons":1}
@@ -12,10 +14,14 @@
 //
 // Rectangles are decoded as they arrive (createImageBitmap, off the main thread) and a frame is drawn
 // all at once, in order, when its end marker comes, so a half-updated frame never shows.
+// Where the browser has WebCodecs with H.264 (a secure context: https, or http on localhost), the
+// player asks for H.264 (?codec=h264) and draws each decoded picture as it comes out of VideoDecoder.
 
 const KIND_RECT = 1;
 const KIND_FRAME_END = 2;
+const KIND_H264 = 3;
 const RECT_HEADER = 13;
+const H264_HEADER = 14;
 const RETRY_MIN_MS = 500;
 const RETRY_MAX_MS = 5000;
 const WHEEL_NOTCH_PX = 100;  // a mouse wheel notch is about 100 px of deltaY in Chromium and Firefox
@@ -24,7 +30,8 @@ export class DisplayPlayer {
   /**
    * @param {HTMLCanvasElement} canvas
    * @param {string} url  ws:// or wss:// address of the display stream
-   * @param {{onStatus?: (state: string, text: string) => void, onStats?: (text: string) => void}} hooks
+   * @param {{onStatus?: (state: string, text: string) => void, onStats?: (text: string) => void,
+   *          codec?: "auto" | "jpeg" | "h264"}} hooks  codec: auto = H.264 where the browser decodes it
    */
   constructor(canvas, url, hooks = {}) {
     this.canvas = canvas;
@@ -47,13 +54,23 @@ export class DisplayPlayer {
     this.lastStatus = null;       // what onStatus said last about a live stream (its size)
     this.framesShown = 0;         // how many frames have been drawn since the page loaded
     this.statsTimer = null;
+    this.codec = hooks.codec || "auto";
+    this.useH264 = false;         // decided in start(); false again if the decoder fails
+    this.codecChosen = false;     // no connection before that (reconnectNow may come first)
+    this.decoder = null;          // the VideoDecoder of this connection's H.264 stream
+    this.decoderCodec = null;
     this.bindInput();
   }
 
   start() {
     if (!this.stopped) return;
     this.stopped = false;
-    this.connect();
+    const choose = this.codec === "jpeg" ? Promise.resolve(false) : h264Supported();
+    choose.then((supported) => {
+      this.useH264 = supported;
+      this.codecChosen = true;
+      if (!this.stopped && !this.ws) this.connect();
+    });
     this.statsTimer = setInterval(() => this.reportStats(), 1000);
   }
 
@@ -82,12 +99,14 @@ export class DisplayPlayer {
   // ------------------------------------------------------------------ connection
 
   connect() {
+    if (!this.codecChosen) return;  // start() connects once it knows
     clearTimeout(this.retryTimer);
     this.lastStatus = null;
     this.onStatus("connecting", "connecting…");
+    this.closeDecoder();  // every connection starts at a keyframe
     let ws;
     try {
-      ws = new WebSocket(this.url);
+      ws = new WebSocket(this.useH264 ? withCodec(this.url, "h264") : this.url);
     } catch (err) {
       this.scheduleRetry(String(err));
       return;
@@ -147,6 +166,8 @@ export class DisplayPlayer {
       const jpeg = new Blob([new Uint8Array(buffer, RECT_HEADER)], { type: "image/jpeg" });
       rect.bitmap = createImageBitmap(jpeg).catch(() => null);
       this.pending.push(rect);
+    } else if (kind === KIND_H264 && buffer.byteLength > H264_HEADER) {
+      this.onH264(view, buffer);
     } else if (kind === KIND_FRAME_END && buffer.byteLength >= 9) {
       const serverUs = view.getBigUint64(1);
       const frame = this.pending;
@@ -174,6 +195,76 @@ export class DisplayPlayer {
       }
     }
     if (broken) this.refresh();  // a rectangle that did not decode: ask for the whole screen again
+    this.shown(serverUs);
+  }
+
+  // ------------------------------------------------------------------ H.264 (WebCodecs)
+
+  onH264(view, buffer) {
+    const keyframe = (view.getUint8(5) & 1) === 1;
+    const serverUs = view.getBigUint64(6);
+    const data = new Uint8Array(buffer, H264_HEADER);
+    if (keyframe) {
+      const codec = avcCodec(data);
+      if (codec && (!this.decoder || this.decoder.state === "closed" || codec !== this.decoderCodec)) {
+        this.openDecoder(codec);
+      }
+    }
+    if (!this.decoder || this.decoder.state !== "configured") return;  // nothing to decode from before a keyframe
+    // The timestamp carries the server time through the decoder, for the lag shown in the stats.
+    this.decoder.decode(new EncodedVideoChunk({ type: keyframe ? "key" : "delta", timestamp: Number(serverUs),
+      data }));
+  }
+
+  openDecoder(codec) {
+    this.closeDecoder();
+    const decoder = new VideoDecoder({
+      output: (picture) => this.showPicture(picture, decoder),
+      error: (err) => this.h264Failed(decoder, err),
+    });
+    try {
+      decoder.configure({ codec, optimizeForLatency: true });
+    } catch (err) {
+      this.h264Failed(decoder, err);
+      return;
+    }
+    this.decoder = decoder;
+    this.decoderCodec = codec;
+  }
+
+  closeDecoder() {
+    if (this.decoder && this.decoder.state !== "closed") this.decoder.close();
+    this.decoder = null;
+    this.decoderCodec = null;
+  }
+
+  showPicture(picture, decoder) {
+    if (this.stopped || decoder !== this.decoder) {
+      picture.close();
+      return;
+    }
+    if (this.canvas.width !== picture.displayWidth || this.canvas.height !== picture.displayHeight) {
+      this.canvas.width = picture.displayWidth;
+      this.canvas.height = picture.displayHeight;
+    }
+    this.ctx.drawImage(picture, 0, 0);
+    const serverUs = BigInt(picture.timestamp);
+    picture.close();
+    this.shown(serverUs);
+  }
+
+  /** The browser could not decode the stream after all: JPEG from now on, on a new connection. */
+  h264Failed(decoder, err) {
+    if (decoder !== this.decoder && this.decoder !== null) return;
+    console.warn("H.264 decoding failed, switching to JPEG:", err);
+    this.useH264 = false;
+    this.closeDecoder();
+    if (this.ws) this.ws.close(1000, "switching to JPEG");
+  }
+
+  // ------------------------------------------------------------------ after a picture is on the canvas
+
+  shown(serverUs) {
     this.frames++;
     this.framesShown++;
     this.canvas.dataset.frames = String(this.framesShown);
@@ -192,7 +283,8 @@ export class DisplayPlayer {
       this.onStats("");
     } else {
       const lag = this.lagUs === null ? "" : ` · lag ${Math.max(0, Math.round(this.lagUs / 1000))} ms`;
-      this.onStats(`${this.canvas.width}×${this.canvas.height} · ${this.frames} fps · ` +
+      const codec = this.decoder ? "H.264" : "JPEG";
+      this.onStats(`${this.canvas.width}×${this.canvas.height} · ${codec} · ${this.frames} fps · ` +
         `${Math.round(this.bytes * 8 / 1000)} kbit/s${lag}`);
     }
     this.frames = 0;
@@ -296,6 +388,34 @@ export class DisplayPlayer {
     }
     this.pressed.clear();
   }
+}
+
+/** Whether this browser decodes H.264 with WebCodecs (Constrained Baseline, what the server sends). */
+export async function h264Supported() {
+  if (typeof VideoDecoder === "undefined") return false;  // no WebCodecs, or not a secure context
+  try {
+    const answer = await VideoDecoder.isConfigSupported({ codec: "avc1.42c028", optimizeForLatency: true });
+    return answer.supported === true;
+  } catch (err) {
+    return false;
+  }
+}
+
+/** RFC 6381's avc1.PPCCLL from the SPS (NAL unit type 7) at the start of an Annex B keyframe. */
+export function avcCodec(data) {
+  const hex = (byte) => byte.toString(16).padStart(2, "0");
+  for (let i = 0; i + 6 < data.length; i++) {
+    if (data[i] === 0 && data[i + 1] === 0 && data[i + 2] === 1 && (data[i + 3] & 0x1f) === 7) {
+      return `avc1.${hex(data[i + 4])}${hex(data[i + 5])}${hex(data[i + 6])}`;
+    }
+  }
+  return null;
+}
+
+function withCodec(url, codec) {
+  const address = new URL(url);
+  address.searchParams.set("codec", codec);
+  return address.href;
 }
 
 /** The ws:// (or wss://) address of a VM's display stream, relative to this page. */
