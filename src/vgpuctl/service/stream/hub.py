@@ -236,11 +236,14 @@ class Viewer:
 class HubStats:
     connections: int = 0
     updates: int = 0
-    pictures: int = 0  # updates that changed something: the pictures QEMU really produced
+    pictures: int = 0
+    """Updates that changed something: the pictures QEMU really produced."""
+    read_ms: float = 0.0
+    """Time from an update's header to its last pixel (QEMU writing it, us reading it)."""
     encodes: int = 0
     """Encodes run (one per group of viewers served together)."""
     frames_queued: int = 0
-    """Frames handed to viewers (an encode shared by n viewers counts n)."""
+    """Frames handed to viewers (an encode shared by n viewers counts n); each frame is one whole picture."""
     encoded_bytes: int = 0
     encode_ms: float = 0.0
 
@@ -314,7 +317,6 @@ class DisplayHub:
             self.rfb = rfb
             self.stats.connections += 1
             rfb.auto_request = True
-            rfb.on_rows = self._rows_arrived
             await rfb.request_update(incremental=False)
         except BaseException as exc:
             if self.closed:
@@ -368,8 +370,8 @@ class DisplayHub:
     async def _report_loop(self, name: str) -> None:
         """Each second: the pictures per second the fastest viewer got, and the number of viewers.
 
-        A large update is sent in bands as it arrives (several frames for one picture), so the frames a
-        viewer got are capped by the pictures QEMU produced in the same second."""
+        A frame is one whole picture; capped by the pictures QEMU produced in the same second (a viewer's
+        first frame or a refresh repeats a picture)."""
         try:
             from vgpuctl.service import metrics
         except ImportError:  # the service's metrics (prometheus_client) are not installed
@@ -419,7 +421,10 @@ class DisplayHub:
         await self.aclose(reason)
 
     def _apply(self, update: Update) -> None:
+        """A whole update is in the framebuffer: mark it. Only complete updates are marked, so every frame
+        is one whole picture (no bands of a picture still arriving), encoded once."""
         self.stats.updates += 1
+        self.stats.read_ms += (update.finished - update.started) * 1000
         assert self.rfb is not None
         if update.resized:
             grid = self._grid()
@@ -427,17 +432,9 @@ class DisplayHub:
                 viewer.pending = np.ones(grid, np.bool_)
         if update.rects or update.resized:
             self.stats.pictures += 1
-            streamed = set(update.streamed) if self._have_picture else set()
             self._have_picture = self._have_picture or bool(update.rects)
             self._last_update_us = int(update.finished * 1e6)
-            self._mark([rect for rect in update.rects if rect not in streamed])
-
-    def _rows_arrived(self, rect: Rect) -> None:
-        """A band of a large update is in: encode it now, while the rest is still being read. (Small
-        rectangles wait for the end of their update, so a frame never shows half of a small change.)"""
-        if self._have_picture:
-            self._last_update_us = int(time.time() * 1e6)
-            self._mark([rect])
+            self._mark(update.rects)
 
     def _mark(self, rects: list[Rect]) -> None:
         t = self.options.tile
