@@ -75,8 +75,10 @@ class StreamOptions:
     subsampling: str = "420"
     tile: int = 32
     """Pixels per side of the change-tracking tiles (a multiple of 16, JPEG's 4:2:0 block)."""
-    max_rect_pixels: int = 512 * 1024
-    """Rectangles larger than this are cut into horizontal bands (parallel encode and decode)."""
+    max_rect_pixels: int = 1 << 20
+    """Rectangles larger than this are cut into horizontal bands, encoded in parallel (a 1920x1080 picture is
+    2 JPEGs, one per encode thread). Fewer, larger JPEGs cost a browser less per picture than many small ones
+    (measured: 5 bands of 512 K pixels cost headless Chromium ~15-20 % more CPU per picture than 2)."""
     capacity: int = 1
     """Frames queued per viewer (beyond the one it is sending)."""
     encode_threads: int = 2
