@@ -508,6 +508,31 @@ def test_each_whole_screen_update_is_one_whole_frame_and_one_picture(tmp_path: P
     asyncio.run(scenario())
 
 
+def test_the_hub_connects_through_qmp_and_falls_back_to_the_vnc_socket(vm: Vm, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        hub = DisplayHub(vm.paths.vnc_socket, qmp_socket=vm.paths.qmp_socket)
+        viewer = await hub.subscribe()
+        assert hub.via_qmp  # QEMU took our end of a socketpair as a VNC client (add_client)
+        canvas = Canvas()
+        canvas.paint(await frame_within(viewer))
+        assert dominant(canvas.rgb) == "b" and close_enough(canvas.rgb, await vm.screendump()) > 0.85
+        assert await viewer.key("KeyA", "a", True)  # input goes the same way
+        await viewer.key("KeyA", "a", False)
+        deadline = time.monotonic() + 10
+        while dominant(canvas.rgb) != "r":
+            assert time.monotonic() < deadline, "the streamed picture did not turn red"
+            canvas.paint(await frame_within(viewer))
+        await viewer.close()
+        assert hub.closed
+
+        elsewhere = DisplayHub(vm.paths.vnc_socket, qmp_socket=tmp_path / "no-qmp.sock")
+        viewer = await elsewhere.subscribe()
+        assert not elsewhere.via_qmp and (await frame_within(viewer)).full
+        await viewer.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_slow_viewer_does_not_hold_up_a_fast_one(vm: Vm) -> None:
     async def scenario() -> None:
         hub = DisplayHub(vm.paths.vnc_socket, StreamOptions(capacity=1))

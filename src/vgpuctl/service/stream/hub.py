@@ -59,6 +59,8 @@ KIND_FRAME_END = 2
 KIND_H264 = 3
 _JPEG_HEADER = struct.Struct(">BHHHHHH")
 _FRAME_END = struct.Struct(">BQ")
+QMP_TIMEOUT = 2.0
+"""Seconds to wait for the VM's QMP socket (it serves one client at a time) before using the VNC socket."""
 
 Mask = npt.NDArray[np.bool_]
 Rect = tuple[int, int, int, int]
@@ -254,8 +256,14 @@ class DisplayHub:
     """The display of one VM (one VNC socket), shared by its viewers."""
 
     def __init__(self, socket_path: str | Path, options: StreamOptions | None = None,
-                 on_close: Callable[[DisplayHub], None] | None = None, name: str | None = None) -> None:
+                 on_close: Callable[[DisplayHub], None] | None = None, name: str | None = None,
+                 qmp_socket: str | Path | None = None) -> None:
         self.socket_path = Path(socket_path)
+        self.qmp_socket = Path(qmp_socket) if qmp_socket is not None else None
+        """The VM's QMP socket: when set, the hub first connects through it (:meth:`RfbClient.connect_via_qmp`:
+        QEMU spends far less on each update), and falls back to the VNC socket."""
+        self.via_qmp = False
+        """True while connected through QMP."""
         self.name = name
         """The VM's name: when set, the hub reports its fps and viewers to :mod:`vgpuctl.service.metrics`."""
         self.options = options or StreamOptions()
@@ -312,7 +320,7 @@ class DisplayHub:
 
     async def _start(self) -> None:
         try:
-            rfb = await RfbClient.connect(self.socket_path)
+            rfb = await self._connect()
             if self.closed:  # every viewer gave up while we connected
                 rfb.close()
                 return
@@ -329,6 +337,17 @@ class DisplayHub:
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._encode_loop())]
         if self.name is not None:
             self._tasks.append(asyncio.create_task(self._report_loop(self.name)))
+
+    async def _connect(self) -> RfbClient:
+        if self.qmp_socket is not None:
+            try:
+                rfb = await RfbClient.connect_via_qmp(self.qmp_socket, timeout=QMP_TIMEOUT)
+                self.via_qmp = True
+                return rfb
+            except Exception as exc:  # whatever went wrong, the VNC socket may still work
+                log.info("display %s: no connection through QMP (%s: %s); using the VNC socket",
+                         self.socket_path, type(exc).__name__, exc)
+        return await RfbClient.connect(self.socket_path)
 
     async def unsubscribe(self, viewer: Viewer) -> None:
         if viewer in self.viewers:
@@ -528,12 +547,14 @@ class HubRegistry:
         if self.hubs.get(hub.socket_path) is hub:
             del self.hubs[hub.socket_path]
 
-    async def join(self, socket_path: str | Path, name: str | None = None) -> Viewer:
-        """A new viewer of the display at ``socket_path`` (of VM ``name``, for metrics)."""
+    async def join(self, socket_path: str | Path, name: str | None = None,
+                   qmp_socket: str | Path | None = None) -> Viewer:
+        """A new viewer of the display at ``socket_path`` (of VM ``name``, for metrics; ``qmp_socket``: the VM's
+        QMP socket, to connect through it)."""
         path = Path(socket_path)
         hub = self.hubs.get(path)
         if hub is None or hub.closed:
-            hub = DisplayHub(path, self.options, on_close=self._forget, name=name)
+            hub = DisplayHub(path, self.options, on_close=self._forget, name=name, qmp_socket=qmp_socket)
             self.hubs[path] = hub
         return await hub.subscribe()
 

@@ -20,9 +20,9 @@ Pipelining: with ``auto_request`` set, the client sends the next incremental Fra
 as an update's header arrives, before reading its pixels. QEMU keeps one "update wanted" flag per client (not a
 queue) and only sends on its refresh timer (30 ms at best), so one request always being outstanding is what
 keeps a busy screen at QEMU's full rate: a timer tick that finds no request lengthens QEMU's refresh interval.
-So does a tick that finds the previous update not yet written out: QEMU writes a 1920x1080 Raw update (8 MB)
-through its ~200 KB socket buffer in ~40 writes, so whole rows go straight from the socket into the framebuffer
-with no copy in between, and an update is only handed on once all of it is in.
+So does a tick that finds the previous update not yet written out: a 1920x1080 Raw update is 8 MB. Hence
+:meth:`RfbClient.connect_via_qmp` (QEMU's end of the connection gets a send buffer for a whole update, instead
+of the ~200 KB of ``-vnc unix:``), and whole rows go straight from the socket into the framebuffer.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ MSG_BELL = 2
 MSG_SERVER_CUT_TEXT = 3
 
 SECURITY_NONE = 1
+QEMU_SEND_BUFFER = 32 << 20
+"""Send buffer of QEMU's end of a :meth:`RfbClient.connect_via_qmp` connection: a whole 3840x2160 Raw update."""
+QMP_FD_NAME = "vgpuctl-display"
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux; Python does not name it
 MAX_DIMENSION = 16384
 _READ_BUFFER = 1 << 18
 
@@ -273,6 +277,15 @@ class _Reader:
             n -= chunk
 
 
+def grow_send_buffer(sock: socket.socket, size: int) -> None:
+    """Ask for a ``size``-byte send buffer: beyond ``net.core.wmem_max`` with CAP_NET_ADMIN (SO_SNDBUFFORCE), else
+    as much as ``wmem_max`` allows (the kernel caps SO_SNDBUF silently)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 class RfbClient:
     """One connection to a VNC server; create with :meth:`connect`.
 
@@ -309,9 +322,51 @@ class RfbClient:
         """Connect to the unix socket at ``path``, handshake, and set the pixel format and encodings."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
-        client = cls(sock)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, str(path)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await cls._start(sock, shared, timeout, encodings, pixel_format)
+
+    @classmethod
+    async def connect_via_qmp(cls, qmp_socket: str | Path, *, shared: bool = True, timeout: float = 10.0,
+                              encodings: Sequence[int] = DEFAULT_ENCODINGS,
+                              pixel_format: PixelFormat = BGRX) -> RfbClient:
+        """Connect by handing QEMU one end of a socketpair as a VNC client (QMP ``getfd`` + ``add_client``), that
+        end with a send buffer for a whole update (:data:`QEMU_SEND_BUFFER`).
+
+        Why: after each socket write QEMU's VNC server moves the unwritten rest of its output buffer down, so
+        through the default ~200 KB send buffer of ``-vnc unix:`` a 1920x1080 Raw update (8 MB) takes ~40 writes
+        and ~10 ms of memmove in QEMU's main loop, and ~12 ms to arrive; in one buffer it is a write or two and
+        ~2 ms. QEMU's QMP socket takes one client at a time: ``timeout`` bounds the wait for it."""
+        from qemu.qmp import QMPClient
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            grow_send_buffer(theirs, QEMU_SEND_BUFFER)
+            qmp = QMPClient("vgpuctl-display")
+            await asyncio.wait_for(qmp.connect(str(qmp_socket)), timeout)
+            try:
+                qmp.send_fd_scm(theirs.fileno())
+                await asyncio.wait_for(qmp.execute("getfd", {"fdname": QMP_FD_NAME}), timeout)
+                await asyncio.wait_for(qmp.execute("add_client", {"protocol": "vnc", "fdname": QMP_FD_NAME}),
+                                       timeout)
+            finally:
+                await qmp.disconnect()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # QEMU has its own copy now
+        ours.setblocking(False)
+        return await cls._start(ours, shared, timeout, encodings, pixel_format)
+
+    @classmethod
+    async def _start(cls, sock: socket.socket, shared: bool, timeout: float, encodings: Sequence[int],
+                     pixel_format: PixelFormat) -> RfbClient:
+        client = cls(sock)
+        try:
             await asyncio.wait_for(client._handshake(shared), timeout)
             await client.set_pixel_format(pixel_format)
             await client.set_encodings(encodings)
