@@ -36,6 +36,7 @@ from tests.test_testguest import read_ppm
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.service import metrics
 from vgpuctl.service.stream import CLOSE_DISPLAY_ENDED, CLOSE_NOT_FOUND, handle_input, make_router
+from vgpuctl.service.stream import hub as hub_module
 from vgpuctl.service.stream.hub import (
     KIND_FRAME_END,
     KIND_JPEG,
@@ -508,7 +509,8 @@ def test_each_whole_screen_update_is_one_whole_frame_and_one_picture(tmp_path: P
     asyncio.run(scenario())
 
 
-def test_the_hub_connects_through_qmp_and_falls_back_to_the_vnc_socket(vm: Vm, tmp_path: Path) -> None:
+def test_the_hub_connects_through_qmp_and_falls_back_to_the_vnc_socket(vm: Vm, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
         hub = DisplayHub(vm.paths.vnc_socket, qmp_socket=vm.paths.qmp_socket)
         viewer = await hub.subscribe()
@@ -530,6 +532,19 @@ def test_the_hub_connects_through_qmp_and_falls_back_to_the_vnc_socket(vm: Vm, t
         assert not elsewhere.via_qmp and (await frame_within(viewer)).full
         await viewer.close()
 
+        busy = QMPClient("test-stream")  # QEMU serves one QMP client at a time: the hub does not wait long
+        await busy.connect(str(vm.paths.qmp_socket))
+        try:
+            hub = DisplayHub(vm.paths.vnc_socket, qmp_socket=vm.paths.qmp_socket)
+            started = time.monotonic()
+            viewer = await hub.subscribe()
+            assert not hub.via_qmp and time.monotonic() - started < hub_module.QMP_TIMEOUT + 1.0
+            assert (await frame_within(viewer)).full
+            await viewer.close()
+        finally:
+            await busy.disconnect()
+
+    monkeypatch.setattr(hub_module, "QMP_TIMEOUT", 0.5)
     asyncio.run(scenario())
 
 

@@ -263,7 +263,7 @@ class DisplayHub:
         """The VM's QMP socket: when set, the hub first connects through it (:meth:`RfbClient.connect_via_qmp`:
         QEMU spends far less on each update), and falls back to the VNC socket."""
         self.via_qmp = False
-        """True while connected through QMP."""
+        """True once the hub connected through QMP."""
         self.name = name
         """The VM's name: when set, the hub reports its fps and viewers to :mod:`vgpuctl.service.metrics`."""
         self.options = options or StreamOptions()

@@ -346,8 +346,8 @@ class RfbClient:
         try:
             grow_send_buffer(theirs, QEMU_SEND_BUFFER)
             qmp = QMPClient("vgpuctl-display")
-            await asyncio.wait_for(qmp.connect(str(qmp_socket)), timeout)
             try:
+                await asyncio.wait_for(qmp.connect(str(qmp_socket)), timeout)
                 qmp.send_fd_scm(theirs.fileno())
                 await asyncio.wait_for(qmp.execute("getfd", {"fdname": QMP_FD_NAME}), timeout)
                 await asyncio.wait_for(qmp.execute("add_client", {"protocol": "vnc", "fdname": QMP_FD_NAME}),
