@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
 import statistics
@@ -35,6 +36,7 @@ from tests.test_testguest import read_ppm
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.service import metrics
 from vgpuctl.service.stream import CLOSE_DISPLAY_ENDED, CLOSE_NOT_FOUND, handle_input, make_router
+from vgpuctl.service.stream import hub as hub_module
 from vgpuctl.service.stream.hub import (
     KIND_FRAME_END,
     KIND_JPEG,
@@ -414,6 +416,135 @@ def test_two_viewers_share_one_connection_and_one_encode(vm: Vm) -> None:
         assert hub.stats.encodes < len(fa) + len(fb) - 5
         print(f"\n2 viewers: {len(fa)}/{len(fb)} frames in 2 s, {hub.stats.encodes} encodes, {len(shared)} shared")
 
+    asyncio.run(scenario())
+
+
+class FakeVnc:
+    """A minimal RFB 3.8 server on a unix socket (security None, BGRX): it sends a whole-screen Raw update of one
+    colour when told to and a request is outstanding — what QEMU does when the guest repaints everything, but
+    deterministic."""
+
+    def __init__(self, path: Path, size: tuple[int, int]) -> None:
+        self.path, self.size = path, size
+        self.requests = asyncio.Semaphore(0)
+        self.writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self) -> asyncio.Server:
+        return await asyncio.start_unix_server(self._client, str(self.path))
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        w, h = self.size
+        writer.write(b"RFB 003.008\n")
+        await reader.readexactly(12)
+        writer.write(bytes([1, 1]))  # one security type: None
+        await reader.readexactly(1)
+        writer.write(struct.pack(">I", 0))
+        await reader.readexactly(1)  # shared flag
+        writer.write(struct.pack(">HH", w, h) + BGRX.pack() + struct.pack(">I", 4) + b"fake")
+        self.writer = writer
+        self.connected.set()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # client messages: only FramebufferUpdateRequests matter
+                kind = (await reader.readexactly(1))[0]
+                if kind == 0:
+                    await reader.readexactly(19)
+                elif kind == 2:
+                    (count,) = struct.unpack(">xH", await reader.readexactly(3))
+                    await reader.readexactly(4 * count)
+                elif kind == 3:
+                    await reader.readexactly(9)
+                    self.requests.release()
+                else:
+                    await reader.readexactly({4: 7, 5: 5, 255: 11}[kind])
+
+    async def send_picture(self, rgb: tuple[int, int, int]) -> None:
+        await self.connected.wait()
+        await self.requests.acquire()
+        assert self.writer is not None
+        w, h = self.size
+        r, g, b = rgb
+        self.writer.write(struct.pack(">BxHHHHHi", 0, 1, 0, 0, w, h, 0) + bytes([b, g, r, 0]) * (w * h))
+        await self.writer.drain()
+
+
+def test_each_whole_screen_update_is_one_whole_frame_and_one_picture(tmp_path: Path) -> None:
+    """A 1920x1080 update is sent as one frame once it is all in (no bands of a picture still arriving), and
+    the counters count pictures: N updates, N pictures, N frames; the fps metric is the pictures' rate."""
+    colours = {"r": (230, 20, 20), "g": (20, 230, 20), "b": (20, 20, 230)}
+
+    async def scenario() -> None:
+        fake = FakeVnc(tmp_path / "vnc.sock", (1920, 1080))
+        server = await fake.start()
+        hub = DisplayHub(fake.path, name="fake-vm")
+        try:
+            viewer = await hub.subscribe()
+            canvas = Canvas()
+            for name in "rgbrgb":
+                await fake.send_picture(colours[name])
+                frame = await frame_within(viewer)
+                canvas.paint(frame)
+                assert frame.full and dominant(canvas.rgb) == name
+            assert hub.stats.updates == hub.stats.pictures == hub.stats.frames_queued == canvas.frames == 6
+
+            async def watch() -> None:
+                while True:
+                    canvas.paint(await viewer.next_frame())
+
+            watcher = asyncio.create_task(watch())
+            started = time.monotonic()
+            for i, name in enumerate(itertools.islice(itertools.cycle("rgb"), 25)):  # 10 pictures/s for 2.5 s
+                await fake.send_picture(colours[name])
+                await asyncio.sleep(max(0.0, started + 0.1 * (i + 1) - time.monotonic()))
+            await asyncio.sleep(0.3)
+            watcher.cancel()
+            assert hub.stats.pictures == 31 and canvas.frames <= 31
+            assert 6 <= metrics.stream_stats["fake-vm"].fps <= 11, metrics.stream_stats
+            await viewer.close()
+        finally:
+            await hub.aclose()
+            server.close()
+        assert "fake-vm" not in metrics.stream_stats
+
+    asyncio.run(scenario())
+
+
+def test_the_hub_connects_through_qmp_and_falls_back_to_the_vnc_socket(vm: Vm, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        hub = DisplayHub(vm.paths.vnc_socket, qmp_socket=vm.paths.qmp_socket)
+        viewer = await hub.subscribe()
+        assert hub.via_qmp  # QEMU took our end of a socketpair as a VNC client (add_client)
+        canvas = Canvas()
+        canvas.paint(await frame_within(viewer))
+        assert dominant(canvas.rgb) == "b" and close_enough(canvas.rgb, await vm.screendump()) > 0.85
+        assert await viewer.key("KeyA", "a", True)  # input goes the same way
+        await viewer.key("KeyA", "a", False)
+        deadline = time.monotonic() + 10
+        while dominant(canvas.rgb) != "r":
+            assert time.monotonic() < deadline, "the streamed picture did not turn red"
+            canvas.paint(await frame_within(viewer))
+        await viewer.close()
+        assert hub.closed
+
+        elsewhere = DisplayHub(vm.paths.vnc_socket, qmp_socket=tmp_path / "no-qmp.sock")
+        viewer = await elsewhere.subscribe()
+        assert not elsewhere.via_qmp and (await frame_within(viewer)).full
+        await viewer.close()
+
+        busy = QMPClient("test-stream")  # QEMU serves one QMP client at a time: the hub does not wait long
+        await busy.connect(str(vm.paths.qmp_socket))
+        try:
+            hub = DisplayHub(vm.paths.vnc_socket, qmp_socket=vm.paths.qmp_socket)
+            started = time.monotonic()
+            viewer = await hub.subscribe()
+            assert not hub.via_qmp and time.monotonic() - started < hub_module.QMP_TIMEOUT + 1.0
+            assert (await frame_within(viewer)).full
+            await viewer.close()
+        finally:
+            await busy.disconnect()
+
+    monkeypatch.setattr(hub_module, "QMP_TIMEOUT", 0.5)
     asyncio.run(scenario())
 
 

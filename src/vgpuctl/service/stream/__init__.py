@@ -1,8 +1,9 @@
 """A VM's display in the browser: ``WebSocket /api/v1/vms/{name}/display``.
 
-QEMU's VNC server (``-vnc unix:<state>/vms/<name>/vnc.sock``) → our RFB client (:mod:`.rfb`, Raw over the
-unix socket) → one :class:`~.hub.DisplayHub` per VM (framebuffer, change tracking, JPEG encode shared by all
-viewers, a bounded "latest frame" slot per viewer) → a binary WebSocket per viewer. Input goes back as JSON.
+QEMU's VNC server (``-vnc unix:<state>/vms/<name>/vnc.sock``) → our RFB client (:mod:`.rfb`, Raw over a
+socketpair handed to QEMU through the VM's QMP socket, else over the VNC socket) → one
+:class:`~.hub.DisplayHub` per VM (framebuffer, change tracking, JPEG encode shared by all viewers, a bounded
+"latest frame" slot per viewer) → a binary WebSocket per viewer. Input goes back as JSON.
 The wire protocol is in ``PROTOCOL.md`` beside this file.
 
 ``router`` (auth: :func:`vgpuctl.service.auth.require_auth`) is what the service app includes;
@@ -104,7 +105,8 @@ async def serve_display(websocket: WebSocket, name: str) -> None:
         return
     await websocket.accept()
     try:
-        viewer = await registry_of(websocket.app).join(paths.vnc_socket, name=name, codec=codec)
+        viewer = await registry_of(websocket.app).join(paths.vnc_socket, name=name, codec=codec,
+                                                       qmp_socket=paths.qmp_socket)
     except (OSError, RfbError, DisplayClosed) as exc:
         await _close(websocket, CLOSE_NOT_FOUND, f"VM {name}: display unavailable: {exc}")
         return

@@ -20,6 +20,9 @@ Pipelining: with ``auto_request`` set, the client sends the next incremental Fra
 as an update's header arrives, before reading its pixels. QEMU keeps one "update wanted" flag per client (not a
 queue) and only sends on its refresh timer (30 ms at best), so one request always being outstanding is what
 keeps a busy screen at QEMU's full rate: a timer tick that finds no request lengthens QEMU's refresh interval.
+So does a tick that finds the previous update not yet written out: a 1920x1080 Raw update is 8 MB. Hence
+:meth:`RfbClient.connect_via_qmp` (QEMU's end of the connection gets a send buffer for a whole update, instead
+of the ~200 KB of ``-vnc unix:``), and whole rows go straight from the socket into the framebuffer.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +62,10 @@ MSG_BELL = 2
 MSG_SERVER_CUT_TEXT = 3
 
 SECURITY_NONE = 1
-STREAM_ROWS = 256
-STREAM_MIN_PIXELS = 1 << 20
+QEMU_SEND_BUFFER = 32 << 20
+"""Send buffer of QEMU's end of a :meth:`RfbClient.connect_via_qmp` connection: a whole 3840x2160 Raw update."""
+QMP_FD_NAME = "vgpuctl-display"
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux; Python does not name it
 MAX_DIMENSION = 16384
 _READ_BUFFER = 1 << 18
 
@@ -125,8 +130,6 @@ class Update:
     rects: list[tuple[int, int, int, int]] = field(default_factory=list)
     """(x, y, w, h) of every Raw rectangle painted (clipped to the framebuffer)."""
     resized: bool = False
-    streamed: list[tuple[int, int, int, int]] = field(default_factory=list)
-    """The part of ``rects`` already handed to :attr:`RfbClient.on_rows` while it was read."""
     started: float = 0.0
     """time.time() when the update's header arrived."""
     finished: float = 0.0
@@ -274,6 +277,15 @@ class _Reader:
             n -= chunk
 
 
+def grow_send_buffer(sock: socket.socket, size: int) -> None:
+    """Ask for a ``size``-byte send buffer: beyond ``net.core.wmem_max`` with CAP_NET_ADMIN (SO_SNDBUFFORCE), else
+    as much as ``wmem_max`` allows (the kernel caps SO_SNDBUF silently)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 class RfbClient:
     """One connection to a VNC server; create with :meth:`connect`.
 
@@ -297,9 +309,6 @@ class RfbClient:
         """True once the server acknowledged QEMU's extended key event pseudo-encoding."""
         self.auto_request = False
         """Send an incremental FramebufferUpdateRequest whenever an update's header arrives (pipelining)."""
-        self.on_rows: Callable[[tuple[int, int, int, int]], None] | None = None
-        """Called with (x, y, w, h) each time a band of :data:`STREAM_ROWS` rows of a large full-width Raw rectangle
-        is in the framebuffer, so the picture can be encoded while the rest of the update is still arriving."""
         self.updates = 0
         self.bytes_read = 0
         self.closed = False
@@ -313,9 +322,51 @@ class RfbClient:
         """Connect to the unix socket at ``path``, handshake, and set the pixel format and encodings."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
-        client = cls(sock)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, str(path)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await cls._start(sock, shared, timeout, encodings, pixel_format)
+
+    @classmethod
+    async def connect_via_qmp(cls, qmp_socket: str | Path, *, shared: bool = True, timeout: float = 10.0,
+                              encodings: Sequence[int] = DEFAULT_ENCODINGS,
+                              pixel_format: PixelFormat = BGRX) -> RfbClient:
+        """Connect by handing QEMU one end of a socketpair as a VNC client (QMP ``getfd`` + ``add_client``), that
+        end with a send buffer for a whole update (:data:`QEMU_SEND_BUFFER`).
+
+        Why: after each socket write QEMU's VNC server moves the unwritten rest of its output buffer down, so
+        through the default ~200 KB send buffer of ``-vnc unix:`` a 1920x1080 Raw update (8 MB) takes ~40 writes
+        and ~10 ms of memmove in QEMU's main loop, and ~12 ms to arrive; in one buffer it is a write or two and
+        ~2 ms. QEMU's QMP socket takes one client at a time: ``timeout`` bounds the wait for it."""
+        from qemu.qmp import QMPClient
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            grow_send_buffer(theirs, QEMU_SEND_BUFFER)
+            qmp = QMPClient("vgpuctl-display")
+            try:
+                await asyncio.wait_for(qmp.connect(str(qmp_socket)), timeout)
+                qmp.send_fd_scm(theirs.fileno())
+                await asyncio.wait_for(qmp.execute("getfd", {"fdname": QMP_FD_NAME}), timeout)
+                await asyncio.wait_for(qmp.execute("add_client", {"protocol": "vnc", "fdname": QMP_FD_NAME}),
+                                       timeout)
+            finally:
+                await qmp.disconnect()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # QEMU has its own copy now
+        ours.setblocking(False)
+        return await cls._start(ours, shared, timeout, encodings, pixel_format)
+
+    @classmethod
+    async def _start(cls, sock: socket.socket, shared: bool, timeout: float, encodings: Sequence[int],
+                     pixel_format: PixelFormat) -> RfbClient:
+        client = cls(sock)
+        try:
             await asyncio.wait_for(client._handshake(shared), timeout)
             await client.set_pixel_format(pixel_format)
             await client.set_encodings(encodings)
@@ -451,17 +502,14 @@ class RfbClient:
         for _ in range(count):
             x, y, w, h, encoding = struct.unpack(">HHHHi", await r.exactly(12))
             if encoding == ENCODING_RAW:
-                streamed = await self._read_raw(x, y, w, h)
+                await self._read_raw(x, y, w, h)
                 x1, y1 = min(x + w, self.width), min(y + h, self.height)
                 if x1 > x and y1 > y:
                     update.rects.append((x, y, x1 - x, y1 - y))
-                    if streamed:
-                        update.streamed.append(update.rects[-1])
             elif encoding == ENCODING_DESKTOP_SIZE:
                 self._resize(w, h)
                 update.resized = True
                 update.rects.clear()
-                update.streamed.clear()
             elif encoding == ENCODING_EXTENDED_DESKTOP_SIZE:
                 (screens,) = struct.unpack(">B3x", await r.exactly(4))
                 await r.skip(16 * screens)
@@ -470,7 +518,6 @@ class RfbClient:
                     self._resize(w, h)
                     update.resized = True
                     update.rects.clear()
-                    update.streamed.clear()
             elif encoding == ENCODING_QEMU_EXTENDED_KEY_EVENT:
                 self.ext_key_events = True
             else:
@@ -479,8 +526,8 @@ class RfbClient:
         update.finished = time.time()
         return update
 
-    async def _read_raw(self, x: int, y: int, w: int, h: int) -> bool:
-        """Read a Raw rectangle into the framebuffer; True if it was reported band by band to on_rows."""
+    async def _read_raw(self, x: int, y: int, w: int, h: int) -> None:
+        """Read a Raw rectangle into the framebuffer."""
         bpp = 4
         size = w * h * bpp
         self.bytes_read += size
@@ -490,21 +537,13 @@ class RfbClient:
             x1, y1 = min(x + w, self.width), min(y + h, self.height)
             if x1 > x and y1 > y:
                 fb[y:y1, x:x1] = data[: y1 - y, : x1 - x]
-            return False
+            return
         if x == 0 and w == self.width:  # whole rows: contiguous in the framebuffer, read straight into it
-            flat = fb.reshape(-1).data
             row = w * bpp
-            if self.on_rows is None or w * h < STREAM_MIN_PIXELS:
-                await self._reader.into(flat[y * row:(y + h) * row])
-                return False
-            for top in range(y, y + h, STREAM_ROWS):
-                rows = min(STREAM_ROWS, y + h - top)
-                await self._reader.into(flat[top * row:(top + rows) * row])
-                self.on_rows((0, top, w, rows))
-            return True
+            await self._reader.into(fb.reshape(-1).data[y * row:(y + h) * row])
+            return
         if self._scratch.size < size:
             self._scratch = np.empty(size, np.uint8)
         part = self._scratch[:size]
         await self._reader.into(part.data)
         fb[y:y + h, x:x + w] = part.reshape(h, w, bpp)
-        return False
