@@ -931,7 +931,7 @@ def main() -> int:
     for r in results:
         if r.hub_updates_per_s is not None:
             print(f"# {r.setup}, {r.workload}: the hub got {r.hub_updates_per_s:.1f} QEMU updates/s and queued "
-                  f"{r.hub_frames_per_s:.1f} frames/s ({fmt(r.encode_ms_per_encode)} ms of JPEG per encode); "
+                  f"{r.hub_frames_per_s:.1f} frames/s ({fmt(r.encode_ms_per_encode)} ms per encode); "
                   f"the player drew {fmt(r.player_fps)} frames/s; {r.painted_fps:.1f} distinct pictures/s painted")
     for r in results:
         if r.keys_sent and r.keys_seen_by_guest != r.keys_sent:

@@ -87,7 +87,7 @@ class StreamOptions:
     2 JPEGs, one per encode thread). Fewer, larger JPEGs cost a browser less per picture than many small ones
     (measured: 5 bands of 512 K pixels cost headless Chromium ~15-20 % more CPU per picture than 2)."""
     capacity: int = 1
-    """Frames queued per viewer (beyond the one it is sending)."""
+    """Frames per viewer, queued or being sent: 1 encodes each frame when the viewer is ready for it."""
     encode_threads: int = 2
     fastdct: bool = True
 
@@ -172,6 +172,7 @@ class Viewer:
         self.catching_up = False
         """H.264 only: it needs a keyframe because it skipped pictures (rate-limited), not because it is new."""
         self._frames: deque[Frame] = deque()
+        self._sending = 0  # 1 from next_frame() until the sender asks for the frame after it
         self._ready = asyncio.Event()
         self.closed_reason: str | None = None
         self.frames_received = 0
@@ -186,7 +187,9 @@ class Viewer:
         return len(self._frames)
 
     def has_room(self) -> bool:
-        return len(self._frames) < self.hub.options.capacity
+        # The frame being sent counts: the next one is encoded when the sender comes back for it, from the
+        # newest picture then, instead of waiting encoded (and growing stale) behind it.
+        return len(self._frames) + self._sending < self.hub.options.capacity
 
     def _push(self, frame: Frame) -> None:
         self._frames.append(frame)
@@ -198,7 +201,11 @@ class Viewer:
         self._ready.set()
 
     async def next_frame(self) -> Frame:
-        """The next frame to send; raises DisplayClosed when the display went away."""
+        """The next frame to send (the previous one is taken as sent); raises DisplayClosed when the display
+        went away."""
+        if self._sending:
+            self._sending = 0
+            self.hub._wake()  # room again
         while not self._frames:
             if self.closed_reason is not None:
                 raise DisplayClosed(self.closed_reason)
@@ -206,7 +213,7 @@ class Viewer:
             await self._ready.wait()
         frame = self._frames.popleft()
         self.frames_received += 1
-        self.hub._wake()  # room again
+        self._sending = 1
         return frame
 
     def request_full_frame(self) -> None:
