@@ -5,8 +5,9 @@ How a frame gets to the viewers:
 - The reader task pipelines incremental FramebufferUpdateRequests (see :mod:`.rfb`) and applies each update to
   the framebuffer; when an update is complete, its rectangles are ORed into every viewer's *pending* mask, a
   boolean grid of ``tile x tile`` pixel tiles (what that viewer has not been sent since it changed).
-- The encoder task wakes when something is pending. It serves only viewers with room in their frame queue
-  (``capacity`` frames, 1 by default: a "latest frame" slot), groups them by identical pending masks — all
+- The encoder task wakes when something is pending. It serves only viewers with room (``capacity`` frames
+  queued or being sent, 1 by default: a viewer's next frame is encoded when its sender is ready for it, from the
+  newest picture), groups them by identical pending masks — all
   viewers that keep up have the same mask, so they share one encode — and for each group turns the mask into
   rectangles (tile runs per row, merged down while the runs stay the same, cut into bands), encodes them with
   simplejpeg on a small thread pool from the live framebuffer, and queues the same :class:`Frame` to each.
@@ -14,6 +15,8 @@ How a frame gets to the viewers:
   encoded or queued for it, and when it has room again it gets one frame with everything it missed, encoded
   from the current picture. So QEMU and the other viewers never wait for it and its queue stays bounded.
 - A new viewer, or one that asks for a refresh, starts with a full mask: it gets a full frame at once.
+- H.264 viewers (``codec="h264"``) get whole pictures from one libx264 encoder shared by all of them instead;
+  see :meth:`DisplayHub._serve_h264` for how keyframes keep newcomers and viewers that fell behind in step.
 
 Clearing a mask happens on the event loop before the encode reads the framebuffer, and marking happens after
 an update's pixels are in; so a rectangle that changes while being encoded is marked again and sent again — the
