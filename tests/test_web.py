@@ -272,12 +272,15 @@ def test_dashboard_follows_the_host_and_drives_a_vm_and_its_display(service: Ser
     assert {"type": "key", "code": "KeyA", "key": "a", "down": False} in sent
     expect(vm_page.locator("#stream-stats")).to_contain_text("H.264")
 
-    # The same display as JPEG tiles (?codec=jpeg, what browsers without WebCodecs get): the same picture.
+    # The same display as JPEG tiles (what browsers without WebCodecs get), chosen on the page: the same picture.
     jpeg_page = context.new_page()
     jpeg_page.on("pageerror", lambda exc: errors.append(f"jpeg vm page: {exc}"))
-    with jpeg_page.expect_event("websocket") as opened:
-        jpeg_page.goto(f"{service.url}/vm.html?name={VM}&codec=jpeg")
-    assert opened.value.url.endswith(f"/api/v1/vms/{VM}/display")
+    jpeg_page.goto(f"{service.url}/vm.html?name={VM}")
+    expect(jpeg_page.locator("#vm-codec")).to_have_value("auto")
+    with jpeg_page.expect_event("websocket", predicate=lambda ws: ws.url.endswith("/display")) as opened:
+        jpeg_page.locator("#vm-codec").select_option("jpeg")  # reloads with ?codec=jpeg
+    assert opened.value.url.endswith(f"/api/v1/vms/{VM}/display") and "codec=jpeg" in jpeg_page.url
+    expect(jpeg_page.locator("#vm-codec")).to_have_value("jpeg")
     jpeg_first = wait_canvas(jpeg_page, lambda s: s["frames"] > 0 and dominant(s) == "red", "the red screen as JPEG")
     wait_canvas(jpeg_page, lambda s: s["hash"] != jpeg_first["hash"], "a moving picture as JPEG")
     expect(jpeg_page.locator("#stream-stats")).to_contain_text("JPEG")

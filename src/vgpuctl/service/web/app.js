@@ -745,6 +745,18 @@ function vmPage() {
     overlay.textContent = text || "";
   };
 
+  // The stream's codec comes from the page's address (?codec=), so a reload or a shared link keeps it.
+  const codecs = ["auto", "h264", "jpeg"];
+  const asked = new URLSearchParams(location.search).get("codec");
+  const codec = codecs.includes(asked) ? asked : "auto";
+  const codecSelect = $("vm-codec");
+  codecSelect.value = codec;
+  codecSelect.addEventListener("change", () => {
+    const address = new URL(location.href);
+    address.searchParams.set("codec", codecSelect.value);
+    location.assign(address.href);
+  });
+
   const player = new DisplayPlayer(canvas, displayUrl(name), {
     onStatus: (state, text) => {
       canvas.dataset.stream = state;
@@ -756,7 +768,7 @@ function vmPage() {
       }
     },
     onStats: (text) => { stats.textContent = text; },
-    codec: new URLSearchParams(location.search).get("codec") || "auto",  // ?codec=jpeg to compare
+    codec,
   });
 
   const buttons = { start: $("vm-start"), stop: $("vm-stop"), kill: $("vm-kill") };
