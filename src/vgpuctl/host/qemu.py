@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 
-QEMU_ENV = "VGPUCTL_QEMU"
-QEMU_NAME = "qemu-system-x86_64"
-QEMU_KVM = "/usr/libexec/qemu-kvm"  # RHEL, CentOS, Fedora's qemu-kvm package
+from vgpuctl.host.qemu_binary import QEMU_ENV, QEMU_KVM, QEMU_NAME, explain_qemu, find_qemu
+
+__all__ = ["QEMU_ENV", "QEMU_KVM", "QEMU_NAME", "QemuReport", "find_qemu", "parse_list", "parse_properties",
+           "parse_version", "probe_qemu"]
 
 # Arguments that make a QEMU start nothing: no default devices, no machine.
 QUIET = ("-nodefaults", "-machine", "none")
@@ -42,38 +42,6 @@ class QemuReport:
     spice: bool = False  # -spice is supported (its module is installed)
     vnc: bool = False  # -vnc is supported
     errors: list[str] = field(default_factory=list)  # what failed while probing, in words
-
-
-def _resolve(candidate: str) -> str | None:
-    """An executable's absolute path: a path as given, a bare name looked up on PATH."""
-    if os.sep in candidate:
-        path = os.path.abspath(candidate)
-        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
-    return shutil.which(candidate)
-
-
-def _explain(explicit: str | None) -> tuple[str | None, str | None]:
-    """The binary find_qemu chooses, or None and why none was found."""
-    if explicit:
-        found = _resolve(explicit)
-        return found, None if found else f"QEMU binary {explicit!r} not found or not executable"
-    from_env = os.environ.get(QEMU_ENV)
-    if from_env:
-        found = _resolve(from_env)
-        return found, None if found else f"${QEMU_ENV}={from_env!r}: not found or not executable"
-    for candidate in (QEMU_NAME, QEMU_KVM):
-        found = _resolve(candidate)
-        if found:
-            return found, None
-    return None, (f"no QEMU found: neither {QEMU_NAME} on PATH nor {QEMU_KVM} "
-                  f"(Debian: apt-get install qemu-system-x86; or set ${QEMU_ENV})")
-
-
-def find_qemu(explicit: str | None = None) -> str | None:
-    """The QEMU to use: ``explicit``, else ``$VGPUCTL_QEMU``, else qemu-system-x86_64 on PATH,
-    else /usr/libexec/qemu-kvm. A binary asked for by name (argument or environment) that does
-    not exist gives None rather than a silent fallback to another QEMU."""
-    return _explain(explicit)[0]
 
 
 # Parsers: each takes the text one help query printed.
@@ -159,7 +127,7 @@ def _first_line(text: str) -> str:
 
 def probe_qemu(binary: str | None = None, timeout_s: float = 10.0) -> QemuReport:
     """Ask a QEMU binary (``binary``, else :func:`find_qemu`'s choice) what it supports."""
-    path, why = _explain(binary)
+    path, why = explain_qemu(binary)
     if path is None:
         return QemuReport(binary=None, version=None, errors=[why or "no QEMU found"])
     errors: list[str] = []

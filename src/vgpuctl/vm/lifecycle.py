@@ -77,7 +77,7 @@ def qemu_host(root: HostRoot) -> HostRoot:
 
 
 def default_qemu() -> str:
-    from vgpuctl.host.qemu import find_qemu
+    from vgpuctl.host.qemu_binary import find_qemu
 
     return find_qemu() or "qemu-system-x86_64"
 
