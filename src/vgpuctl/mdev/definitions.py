@@ -22,6 +22,8 @@ START_MODES = ("auto", "manual")
 
 @dataclass
 class Definition:
+    """One persistent vGPU as mdevctl stores it in /etc/mdevctl.d/<parent>/<uuid>."""
+
     uuid: str
     parent: str
     mdev_type: str

@@ -25,6 +25,8 @@ DEFAULT_STATE_DIR = "/var/lib/vgpuctl"
 
 @dataclass(frozen=True)
 class StateDir:
+    """vgpuctl's own state directory (--state-dir): what it owns, its locks, VM specs and runtime files."""
+
     path: Path
 
     @classmethod

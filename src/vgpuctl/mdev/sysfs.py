@@ -16,6 +16,8 @@ VENDOR_NAMES = {0x8086: "Intel", 0x10DE: "NVIDIA", 0x1002: "AMD", 0x1AF4: "Red H
 
 @dataclass(frozen=True)
 class MdevType:
+    """A vGPU type of a parent, read from mdev_supported_types/<type>/."""
+
     parent: str
     type_id: str
     available_instances: int
@@ -47,6 +49,8 @@ class MdevType:
 
 @dataclass(frozen=True)
 class ActiveDevice:
+    """A vGPU that exists now (under /sys/bus/mdev/devices)."""
+
     uuid: str
     parent: str
     type_id: str
@@ -54,6 +58,8 @@ class ActiveDevice:
 
 @dataclass(frozen=True)
 class ParentDevice:
+    """A device that can be split into vGPUs (it has mdev_supported_types), with its types."""
+
     name: str
     vendor_id: int | None
     device_id: int | None

@@ -46,6 +46,8 @@ __all__ = ["ACCELERATORS", "QemuCommand", "RuntimePaths", "build_argv", "build_c
 
 @dataclass
 class QemuCommand:
+    """The QEMU command line of a VM, the files it uses, and notes on choices made for it."""
+
     argv: list[str]
     paths: RuntimePaths
     notes: list[str] = field(default_factory=list)

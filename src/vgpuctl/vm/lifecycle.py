@@ -53,6 +53,8 @@ class Prepared:
 
 @dataclass
 class VmStatus:
+    """What a VM is doing now, found through its pidfile, QMP socket and run record."""
+
     name: str
     state: str  # starting | running | paused | shutdown (guest powered off, QEMU waits) | stopped | crashed
     pid: int | None = None

@@ -233,6 +233,8 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
 
 @dataclass(frozen=True)
 class RequirementStatus:
+    """A host setting the VM needs (e.g. kvm.ignore_msrs=1 for Windows guests), as found on the host."""
+
     requirement: str  # "kvm.ignore_msrs=1"
     met: bool | None  # None: cannot be read (module not loaded, no permission)
     actual: str | None

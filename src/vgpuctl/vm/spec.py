@@ -47,6 +47,8 @@ def check_name(name: str) -> str:
 
 @dataclass
 class Disk:
+    """A disk image of the VM."""
+
     path: str
     size: str | None = None  # qemu-img size (e.g. "20G"); used only to create a missing image at start
     format: str = "qcow2"
@@ -54,6 +56,8 @@ class Disk:
 
 @dataclass
 class Network:
+    """The VM's one network interface."""
+
     mode: str = "user"  # none | user | tap | bridge
     bridge: str | None = None  # mode bridge: the host bridge (through qemu-bridge-helper)
     ifname: str | None = None  # mode tap: an existing tap device; QEMU makes one when unset
@@ -104,6 +108,8 @@ class VgpuRequest:
 
 @dataclass
 class Display:
+    """Where the VM's picture goes: the display backend and its options."""
+
     backend: str = "vnc"  # vnc | spice | egl-headless | dbus | gtk | sdl | none
     vnc_socket: str | None = None  # vnc and egl-headless; default <state-dir>/vms/<name>/vnc.sock
     rendernode: str | None = None  # DRM render node for OpenGL (egl-headless, spice, dbus)
@@ -113,6 +119,8 @@ class Display:
 
 @dataclass
 class VmSpec:
+    """A VM as stored in <state-dir>/vms/<name>.toml."""
+
     name: str
     profile: str | None = None
     memory_mib: int = 2048
