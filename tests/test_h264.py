@@ -66,3 +66,11 @@ def test_codec_string_comes_from_the_keyframes_sps() -> None:
 def test_odd_sizes_are_refused_with_a_reason() -> None:
     with pytest.raises(H264Unavailable, match="even"):
         H264Encoder(641, 480)
+
+
+def test_a_cropped_view_is_coded_too() -> None:
+    encoder = H264Encoder(WIDTH // 2, HEIGHT)
+    view = picture(0)[:, : WIDTH // 2]  # not one block of memory
+    assert not view.flags.c_contiguous
+    (decoded,) = decode([encoder.encode(view).data])
+    assert np.abs(decoded[:, :, :3].astype(int) - view[:, :, :3].astype(int)).mean() < 4

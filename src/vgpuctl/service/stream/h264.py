@@ -76,6 +76,8 @@ class H264Encoder:
     def encode(self, picture: npt.NDArray[np.uint8], keyframe: bool = False) -> AccessUnit:
         """Code one ``height x width x 4`` picture in ``pixel_format`` (the RFB framebuffer as it is)."""
         # Wrapped, not copied (8 MB at 1080p, ~4 ms): libx264 gets its own 4:2:0 copy when it is converted.
+        if not picture.flags.c_contiguous:  # a view with gaps (a crop): wrapping needs one block of rows
+            picture = np.ascontiguousarray(picture)
         frame: Any = self._av.VideoFrame.from_numpy_buffer(picture, format=self.pixel_format)
         frame.pts = self._pts
         self._pts += 33  # timestamps only order the pictures here; the stream is shown as it arrives
