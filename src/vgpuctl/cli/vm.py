@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 NONE = "none"  # clears an optional value in 'vm edit' (--cdrom none, --kernel none, ...)
-PROFILE_NAMES = ("streaming", "gaming", "automotive")  # vgpuctl.vm.profiles.PROFILES, without importing it
+PROFILE_NAMES = ("streaming", "gaming", "automotive")  # = vm.spec.PROFILE_NAMES (a test checks), not imported
 BACKEND_NAMES = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none")
 
 
