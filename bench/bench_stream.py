@@ -1,6 +1,6 @@
 """Benchmark the display stream in a real browser: painted fps and input-to-picture latency.
 
-Run with ``.venv/bin/python bench/bench_stream.py [--resolution 1920x1080] [--deflate]``. Needs
+Run with ``.venv/bin/python bench/bench_stream.py [--resolution 1920x1080] [--deflate] [--codec h264]``. Needs
 ``qemu-system-x86_64``, gcc (the test guest) and Debian's ``chromium``. It
 
 1. boots the test guest under TCG (``-vga std -vnc unix:...``, laid out as a vgpuctl VM in a temporary state
@@ -41,7 +41,7 @@ PAGE = """<!doctype html><html><body style="margin:0">
 import { DisplayPlayer } from "./display.js";
 const c = document.getElementById("c");
 const url = new URL("/api/v1/vms/VM/display", location.href); url.protocol = "ws:";
-const p = new DisplayPlayer(c, url.href, {});
+const p = new DisplayPlayer(c, url.href, { codec: "CODEC" });
 p.start();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const raf = () => new Promise((r) => requestAnimationFrame(r));
@@ -83,6 +83,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", default="1920x1080")
     parser.add_argument("--deflate", action="store_true", help="permessage-deflate on (uvicorn's default)")
+    parser.add_argument("--codec", choices=("jpeg", "h264"), default="jpeg", help="the stream's codec")
     args = parser.parse_args()
     width, height = (int(v) for v in args.resolution.split("x"))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -108,7 +109,7 @@ def main() -> int:
 
         @app.get("/bench.html")
         def page() -> HTMLResponse:
-            return HTMLResponse(PAGE.replace("/VM/", f"/{vm.name}/"))
+            return HTMLResponse(PAGE.replace("/VM/", f"/{vm.name}/").replace("CODEC", args.codec))
 
         @app.get("/display.js")
         def player() -> Response:
@@ -146,6 +147,7 @@ def main() -> int:
     latencies = sorted(result["latency_ms"])
     result["latency_median_ms"] = latencies[len(latencies) // 2]
     result["resolution"] = args.resolution
+    result["codec"] = args.codec
     result["deflate"] = args.deflate
     print(json.dumps(result))
     return 0
