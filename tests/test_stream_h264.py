@@ -111,3 +111,20 @@ def test_newcomers_and_slow_viewers_get_keyframes_and_share_the_encode(vm: Vm) -
             await viewer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_lone_viewer_that_reads_slowly_never_falls_out_of_step(vm: Vm) -> None:
+    async def scenario() -> None:
+        hub = DisplayHub(vm.paths.vnc_socket)
+        viewer = await hub.subscribe("h264")
+        player = Player()
+        try:
+            for _ in range(10):
+                player.play(await frame_within(viewer))
+                await asyncio.sleep(0.1)  # ~3 of QEMU's pictures go by: none is coded while it cannot take one
+        finally:
+            await viewer.close()
+        assert player.keyframes == 1 and player.pictures == 10
+        assert hub.stats.h264_pictures <= 11  # coded only for it, when it was ready
+
+    asyncio.run(scenario())

@@ -582,13 +582,16 @@ class DisplayHub:
         # (the next delta refers to a picture it does not have) until its next keyframe.
         fresh = self.stats.pictures != self._h264_picture
         wait = CATCH_UP_KEYFRAME_S - (time.monotonic() - self._h264_keyframe_at)
-        keyframe = any(v.needs_keyframe and v.has_room() and not (v.catching_up and wait > 0) for v in watching)
         if any(v.catching_up and v.has_room() for v in watching) and wait > 0 and self._h264_timer is None:
             def due() -> None:
                 self._h264_timer = None
                 self._wake()
 
             self._h264_timer = asyncio.get_running_loop().call_later(wait, due)  # serve it then, moving or not
+        takers = [v for v in watching if v.has_room() and not (v.catching_up and wait > 0)]
+        if not takers:  # nobody can take a picture now (e.g. the only viewer is still sending the last one):
+            return      # code none, or it would be lost to them; the newest is coded when one is ready
+        keyframe = any(v.needs_keyframe for v in takers)
         if not (fresh or keyframe):
             return
         from vgpuctl.service.stream.h264 import H264Encoder, H264Unavailable
