@@ -332,7 +332,10 @@ def wait_running(qmp_socket: Path, exited: Callable[[], bool], timeout_s: float,
                     raise VmError("QEMU exited at start")
                 await asyncio.wait([connect], timeout=0.01)
             connect.result()
-            while dict(await client.execute("query-status"))["status"] != "running":  # type: ignore[call-overload]
+            while True:  # without -S the first answer is "running"; "prelaunch"/"inmigrate" pass soon
+                result = await client.execute("query-status")
+                if isinstance(result, dict) and result.get("status") == "running":
+                    return
                 await asyncio.sleep(0.005)
         finally:
             connect.cancel()
