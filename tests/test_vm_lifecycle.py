@@ -214,3 +214,28 @@ def test_qemu_that_fails_at_start_is_reported_with_its_log(host: HostRoot, state
         lifecycle.start(host, state, "bad", accel="tcg")
     assert lifecycle.status(host, state, "bad").state == "crashed"
     assert GVT_PARENT in {d.parent for d in active_devices(host)}  # its vGPU stays for the next try
+
+
+def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
+        host: HostRoot, state: StateDir, guest: Path) -> None:
+    for name, order in (("rear", 2), ("cluster", 1), ("spare", None), ("broken", 0)):
+        new_vm(state, name, guest)  # automotive: autostart, order 1
+        spec = specs.load(state, name)
+        spec.order, spec.autostart = order, name != "spare"
+        if name == "broken":
+            spec.extra_args = ["-device", "no-such-device"]
+        specs.save(state, spec)
+    results = lifecycle.autostart(host, state, accel="tcg")
+    assert [(r.name, r.outcome) for r in results] == [("broken", "failed"), ("cluster", "started"),
+                                                      ("rear", "started")]
+    assert "no-such-device" in results[0].detail
+    runs = {name: json.loads((RuntimePaths.for_vm(state, name).directory / "run.json").read_text())
+            for name in ("cluster", "rear")}
+    assert runs["cluster"]["started"] < runs["rear"]["started"]  # one after the other, in their order
+    assert lifecycle.status(host, state, "spare").state == "stopped"
+    again = subprocess.run([sys.executable, "-m", "vgpuctl", "vm", "autostart", "--accel", "tcg"], text=True,
+                           capture_output=True, timeout=60,
+                           env={**os.environ, "VGPUCTL_ROOT": str(host.root), "VGPUCTL_STATE_DIR": str(state.path)})
+    assert again.returncode == 1  # broken still fails; the others are left running as they are
+    assert "cluster: already running" in again.stdout and "rear: already running" in again.stdout
+    assert "broken: failed" in again.stdout

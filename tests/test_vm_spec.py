@@ -551,8 +551,9 @@ def test_vm_create_list_show_edit_rm(gvt: Cli, tmp_path: Path) -> None:
     by_name = {r["name"]: r for r in rows}
     assert by_name["g1"] == {"name": "g1", "profile": "gaming", "memory_mib": 6144, "cpus": 4,
                              "vgpu": "a new vGPU: the largest type that fits", "vgpu_display": True,
-                             "display": "spice", "order": None, "running": False}
+                             "display": "spice", "order": None, "autostart": False, "running": False}
     assert by_name["car1"]["order"] == 2 and by_name["car1"]["display"] == "sdl"
+    assert by_name["car1"]["autostart"] is True  # the automotive profile starts its VMs in order
     assert by_name["plain"]["vgpu"] is None
     assert "a new vGPU: >= 1920x1200 [display, ramfb]" in gvt("vm", "list")[1]
 

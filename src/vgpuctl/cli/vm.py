@@ -82,6 +82,7 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--vhost-net/--no-vhost-net", default=None, help="Use vhost-net for tap/bridge when present."),
     click.option("--mac", help="MAC address (default derived from the name)."),
     click.option("--order", type=int, help="Start order among VMs (lower first)."),
+    click.option("--autostart/--no-autostart", default=None, help="Started by 'vgpuctl vm autostart' (at boot)."),
     click.option("--fast-boot/--no-fast-boot", default=None, help="No boot menu, no PXE ROM."),
     click.option("--localtime/--utc", "localtime", default=None, help="Guest RTC in local time (Windows)."),
     click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
@@ -114,7 +115,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         spec = apply_profile(spec, o["profile"])
     changes: dict[str, Any] = {}
     for option, name in (("memory", "memory_mib"), ("cpus", "cpus"), ("cpu", "cpu"), ("machine", "machine"),
-                         ("firmware", "firmware"), ("order", "order"), ("fast_boot", "fast_boot"),
+                         ("firmware", "firmware"), ("order", "order"), ("autostart", "autostart"),
+                         ("fast_boot", "fast_boot"),
                          ("localtime", "rtc_localtime"), ("igd_opregion", "igd_opregion")):
         if o[option] is not None:
             changes[name] = o[option]
@@ -491,6 +493,29 @@ def start(name: str, accel: str, qemu: str | None, json_output: bool) -> None:
     from vgpuctl.vm import lifecycle
 
     _print_status(lifecycle.start(State.root, state_dir(), name, accel=accel, qemu=qemu), json_output)
+
+
+@vm.command("autostart")
+@accel_option
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def autostart(accel: str, json_output: bool) -> None:
+    """Start every VM marked autostart, in their order, each until it runs (e.g. at boot).
+
+    A VM that already runs counts as started; one that fails is reported and the next one still
+    starts; the exit status is 1 if any failed."""
+    from vgpuctl.vm import lifecycle
+
+    results = lifecycle.autostart(State.root, state_dir(), accel=accel)
+    if json_output:
+        print_json([r.to_json() for r in results])
+    else:
+        if not results:
+            say("no VM is marked autostart ('vgpuctl vm edit NAME --autostart')")
+        for r in results:
+            say(f"{r.name}: {r.outcome}" + (f" - {r.detail}" if r.detail else ""))
+    if any(r.outcome == "failed" for r in results):
+        raise SystemExit(1)
 
 
 @vm.command("stop")

@@ -285,6 +285,7 @@ class VmCreate(BaseModel):
     boot: Literal["disk", "cdrom", "kernel"] | None = None
     fast_boot: bool | None = None
     order: int | None = None
+    autostart: bool | None = None
     rtc_localtime: bool | None = None
     disks: list[DiskIn] | None = None
     cdrom: str | None = None

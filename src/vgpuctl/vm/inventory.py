@@ -15,7 +15,8 @@ from vgpuctl.vm.runtime import RuntimePaths, check_requirements, is_running
 from vgpuctl.vm.spec import VmSpec
 
 # What the body of a create may set besides name and profile: VmSpec's fields as in its TOML file.
-SPEC_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "boot", "fast_boot", "order", "rtc_localtime",
+SPEC_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "boot", "fast_boot", "order", "autostart",
+               "rtc_localtime",
                "disks", "cdrom", "kernel", "initrd", "append", "network", "vgpu", "vgpu_display", "ramfb",
                "igd_opregion", "display", "requires", "extra_args")
 
@@ -25,6 +26,7 @@ def vm_row(state: StateDir, spec: VmSpec) -> dict[str, Any]:
     return {"name": spec.name, "profile": spec.profile, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
             "vgpu": spec.vgpu.describe() if spec.vgpu.kind != "none" else None,
             "vgpu_display": spec.vgpu_display, "display": spec.display.backend, "order": spec.order,
+            "autostart": spec.autostart,
             "running": is_running(state, spec.name)}
 
 

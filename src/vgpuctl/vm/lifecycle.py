@@ -260,6 +260,47 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
     return status(root, state, name, qmp_status="running")
 
 
+@dataclass
+class AutostartResult:
+    """What ``vgpuctl vm autostart`` did with one VM."""
+
+    name: str
+    outcome: str  # started | already running (or paused, starting) | failed
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def autostart(root: HostRoot, state: StateDir, *, accel: str = "auto") -> list[AutostartResult]:
+    """Start every VM whose spec says ``autostart``, one after the other in their ``order`` (lower first,
+    unordered last, then by name), each until QMP says running before the next begins — the in-car case,
+    where the cluster display must be up before the others. A VM that already runs counts as done (the
+    command is safe to run again); one that fails is reported and the next one still starts."""
+    chosen: list[VmSpec] = []
+    results: list[AutostartResult] = []
+    for name in specs.names(state):
+        try:
+            spec = specs.load(state, name)
+        except VgpuError as error:  # one broken spec file must not keep the others down
+            results.append(AutostartResult(name, "failed", str(error)))
+            continue
+        if spec.autostart:
+            chosen.append(spec)
+    chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name))
+    for spec in chosen:
+        try:
+            current = status(root, state, spec.name)
+            if current.state in ("starting", "running", "paused"):
+                results.append(AutostartResult(spec.name, f"already {current.state}"))
+                continue
+            started = start(root, state, spec.name, accel=accel)
+            results.append(AutostartResult(spec.name, "started", f"{started.accel or '?'}, pid {started.pid}"))
+        except VgpuError as error:
+            results.append(AutostartResult(spec.name, "failed", str(error)))
+    return results
+
+
 def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: RuntimePaths) -> None:
     problems = list(paths.socket_problems())
     for requirement in check_requirements(root, prepared.spec):

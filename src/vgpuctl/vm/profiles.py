@@ -46,7 +46,8 @@ from vgpuctl.vm.spec import Display, VgpuRequest, VmSpec
 GAMING_CPU = "host,kvm=off,hv_relaxed,hv_spinlocks=0x1fff,hv_vapic,hv_time"
 
 # The fields a profile governs; the others (disks, cdrom, kernel, network, ...) belong to the VM.
-PROFILE_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "fast_boot", "order", "rtc_localtime",
+PROFILE_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "fast_boot", "order", "autostart",
+                  "rtc_localtime",
                   "vgpu", "vgpu_display", "ramfb", "igd_opregion", "display", "requires")
 
 
@@ -75,8 +76,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "automotive": Profile(
         "automotive",
-        "small VMs sharing one GPU: fixed 1024x768 each, own local screen (gtk), fast boot, start order",
-        lambda: {"memory_mib": 1024, "cpus": 1, "fast_boot": True, "order": 1,
+        "small VMs sharing one GPU: fixed 1024x768 each, own local screen (gtk), fast boot, started in order",
+        lambda: {"memory_mib": 1024, "cpus": 1, "fast_boot": True, "order": 1, "autostart": True,
                  "vgpu": VgpuRequest(resolution="1024x768"), "vgpu_display": True, "ramfb": True,
                  "display": Display(backend="gtk", resolution="1024x768")},
     ),

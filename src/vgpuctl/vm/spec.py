@@ -133,6 +133,7 @@ class VmSpec:
     boot: str = "disk"  # disk (then cdrom) | cdrom (then disk) | kernel (direct: kernel/initrd/append)
     fast_boot: bool = False  # -boot menu=off and no option ROM on the NIC (no PXE)
     order: int | None = None  # start order among VMs (lower first); None: unordered
+    autostart: bool = False  # started by 'vgpuctl vm autostart' (e.g. at boot), in 'order'
     rtc_localtime: bool = False  # Windows guests keep the RTC in local time
     disks: list[Disk] = field(default_factory=list)
     cdrom: str | None = None
