@@ -35,6 +35,8 @@ VGPUCTL_BIN = Path(sys.executable).parent / "vgpuctl"  # the console script pip 
 UNIT = "/etc/systemd/system/vgpuctl-autostart.service"
 RULES = "/etc/udev/rules.d/60-vgpuctl.rules"
 WANTS = "/etc/systemd/system/multi-user.target.wants/vgpuctl-autostart.service"
+VM_UNIT = "/etc/systemd/system/vgpuctl-vms.service"
+VM_WANTS = "/etc/systemd/system/multi-user.target.wants/vgpuctl-vms.service"
 TYPES = f"/sys/class/mdev_bus/{GVT_PARENT}/mdev_supported_types"
 IGPU = f"/devices/pci0000:00/{GVT_PARENT}"
 # What the iGPU's uevents carry (pci_uevent()), as in its /sys/.../uevent file.
@@ -92,12 +94,14 @@ class FakeSystem:
 
     def run(self, command: list[str]) -> tuple[int, str]:
         self.calls.append(" ".join(command))
-        link = self.root.path(WANTS)
-        if command[1:] == ["enable", units.UNIT_NAME]:
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(UNIT)
-        elif command[1:] == ["disable", units.UNIT_NAME]:
-            link.unlink(missing_ok=True)
+        if command[1:2] in (["enable"], ["disable"]) and command[2] in (units.UNIT_NAME, units.VM_UNIT_NAME):
+            name = command[2]
+            link = self.root.path(f"/etc/systemd/system/multi-user.target.wants/{name}")
+            if command[1] == "enable":
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(f"/etc/systemd/system/{name}")
+            else:
+                link.unlink(missing_ok=True)
         return 0, ""
 
     def system(self) -> units.System:
@@ -107,11 +111,34 @@ class FakeSystem:
 # ------------------------------------------------------------------------------ the files
 
 
+EXPECTED_VM_UNIT = """\
+# Managed by vgpuctl: written by 'vgpuctl install-units', removed by 'vgpuctl uninstall-units'.
+# Starts the VMs marked autostart ('vgpuctl vm edit NAME --autostart'), one after the other in their
+# order, once the vGPUs defined to start automatically are there; at shutdown it powers them down in
+# the reverse order (ACPI power button, then quit after 30 s), before their vGPUs go away.
+[Unit]
+Description=Start the VMs marked autostart (vgpuctl), in their order
+After=vgpuctl-autostart.service network-online.target
+Wants=vgpuctl-autostart.service network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/bin/vgpuctl vm autostart
+ExecStop=/usr/local/bin/vgpuctl vm autostart --stop
+TimeoutStopSec=300
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def test_unit_and_rule_text() -> None:
     root = HostRoot(Path("/"))
     assert units.render_unit(root, PROGRAM) == EXPECTED_UNIT
     assert units.render_rules(root, PROGRAM) == EXPECTED_RULES
-    assert [f.host_path for f in units.unit_files(root, PROGRAM)] == [UNIT, RULES]
+    assert units.render_vm_unit(root, PROGRAM) == EXPECTED_VM_UNIT
+    assert [f.host_path for f in units.unit_files(root, PROGRAM)] == [UNIT, RULES, VM_UNIT]
 
 
 def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: Path) -> None:
@@ -121,18 +148,21 @@ def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: 
         f"program    {PROGRAM}",
         f"wrote      {tmp_path}{UNIT}",
         f"wrote      {tmp_path}{RULES}",
+        f"wrote      {tmp_path}{VM_UNIT}",
         f"enabled    {tmp_path}{WANTS} -> {UNIT}",
+        f"enabled    {tmp_path}{VM_WANTS} -> {VM_UNIT}",
         f"skipped    systemctl, udevadm  ({tmp_path} is not this system's root: the unit is enabled by its link)",
     ]
     assert root.path(UNIT).read_text() == EXPECTED_UNIT
+    assert root.path(VM_UNIT).read_text() == EXPECTED_VM_UNIT
+    assert os.readlink(root.path(VM_WANTS)) == VM_UNIT
     assert root.path(RULES).read_text() == EXPECTED_RULES
     assert root.path(UNIT).stat().st_mode & 0o777 == 0o644
     assert os.readlink(root.path(WANTS)) == UNIT  # absolute, as 'systemctl enable' links
     before = {p: p.lstat().st_mtime_ns for p in tmp_path.rglob("*")}
 
     again = cli("--root", str(tmp_path), "install-units", "--program", PROGRAM)
-    assert [line.split()[0] for line in again.splitlines()] == ["program", "unchanged", "unchanged", "unchanged",
-                                                                 "skipped"]
+    assert [line.split()[0] for line in again.splitlines()] == ["program", *["unchanged"] * 5, "skipped"]
     assert {p: p.lstat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing rewritten, no temp files
 
 
@@ -172,10 +202,12 @@ def test_uninstall_removes_only_what_vgpuctl_wrote(tmp_path: Path) -> None:
     assert cli("--root", str(tmp_path), "uninstall-units", "--force").splitlines() == [
         f"absent     {tmp_path}{UNIT}",
         f"removed    {tmp_path}{RULES}",
+        f"absent     {tmp_path}{VM_UNIT}",
     ]
     assert cli("--root", str(tmp_path), "uninstall-units").splitlines() == [
         f"absent     {tmp_path}{UNIT}",
         f"absent     {tmp_path}{RULES}",
+        f"absent     {tmp_path}{VM_UNIT}",
     ]
 
 
@@ -184,13 +216,16 @@ def test_uninstall_keeps_a_foreign_unit_enabled(tmp_path: Path) -> None:
     units.install(root, PROGRAM)
     root.path(UNIT).write_text("[Service]\nExecStart=/bin/true\n")
     steps = units.uninstall(root)
-    assert [(s.action, s.target) for s in steps] == [("kept", f"{tmp_path}{UNIT}"), ("removed", f"{tmp_path}{RULES}")]
+    assert [(s.action, s.target) for s in steps] == [
+        ("removed", f"{tmp_path}{VM_WANTS}"),  # the VM unit is ours: disabled, then removed
+        ("kept", f"{tmp_path}{UNIT}"), ("removed", f"{tmp_path}{RULES}"), ("removed", f"{tmp_path}{VM_UNIT}")]
     assert os.readlink(root.path(WANTS)) == UNIT  # its enablement is not ours to undo
 
 
 def test_print_shows_the_files_and_writes_nothing(tmp_path: Path) -> None:
     shown = cli("--root", str(tmp_path), "install-units", "--program", PROGRAM, "--print")
-    assert shown == f"==> {UNIT} <==\n{EXPECTED_UNIT}\n==> {RULES} <==\n{EXPECTED_RULES}"
+    assert shown == (f"==> {UNIT} <==\n{EXPECTED_UNIT}\n==> {RULES} <==\n{EXPECTED_RULES}\n"
+                     f"==> {VM_UNIT} <==\n{EXPECTED_VM_UNIT}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -224,9 +259,10 @@ def test_systemd_accepts_the_unit_and_enabling_links_as_systemctl_does(tmp_path:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert os.readlink(theirs.path(WANTS)) == os.readlink(ours.path(WANTS)) == UNIT
-    checked = subprocess.run(["systemd-analyze", "verify", str(ours.path(UNIT))], capture_output=True, text=True,
-                             timeout=60)
-    assert checked.returncode == 0 and units.UNIT_NAME not in checked.stderr, checked.stderr
+    checked = subprocess.run(["systemd-analyze", "verify", str(ours.path(UNIT)), str(ours.path(VM_UNIT))],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert units.UNIT_NAME not in checked.stderr and units.VM_UNIT_NAME not in checked.stderr, checked.stderr
 
 
 @pytest.mark.parametrize("program", ["vgpuctl", "bin/vgpuctl", "/opt/my tools/vgpuctl", "/opt/100%/vgpuctl",
@@ -247,18 +283,20 @@ def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
     fake = FakeSystem(root)
 
     steps = units.install(root, program, system=fake.system())
-    assert [s.line() for s in steps][2:] == ["ran        systemctl daemon-reload",
+    assert [s.line() for s in steps][3:] == ["ran        systemctl daemon-reload",
                                              "enabled    systemctl enable vgpuctl-autostart.service",
+                                             "enabled    systemctl enable vgpuctl-vms.service",
                                              "ran        udevadm control --reload"]
     assert fake.calls == ["/usr/bin/systemctl daemon-reload", "/usr/bin/systemctl enable vgpuctl-autostart.service",
-                          "/usr/bin/udevadm control --reload"]
+                          "/usr/bin/systemctl enable vgpuctl-vms.service", "/usr/bin/udevadm control --reload"]
     fake.calls.clear()
-    assert [s.action for s in units.install(root, program, system=fake.system())] == ["unchanged"] * 3
+    assert [s.action for s in units.install(root, program, system=fake.system())] == ["unchanged"] * 5
     assert fake.calls == []  # nothing changed: nothing to reload or enable
 
     assert [s.line() for s in units.uninstall(root, system=fake.system())] == [
         "ran        systemctl disable vgpuctl-autostart.service",
-        f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}",
+        "ran        systemctl disable vgpuctl-vms.service",
+        f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}",
         "ran        systemctl daemon-reload", "ran        udevadm control --reload",
     ]
     assert not os.path.lexists(root.path(WANTS))
@@ -266,8 +304,9 @@ def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
     # Neither tool installed (or systemd not running): enabled by the link, and said so.
     bare = FakeSystem(root, tools=())
     steps = units.install(root, program, system=bare.system())
-    assert [s.line() for s in steps][2:] == [
+    assert [s.line() for s in steps][3:] == [
         f"enabled    {tmp_path}{WANTS} -> {UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
+        f"enabled    {tmp_path}{VM_WANTS} -> {VM_UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
         "skipped    udevadm control --reload  (udevadm not found; udevd reads the rules when it starts)",
     ]
     assert bare.calls == [] and os.readlink(root.path(WANTS)) == UNIT

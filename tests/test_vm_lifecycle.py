@@ -239,3 +239,6 @@ def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
     assert again.returncode == 1  # broken still fails; the others are left running as they are
     assert "cluster: already running" in again.stdout and "rear: already running" in again.stdout
     assert "broken: failed" in again.stdout
+    stopped = lifecycle.autostop(host, state, timeout_s=10)  # at shutdown: the reverse order, by ACPI
+    assert [(r.name, r.outcome) for r in stopped] == [("rear", "stopped"), ("cluster", "stopped")], stopped
+    assert {lifecycle.status(host, state, n).state for n in ("rear", "cluster", "spare")} == {"stopped"}

@@ -17,10 +17,12 @@ force_option = click.option("--force", is_flag=True, help="Also replace or remov
 @click.option("--print", "print_only", is_flag=True, help="Only show the files; write nothing.")
 @force_option
 def install_units(program: str | None, print_only: bool, force: bool) -> None:
-    """Install a systemd unit and a udev rule that start every 'auto' vGPU at boot and when its GPU appears.
+    """Install systemd units and a udev rule: 'auto' vGPUs at boot and when their GPU appears, then the VMs
+    marked autostart, in their order.
 
-    Writes /etc/systemd/system/vgpuctl-autostart.service and /etc/udev/rules.d/60-vgpuctl.rules
-    under the host root and enables the unit; running it again changes nothing.
+    Writes /etc/systemd/system/vgpuctl-autostart.service, /etc/udev/rules.d/60-vgpuctl.rules and
+    /etc/systemd/system/vgpuctl-vms.service under the host root and enables both units; running it
+    again changes nothing.
     """
     from vgpuctl.mdev import units
 
@@ -42,7 +44,7 @@ def install_units(program: str | None, print_only: bool, force: bool) -> None:
 @click.command("uninstall-units")
 @force_option
 def uninstall_units(force: bool) -> None:
-    """Disable and remove the unit and rule that install-units wrote (files it did not write stay)."""
+    """Disable and remove the units and rule that install-units wrote (files it did not write stay)."""
     from vgpuctl.mdev import units
 
     try:

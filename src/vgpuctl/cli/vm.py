@@ -497,21 +497,27 @@ def start(name: str, accel: str, qemu: str | None, json_output: bool) -> None:
 
 @vm.command("autostart")
 @accel_option
+@click.option("--stop", "stop_them", is_flag=True,
+              help="Stop the running autostart VMs instead, in the reverse order (at shutdown).")
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
 @reports_errors
-def autostart(accel: str, json_output: bool) -> None:
+def autostart(accel: str, stop_them: bool, json_output: bool) -> None:
     """Start every VM marked autostart, in their order, each until it runs (e.g. at boot).
 
     A VM that already runs counts as started; one that fails is reported and the next one still
-    starts; the exit status is 1 if any failed."""
+    starts; the exit status is 1 if any failed. 'vgpuctl install-units' runs this at boot."""
     from vgpuctl.vm import lifecycle
 
-    results = lifecycle.autostart(State.root, state_dir(), accel=accel)
+    if stop_them:
+        results = lifecycle.autostop(State.root, state_dir())
+    else:
+        results = lifecycle.autostart(State.root, state_dir(), accel=accel)
     if json_output:
         print_json([r.to_json() for r in results])
     else:
         if not results:
-            say("no VM is marked autostart ('vgpuctl vm edit NAME --autostart')")
+            say("no running VM is marked autostart" if stop_them
+                else "no VM is marked autostart ('vgpuctl vm edit NAME --autostart')")
         for r in results:
             say(f"{r.name}: {r.outcome}" + (f" - {r.detail}" if r.detail else ""))
     if any(r.outcome == "failed" for r in results):

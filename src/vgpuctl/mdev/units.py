@@ -35,6 +35,8 @@ from vgpuctl.mdev.errors import Conflict, InvalidInput, KernelError, NotFound
 
 PROGRAM_NAME = "vgpuctl"
 UNIT_NAME = "vgpuctl-autostart.service"
+VM_UNIT_NAME = "vgpuctl-vms.service"
+VM_STOP_TIMEOUT_S = 300  # the VMs are powered down one after the other, each given up to 30 s
 RULES_NAME = "60-vgpuctl.rules"
 WANTED_BY = "multi-user.target"
 HEADER = "# Managed by vgpuctl: written by 'vgpuctl install-units', removed by 'vgpuctl uninstall-units'."
@@ -115,17 +117,17 @@ def autostart_command(root: HostRoot, program: str, *args: str) -> str:
     return " ".join([FLOCK, "-w", str(LOCK_WAIT_S), lock_file(root), program, "autostart", *args])
 
 
-def unit_path(root: HostRoot) -> str:
-    return f"{root.etc_systemd_system}/{UNIT_NAME}"
+def unit_path(root: HostRoot, name: str = UNIT_NAME) -> str:
+    return f"{root.etc_systemd_system}/{name}"
 
 
 def rules_path(root: HostRoot) -> str:
     return f"{root.etc_udev_rules_d}/{RULES_NAME}"
 
 
-def wants_link(root: HostRoot) -> str:
+def wants_link(root: HostRoot, name: str = UNIT_NAME) -> str:
     """What ``systemctl enable`` creates for ``WantedBy=multi-user.target``."""
-    return f"{root.etc_systemd_system}/{WANTED_BY}.wants/{UNIT_NAME}"
+    return f"{root.etc_systemd_system}/{WANTED_BY}.wants/{name}"
 
 
 def render_unit(root: HostRoot, program: str) -> str:
@@ -141,6 +143,28 @@ Before=libvirtd.service libvirtd.socket virtqemud.service
 Type=oneshot
 RemainAfterExit=yes
 ExecStart={autostart_command(root, program)}
+
+[Install]
+WantedBy={WANTED_BY}
+"""
+
+
+def render_vm_unit(root: HostRoot, program: str) -> str:
+    return f"""{HEADER}
+# Starts the VMs marked autostart ('vgpuctl vm edit NAME --autostart'), one after the other in their
+# order, once the vGPUs defined to start automatically are there; at shutdown it powers them down in
+# the reverse order (ACPI power button, then quit after 30 s), before their vGPUs go away.
+[Unit]
+Description=Start the VMs marked autostart (vgpuctl), in their order
+After={UNIT_NAME} network-online.target
+Wants={UNIT_NAME} network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={program} vm autostart
+ExecStop={program} vm autostart --stop
+TimeoutStopSec={VM_STOP_TIMEOUT_S}
 
 [Install]
 WantedBy={WANTED_BY}
@@ -163,7 +187,8 @@ ACTION=="add", TEST=="mdev_supported_types", TEST=="{definitions}", RUN+="{run}"
 
 def unit_files(root: HostRoot, program: str) -> list[UnitFile]:
     return [UnitFile(unit_path(root), render_unit(root, program)),
-            UnitFile(rules_path(root), render_rules(root, program))]
+            UnitFile(rules_path(root), render_rules(root, program)),
+            UnitFile(unit_path(root, VM_UNIT_NAME), render_vm_unit(root, program))]
 
 
 # ---------------------------------------------------------------- install and uninstall
@@ -229,20 +254,27 @@ def _enable(root: HostRoot, system: System, running: bool, changed: bool, force:
             steps.append(_command(system, [systemctl, "daemon-reload"]))
         else:
             steps.append(Step("skipped", "systemctl daemon-reload", "systemd is not running here"))
-    link = root.path(wants_link(root))
-    target = unit_path(root)
+    for name in (UNIT_NAME, VM_UNIT_NAME):
+        steps.append(_enable_unit(root, system, systemctl, running, force, name))
+    return steps
+
+
+def _enable_unit(root: HostRoot, system: System, systemctl: str | None, running: bool, force: bool,
+                 name: str) -> Step:
+    link = root.path(wants_link(root, name))
+    target = unit_path(root, name)
     if link.is_symlink() and os.readlink(link) == target:
-        return [*steps, Step("unchanged", f"{link} -> {target}")]
+        return Step("unchanged", f"{link} -> {target}")
     if os.path.lexists(link) and not link.is_symlink() and not force:
         raise Conflict(f"{link} exists and is not a link to {target}; move it away, or replace it with --force")
     if systemctl:
-        code, output = system.run([systemctl, "enable", UNIT_NAME])
+        code, output = system.run([systemctl, "enable", name])
         if code != 0:
-            raise KernelError(f"'systemctl enable {UNIT_NAME}' failed: {output or f'exit status {code}'}")
-        return [*steps, Step("enabled", f"systemctl enable {UNIT_NAME}")]
+            raise KernelError(f"'systemctl enable {name}' failed: {output or f'exit status {code}'}")
+        return Step("enabled", f"systemctl enable {name}")
     _symlink(target, link)
     note = "systemctl not found: linked as 'systemctl enable' would" if running else ""
-    return [*steps, Step("enabled", f"{link} -> {target}", note)]
+    return Step("enabled", f"{link} -> {target}", note)
 
 
 def _symlink(target: str, link: Path) -> None:
@@ -281,12 +313,13 @@ def uninstall(root: HostRoot, force: bool = False, system: System | None = None)
     """Disable the unit and remove the files vgpuctl wrote; others stay (and are reported) unless force."""
     system = system or System()
     running = is_running_system(root)
-    unit_local = root.path(unit_path(root))
+    unit_locals = {name: root.path(unit_path(root, name)) for name in (UNIT_NAME, VM_UNIT_NAME)}
     ours = {local: written_by_vgpuctl(local) or force
-            for local in (unit_local, root.path(rules_path(root)))}
+            for local in (unit_locals[UNIT_NAME], root.path(rules_path(root)), unit_locals[VM_UNIT_NAME])}
     steps: list[Step] = []
-    if ours[unit_local] or not os.path.lexists(unit_local):
-        steps += _disable(root, system, running)
+    for name, unit_local in unit_locals.items():
+        if ours[unit_local] or not os.path.lexists(unit_local):
+            steps += _disable(root, system, running, name)
     removed = False
     for local, owned in ours.items():
         if not os.path.lexists(local):
@@ -306,14 +339,14 @@ def uninstall(root: HostRoot, force: bool = False, system: System | None = None)
     return steps
 
 
-def _disable(root: HostRoot, system: System, running: bool) -> list[Step]:
+def _disable(root: HostRoot, system: System, running: bool, name: str) -> list[Step]:
     """``systemctl disable`` on the running system; elsewhere (or if that left it) remove the link."""
     steps = []
-    link = root.path(wants_link(root))
+    link = root.path(wants_link(root, name))
     systemctl = system.which("systemctl") if running else None
-    if systemctl and root.exists(unit_path(root)):
-        steps.append(_command(system, [systemctl, "disable", UNIT_NAME]))
-    if link.is_symlink() and os.readlink(link) == unit_path(root):
+    if systemctl and root.exists(unit_path(root, name)):
+        steps.append(_command(system, [systemctl, "disable", name]))
+    if link.is_symlink() and os.readlink(link) == unit_path(root, name):
         link.unlink()
         fsync_dir(link.parent)
         steps.append(Step("removed", str(link)))

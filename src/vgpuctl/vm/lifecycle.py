@@ -301,6 +301,28 @@ def autostart(root: HostRoot, state: StateDir, *, accel: str = "auto") -> list[A
     return results
 
 
+def autostop(root: HostRoot, state: StateDir, *, timeout_s: float = STOP_TIMEOUT_S) -> list[AutostartResult]:
+    """Stop the running VMs marked ``autostart`` in the reverse of their start order (ACPI power button, then
+    quit after ``timeout_s``): what the boot unit does at shutdown, before the vGPUs go away."""
+    chosen = []
+    for name in specs.names(state):
+        with contextlib.suppress(VgpuError):
+            spec = specs.load(state, name)
+            if spec.autostart:
+                chosen.append(spec)
+    chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name), reverse=True)
+    results = []
+    for spec in chosen:
+        try:
+            if status(root, state, spec.name).state not in ("starting", "running", "paused", "shutdown"):
+                continue
+            stopped = stop(root, state, spec.name, timeout_s=timeout_s)
+            results.append(AutostartResult(spec.name, "stopped", stopped.detail))
+        except VgpuError as error:
+            results.append(AutostartResult(spec.name, "failed", str(error)))
+    return results
+
+
 def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: RuntimePaths) -> None:
     problems = list(paths.socket_problems())
     for requirement in check_requirements(root, prepared.spec):
