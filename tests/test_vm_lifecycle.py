@@ -239,6 +239,40 @@ def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
     assert again.returncode == 1  # broken still fails; the others are left running as they are
     assert "cluster: already running" in again.stdout and "rear: already running" in again.stdout
     assert "broken: failed" in again.stdout
-    stopped = lifecycle.autostop(host, state, timeout_s=10)  # at shutdown: the reverse order, by ACPI
+    stopped = lifecycle.autostop(host, state, timeout_s=2)  # at shutdown: the reverse order (ACPI, then quit)
     assert [(r.name, r.outcome) for r in stopped] == [("rear", "stopped"), ("cluster", "stopped")], stopped
     assert {lifecycle.status(host, state, n).state for n in ("rear", "cluster", "spare")} == {"stopped"}
+
+
+def test_a_vgpu_not_kept_is_removed_however_qemu_ends(host: HostRoot, state: StateDir, guest: Path) -> None:
+    new_vm(state, "temp", guest)
+    spec = specs.load(state, "temp")
+    spec.vgpu.keep = False
+    specs.save(state, spec)
+    assert "keep = false" in specs.spec_path(state, "temp").read_text()
+    uuid = vm_vgpu_uuid("temp")
+
+    def vgpu_gone() -> bool:
+        deadline = time.monotonic() + 15  # the shell runs 'vgpuctl vm release-vgpu' after QEMU
+        while uuid in {d.uuid for d in active_devices(host)}:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    lifecycle.start(host, state, "temp", accel="tcg")
+    assert uuid in {d.uuid for d in active_devices(host)}
+    lifecycle.stop(host, state, "temp", timeout_s=1)  # ACPI, then quit: the guest may not have set ACPI up yet
+    assert vgpu_gone()
+    lifecycle.start(host, state, "temp", accel="tcg")  # a new one is made at the next start
+    pid = lifecycle.status(host, state, "temp").pid
+    assert pid and uuid in {d.uuid for d in active_devices(host)}
+    os.kill(pid, signal.SIGKILL)  # a crash
+    assert vgpu_gone()
+    assert lifecycle.status(host, state, "temp").state == "crashed"
+    # The default keeps it: 'car' gets its vGPU back after a stop.
+    new_vm(state, "car", guest)
+    lifecycle.start(host, state, "car", accel="tcg")
+    lifecycle.stop(host, state, "car", timeout_s=1)
+    time.sleep(1.0)
+    assert vm_vgpu_uuid("car") in {d.uuid for d in active_devices(host)}

@@ -713,3 +713,16 @@ def test_the_profile_names_written_out_elsewhere_are_the_profiles() -> None:
     from vgpuctl.vm.spec import PROFILE_NAMES as SPEC_NAMES
 
     assert CLI_NAMES == SPEC_NAMES == tuple(PROFILES)
+
+
+@pytest.mark.fuse
+def test_autostart_and_keep_vgpu_from_the_command_line(gvt: Cli) -> None:
+    gvt("vm", "create", "tmp1", "--type", "i915-GVTg_V5_4", "--release-vgpu", "--autostart", "--order", "3")
+    spec = specs.load(StateDir(gvt.state), "tmp1")
+    assert spec.vgpu.keep is False and spec.autostart is True and spec.order == 3
+    gvt("vm", "edit", "tmp1", "--keep-vgpu", "--no-autostart")
+    spec = specs.load(StateDir(gvt.state), "tmp1")
+    assert spec.vgpu.keep is True and spec.autostart is False
+    assert "keep" not in specs.spec_path(StateDir(gvt.state), "tmp1").read_text()  # the default is not written
+    code, out, _ = gvt("vm", "autostart")
+    assert code == 0 and "no VM is marked autostart" in out

@@ -66,6 +66,8 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--weight", type=int, help="... with at least this scheduler weight (GVT-g)."),
     click.option("--largest", is_flag=True, help="Create the largest vGPU type that fits."),
     click.option("--no-vgpu", is_flag=True, help="No vGPU (also turns the vGPU display and ramfb off)."),
+    click.option("--keep-vgpu/--release-vgpu", default=None,
+                 help="Keep the vGPU vgpuctl made when QEMU ends, for the next start (default), or remove it."),
     click.option("--display", "backend", type=click.Choice(BACKEND_NAMES),
                  help="Display backend (vnc and egl-headless on a unix socket; spice local, with OpenGL)."),
     click.option("--vnc-socket", metavar="PATH", help="VNC unix socket (default in the VM's runtime directory)."),
@@ -158,6 +160,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         vgpu = VgpuRequest(parent=o["parent"], **{k: v for k, v in wanted.items() if v is not None})
     elif o["parent"] is not None:
         vgpu = replace(vgpu, parent=o["parent"])
+    if o["keep_vgpu"] is not None:
+        vgpu = replace(vgpu, keep=o["keep_vgpu"])
     changes["vgpu"] = vgpu
     display_on = o["vgpu_display"]
     if display_on is None and o["no_vgpu"]:

@@ -254,6 +254,7 @@ class VgpuRequestIn(BaseModel):
     min_memory_mib: int | None = None
     weight: int | None = None
     largest: bool | None = None
+    keep: bool | None = None
 
 
 class DisplayIn(BaseModel):

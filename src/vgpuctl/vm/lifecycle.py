@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -246,11 +247,13 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         try:
             run["argv"] = argv = preopened_qmp_argv(argv, listener)
             with open(paths.log, "w") as log:
-                # The shell waits for QEMU and keeps its exit status for later status calls.
-                shell = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$VGPUCTL_EXIT"', "sh", *argv],
+                # The shell waits for QEMU and keeps its exit status for later status calls; with
+                # vgpu.keep = false it then removes the vGPU, however QEMU ended (stop, power-off, crash).
+                shell = subprocess.Popen(["sh", "-c", WRAPPER, "sh", *argv],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          pass_fds=(listener,), start_new_session=True,
-                                         env={**os.environ, "VGPUCTL_EXIT": str(exit_file)})
+                                         env={**os.environ, "VGPUCTL_EXIT": str(exit_file),
+                                              **_release_env(root, state, prepared)})
         finally:
             os.close(listener)
         run["shell_pid"] = shell.pid
@@ -321,6 +324,21 @@ def autostop(root: HostRoot, state: StateDir, *, timeout_s: float = STOP_TIMEOUT
         except VgpuError as error:
             results.append(AutostartResult(spec.name, "failed", str(error)))
     return results
+
+
+WRAPPER = ('"$@"; echo $? > "$VGPUCTL_EXIT"; '
+           '[ -z "$VGPUCTL_RELEASE_VM" ] || exec "$VGPUCTL_PYTHON" -m vgpuctl --root "$VGPUCTL_RELEASE_ROOT" '
+           '--state-dir "$VGPUCTL_RELEASE_STATE" vm release-vgpu "$VGPUCTL_RELEASE_VM"')
+
+
+def _release_env(root: HostRoot, state: StateDir, prepared: Prepared) -> dict[str, str]:
+    """What the wrapper needs to remove the VM's vGPU after QEMU, if the spec says not to keep it (only a
+    vGPU vgpuctl made for the VM: one named by UUID in the spec is the user's)."""
+    vgpu = prepared.spec.vgpu
+    if prepared.vgpu is None or vgpu.keep or vgpu.kind == "uuid":
+        return {}
+    return {"VGPUCTL_RELEASE_VM": prepared.spec.name, "VGPUCTL_PYTHON": sys.executable,
+            "VGPUCTL_RELEASE_ROOT": str(root.root), "VGPUCTL_RELEASE_STATE": str(state.path)}
 
 
 def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: RuntimePaths) -> None:
@@ -545,13 +563,14 @@ def release_vgpu(root: HostRoot, state: StateDir, name: str) -> str | None:
     from vgpuctl.mdev.sysfs import active_device
     from vgpuctl.vm.runtime import vm_vgpu_uuid
 
-    if status(root, state, name).pid is not None:
-        raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
-    uuid = vm_vgpu_uuid(name)
-    if active_device(root, uuid) is None:
-        return None
-    Manager(root, state).remove(uuid)
-    return uuid
+    with state.lock(f"vm-{name}"):  # not while a start of this VM is creating or reusing it
+        if status(root, state, name).pid is not None:
+            raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
+        uuid = vm_vgpu_uuid(name)
+        if active_device(root, uuid) is None:
+            return None
+        Manager(root, state).remove(uuid)
+        return uuid
 
 
 def screenshot(root: HostRoot, state: StateDir, name: str, target: Path) -> Path:

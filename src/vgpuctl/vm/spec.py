@@ -78,6 +78,8 @@ class VgpuRequest:
     min_memory_mib: int | None = None
     weight: int | None = None
     largest: bool = False  # the largest type that still fits (most graphics memory)
+    keep: bool = True  # keep the vGPU vgpuctl made when QEMU ends, for the next start (GVT-g fragments its
+    # graphics memory when vGPUs come and go); false: remove it whenever QEMU ends (stop, power-off, crash)
 
     @property
     def kind(self) -> str:
@@ -322,6 +324,8 @@ def _plain(value: Any) -> Any:
         data = {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
         if isinstance(value, VgpuRequest) and not value.largest:
             del data["largest"]
+        if isinstance(value, VgpuRequest) and value.keep:
+            del data["keep"]  # the default: files written before it existed stay as they are
         return {k: v for k, v in data.items() if v is not None and v != {}}
     if isinstance(value, list):
         return [_plain(v) for v in value]
