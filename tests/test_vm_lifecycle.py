@@ -276,3 +276,28 @@ def test_a_vgpu_not_kept_is_removed_however_qemu_ends(host: HostRoot, state: Sta
     lifecycle.stop(host, state, "car", timeout_s=1)
     time.sleep(1.0)
     assert vm_vgpu_uuid("car") in {d.uuid for d in active_devices(host)}
+
+
+def test_a_display_backend_qemu_lacks_is_refused_before_start(host: HostRoot, state: StateDir, guest: Path,
+                                                              tmp_path: Path) -> None:
+    # This machine's QEMU, except that its '-display help' leaves gtk out (as without qemu-system-gui).
+    fake = tmp_path / "qemu-without-gtk"
+    fake.write_text('#!/bin/sh\nprevious=""\nfor a in "$@"; do\n'
+                    '  if [ "$previous" = -display ] && [ "$a" = help ]; then\n'
+                    '    /usr/bin/qemu-system-x86_64 "$@" | grep -vx gtk; exit 0\n  fi\n  previous="$a"\ndone\n'
+                    'exec /usr/bin/qemu-system-x86_64 "$@"\n')
+    fake.chmod(0o755)
+    new_vm(state, "local", guest)
+    spec = specs.load(state, "local")
+    spec.display.backend = "gtk"
+    specs.save(state, spec)
+    with pytest.raises(lifecycle.VmError, match=r"display backend gtk is not available.*qemu-system-gui"):
+        lifecycle.start(host, state, "local", accel="tcg", qemu=str(fake))
+    cached = json.loads((state.path / "qemu-probe.json").read_text())
+    assert "gtk" not in cached["displays"]["available"] and "vnc" in cached["displays"]["available"]
+    spec.display.backend = "vnc"  # one it has: starts, and the probe is not run again (the cache answers)
+    specs.save(state, spec)
+    (state.path / "qemu-probe.json").write_text(json.dumps({**cached, "displays": {"version": "x",
+                                                                                   "available": ["vnc"]}}))
+    assert lifecycle.start(host, state, "local", accel="tcg", qemu=str(fake)).state == "running"
+    assert json.loads((state.path / "qemu-probe.json").read_text())["displays"]["version"] == "x"

@@ -353,8 +353,53 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
             problems.append(f"vGPU {vgpu.uuid} is in use by VM {holder}; a vGPU serves one VM at a time")
     if not os.path.exists(prepared.command.argv[0]) and "/" in prepared.command.argv[0]:
         problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
+    else:
+        problems += _display_problems(state, prepared.command.argv[0], prepared.spec.display.backend)
     if problems:
         raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
+
+
+# Where a display backend QEMU lacks comes from (Debian; other distributions split QEMU's modules alike).
+_BACKEND_PACKAGES = {"gtk": "qemu-system-gui", "sdl": "qemu-system-gui", "spice": "qemu-system-modules-spice",
+                     "egl-headless": "qemu-system-modules-opengl", "dbus": "qemu-system-modules-opengl"}
+
+
+def _display_problems(state: StateDir, qemu: str, backend: str) -> list[str]:
+    """The display backend must be one this QEMU has (its UI modules are separate packages)."""
+    if backend == "none":
+        return []
+    capabilities = qemu_displays(state, qemu)
+    if capabilities is None or backend in capabilities["available"]:
+        return []
+    package = _BACKEND_PACKAGES.get(backend)
+    return [f"display backend {backend} is not available in {qemu} (QEMU {capabilities['version']}; it has "
+            f"{', '.join(capabilities['available']) or 'none'})"
+            + (f": apt-get install {package}, or choose another with 'vgpuctl vm edit --display'" if package
+               else "")]
+
+
+def qemu_displays(state: StateDir, qemu: str) -> dict[str, Any] | None:
+    """The display backends ``qemu`` has, asked of the binary (vgpuctl.host.qemu's probe, ~100 ms) once per
+    binary and boot and cached in the state directory, as the KVM probe is; None if it cannot tell."""
+    key = _probe_key(qemu)
+    cache = state.path / "qemu-probe.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return dict(cached["displays"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from vgpuctl.host.qemu import probe_qemu
+
+    report = probe_qemu(qemu)
+    if report.version is None or not report.displays:
+        return None  # not a QEMU we can read: the start will say what QEMU says
+    available = [d for d in report.displays if d not in ("none", "spice-app", "curses")]
+    available += [name for name, present in (("vnc", report.vnc), ("spice", report.spice)) if present]
+    displays = {"version": report.version, "available": sorted(available)}
+    with contextlib.suppress(OSError):  # a read-only state dir only costs the probe next time
+        atomic_write(cache, json.dumps({"key": key, "displays": displays}).encode())
+    return displays
 
 
 def _make_disks(spec: VmSpec) -> None:
