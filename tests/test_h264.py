@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from vgpuctl.service.stream.h264 import H264Encoder, H264Unavailable, available, codec_string
+from vgpuctl.service.stream.h264 import H264Encoder, H264Unavailable, available
 
 WIDTH, HEIGHT = 320, 240
 
@@ -19,6 +19,16 @@ def picture(step: int) -> np.ndarray:
     image[:, :, 1] = np.arange(HEIGHT)[:, None] % 256
     image[40:120, 40:120, 2] = 60 * step % 256
     return image
+
+
+def codec_string(access_unit: bytes) -> str | None:
+    """``avc1.PPCCLL`` from the first SPS (NAL type 7) of an Annex B unit, as display.js's avcCodec reads it."""
+    start = 0
+    while (at := access_unit.find(b"\x00\x00\x01", start)) >= 0 and at + 7 <= len(access_unit):
+        if access_unit[at + 3] & 0x1F == 7:
+            return "avc1." + access_unit[at + 4:at + 7].hex()
+        start = at + 3
+    return None
 
 
 def decode(units: list[bytes]) -> list[np.ndarray]:

@@ -202,7 +202,7 @@ def test_accelerator_is_decided_by_the_probe(host: HostRoot, state: StateDir, gu
     finally:
         lifecycle.kill(host, state, "probe")
     cached = json.loads((state.path / "kvm-probe.json").read_text())
-    assert cached["accel"] == started.accel
+    assert cached["answer"]["accel"] == started.accel
 
 
 def test_qemu_that_fails_at_start_is_reported_with_its_log(host: HostRoot, state: StateDir, guest: Path) -> None:
@@ -294,10 +294,10 @@ def test_a_display_backend_qemu_lacks_is_refused_before_start(host: HostRoot, st
     with pytest.raises(lifecycle.VmError, match=r"display backend gtk is not available.*qemu-system-gui"):
         lifecycle.start(host, state, "local", accel="tcg", qemu=str(fake))
     cached = json.loads((state.path / "qemu-probe.json").read_text())
-    assert "gtk" not in cached["displays"]["available"] and "vnc" in cached["displays"]["available"]
+    assert "gtk" not in cached["answer"]["available"] and "vnc" in cached["answer"]["available"]
     spec.display.backend = "vnc"  # one it has: starts, and the probe is not run again (the cache answers)
     specs.save(state, spec)
-    (state.path / "qemu-probe.json").write_text(json.dumps({**cached, "displays": {"version": "x",
-                                                                                   "available": ["vnc"]}}))
+    answer = {"version": "x", "available": ["vnc"]}
+    (state.path / "qemu-probe.json").write_text(json.dumps({**cached, "answer": answer}))
     assert lifecycle.start(host, state, "local", accel="tcg", qemu=str(fake)).state == "running"
-    assert json.loads((state.path / "qemu-probe.json").read_text())["displays"]["version"] == "x"
+    assert json.loads((state.path / "qemu-probe.json").read_text())["answer"]["version"] == "x"

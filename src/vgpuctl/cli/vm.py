@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from vgpuctl.cli.app import State, print_json, reports_errors, say
+from vgpuctl.vm.spec import BACKENDS, PROFILE_NAMES
 
 if TYPE_CHECKING:
     from vgpuctl.mdev.state import StateDir
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 NONE = "none"  # clears an optional value in 'vm edit' (--cdrom none, --kernel none, ...)
-PROFILE_NAMES = ("streaming", "gaming", "automotive")  # = vm.spec.PROFILE_NAMES (a test checks), not imported
-BACKEND_NAMES = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none")
 
 
 def state_dir() -> StateDir:
@@ -68,7 +67,7 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--no-vgpu", is_flag=True, help="No vGPU (also turns the vGPU display and ramfb off)."),
     click.option("--keep-vgpu/--release-vgpu", default=None,
                  help="Keep the vGPU vgpuctl made when QEMU ends, for the next start (default), or remove it."),
-    click.option("--display", "backend", type=click.Choice(BACKEND_NAMES),
+    click.option("--display", "backend", type=click.Choice(BACKENDS),
                  help="Display backend (vnc and egl-headless on a unix socket; spice local, with OpenGL)."),
     click.option("--vnc-socket", metavar="PATH", help="VNC unix socket (default in the VM's runtime directory)."),
     click.option("--rendernode", metavar="PATH", help="DRM render node for OpenGL (e.g. /dev/dri/renderD128)."),

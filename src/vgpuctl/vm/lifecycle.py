@@ -87,23 +87,35 @@ def default_qemu() -> str:
 
 def choose_accel(state: StateDir, root: HostRoot, qemu: str, notes: list[str]) -> str:
     """KVM when KVM really runs a guest, else TCG — by probe, cached per boot and QEMU binary."""
-    from vgpuctl.host.kvm import probe_kvm
+    def probe() -> dict[str, Any]:
+        from vgpuctl.host.kvm import probe_kvm
 
+        report = probe_kvm(qemu_host(root), qemu_binary=qemu, run_guest=True)
+        return {"accel": "kvm" if report.guest_runs else "tcg", "detail": report.detail}
+
+    found = _cached_probe(state, "kvm-probe.json", qemu, probe)
+    assert found is not None
+    notes.append(f"accelerator {found['accel']}: {found['detail']}")
+    return str(found["accel"])
+
+
+def _cached_probe(state: StateDir, file: str, qemu: str,
+                  probe: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``probe()``'s answer about ``qemu``, kept in ``<state-dir>/<file>`` for this boot and this QEMU binary
+    (probes start QEMU: ~100 ms or more, which a VM start should not pay each time). None is not kept."""
     key = _probe_key(qemu)
-    cache = state.path / "kvm-probe.json"
+    cache = state.path / file
     try:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
-            notes.append(f"accelerator {cached['accel']}: {cached['detail']}")
-            return str(cached["accel"])
-    except (OSError, ValueError):
-        pass
-    report = probe_kvm(qemu_host(root), qemu_binary=qemu, run_guest=True)
-    accel = "kvm" if report.guest_runs else "tcg"
-    notes.append(f"accelerator {accel}: {report.detail}")
-    with contextlib.suppress(OSError):  # a read-only state dir only costs the probe next time
-        atomic_write(cache, json.dumps({"key": key, "accel": accel, "detail": report.detail}).encode())
-    return accel
+            return dict(cached["answer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or from an older vgpuctl: probe again
+    answer = probe()
+    if answer is not None:
+        with contextlib.suppress(OSError):  # a read-only state dir only costs the probe next time
+            atomic_write(cache, json.dumps({"key": key, "answer": answer}).encode())
+    return answer
 
 
 def _probe_key(qemu: str) -> str:
@@ -275,22 +287,29 @@ class AutostartResult:
         return asdict(self)
 
 
+def _autostart_specs(state: StateDir) -> tuple[list[VmSpec], list[AutostartResult]]:
+    """The VMs marked autostart in start order (``order``, lower first, unordered last; then name), and a
+    failure for each spec file that cannot be read (one broken file must not keep the others down)."""
+    chosen: list[VmSpec] = []
+    unreadable: list[AutostartResult] = []
+    for name in specs.names(state):
+        try:
+            spec = specs.load(state, name)
+        except VgpuError as error:
+            unreadable.append(AutostartResult(name, "failed", str(error)))
+            continue
+        if spec.autostart:
+            chosen.append(spec)
+    chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name))
+    return chosen, unreadable
+
+
 def autostart(root: HostRoot, state: StateDir, *, accel: str = "auto") -> list[AutostartResult]:
     """Start every VM whose spec says ``autostart``, one after the other in their ``order`` (lower first,
     unordered last, then by name), each until QMP says running before the next begins — the in-car case,
     where the cluster display must be up before the others. A VM that already runs counts as done (the
     command is safe to run again); one that fails is reported and the next one still starts."""
-    chosen: list[VmSpec] = []
-    results: list[AutostartResult] = []
-    for name in specs.names(state):
-        try:
-            spec = specs.load(state, name)
-        except VgpuError as error:  # one broken spec file must not keep the others down
-            results.append(AutostartResult(name, "failed", str(error)))
-            continue
-        if spec.autostart:
-            chosen.append(spec)
-    chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name))
+    chosen, results = _autostart_specs(state)
     for spec in chosen:
         try:
             current = status(root, state, spec.name)
@@ -307,15 +326,8 @@ def autostart(root: HostRoot, state: StateDir, *, accel: str = "auto") -> list[A
 def autostop(root: HostRoot, state: StateDir, *, timeout_s: float = STOP_TIMEOUT_S) -> list[AutostartResult]:
     """Stop the running VMs marked ``autostart`` in the reverse of their start order (ACPI power button, then
     quit after ``timeout_s``): what the boot unit does at shutdown, before the vGPUs go away."""
-    chosen = []
-    for name in specs.names(state):
-        with contextlib.suppress(VgpuError):
-            spec = specs.load(state, name)
-            if spec.autostart:
-                chosen.append(spec)
-    chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name), reverse=True)
-    results = []
-    for spec in chosen:
+    chosen, results = _autostart_specs(state)
+    for spec in reversed(chosen):
         try:
             if status(root, state, spec.name).state not in ("starting", "running", "paused", "shutdown"):
                 continue
@@ -379,27 +391,19 @@ def _display_problems(state: StateDir, qemu: str, backend: str) -> list[str]:
 
 
 def qemu_displays(state: StateDir, qemu: str) -> dict[str, Any] | None:
-    """The display backends ``qemu`` has, asked of the binary (vgpuctl.host.qemu's probe, ~100 ms) once per
-    binary and boot and cached in the state directory, as the KVM probe is; None if it cannot tell."""
-    key = _probe_key(qemu)
-    cache = state.path / "qemu-probe.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return dict(cached["displays"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    from vgpuctl.host.qemu import probe_qemu
+    """The display backends ``qemu`` has (``{"version", "available"}``), asked of the binary with
+    vgpuctl.host.qemu's probe, once per binary and boot; None if it cannot tell."""
+    def probe() -> dict[str, Any] | None:
+        from vgpuctl.host.qemu import probe_qemu
 
-    report = probe_qemu(qemu)
-    if report.version is None or not report.displays:
-        return None  # not a QEMU we can read: the start will say what QEMU says
-    available = [d for d in report.displays if d not in ("none", "spice-app", "curses")]
-    available += [name for name, present in (("vnc", report.vnc), ("spice", report.spice)) if present]
-    displays = {"version": report.version, "available": sorted(available)}
-    with contextlib.suppress(OSError):  # a read-only state dir only costs the probe next time
-        atomic_write(cache, json.dumps({"key": key, "displays": displays}).encode())
-    return displays
+        report = probe_qemu(qemu)
+        if report.version is None or not report.displays:
+            return None  # not a QEMU we can read: the start will say what QEMU says
+        available = [d for d in report.displays if d not in ("none", "spice-app", "curses")]
+        available += [name for name, present in (("vnc", report.vnc), ("spice", report.spice)) if present]
+        return {"version": report.version, "available": sorted(available)}
+
+    return _cached_probe(state, "qemu-probe.json", qemu, probe)
 
 
 def _make_disks(spec: VmSpec) -> None:

@@ -11,8 +11,8 @@ motion gets the bits it needs, and a keyframe only when asked (a new viewer, a v
 or every ``keyframe_interval`` pictures so a lost one heals.
 
 The output is Annex B (start codes, SPS/PPS repeated before each keyframe): a client configures its decoder
-without out-of-band data, from the first keyframe; :func:`codec_string` derives the RFC 6381 name
-(``avc1.PPCCLL``) a WebCodecs ``VideoDecoder`` is configured with.
+without out-of-band data, from the first keyframe (display.js reads the RFC 6381 name, ``avc1.PPCCLL``, for
+WebCodecs' ``VideoDecoder`` from the SPS).
 """
 
 from __future__ import annotations
@@ -88,17 +88,3 @@ class H264Encoder:
         data = b"".join(bytes(p) for p in packets)
         return AccessUnit(data, any(p.is_keyframe for p in packets))
 
-
-def codec_string(access_unit: bytes) -> str | None:
-    """``avc1.PPCCLL`` from the first SPS (NAL type 7) in an Annex B access unit, or None without one."""
-    view = memoryview(access_unit)
-    start = 0
-    while True:
-        at = access_unit.find(b"\x00\x00\x01", start)
-        if at < 0 or at + 7 > len(access_unit):
-            return None
-        header = view[at + 3]
-        if header & 0x1F == 7:
-            profile, constraints, level = view[at + 4], view[at + 5], view[at + 6]
-            return f"avc1.{profile:02x}{constraints:02x}{level:02x}"
-        start = at + 3
