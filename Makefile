@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium novnc iproute2
+# Debian's own interpreter (built with PGO+LTO: every command starts ~10% faster than on a plain source
+# build), not whichever python3 comes first in PATH.
+SYSTEM_PYTHON ?= /usr/bin/python3
+DEB_PACKAGES := python3 python3-venv fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium novnc iproute2
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PY := $(VENV)/.py-installed
 
@@ -21,8 +24,8 @@ $(STAMP_DEB): Makefile
 	fi
 	@touch $@
 
-$(STAMP_PY): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+$(STAMP_PY): pyproject.toml | $(STAMP_DEB)
+	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@

@@ -11,10 +11,13 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import GVT_PARENT, Cli, MountFn
 from vgpuctl.host import HostRoot
@@ -514,6 +517,13 @@ def test_is_running_follows_the_pidfile_and_the_process(tmp_path: Path) -> None:
 def test_vm_vgpu_uuid_is_stable_per_name() -> None:
     assert vm_vgpu_uuid("car1") == vm_vgpu_uuid("car1") != vm_vgpu_uuid("car2")
     assert len(vm_vgpu_uuid("car1")) == 36
+    assert vm_vgpu_uuid("car1") == "bab8b75e-33ea-5f6e-a052-2f693c445fa1"  # pinned: existing vGPUs keep it
+
+
+@given(st.from_regex(specs.NAME_PATTERN, fullmatch=True))
+def test_vm_vgpu_uuid_is_uuid5_of_the_name(name: str) -> None:
+    # computed without hashlib (start-up cost), it must stay the UUID earlier versions gave the VM's vGPU
+    assert vm_vgpu_uuid(name) == str(uuid.uuid5(uuid.NAMESPACE_URL, f"vgpuctl:vm:{name}"))
 
 
 # ---------------------------------------------------------------------- the vm commands on a simulated host

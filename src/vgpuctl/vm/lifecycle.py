@@ -261,7 +261,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
             with open(paths.log, "w") as log:
                 # The shell waits for QEMU and keeps its exit status for later status calls; with
                 # vgpu.keep = false it then removes the vGPU, however QEMU ended (stop, power-off, crash).
-                shell = subprocess.Popen(["sh", "-c", WRAPPER, "sh", *argv],
+                shell = subprocess.Popen(["/bin/sh", "-c", WRAPPER, "sh", *argv],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          pass_fds=(listener,), start_new_session=True,
                                          env={**os.environ, "VGPUCTL_EXIT": str(exit_file),

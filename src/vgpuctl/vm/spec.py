@@ -33,11 +33,12 @@ BACKENDS = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none")
 # OpenGL UI. "none" cannot: QEMU fails with "vfio-display-dmabuf: opengl not available".
 GL_BACKENDS = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl")
 # QEMU's -drive/-device option syntax doubles commas inside values; these never may contain one.
-_OPTION_KEY = re.compile(r"[a-z][a-z0-9-]*")
-_SIZE = re.compile(r"[1-9][0-9]*[KMGT]?")
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # Linux IFNAMSIZ - 1
-_REQUIREMENT = re.compile(r"([a-z0-9_]+)\.([a-z0-9_]+)=(\S+)")
+# Plain patterns, compiled (and cached by re) on first use: a start pays only for the ones its spec needs.
+_OPTION_KEY = r"[a-z][a-z0-9-]*"
+_SIZE = r"[1-9][0-9]*[KMGT]?"
+_MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
+_IFNAME = r"[A-Za-z0-9_.-]{1,15}"  # Linux IFNAMSIZ - 1
+_REQUIREMENT = r"([a-z0-9_]+)\.([a-z0-9_]+)=(\S+)"
 
 
 def check_name(name: str) -> str:
@@ -376,7 +377,7 @@ def _check(spec: VmSpec) -> None:
     for i, disk in enumerate(spec.disks):
         _absolute(f"disks[{i}].path", disk.path)
         _one_of(f"disks[{i}].format", disk.format, DISK_FORMATS)
-        if disk.size is not None and not _SIZE.fullmatch(disk.size):
+        if disk.size is not None and not re.fullmatch(_SIZE, disk.size):
             raise InvalidInput(f"disks[{i}].size must be a size such as 20G or 512M, got {disk.size!r}")
     paths = [d.path for d in spec.disks]
     duplicate = next((p for p in paths if paths.count(p) > 1), None)
@@ -395,13 +396,13 @@ def _check(spec: VmSpec) -> None:
     _one_of("network.mode", net.mode, NETWORK_MODES)
     if net.mode == "bridge" and not net.bridge:
         raise InvalidInput("network.mode = 'bridge' needs network.bridge (the host bridge, e.g. br0)")
-    if net.bridge is not None and (net.mode != "bridge" or not _IFNAME.fullmatch(net.bridge)):
+    if net.bridge is not None and (net.mode != "bridge" or not re.fullmatch(_IFNAME, net.bridge)):
         raise InvalidInput(f"network.bridge must be an interface name and needs network.mode = 'bridge', "
                            f"got {net.bridge!r}")
-    if net.ifname is not None and (net.mode != "tap" or not _IFNAME.fullmatch(net.ifname)):
+    if net.ifname is not None and (net.mode != "tap" or not re.fullmatch(_IFNAME, net.ifname)):
         raise InvalidInput(f"network.ifname must be an interface name and needs network.mode = 'tap', "
                            f"got {net.ifname!r}")
-    if net.mac is not None and not _MAC.fullmatch(net.mac):
+    if net.mac is not None and not re.fullmatch(_MAC, net.mac):
         raise InvalidInput(f"network.mac must look like 52:54:00:12:34:56 (lower case), got {net.mac!r}")
 
     vgpu = spec.vgpu
@@ -440,7 +441,7 @@ def _check(spec: VmSpec) -> None:
     if display.resolution is not None:
         parse_resolution("display.resolution", display.resolution)
     for key, value in display.options.items():
-        if not _OPTION_KEY.fullmatch(key) or "," in value:
+        if not re.fullmatch(_OPTION_KEY, key) or "," in value:
             raise InvalidInput(f"display.options.{key} must be a QEMU option name with a value without ',', "
                                f"got {key}={value!r}")
     if spec.vgpu_display and vgpu.kind == "none":
@@ -452,6 +453,6 @@ def _check(spec: VmSpec) -> None:
     if spec.ramfb and not spec.vgpu_display:
         raise InvalidInput("ramfb = true needs vgpu_display = true (QEMU: \"ramfb=on requires display=on\")")
     for i, requirement in enumerate(spec.requires):
-        if not _REQUIREMENT.fullmatch(requirement):
+        if not re.fullmatch(_REQUIREMENT, requirement):
             raise InvalidInput(f"requires[{i}] must look like MODULE.PARAMETER=VALUE (e.g. kvm.ignore_msrs=1), "
                                f"got {requirement!r}")
