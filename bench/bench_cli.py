@@ -84,6 +84,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("m-list-d", "mdevctl list --defined --dumpjson", f"exec {MDEVCTL} list --defined --dumpjson"),
     ("v-types", "vgpuctl types --json", f"exec {VGPUCTL} types --json"),
     ("m-types", "mdevctl types --dumpjson", f"exec {MDEVCTL} types --dumpjson"),
+    # vgpuctl's mdevctl stand-in (console script linked as mdevctl): the same Python, argparse instead of click
+    ("s-list", "vgpuctl as mdevctl: list --dumpjson", "exec {link} list --dumpjson"),
+    ("s-types", "vgpuctl as mdevctl: types --dumpjson", "exec {link} types --dumpjson"),
 ]
 PAIRS = (("list", "v-list", "m-list"), ("types", "v-types", "m-types"))
 STATIC_KEYS = ("ns", "v-list", "m-list", "v-types", "m-types")  # what also runs on the static copy
@@ -163,6 +166,10 @@ def mdevctl_types(text: str) -> dict[tuple[str, str], int]:
             for parent, types in block.items() for entry in types for type_id, info in entry.items()}
 
 
+def labels_of(key: str) -> str:
+    return next(label for k, label, _ in COMMANDS if k == key)
+
+
 def check_outputs(outputs: dict[str, str], active: int, defined: int) -> list[str]:
     notes: list[str] = []
     rows: list[dict[str, Any]] = json.loads(outputs["v-list"])
@@ -187,7 +194,7 @@ def check_outputs(outputs: dict[str, str], active: int, defined: int) -> list[st
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def whole_processes(trees: dict[str, Path], state: Path, runs: int,
+def whole_processes(trees: dict[str, Path], state: Path, link: Path, runs: int,
                     ) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], str]]:
     """Every command on every tree runs+1 times, interleaved (order reversed every other round); round 0 is a
     warm-up, whose output is kept for the checks. On the static copy only the namespace floor and the pairs."""
@@ -195,7 +202,8 @@ def whole_processes(trees: dict[str, Path], state: Path, runs: int,
     for tree, root in trees.items():
         for command, _, text in COMMANDS:
             if tree == "mount" or command in STATIC_KEYS:
-                argvs[tree, command] = in_namespace(root, text.format(state=shlex.quote(str(state))))
+                argvs[tree, command] = in_namespace(root, text.format(state=shlex.quote(str(state)),
+                                                                      link=shlex.quote(str(link))))
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in argvs}
     outputs: dict[tuple[str, str], str] = {}
     for round_index in range(runs + 1):
@@ -288,7 +296,13 @@ def bench(root: Path, work: Path, opts: Options, rows: list[Row], notes: list[st
 
     step(f"A. {len(COMMANDS)} commands x {opts.runs} runs (+1 warm-up) in a private mount namespace"
          f"{', 5 of them also on the static copy' if opts.static else ''}; {active} vGPUs active, {defined} defined")
-    samples, outputs = whole_processes(trees, state, opts.runs)
+    link = work / "bin/mdevctl"  # vgpuctl stands in for mdevctl when invoked by that name
+    link.parent.mkdir()
+    link.symlink_to(VGPUCTL)
+    samples, outputs = whole_processes(trees, state, link, opts.runs)
+    for stand_in, real in (("s-list", "m-list"), ("s-types", "m-types")):
+        if outputs["mount", stand_in] != outputs["mount", real]:
+            notes.append(f"WARNING: vgpuctl as mdevctl and mdevctl differ ({labels_of(stand_in)})")
     notes += check_outputs({key: out for (tree, key), out in outputs.items() if tree == "mount"}, active, defined)
     if opts.static:
         differ = [key for (tree, key), out in outputs.items() if tree == "static" and out != outputs["mount", key]]
@@ -350,6 +364,11 @@ def bench(root: Path, work: Path, opts: Options, rows: list[Row], notes: list[st
                 rows.append(Row(section, labels["m-list-d"], samples[tree, "m-list-d"],
                                 f"the defined half (vgpuctl list shows both); net of ns "
                                 f"{(med[tree, 'm-list-d'] - ns) * 1e3:.1f} ms"))
+            if tree == "mount":
+                stand_in = f"s-{what}"
+                rows.append(Row(section, labels[stand_in], samples[tree, stand_in],
+                                f"stand-in/mdevctl {med[tree, stand_in] / m:.2f}×, same stdout: no click "
+                                f"(~{(med['mount', 'import'] - med['mount', 'pass']) * 1e3:.0f} ms of CLI imports)"))
     queries = {"list": "list query in-process (active_devices + load_all)",
                "types": "types query in-process (read_types × parent_names)"}
     for tree in trees:

@@ -453,13 +453,17 @@ def test_help_and_version(mount_host: MountFn, tmp_path: Path) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
     versions = [["-V"], ["--version"], ["list", "-V"], ["list", "--version"]]
     helps = [["--help"], ["-h"], ["help"], ["help", "list"], ["list", "--help"], ["stop", "-h"],
-             ["start-parent-mdevs", "--help"]]
+             ["start-parent-mdevs", "--help"], ["--help", "list"], ["-h", "types"]]
     expected = real(host, versions + helps, tmp_path)
     for argv, want in zip(versions, expected, strict=False):
         assert ours(host, argv, tmp_path / "state") == want, argv
     for argv, want in zip(helps, expected[len(versions):], strict=True):
         got = ours(host, argv, tmp_path / "state")
         assert want.rc == got.rc == 0 and got.out and got.err == "", (argv, got)  # help texts are our own
+        if argv[0] in ("--help", "-h") or argv == ["help"]:  # the top's help: every subcommand
+            listed = [name for name in ("define", "undefine", "modify", "start", "stop", "list", "types")
+                      if f"\n    {name} " in got.out]
+            assert len(listed) == 7, (argv, got.out)
 
 
 # ------------------------------------------------------------------------------ vgpuctl's own records
