@@ -331,6 +331,21 @@ def test_removed_devices_vanish_at_once_despite_kernel_caching(mount_host: Mount
         assert U1 not in os.listdir(root.path("/sys/bus/mdev/devices"))
 
 
+def test_cached_symlinks_follow_a_device_recreated_elsewhere(mount_host: MountFn) -> None:
+    # The kernel caches symlink targets (FUSE_CAP_CACHE_SYMLINKS); a device removed and created again
+    # under the same UUID, on another parent and of another type, must show its new links at once.
+    root = mount_host("samples")
+    link = root.path(f"/sys/bus/mdev/devices/{U1}")
+    seen = []
+    for parent, type_id in (("mtty", "mtty-2"), ("mdpy", "mdpy-vga"), ("mtty", "mtty-1")):
+        (types_dir(root, parent) / type_id / "create").write_text(U1)
+        for _ in range(2):  # the second readlink comes from the cache
+            seen.append((os.path.basename(os.path.dirname(os.readlink(link))),
+                         os.path.basename(os.readlink(link / "mdev_type"))))
+        (link / "remove").write_text("1")
+    assert seen == [("mtty", "mtty-2")] * 2 + [("mdpy", "mdpy-vga")] * 2 + [("mtty", "mtty-1")] * 2
+
+
 def test_demo_serve_runs_three_vms_behind_the_service_until_interrupted() -> None:
     import socket
     import urllib.request

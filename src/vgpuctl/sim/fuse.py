@@ -19,6 +19,9 @@ from vgpuctl.sim.host import SimHost
 
 FSTYPE = "vgpuctl-sim"  # mounts show as "fuse.vgpuctl-sim" in /proc/self/mountinfo
 CACHE_SECONDS = 60
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23  # libfuse3 fuse_common.h
+# No flush or release handlers, as kernfs has none: libfuse answers FLUSH with ENOSYS once, and
+# from then on the kernel no longer sends one at every close() (a synchronous round trip saved).
 _LIBFUSE = mfusepy._libfuse  # the libfuse3 that mfusepy loaded: fuse_invalidate_path() is not wrapped
 _LIBFUSE.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
 _LIBFUSE.fuse_invalidate_path.restype = ctypes.c_int
@@ -30,14 +33,31 @@ class SimFs(mfusepy.Operations):  # type: ignore[misc]
     def __init__(self, host: SimHost, on_ready: Callable[[], None] | None = None) -> None:
         self.host = host
         self.on_ready = on_ready
+        self.fuse = ctypes.c_void_p()
+        self.stale: list[str] = []  # paths the model changed, for the kernel to forget (forget_stale)
 
-    def init(self, path: str) -> None:
-        # Entries and attributes are cached by the kernel (see serve()); when the model drops or
-        # replaces a path by itself (a vGPU removed, a reboot), tell the kernel to forget it.
-        fuse = ctypes.c_void_p(_LIBFUSE.fuse_get_context().contents.fuse)
-        self.host.vfs.on_change = lambda changed: _LIBFUSE.fuse_invalidate_path(fuse, changed.encode())
+    def init_with_config(self, conn_info: Any, config: Any) -> None:
+        # Entries, attributes and symlink targets are cached by the kernel (see serve()); a sysfs
+        # listing follows a symlink per device, and without the cache each is a round trip (~60 us).
+        # When the model drops or replaces a path by itself (a vGPU removed, a reboot), the kernel
+        # is told to forget it: that invalidates its attributes and its cached link target alike.
+        if conn_info is not None:
+            conn_info.want |= conn_info.capable & FUSE_CAP_CACHE_SYMLINKS
+        self.fuse = ctypes.c_void_p(_LIBFUSE.fuse_get_context().contents.fuse)
+        self.host.vfs.on_change = self.stale.append
         if self.on_ready:
             self.on_ready()
+
+    def forget_stale(self) -> None:
+        """Invalidate what the model changed, once its lock is released: the kernel may have to wait
+        for a cached link's page, locked by a READLINK that itself waits for the model's lock. Done
+        before the request that changed the model returns, so its caller sees the change at once."""
+        while True:
+            try:
+                path = self.stale.pop()  # atomic: another request's thread may be emptying it too
+            except IndexError:
+                return
+            _LIBFUSE.fuse_invalidate_path(self.fuse, path.encode())
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         with self.host.lock:
@@ -62,7 +82,10 @@ class SimFs(mfusepy.Operations):  # type: ignore[misc]
         return self.host.read(path, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        return self.host.write(path, data, offset)
+        try:  # the model changes on writes alone (create, remove, the control file)
+            return self.host.write(path, data, offset)
+        finally:
+            self.forget_stale()
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         with self.host.lock:
@@ -113,13 +136,7 @@ class SimFs(mfusepy.Operations):  # type: ignore[misc]
             self.host.vfs.utimens(path, times[1] / 1e9 if times else None)
         return 0
 
-    def flush(self, path: str, fh: int) -> int:
-        return 0
-
     def fsync(self, path: str, datasync: int, fh: int) -> int:
-        return 0
-
-    def release(self, path: str, fh: int) -> int:
         return 0
 
     def statfs(self, path: str) -> dict[str, int]:

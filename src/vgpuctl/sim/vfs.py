@@ -114,22 +114,30 @@ class Vfs:
     def put(self, path: str, node: Node) -> Node:
         parent, name = posixpath.split(path)
         children = self.mkdirs(parent).children
-        replaced = name in children
+        replaced = children.get(name)
         children[name] = node
-        if replaced:
-            self._changed(path)
+        if replaced is not None:
+            self._changed(path, replaced)
         return node
 
     def drop(self, path: str) -> None:
         parent, name = posixpath.split(path)
         directory = self._resolve(parent, follow=True)
-        if isinstance(directory, Dir) and directory.children.pop(name, None) is not None:
+        dropped = directory.children.pop(name, None) if isinstance(directory, Dir) else None
+        if dropped is not None:
+            assert isinstance(directory, Dir)
             directory.mtime = time.time()
-            self._changed(path)
+            self._changed(path, dropped)
 
-    def _changed(self, path: str) -> None:
-        if self.on_change is not None:
-            self.on_change(path)
+    def _changed(self, path: str, old: Node) -> None:
+        """Report ``path`` and everything that was below it: a kernel that still holds a child (say
+        a device's ``mdev_type`` link) must not serve it when the same path comes back."""
+        if self.on_change is None:
+            return
+        if isinstance(old, Dir):
+            for name, child in old.children.items():
+                self._changed(f"{path}/{name}", child)
+        self.on_change(path)
 
     # ---- lookup ----
     def _resolve(self, path: str, follow: bool, depth: int = 0) -> Node:
