@@ -123,9 +123,10 @@ class Vfs:
     def drop(self, path: str) -> None:
         parent, name = posixpath.split(path)
         directory = self._resolve(parent, follow=True)
-        dropped = directory.children.pop(name, None) if isinstance(directory, Dir) else None
+        if not isinstance(directory, Dir):
+            return
+        dropped = directory.children.pop(name, None)
         if dropped is not None:
-            assert isinstance(directory, Dir)
             directory.mtime = time.time()
             self._changed(path, dropped)
 
