@@ -106,7 +106,7 @@ def test_start_screenshot_key_stop_and_the_vgpu_is_reused(host: HostRoot, state:
             lifecycle.start(host, state, "car1", accel="tcg")
     finally:
         stopped = lifecycle.stop(host, state, "car1", timeout_s=10)
-    assert stopped.state == "stopped"
+    assert stopped.state == "stopped" and stopped.detail == "the guest powered off"  # by ACPI, not quit
     assert lifecycle.status(host, state, "car1").state == "stopped"
     with pytest.raises(Conflict, match="not running"):
         lifecycle.stop(host, state, "car1")
@@ -132,7 +132,8 @@ def test_guest_power_off_kill_and_crash_are_told_apart(host: HostRoot, state: St
 
     lifecycle.start(host, state, "vm1", accel="tcg")
     killed = lifecycle.kill(host, state, "vm1")
-    assert killed.state == "stopped" and lifecycle.status(host, state, "vm1").state == "stopped"
+    assert killed.state == "stopped" and killed.detail == "killed"
+    assert lifecycle.status(host, state, "vm1").state == "stopped"
 
     crashing = lifecycle.start(host, state, "vm1", accel="tcg")
     assert crashing.pid and crashing.pid != running.pid

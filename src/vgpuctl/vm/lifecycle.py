@@ -566,12 +566,14 @@ def stop(root: HostRoot, state: StateDir, name: str, *, timeout_s: float = STOP_
         if current.state == "running":
             _try_qmp(paths, "system_powerdown")
             if _wait_gone(current.pid, timeout_s):
-                return _finish(root, state, name)
+                return _finish(root, state, name, "the guest powered off")
         _try_qmp(paths, "quit")
+        how = "QEMU quit" if current.state != "running" else f"no power-off within {timeout_s:g} s: QEMU quit"
         if not _wait_gone(current.pid, 5.0) and current.pid:
             os.kill(current.pid, signal.SIGKILL)
             _wait_gone(current.pid, 5.0)
-        return _finish(root, state, name)
+            how = "QEMU did not quit: killed"
+        return _finish(root, state, name, how)
 
 
 def kill(root: HostRoot, state: StateDir, name: str) -> VmStatus:
@@ -581,7 +583,7 @@ def kill(root: HostRoot, state: StateDir, name: str) -> VmStatus:
             raise Conflict(f"VM {name} is not running ({current.state})")
         os.kill(current.pid, signal.SIGKILL)
         _wait_gone(current.pid, 5.0)
-        return _finish(root, state, name)
+        return _finish(root, state, name, "killed")
 
 
 def _try_qmp(paths: RuntimePaths, command: str) -> None:
@@ -598,12 +600,12 @@ def _wait_gone(pid: int | None, timeout_s: float) -> bool:
     return True
 
 
-def _finish(root: HostRoot, state: StateDir, name: str) -> VmStatus:
+def _finish(root: HostRoot, state: StateDir, name: str, how: str) -> VmStatus:
     """After a stop or kill asked for by the user: forget the run (the vGPU stays for the next start)."""
     paths = RuntimePaths.for_vm(state, name)
     _run_file(paths).unlink(missing_ok=True)
     paths.pidfile.unlink(missing_ok=True)
-    return VmStatus(name, "stopped", detail="stopped")
+    return VmStatus(name, "stopped", detail=how)
 
 
 def release_vgpu(root: HostRoot, state: StateDir, name: str) -> str | None:
