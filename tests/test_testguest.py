@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ from vgpuctl.vm.testguest import (
     TestGuestBuildError,
     build_test_guest,
     frame_rate,
+    frame_reports,
     kernel_args,
     kernel_cmdline,
 )
@@ -116,9 +118,9 @@ class Guest:
     def log(self) -> str:
         return self.debug_log.read_text(errors="replace")
 
-    async def wait_log(self, text: str, timeout: float = 10.0) -> str:
+    async def wait_log(self, text: str | re.Pattern[str], timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
-        while text not in (log := self.log()):
+        while not ((log := self.log()) and (text.search(log) if isinstance(text, re.Pattern) else text in log)):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not in the guest's debug log within {timeout} s: {log!r}")
             await asyncio.sleep(0.05)
@@ -357,9 +359,16 @@ def test_full_screen_animation_changes_every_row_and_keys_switch_its_scheme(gues
             after = await guest.screendump()
             assert dominant(after) == dominant_of_row(after, middle) == "r"
 
-            log = await guest.wait_log("frames=", timeout=5)
+            log = await guest.wait_log(re.compile(r"frames=\d+ ms=\d+\r?\n"), timeout=5)  # a whole line
             rate = frame_rate(log)
             assert rate is not None and 0 < rate <= 101, log  # 50 paced; a loaded machine draws fewer
             await power_down(guest)
 
     asyncio.run(scenario())
+
+
+def test_frame_rate_counts_whole_report_lines_only() -> None:
+    # the guest may be writing its last line when the log is read: "ms=10" of what becomes "ms=1000"
+    log = "vgpuctl-test-guest frames=50 ms=1000\nvgpuctl-test-guest frames=51 ms=10"
+    assert (frame_rate(log), frame_reports(log)) == (50.0, 1)
+    assert (frame_rate(log + "00\n"), frame_reports(log + "00\n")) == (50.5, 2)

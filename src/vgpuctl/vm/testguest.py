@@ -46,7 +46,8 @@ MAX_DIMENSION = 4096
 MAX_FPS = 100
 """anim=full draws at most one frame per tick of the guest's 100 Hz timer."""
 Animation = Literal["bar", "full"]
-_FRAMES_RE = re.compile(r"^vgpuctl-test-guest frames=(\d+) ms=(\d+)$", re.MULTILINE)
+# Whole lines only: the guest may still be writing the last one when the log is read.
+_FRAMES_RE = re.compile(r"^vgpuctl-test-guest frames=(\d+) ms=(\d+)\r?\n", re.MULTILINE)
 DEBIAN_PACKAGES = ("gcc", "binutils")
 """What building the guest needs on Debian (booting it needs qemu-system-x86 too)."""
 
