@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from vgpuctl.host import HostRoot
 from vgpuctl.sim import mount as sim_mount
 from vgpuctl.sim.presets import preset
+from vgpuctl.vm.linuxguest import LinuxGuest, build_linux_guest
 
 GVT_PARENT = "0000:00:02.0"
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None and os.geteuid() == 0
@@ -60,3 +61,12 @@ class Cli:
 
     def json(self, *args: str) -> object:
         return json.loads(self(*args, "--json")[1])
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> LinuxGuest:
+    """Debian's kernel with vgpuctl's busybox initramfs (vgpuctl.vm.linuxguest), built once and cached.
+
+    Fails, never skips, when the kernel package cannot be had: the devices' tests must run.
+    """
+    return build_linux_guest()
