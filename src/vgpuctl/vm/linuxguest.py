@@ -49,7 +49,6 @@ MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ata_piix
            "ext4", "crc32c_generic", "xhci_pci", "usbhid", "hid_generic", "evdev", "button")
 """What the guest's devices need (each with what it depends on); built-in ones are left out."""
 CMDLINE = "console=tty0 console=ttyS0"  # kernel messages on both; /dev/console (init's) is the serial port
-_RECIPE_VERSION = "1"
 # Anywhere in a line: after the kernel's timestamp, and maybe after a shell's output on the serial port.
 _REPORT_RE = re.compile(r"VGPUCTL-GUEST ([a-z0-9_.-]+)=(.*?)\r?$", re.MULTILINE)
 
@@ -197,8 +196,8 @@ def build_linux_guest(cache_dir: Path | None = None) -> LinuxGuest:
     deb = kernel_deb(directory)
     busybox = _static_busybox()
     digest = hashlib.sha256()
-    for part in (_RECIPE_VERSION, deb.name, INIT, REPORT, KB, UDHCPC_SCRIPT, *MODULES):
-        digest.update(part.encode() + b"\0")
+    digest.update(deb.name.encode() + b"\0")
+    digest.update(Path(__file__).read_bytes())  # the recipe: this module, with the init and its scripts
     digest.update(busybox)
     target = directory / f"guest-{digest.hexdigest()[:20]}"
     if (target / "initrd.gz").is_file():
@@ -376,6 +375,20 @@ def _depends(module: Path) -> list[str]:
     return [name.replace("-", "_") for name in match[1].decode().split(",") if name] if match else []
 
 
+_SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def _unsigned(module: bytes) -> bytes:
+    """The module without its appended signature: Debian's kernel does not enforce signatures, and checking
+    33 of them is seconds of emulated RSA under TCG (it loads an unsigned module, noting a taint)."""
+    if not module.endswith(_SIGNATURE_MAGIC):
+        return module
+    end = len(module) - len(_SIGNATURE_MAGIC) - 12  # struct module_signature: 12 bytes before the magic
+    signer_len, key_id_len = module[end + 3], module[end + 4]
+    sig_len, = struct.unpack_from(">I", module, end + 8)
+    return module[: end - sig_len - signer_len - key_id_len]
+
+
 def _initramfs(busybox: bytes, modules: list[Path]) -> bytes:
     archive = _Cpio()
     for directory in ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "sys", "tmp"):
@@ -389,7 +402,7 @@ def _initramfs(busybox: bytes, modules: list[Path]) -> bytes:
     names = []
     for module in modules:
         name = module.name.removesuffix(".ko")
-        archive.add(f"lib/modules/{name}.ko", 0o100644, module.read_bytes())
+        archive.add(f"lib/modules/{name}.ko", 0o100644, _unsigned(module.read_bytes()))
         names.append(name)
     archive.add("etc/modules", 0o100644, "".join(f"{name}\n" for name in names).encode())
     return archive.finish()
