@@ -43,7 +43,7 @@ KERNEL_META_PACKAGE = "linux-image-amd64"  # Debian 12: depends on the current l
 BUSYBOX = Path("/bin/busybox")
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
-DEBIAN_PACKAGES = ("busybox-static", "xorriso", "isolinux", "dpkg")
+DEBIAN_PACKAGES = ("busybox-static", "xorriso", "isolinux", "syslinux-common")
 """What building the guest and its ISOs needs on Debian (the kernel package is downloaded, not installed)."""
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ata_piix", "ahci", "sr_mod", "isofs",
            "ext4", "crc32c_generic", "xhci_pci", "usbhid", "hid_generic", "evdev", "button")
