@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import struct
 import tempfile
 import threading
@@ -160,6 +161,15 @@ def test_the_keyboard_and_the_usb_tablet_reach_the_guest(vm: GuestVm) -> None:
     found = vm.wait_report(lambda found: len(found.get("typed", [])) > typed
                            and "AT Translated Set 2 keyboard" in found.get("input.event", []), timeout=20)
     assert found["typed"][-1] == "/dev/tty1"  # the keys reached the shell on the VGA console
+
+
+def test_the_serial_console_reaches_the_guests_shell(vm: GuestVm) -> None:
+    vm.wait_ready()
+    typed = vm.report().get("typed", []).count("/dev/ttyS0")
+    with socket.socket(socket.AF_UNIX) as console:  # the VM's serial console socket: what QEMU's argv listens on
+        console.connect(str(vm.paths.serial_socket))
+        console.sendall(b"kb\n")  # to the shell on the guest's ttyS0
+        vm.wait_report(lambda found: found.get("typed", []).count("/dev/ttyS0") > typed, timeout=20)
 
 
 def test_a_screenshot_shows_the_guests_console_text(vm: GuestVm, tmp_path: Path) -> None:

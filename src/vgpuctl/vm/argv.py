@@ -102,7 +102,9 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
     argv += ["-no-user-config", "-nodefaults", "-msg", "timestamp=on"]
     argv += ["-qmp", f"unix:{qemu_value(str(paths.qmp_socket))},server=on,wait=off"]
     argv += ["-pidfile", str(paths.pidfile)]
-    argv += ["-serial", f"file:{paths.serial_log}"]
+    # The serial console: a socket to type on, and all the guest writes there also in serial.log.
+    argv += ["-chardev", f"socket,id=serial0,path={qemu_value(str(paths.serial_socket))},server=on,wait=off,"
+                         f"logfile={qemu_value(str(paths.serial_log))}", "-serial", "chardev:serial0"]
     if spec.rtc_localtime:
         argv += ["-rtc", "base=localtime"]
     if gvt:  # Intel's GVT-g guides disable guest S3/S4

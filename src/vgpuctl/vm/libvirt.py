@@ -168,7 +168,9 @@ def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths |
         if fixed and spec.vgpu_display:
             properties += [("xres", "unsigned", str(fixed[0])), ("yres", "unsigned", str(fixed[1]))]
     if paths is not None:
-        ET.SubElement(ET.SubElement(devices, "serial", type="file"), "source", path=str(paths.serial_log))
+        serial = ET.SubElement(devices, "serial", type="unix")  # as vgpuctl's own: a socket, logged
+        ET.SubElement(serial, "source", mode="bind", path=str(paths.serial_socket))
+        ET.SubElement(serial, "log", file=str(paths.serial_log), append="off")
     else:
         ET.SubElement(devices, "serial", type="pty")
 

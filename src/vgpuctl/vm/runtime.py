@@ -53,6 +53,11 @@ class RuntimePaths:
         return self.directory / "serial.log"
 
     @property
+    def serial_socket(self) -> Path:
+        """The serial console's input and output (a unix socket QEMU listens on); its output is also serial_log."""
+        return self.directory / "serial.sock"
+
+    @property
     def vnc_socket(self) -> Path:
         return self.directory / "vnc.sock"
 
@@ -72,7 +77,7 @@ class RuntimePaths:
 
     def to_json(self) -> dict[str, str]:
         return {k: str(getattr(self, k)) for k in ("directory", "qmp_socket", "pidfile", "log", "serial_log",
-                                                     "vnc_socket", "spice_socket", "nvram")}
+                                                     "serial_socket", "vnc_socket", "spice_socket", "nvram")}
 
 
 def read_pid(paths: RuntimePaths) -> int | None:
