@@ -1,15 +1,16 @@
 """Every device of a VM, proven by a real Linux guest (Debian's kernel, busybox) on QEMU under TCG.
 
 One VM for the module, made and run with vgpuctl's CLI (spec -> argv -> QEMU): a qcow2 disk vgpuctl creates, a
-raw disk, a CD-ROM, user networking, VNC display (so the USB tablet), no vGPU. The guest reports what it finds
-on its serial port (vgpuctl.vm.linuxguest); the tests read those reports, and act on the guest through
-vgpuctl (QMP keys and pointer events, screenshot, stop).
+raw disk, a CD-ROM, user networking, VNC display (so the USB tablet), the guest agent's channel, no vGPU. The guest
+reports what it finds on its serial port (vgpuctl.vm.linuxguest); the tests read those reports, and act on the
+guest through vgpuctl (QMP keys and pointer events, the serial and agent sockets, screenshot, stop).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import secrets
 import shutil
@@ -19,21 +20,26 @@ import struct
 import tempfile
 import threading
 import time
+import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
 from tests.conftest import Cli
+from tests.test_vm_spec import validate_xml
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import lifecycle
 from vgpuctl.vm import spec as specs
+from vgpuctl.vm.argv import build_argv
+from vgpuctl.vm.libvirt import domain_xml
 from vgpuctl.vm.linuxguest import LinuxGuest, build_iso, kernel_cmdline, read_report
+from vgpuctl.vm.profiles import new_spec
 from vgpuctl.vm.runtime import RuntimePaths, is_running, read_pid
 
 NAME = "lg"
@@ -109,6 +115,9 @@ def vm(linux_guest: LinuxGuest) -> Iterator[GuestVm]:
     cli("vm", "create", NAME, "--no-vgpu", "--memory", "256", "--cpus", "1", "--kernel", str(linux_guest.kernel),
         "--initrd", str(linux_guest.initrd), "--append", append, "--disk", f"{qcow2}:64M",
         "--disk", f"{raw}::raw", "--cdrom", str(iso), "--network", "user", "--display", "vnc")
+    spec = specs.load(state, NAME)
+    spec.guest_agent = True  # (no CLI option for it yet)
+    specs.save(state, spec)
     guest = GuestVm(cli, state, RuntimePaths.for_vm(state, NAME), qcow2, cdrom_token, Page.token,
                     Page.requests)
     cli("vm", "start", NAME, "--accel", "tcg")
@@ -170,6 +179,32 @@ def test_the_serial_console_reaches_the_guests_shell(vm: GuestVm) -> None:
         console.connect(str(vm.paths.serial_socket))
         console.sendall(b"kb\n")  # to the shell on the guest's ttyS0
         vm.wait_report(lambda found: found.get("typed", []).count("/dev/ttyS0") > typed, timeout=20)
+
+
+def test_the_guest_agent_answers_on_its_virtio_serial_channel(vm: GuestVm, linux_guest: LinuxGuest) -> None:
+    found = vm.wait_ready()
+    assert found["agent"][0].startswith("/dev/vport"), found["agent"]
+    with socket.socket(socket.AF_UNIX) as channel:  # as libvirt and qemu-ga's clients talk to it
+        channel.settimeout(30)
+        channel.connect(str(vm.paths.agent_socket))
+        answers = channel.makefile("rb")
+
+        def ask(command: str, **arguments: object) -> Any:
+            message = {"execute": command, **({"arguments": arguments} if arguments else {})}
+            channel.sendall(json.dumps(message).encode() + b"\n")
+            return json.loads(answers.readline())
+
+        assert ask("guest-sync", id=424242) == {"return": 424242}
+        assert ask("guest-ping") == {"return": {}}
+        names = {c["name"] for c in ask("guest-info")["return"]["supported_commands"]}
+        assert {"guest-ping", "guest-get-osinfo", "guest-network-get-interfaces"} <= names
+        osinfo = ask("guest-get-osinfo")["return"]
+        assert osinfo["kernel-release"] == linux_guest.kernel_version and osinfo["machine"] == "x86_64"
+        interfaces = {i["name"]: i for i in ask("guest-network-get-interfaces")["return"]}
+        assert interfaces["eth0"]["hardware-address"] == specs.load(vm.state, NAME).network.mac
+        assert {"ip-address-type": "ipv4", "ip-address": "10.0.2.15", "prefix": 24} in \
+            interfaces["eth0"]["ip-addresses"]
+        assert ask("guest-fsfreeze-freeze")["error"]["class"] == "CommandNotFound"
 
 
 def test_a_screenshot_shows_the_guests_console_text(vm: GuestVm, tmp_path: Path) -> None:
@@ -270,3 +305,26 @@ def read_png(path: Path) -> np.ndarray:
         out[y] = previous = row
     return out.reshape(height, width, 3).astype(np.uint8)
 
+
+
+def test_the_guest_agent_channel_in_argv_and_libvirt_xml(tmp_path: Path) -> None:
+    spec = new_spec("vm1")
+    paths = RuntimePaths(tmp_path / "vm1")
+    assert "org.qemu.guest_agent.0" not in " ".join(build_argv(spec, None, qemu="qemu", accel="tcg",
+                                                               runtime_dir=paths.directory, simulated=False))
+    spec.guest_agent = True
+    argv = build_argv(spec, None, qemu="qemu", accel="tcg", runtime_dir=paths.directory, simulated=False)
+    i = argv.index(f"socket,id=qga0,path={paths.agent_socket},server=on,wait=off")
+    assert argv[i + 1 : i + 5] == ["-device", "virtio-serial-pci,id=virtio-serial0", "-device",
+                                   "virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+    assert "guest_agent = true" in spec.to_toml() and "guest_agent" not in new_spec("vm1").to_toml()
+    for with_paths in (None, paths):
+        xml = domain_xml(spec, None, paths=with_paths)
+        channel = ET.fromstring(xml).find("devices/channel")
+        assert channel is not None and channel.get("type") == "unix"
+        target = channel.find("target")
+        assert target is not None and target.attrib == {"type": "virtio", "name": "org.qemu.guest_agent.0"}
+        source = channel.find("source")
+        assert (source.get("path") if source is not None else None) == (str(paths.agent_socket) if with_paths
+                                                                        else None)
+        validate_xml(xml, tmp_path, f"agent-{bool(with_paths)}")  # libvirt's own schema

@@ -14,6 +14,8 @@ the cache, so later builds need no network), the userland is ``/bin/busybox`` of
 - brings eth0 up with DHCP (busybox udhcpc), reports the MAC and the lease, and fetches ``vgpuctl.url=URL``;
 - reports the input devices it sees and the first event of each (keyboard, USB tablet);
 - powers off cleanly on the ACPI power button (unmounts its disks first, and says so);
+- answers the QEMU guest agent's guest-sync, guest-ping, guest-info, guest-get-osinfo and
+  guest-network-get-interfaces on the ``org.qemu.guest_agent.0`` virtio-serial port, when the VM has one;
 - runs a shell on the VGA console (tty1) and on the serial port; typing ``kb`` in one reports it and draws a
   bar of full blocks on the screen.
 
@@ -141,10 +143,25 @@ inputs() {
     done
 }
 
+# The guest agent, when the VM has its virtio-serial channel (virtio device 3: a console).
+agent_port() {
+    grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null || { report agent=none; return 0; }
+    wait_for 'grep -qx org.qemu.guest_agent.0 /sys/class/virtio-ports/*/name 2>/dev/null' 100
+    for p in /sys/class/virtio-ports/*; do
+        if [ "$(cat $p/name)" = org.qemu.guest_agent.0 ] && wait_for "[ -c /dev/${p##*/} ]" 50; then
+            agent /dev/${p##*/} &
+            report agent=/dev/${p##*/}
+            return 0
+        fi
+    done
+    report agent=none
+}
+
 disks &
 cdrom &
 net &
 inputs &
+agent_port &
 wait
 report ready=1
 setsid sh -c 'exec sh -i </dev/tty1 >/dev/tty1 2>&1' &
@@ -163,6 +180,50 @@ KB = r"""#!/bin/sh
 report typed="$(tty)"
 i=0
 while [ $i -lt 160 ]; do printf '\342\226\210'; i=$((i + 1)); done >/dev/tty1
+"""
+
+# A QEMU guest agent of the guest's own on the virtio-serial port $1: a JSON command a line, an answer a line.
+AGENT = r"""#!/bin/sh
+exec 3<>"$1"
+COMMANDS="guest-sync guest-ping guest-info guest-get-osinfo guest-network-get-interfaces"
+supported() {
+    sep=""
+    for c in $COMMANDS; do
+        printf '%s{"name": "%s", "enabled": true, "success-response": true}' "$sep" "$c"
+        sep=", "
+    done
+}
+interfaces() {
+    sep=""
+    for d in /sys/class/net/*; do
+        n=${d##*/}
+        addresses=$(ip -4 addr show dev "$n" | awk '$1 == "inet" { split($2, a, "/");
+            printf "%s{\"ip-address-type\": \"ipv4\", \"ip-address\": \"%s\", \"prefix\": %s}", s, a[1], a[2];
+            s = ", " }')
+        printf '%s{"name": "%s", "hardware-address": "%s", "ip-addresses": [%s]}' "$sep" "$n" "$(cat $d/address)" \
+            "$addresses"
+        sep=", "
+    done
+}
+while :; do
+    # End of file while no client is connected on the host: look again in a moment.
+    read -r line <&3 || { sleep 0.2; continue; }
+    case "$line" in
+        *'"guest-sync"'*)
+            id=$(echo "$line" | sed -n 's/.*"id" *: *\([0-9]*\).*/\1/p')
+            answer="{\"return\": ${id:-0}}" ;;
+        *'"guest-ping"'*) answer='{"return": {}}' ;;
+        *'"guest-info"'*)
+            answer="{\"return\": {\"version\": \"vgpuctl-test-agent 1\", \"supported_commands\": [$(supported)]}}" ;;
+        *'"guest-get-osinfo"'*)
+            answer="{\"return\": {\"id\": \"vgpuctl-test-guest\", \"name\": \"vgpuctl Linux test guest\",\
+ \"pretty-name\": \"vgpuctl Linux test guest (busybox)\", \"kernel-release\": \"$(uname -r)\",\
+ \"kernel-version\": \"$(uname -v)\", \"machine\": \"$(uname -m)\"}}" ;;
+        *'"guest-network-get-interfaces"'*) answer="{\"return\": [$(interfaces)]}" ;;
+        *) answer='{"error": {"class": "CommandNotFound", "desc": "the vgpuctl test agent does not have it"}}' ;;
+    esac
+    echo "$answer" >&3
+done
 """
 
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -397,7 +458,8 @@ def _initramfs(busybox: bytes, modules: list[Path]) -> bytes:
     archive.add("init", 0o100755, INIT.encode())
     archive.add("bin/busybox", 0o100755, busybox)
     archive.add("bin/sh", 0o120777, b"busybox")
-    for name, text in (("bin/report", REPORT), ("bin/kb", KB), ("etc/udhcpc.script", UDHCPC_SCRIPT)):
+    for name, text in (("bin/report", REPORT), ("bin/kb", KB), ("bin/agent", AGENT),
+                       ("etc/udhcpc.script", UDHCPC_SCRIPT)):
         archive.add(name, 0o100755, text.encode())
     names = []
     for module in modules:

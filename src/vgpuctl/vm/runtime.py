@@ -58,6 +58,11 @@ class RuntimePaths:
         return self.directory / "serial.sock"
 
     @property
+    def agent_socket(self) -> Path:
+        """The guest agent's channel (spec guest_agent): QEMU listens; a client sends it JSON commands."""
+        return self.directory / "qga.sock"
+
+    @property
     def vnc_socket(self) -> Path:
         return self.directory / "vnc.sock"
 
@@ -77,7 +82,8 @@ class RuntimePaths:
 
     def to_json(self) -> dict[str, str]:
         return {k: str(getattr(self, k)) for k in ("directory", "qmp_socket", "pidfile", "log", "serial_log",
-                                                     "serial_socket", "vnc_socket", "spice_socket", "nvram")}
+                                                     "serial_socket", "agent_socket", "vnc_socket",
+                                                     "spice_socket", "nvram")}
 
 
 def read_pid(paths: RuntimePaths) -> int | None:
