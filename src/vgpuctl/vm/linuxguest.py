@@ -51,8 +51,9 @@ MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ata_piix
            "ext4", "crc32c_generic", "xhci_pci", "usbhid", "hid_generic", "evdev", "button")
 """What the guest's devices need (each with what it depends on); built-in ones are left out."""
 CMDLINE = "console=tty0 console=ttyS0"  # kernel messages on both; /dev/console (init's) is the serial port
-# Anywhere in a line: after the kernel's timestamp, and maybe after a shell's output on the serial port.
-_REPORT_RE = re.compile(r"VGPUCTL-GUEST ([a-z0-9_.-]+)=(.*?)\r?$", re.MULTILINE)
+# Anywhere in a line (after the kernel's timestamp, maybe after a shell's output on the serial port); whole lines
+# only: the log may be read while the guest is writing its last line.
+_REPORT_RE = re.compile(r"VGPUCTL-GUEST ([a-z0-9_.-]+)=(.*?)\r?\n")
 
 INIT = r"""#!/bin/busybox sh
 # vgpuctl's Linux test guest. Every finding is a line "VGPUCTL-GUEST key=value" (/bin/report).
@@ -399,7 +400,11 @@ def _guest_in(directory: Path) -> LinuxGuest:
 
 
 def _kernel_package() -> str:
-    done = subprocess.run(["apt-cache", "depends", KERNEL_META_PACKAGE], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["apt-cache", "depends", KERNEL_META_PACKAGE], capture_output=True, text=True)
+    except OSError as exc:
+        raise LinuxGuestBuildError(f"cannot run apt-cache ({exc}): the Linux test guest's kernel comes from "
+                                   "Debian's package repository (apt)") from exc
     match = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", done.stdout)
     if match is None:
         raise LinuxGuestBuildError(f"apt-cache depends {KERNEL_META_PACKAGE} names no kernel package "

@@ -77,7 +77,7 @@ class RuntimePaths:
 
     def socket_problems(self) -> list[str]:
         return [f"socket path {p} is longer than {SOCKET_PATH_MAX} bytes: use a shorter --state-dir or VM name"
-                for p in (self.qmp_socket, self.vnc_socket, self.spice_socket)
+                for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket)
                 if len(os.fsencode(p)) > SOCKET_PATH_MAX]
 
     def to_json(self) -> dict[str, str]:
