@@ -60,3 +60,9 @@ class Cli:
 
     def json(self, *args: str) -> object:
         return json.loads(self(*args, "--json")[1])
+
+
+@pytest.fixture
+def gvt(mount_host: MountFn, tmp_path: Path) -> Cli:
+    """vgpuctl on a mounted Coffee Lake host with a 1 GiB aperture, with a state dir of its own."""
+    return Cli(mount_host("coffeelake", aperture_mib=1024), tmp_path / "state")

@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from vgpuctl.base.crash import crashpoint
+
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Temp file in the same directory, fsync, rename over, fsync the directory: all or nothing."""
@@ -20,6 +22,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(fd)
         os.close(fd)
         fd = -1
+        crashpoint("atomic-write:before-rename")
         os.replace(tmp, path)
     except BaseException:
         if fd >= 0:
