@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vgpuctl.host.files import atomic_write, fsync_dir
+from vgpuctl.base.crash import crashpoint
+from vgpuctl.host.files import atomic_write, clean_temp_files, fsync_dir
 from vgpuctl.host.root import HostRoot
 
 # ---------------------------------------------------------------- places (as on the host)
@@ -1039,6 +1040,7 @@ def _write(root: HostRoot, edit: FileEdit) -> None:
     local = root.path(edit.host_path)
     if edit.new is None:
         local.unlink(missing_ok=True)
+        clean_temp_files(local)
         fsync_dir(local.parent)
     else:
         atomic_write(local, edit.new, edit.mode)
@@ -1072,12 +1074,14 @@ def apply(plan: Plan, setup_dir: Path, tools: Tools) -> list[Step]:
     manifest.save()
     steps = []
     for edit in plan.edits:
+        crashpoint("setup-apply:before-write")
         _write(plan.root, edit)
         steps.append(Step({"create": "created", "modify": "updated", "delete": "removed"}[edit.action],
                           edit.host_path))
         if sha256(edit.new) == manifest.files[edit.host_path]["original_sha256"]:
             manifest.forget(edit.host_path)  # back as it was before vgpuctl: nothing to revert
     pending: list[Command] = []
+    crashpoint("setup-apply:before-commands")
     for command in plan.boot.commands:
         if not tools.runnable:
             steps.append(Step("not run", str(command), tools.why_not()))
@@ -1143,6 +1147,7 @@ def revert(root: HostRoot, setup_dir: Path, tools: Tools, force: bool = False) -
             steps.append(Step("restored", host_path, "forced" if state != entry["written_sha256"] else ""))
         else:
             local.unlink(missing_ok=True)
+            clean_temp_files(local)
             fsync_dir(local.parent)
             steps.append(Step("removed", host_path, "vgpuctl created it"))
         manifest.forget(host_path)

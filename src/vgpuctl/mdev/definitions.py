@@ -136,11 +136,7 @@ def find(root: HostRoot, uuid: str, parent: str | None = None) -> list[Definitio
 
 def write(root: HostRoot, definition: Definition) -> None:
     """Replace the definition file atomically (callers hold the parent's lock)."""
-    path = root.path(definition_path(root, definition.parent, definition.uuid))
-    if path.parent.is_dir():
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-way
-            stale.unlink(missing_ok=True)
-    atomic_write(path, definition.to_json().encode())
+    atomic_write(root.path(definition_path(root, definition.parent, definition.uuid)), definition.to_json().encode())
 
 
 def delete(root: HostRoot, definition: Definition) -> None:

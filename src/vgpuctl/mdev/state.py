@@ -231,7 +231,6 @@ class StateDir:
             current = self.ownership()
             change(current)
             self.path.mkdir(parents=True, exist_ok=True)
-            _clean_temp_files(self.owned_file)
             atomic_write(self.owned_file, current.to_json())
             return current
 
@@ -240,14 +239,3 @@ def _drop(journal: list[dict[str, Any]], intent: dict[str, Any]) -> None:
     with contextlib.suppress(ValueError):
         journal.remove(intent)
 
-
-def _clean_temp_files(path: Path) -> None:
-    """Temp files that a writer killed mid-way left beside ``path`` (callers hold the lock for ``path``).
-
-    :func:`atomic_write` names them ``.NAME.PID.NS.tmp``: one whose process is gone is garbage.
-    """
-    with contextlib.suppress(OSError):
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            pid = stale.name[len(path.name) + 2:].split(".")[0]
-            if not pid.isdigit() or process.start_time(int(pid)) is None:
-                stale.unlink(missing_ok=True)
