@@ -57,7 +57,7 @@ def kill_at_each_point(run: Callable[..., int], reset: Callable[[], None], tmp: 
     assert run(VGPUCTL_CRASH_TRACE=str(trace)) == 0
     seen: dict[str, int] = {}
     points = []
-    for name in trace.read_text().split():
+    for name in [line.split()[0] for line in trace.read_text().splitlines()]:
         seen[name] = seen.get(name, 0) + 1
         points.append(f"{name}#{seen[name]}")
     assert len(points) >= 3, points

@@ -15,7 +15,6 @@ while the files are read.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import resource
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+from vgpuctl.host import facts
 from vgpuctl.host.platforms import (
     DEFAULT_FENCES,
     DEFAULT_GGTT_MIB,
@@ -172,33 +172,6 @@ class Report:
 # ====================================================================== what the host shows
 
 
-def _truthy(value: str | None) -> bool | None:
-    """A kernel bool parameter (kstrtobool): 1/y/Y/on -> True, 0/n/N/off -> False, else None."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if text in ("on",) or text[:1] in ("1", "y"):
-        return True
-    if text in ("off",) or text[:1] in ("0", "n"):
-        return False
-    return None
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value, 0) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _module_name(text: str) -> str:
-    """A module's name as /proc/modules spells it, from a name or a .ko path."""
-    base = text.rsplit("/", 1)[-1]
-    for suffix in (".ko.zst", ".ko.xz", ".ko.gz", ".ko"):
-        base = base.removesuffix(suffix)
-    return base.replace("-", "_")
-
-
 class Host:
     """The facts the checks share, each read once and only when a check asks."""
 
@@ -255,25 +228,7 @@ class Host:
     @cached_property
     def kconfig(self) -> tuple[str, dict[str, str]] | None:
         """(where it was read, symbol -> y/m/n/value): /boot/config-<release>, else /proc/config.gz."""
-        text: str | None = None
-        source = f"/boot/config-{self.release}"
-        if self.release:
-            text = self.read(source)
-        if text is None:
-            source = "/proc/config.gz"
-            try:
-                with open(self.root.path(source), "rb") as f:
-                    text = gzip.decompress(f.read()).decode(errors="replace")
-            except (OSError, EOFError, gzip.BadGzipFile):
-                return None
-        config: dict[str, str] = {}
-        for line in text.splitlines():
-            if line.startswith("CONFIG_"):
-                key, _, value = line.partition("=")
-                config[key] = value.strip('"')
-            elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-                config[line[2:-len(" is not set")]] = "n"
-        return source, config
+        return facts.kernel_config(self.root, self.release)
 
     def kconfig_value(self, symbol: str) -> str | None:
         return self.kconfig[1].get(symbol) if self.kconfig else None
@@ -287,9 +242,9 @@ class Host:
         builtin_text, dep_text = self.read(f"{base}/modules.builtin"), self.read(f"{base}/modules.dep")
         if builtin_text is None and dep_text is None:
             return None
-        builtin = {_module_name(line.strip()): line.strip()
+        builtin = {facts.module_name(line.strip()): line.strip()
                    for line in (builtin_text or "").splitlines() if line.strip()}
-        dep = {_module_name(line.split(":", 1)[0]): line.split(":", 1)[0]
+        dep = {facts.module_name(line.split(":", 1)[0]): line.split(":", 1)[0]
                for line in (dep_text or "").splitlines() if ":" in line}
         return builtin, dep
 
@@ -314,33 +269,12 @@ class Host:
 
     def cmdline_param(self, name: str) -> str | None:
         """The value of name=value on the kernel command line (the last one wins); "" for a bare flag."""
-        found = None
-        for word in self.cmdline.split():
-            if word == "--":
-                break  # what follows goes to init
-            key, sep, value = word.partition("=")
-            if key == name:
-                found = value if sep else ""
-        return found
+        return facts.cmdline_param(self.cmdline, name)
 
     @cached_property
     def modprobe_options(self) -> dict[tuple[str, str], tuple[str, str]]:
-        """(module, parameter) -> (value, file) from the modprobe.d directories (later files win)."""
-        found: dict[tuple[str, str], tuple[str, str]] = {}
-        files: dict[str, str] = {}
-        for directory in ("/usr/lib/modprobe.d", "/lib/modprobe.d", "/etc/modprobe.d", "/run/modprobe.d"):
-            for name in self.listdir(directory) or []:
-                if name.endswith(".conf"):
-                    files[name] = f"{directory}/{name}"  # same name: /etc overrides /lib, /run overrides /etc
-        for name in sorted(files):
-            for line in (self.read(files[name]) or "").splitlines():
-                words = line.split("#", 1)[0].split()
-                if len(words) >= 3 and words[0] == "options":
-                    module = _module_name(words[1])
-                    for option in words[2:]:
-                        key, _, value = option.partition("=")
-                        found[(module, key)] = (value, files[name])
-        return found
+        """(module, parameter) -> (value, file) as modprobe applies them (the last one wins)."""
+        return {(module, name): (value, path) for path, module, name, value in facts.modprobe_options(self.root)}
 
     def param_sources(self, module: str, name: str) -> tuple[str | None, tuple[str, str] | None]:
         """(value on the command line, (value, file) in modprobe.d) of a module parameter."""
@@ -366,7 +300,8 @@ class Host:
 
     def pci_id(self, address: str) -> tuple[int, int, int] | None:
         base = f"/sys/bus/pci/devices/{address}"
-        vendor, device, pci_class = (_int(self.value(f"{base}/{name}")) for name in ("vendor", "device", "class"))
+        vendor, device, pci_class = (facts.as_int(self.value(f"{base}/{name}"))
+                                     for name in ("vendor", "device", "class"))
         if vendor is None or device is None:
             return None
         return vendor, device, pci_class or 0
@@ -400,7 +335,7 @@ class Host:
         names = self.listdir(base)
         if names is None:
             return None
-        return {name: _int(self.value(f"{base}/{name}/available_instances")) for name in names}
+        return {name: facts.as_int(self.value(f"{base}/{name}/available_instances")) for name in names}
 
 
 def _describe_pci(ids: tuple[int, int, int]) -> str:
@@ -680,16 +615,16 @@ def check_enable_gvt(ctx: Context, c: Check) -> None:
         c.see(sysfs_path, "absent: i915 built without CONFIG_DRM_I915_GVT")
     else:
         c.see(sysfs_path, "absent: i915 not loaded")
-    configured = _truthy(cmd) or (modprobe is not None and _truthy(modprobe[0]))
+    configured = facts.kstrtobool(cmd) or (modprobe is not None and facts.kstrtobool(modprobe[0]))
     persist = (_kernel_param_fix(host, "i915.enable_gvt=1")
                + "\nor: echo 'options i915 enable_gvt=1' > /etc/modprobe.d/i915-gvt.conf && update-initramfs -u && "
                "reboot")
-    on_now = _truthy(runtime)
+    on_now = facts.kstrtobool(runtime)
     if configured and on_now is not False:
         tail = "" if on_now else " (i915 not loaded, or the parameter is not readable: not confirmed in effect)"
         c.set("ok", "i915.enable_gvt=1 is set" + tail + ".")
     elif configured:
-        if cmd is not None and _truthy(cmd) and not host.at_least(5, 8):
+        if cmd is not None and facts.kstrtobool(cmd) and not host.at_least(5, 8):
             c.set("fail", "i915.enable_gvt=1 is on the command line, but i915 reset it to N: on this kernel that "
                           "means GVT-g init failed.", "dmesg | grep -iE 'gvt|i915'  # then fix what it reports")
         else:
@@ -714,10 +649,10 @@ def check_guc(ctx: Context, c: Check) -> None:
     if legacy is not None:
         c.see("/proc/cmdline", f"i915.enable_guc_submission={legacy}")
     # What i915 uses: the running value, else what it will be given at the next load.
-    value = _int(runtime) if runtime is not None else _int(cmd) if cmd is not None else (
-        _int(modprobe[0]) if modprobe else None)
+    value = facts.as_int(runtime) if runtime is not None else facts.as_int(cmd) if cmd is not None else (
+        facts.as_int(modprobe[0]) if modprobe else None)
     submission = value is not None and value > 0 and bool(value & 1)
-    if legacy is not None and (_truthy(legacy) or (_int(legacy) or 0) > 0):
+    if legacy is not None and (facts.kstrtobool(legacy) or (facts.as_int(legacy) or 0) > 0):
         submission = True
     if not submission:
         shown = "auto: no GuC submission before Gen12" if value in (None, -1) else f"{value}"
@@ -739,8 +674,8 @@ def check_ignore_msrs(ctx: Context, c: Check) -> None:
     sysfs_path = "/sys/module/kvm/parameters/ignore_msrs"
     cmd, modprobe, runtime = _see_param(host, c, "kvm", "ignore_msrs")
     c.see(sysfs_path, runtime if runtime is not None else "absent: kvm not loaded")
-    persistent = bool(_truthy(cmd)) or (modprobe is not None and bool(_truthy(modprobe[0])))
-    now = _truthy(runtime)
+    persistent = bool(facts.kstrtobool(cmd)) or (modprobe is not None and bool(facts.kstrtobool(modprobe[0])))
+    now = facts.kstrtobool(runtime)
     why = ("Windows guests with Intel's graphics driver read MSRs that KVM does not emulate (RAPL/energy: 0x606, "
            "0x611, 0x639, 0x641) and crash (blue screen) when KVM answers with #GP.")
     persist = "echo 'options kvm ignore_msrs=1 report_ignored_msrs=0' > /etc/modprobe.d/kvm-ignore-msrs.conf"

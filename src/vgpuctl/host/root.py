@@ -146,6 +146,16 @@ class HostRoot:
         """The running kernel's release (``uname -r``)."""
         return "/proc/sys/kernel/osrelease"
 
+    @property
+    def proc_config_gz(self) -> str:
+        """The running kernel's own config, where it was built with CONFIG_IKCONFIG_PROC."""
+        return "/proc/config.gz"
+
+    @property
+    def etc_modules(self) -> str:
+        """Debian's list of modules loaded at boot (read by systemd-modules-load there too)."""
+        return "/etc/modules"
+
     def kernel_config(self, release: str) -> str:
         """The Kconfig a distribution kernel ships with."""
         return f"/boot/config-{release}"
