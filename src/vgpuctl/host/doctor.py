@@ -116,6 +116,9 @@ class Check:
     fix: str | None = None
     detail: str = ""
     blocked_by: str | None = None  # the earlier check whose failure made this one skip
+    # Why a check (and so the ones that need it) does not apply to this host, e.g. GVT-g's checks on a host
+    # whose vGPUs come from NVIDIA's driver.
+    not_applicable: str | None = None
 
     def see(self, path: str, value: object) -> None:
         self.evidence.append((path, str(value)))
@@ -418,6 +421,14 @@ CheckFn = Callable[[Context, Check], None]
 def check_igpu(ctx: Context, c: Check) -> None:
     host = ctx.host
     ids = host.igpu
+    others = other_mdev_parents(host)
+    if (ids is None or ids[0] != INTEL_VENDOR_ID) and others:
+        c.see(IGPU_DIR, "absent" if ids is None else _describe_pci(ids))
+        c.see(host.root.sys_class_mdev_bus, ", ".join(f"{p} ({d})" for p, d in others))
+        c.not_applicable = f"no Intel iGPU; this host's vGPUs come from {', '.join(sorted({d for _, d in others}))}"
+        c.set("skip", f"No Intel iGPU, so no GVT-g: not needed here, this host's vGPUs come from other mdev "
+                      f"parents ({', '.join(f'{p}: {d}' for p, d in others)}; see mdev-parents).")
+        return
 
     def other_gpus() -> None:
         found = []
@@ -496,6 +507,46 @@ def check_igpu(ctx: Context, c: Check) -> None:
               "Boot a kernel >= 4.16 (any current distribution kernel with the GVT-g options).")
     else:
         c.set("ok", detail)
+
+
+def other_mdev_parents(host: Host) -> list[tuple[str, str]]:
+    """(parent, what drives it) of every mdev parent that is not an Intel GVT-g iGPU: NVIDIA's vGPU driver
+    (time-sliced vGPUs, before Ada), the kernel's sample drivers, other vendors' mdev drivers."""
+    found = []
+    for parent in host.listdir(host.root.sys_class_mdev_bus) or []:
+        base = f"{host.root.sys_class_mdev_bus}/{parent}"
+        vendor = facts.as_int(host.value(f"{base}/vendor"))
+        if vendor == INTEL_VENDOR_ID:
+            continue
+        try:
+            driver = os.path.basename(host.root.readlink(f"{base}/driver"))
+        except OSError:
+            # The kernel's sample drivers (samples/vfio-mdev) are their own parents, with no driver link.
+            driver = f"the {parent} sample driver" if vendor is None else "its vendor's driver"
+        found.append((parent, driver))
+    return found
+
+
+def check_mdev_parents(ctx: Context, c: Check) -> None:
+    host = ctx.host
+    others = other_mdev_parents(host)
+    if not others:
+        c.set("skip", "No mdev parent other than an Intel iGPU (GVT-g's are checked above).")
+        return
+    for parent, driver in others:
+        types_dir = f"{host.root.sys_class_mdev_bus}/{parent}/mdev_supported_types"
+        types = host.listdir(types_dir) or []
+        free = sum(facts.as_int(host.value(f"{types_dir}/{t}/available_instances")) or 0 for t in types)
+        c.see(types_dir, f"{len(types)} types, {free} instances available ({driver})")
+    empty = [p for p, _ in others
+             if not host.listdir(f"{host.root.sys_class_mdev_bus}/{p}/mdev_supported_types")]
+    if empty:
+        c.set("fail", f"{', '.join(empty)} registered with mdev but offer no vGPU type: its driver did not set up "
+                      "vGPUs (for NVIDIA: the vGPU host driver, not the ordinary one, and a licensed vGPU type).",
+              "Check the driver's log (dmesg) and its documentation; 'vgpuctl types' lists what it offers.")
+        return
+    c.set("ok", f"{len(others)} mdev parent{'s' if len(others) > 1 else ''} with vGPU types: "
+                f"{', '.join(f'{p} ({d})' for p, d in others)}; 'vgpuctl types' lists them.")
 
 
 def kconfig_required(host: Host) -> list[tuple[str, str]]:
@@ -1140,6 +1191,7 @@ CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("modules", "Modules loaded (kvmgt, mdev, vfio, kvm)", check_modules, ("igpu", "kernel-config")),
     CheckSpec("mdev-types", "mdev types registered by kvmgt", check_mdev_types, ("igpu", "kernel-config")),
     CheckSpec("aperture", "BIOS aperture and the vGPUs it allows", check_aperture, ("igpu",)),
+    CheckSpec("mdev-parents", "Other mdev parents (NVIDIA vGPU, sample drivers)", check_mdev_parents),
     CheckSpec("kvm-device", "/dev/kvm opens", check_kvm_device),
     CheckSpec("cpu-virt", "CPU virtualization (vmx/svm)", check_cpu_virt),
     CheckSpec("kvm-guest", "A tiny KVM guest runs", check_kvm_guest, ("kvm-device",)),
@@ -1195,6 +1247,11 @@ def run_doctor(
     for spec in CHECKS:
         check = Check(spec.id, spec.title)
         ctx.checks[spec.id] = check
+        not_needed = next((ctx.checks[n] for n in spec.needs if ctx.checks[n].not_applicable), None)
+        if not_needed is not None:
+            check.not_applicable = not_needed.not_applicable
+            check.set("skip", f"Not needed on this host: {not_needed.not_applicable}.")
+            continue
         blocker = next((ctx.checks[n] for n in spec.needs
                         if ctx.checks[n].status == "fail" or ctx.checks[n].blocked_by), None)
         if blocker is not None:
