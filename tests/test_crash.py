@@ -173,6 +173,9 @@ def test_killed_at_every_step(bench: Bench, scenario: Scenario) -> None:
         status = bench.run(state, scenario.argv, VGPUCTL_CRASH_AT=point).wait(timeout=60)
         assert status == -signal.SIGKILL, (scenario.name, point, status)  # it really died there
         bench.check(state, f"{scenario.name} killed at {point}")
+    if os.environ.get("VGPUCTL_CRASH_REPORT"):
+        with open(os.environ["VGPUCTL_CRASH_REPORT"], "a") as f:
+            f.write(json.dumps({"scenario": scenario.name, "crash_points": points}) + "\n")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])

@@ -7,6 +7,7 @@ host back byte for byte as it was before the first run: no file lost, none half-
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,9 @@ def kill_at_each_point(run: Callable[..., int], reset: Callable[[], None], tmp: 
         seen[name] = seen.get(name, 0) + 1
         points.append(f"{name}#{seen[name]}")
     assert len(points) >= 3, points
+    if os.environ.get("VGPUCTL_CRASH_REPORT"):
+        with open(os.environ["VGPUCTL_CRASH_REPORT"], "a") as f:
+            f.write(json.dumps({"crash_points": points}) + "\n")
     return points
 
 
