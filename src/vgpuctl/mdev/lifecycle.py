@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
+from vgpuctl.backends import backend_for_parent
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
 from vgpuctl.host.root import relative_path
 from vgpuctl.mdev import definitions
-from vgpuctl.mdev.capacity import gvt_capacity
 from vgpuctl.mdev.definitions import Definition, canonical_uuid, new_uuid
 from vgpuctl.mdev.errors import (
     CapacityError,
@@ -145,15 +145,14 @@ class Manager:
         types = read_types(self.root, parent)
         fits = [f"{t.type_id} ({t.available_instances})" for t in types if t.available_instances > 0]
         reasons = ""
-        capacity = gvt_capacity(self.root, parent, types)
+        capacity = backend_for_parent(types).capacity(self.root, parent, types)
         wanted = next((t for t in types if t.type_id == type_id), None)
         if capacity and wanted:
             short = capacity.shortfalls(wanted)
             reasons = " (" + "; ".join(short) + ")" if short else ""
         still = f"types that still fit: {', '.join(fits)}" if fits else "no type fits any more"
-        advice = "; remove a vGPU"
-        if capacity and capacity.pool("low GM (aperture)").free < capacity.pool("low GM (aperture)").total // 2:
-            advice += " or raise the BIOS aperture size"
+        more = capacity.advice() if capacity else ""
+        advice = "; remove a vGPU" + (f" or {more}" if more else "")
         return f"no room for {type_id} on {parent}{reasons}; {still}{advice} to make room"
 
     def remove(self, uuid: str) -> None:

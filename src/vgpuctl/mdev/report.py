@@ -70,12 +70,14 @@ def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) ->
 
 def gpus_rows(root: HostRoot) -> list[GpuRow]:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
-    from vgpuctl.mdev.capacity import gvt_capacity  # its platform tables are not needed by `list`
+    from vgpuctl.backends import backend_for_parent  # GVT-g's platform tables are not needed by `list`
+    from vgpuctl.backends.gvt import GvtCapacity
 
     active = active_devices(root)
     rows: list[GpuRow] = []
     for parent in read_parents(root):
-        capacity = gvt_capacity(root, parent.name, parent.types)
+        found = backend_for_parent(parent.types).capacity(root, parent.name, parent.types)
+        capacity = found if isinstance(found, GvtCapacity) else None  # the pools are GVT-g's (the row's shape)
         rows.append({
             "parent": parent.name,
             "vendor": parent.vendor,
