@@ -150,49 +150,45 @@ class StateDir:
         return self.ownership().owns_definition(parent, uuid)
 
     # ------------------------------------------------------------------ changing, with intents
-    @contextlib.contextmanager
-    def claiming(self, kind: Kind, key: str, record: dict[str, Any]) -> Iterator[None]:
+    def claiming(self, kind: Kind, key: str, record: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
         """Around a change that makes an object (a create, a definition written): ours once it exists.
 
         The intent is on disk before the body runs; the body's success makes the record, its failure
         drops the intent; a kill leaves the intent for :meth:`reconcile`.
         """
         record = {**record, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        intent = {"op": "claim", "kind": kind, "key": key, "record": record, "by": process.identity()}
-        self._update(lambda o: o.journal.append(intent))
-        crashpoint("state:claim-written")
-        try:
-            yield
-        except BaseException:
-            self._update(lambda o: _drop(o.journal, intent))
-            raise
-        crashpoint("state:before-confirm")
 
-        def confirm(o: Ownership) -> None:
-            _drop(o.journal, intent)
+        def own(o: Ownership) -> None:
             o.records(kind)[key] = record
 
-        self._update(confirm)
+        return self._intent({"op": "claim", "kind": kind, "key": key, "record": record}, own)
 
-    @contextlib.contextmanager
-    def releasing(self, kind: Kind, key: str) -> Iterator[None]:
+    def releasing(self, kind: Kind, key: str) -> contextlib.AbstractContextManager[None]:
         """Around a change that removes an owned object (a remove, an undefine): forgotten once done.
         The record is kept when the body fails (the object is still there and still ours)."""
-        intent = {"op": "release", "kind": kind, "key": key, "by": process.identity()}
+
+        def disown(o: Ownership) -> None:
+            o.records(kind).pop(key, None)
+
+        return self._intent({"op": "release", "kind": kind, "key": key}, disown)
+
+    @contextlib.contextmanager
+    def _intent(self, intent: dict[str, Any], settle: Callable[[Ownership], None]) -> Iterator[None]:
+        intent = {**intent, "by": process.identity()}
         self._update(lambda o: o.journal.append(intent))
-        crashpoint("state:release-written")
+        crashpoint(f"state:{intent['op']}-written")
         try:
             yield
         except BaseException:
             self._update(lambda o: _drop(o.journal, intent))
             raise
-        crashpoint("state:before-forget")
+        crashpoint(f"state:before-{intent['op']}-settled")
 
-        def forget(o: Ownership) -> None:
+        def done(o: Ownership) -> None:
             _drop(o.journal, intent)
-            o.records(kind).pop(key, None)
+            settle(o)
 
-        self._update(forget)
+        self._update(done)
 
     def forget(self, kind: Kind, key: str) -> None:
         """Drop a record whose object is gone without vgpuctl (removed by another tool)."""
