@@ -63,6 +63,36 @@ class Cli:
         return json.loads(self(*args, "--json")[1])
 
 
+@pytest.fixture
+def gvt(mount_host: MountFn, tmp_path: Path) -> Cli:
+    """vgpuctl on a mounted Coffee Lake host with a 1 GiB aperture, with a state dir of its own."""
+    return Cli(mount_host("coffeelake", aperture_mib=1024), tmp_path / "state")
+
+
+# ------------------------------------------------------------------ golden files
+# Every rendered output (argv, XML, reports, listings, plans) is pinned by a file under tests/golden/,
+# compared byte for byte. VGPUCTL_REGEN_GOLDEN=1 rewrites them from the current code instead: review the
+# diff (git diff tests/golden) before committing it, as mdevctl's tests do with their fixtures.
+GOLDEN_DIR = Path(__file__).parent / "golden"
+REGEN_GOLDEN = os.environ.get("VGPUCTL_REGEN_GOLDEN") == "1"
+
+GoldenFn = Callable[[str, str], None]
+
+
+@pytest.fixture
+def golden() -> GoldenFn:
+    def check(name: str, text: str) -> None:
+        path = GOLDEN_DIR / name
+        if REGEN_GOLDEN:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return
+        assert path.exists(), f"no golden file {path}: make one with VGPUCTL_REGEN_GOLDEN=1 and review it"
+        assert text == path.read_text(), f"output differs from {path} (VGPUCTL_REGEN_GOLDEN=1 rewrites it)"
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def linux_guest() -> LinuxGuest:
     """Debian's kernel with vgpuctl's busybox initramfs (vgpuctl.vm.linuxguest), built once and cached.

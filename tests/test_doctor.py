@@ -96,8 +96,9 @@ def assert_gvt_skipped(r: Result) -> None:
 
 def test_ready_skylake_on_6x(mount_host: MountFn) -> None:
     r = doctor(mount_host("skylake", kernel="6.8.0", aperture_mib=1024))
-    ok = [i for i in ORDER if i not in ("kvm-device", "kvm-guest", "qemu-display")]
+    ok = [i for i in ORDER if i not in ("kvm-device", "kvm-guest", "qemu-display", "mdev-parents")]
     assert r.statuses(*ok) == dict.fromkeys(ok, "ok")
+    assert r.status("mdev-parents") == "skip"  # no mdev parent but GVT-g's
     assert all(r.fix(i) == "" for i in ok)
     assert "/dev/dri/renderD128" in r.detail("qemu-display") or r.status("qemu-display") == "warn"
     assert r.code == 0 and r.data["ready"] and r.data["simulated"] and r.data["kernel"] == "6.8.0"
@@ -199,10 +200,21 @@ def test_amd_host_has_no_intel_igpu(mount_host: MountFn) -> None:
 
 
 def test_no_gpu_at_all(mount_host: MountFn) -> None:
-    r = doctor(mount_host("samples"), "--no-guest")
-    assert r.status("igpu") == "fail"
-    assert r.detail("igpu").startswith("No Intel iGPU: there is no PCI device at 0000:00:02.0")
-    assert r.evidence("igpu")["/sys/bus/pci/devices/*/class"] == "display controllers: none"
+    r = doctor(mount_host("amd"), "--no-guest")  # an AMD iGPU, no mdev parent at all
+    assert r.status("igpu") == "fail" and r.detail("igpu").startswith("No Intel iGPU: 0000:00:02.0 is")
+    assert r.status("mdev-parents") == "skip" and r.status("kernel-config") == "skip"
+
+
+@pytest.mark.parametrize(("preset", "parents"), [("samples", ["mbochs", "mdpy", "mtty"]),
+                                                 ("nvidia-t4", ["0000:3b:00.0"])])
+def test_hosts_whose_vgpus_are_not_gvt_need_no_intel_igpu(mount_host: MountFn, preset: str,
+                                                          parents: list[str]) -> None:
+    r = doctor(mount_host(preset), "--no-guest")
+    assert r.status("igpu") == "skip" and r.detail("igpu").startswith("No Intel iGPU, so no GVT-g: not needed here")
+    assert all(r.detail(c).startswith("Not needed on this host: no Intel iGPU") for c in GVT_DEPENDENT)
+    assert r.status("mdev-parents") == "ok"
+    assert [p.rsplit("/", 2)[-2] for p in r.evidence("mdev-parents")] == parents
+    assert "igpu" not in [c["id"] for c in r.data["checks"] if c["status"] == "fail"]
 
 
 # ---------------------------------------------------------------- kernel configuration

@@ -20,6 +20,7 @@ from tests.conftest import MountFn
 from vgpuctl.cli.app import cli as app
 from vgpuctl.cli.setup import BOOT_CHOICES
 from vgpuctl.host import HostRoot
+from vgpuctl.host.facts import split_cmdline
 from vgpuctl.host.setup import (
     KERNELSTUB_CONFIG,
     MECHANISMS,
@@ -29,7 +30,6 @@ from vgpuctl.host.setup import (
     needed_change,
     parse_grub_assignments,
     parse_grubby_info,
-    split_cmdline,
 )
 
 GVT = "i915.enable_gvt=1 kvm.ignore_msrs=1 intel_iommu=on"

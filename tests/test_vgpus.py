@@ -24,11 +24,6 @@ U2 = "11111111-0000-4000-8000-000000000002"
 
 
 
-@pytest.fixture
-def gvt(mount_host: MountFn, tmp_path: Path) -> Cli:
-    return Cli(mount_host("coffeelake", aperture_mib=1024), tmp_path / "state")
-
-
 def available(cli: Cli, type_id: str) -> int:
     rows = cli.json("types", "-p", GVT_PARENT)
     assert isinstance(rows, list)
@@ -272,16 +267,19 @@ def test_kill_9_never_leaves_a_half_written_definition(mount_host: MountFn, tmp_
 
 
 def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
+    from vgpuctl.mdev.errors import StateDamaged
     from vgpuctl.mdev.state import StateDir
 
     state = StateDir(tmp_path)
-    state.record(U1, GVT_PARENT, "i915-GVTg_V5_4")
-    state.record(U2, GVT_PARENT, "i915-GVTg_V5_8")
-    state.forget(U1)
-    assert set(state.owned()) == {U2}
+    for uuid in (U1, U2):
+        with state.claiming("device", uuid, {"parent": GVT_PARENT, "type": "i915-GVTg_V5_4"}):
+            pass
+    with state.releasing("device", U1):
+        pass
+    assert set(state.ownership().devices) == {U2} and not state.ownership().journal
     atomic_write(state.owned_file, b"{broken")
-    with pytest.raises(RuntimeError, match="move it away"):
-        state.owned()
+    with pytest.raises(StateDamaged, match="moved away"):
+        state.ownership()
 
 
 @pytest.mark.parametrize("kernel", ["6.8.0", "5.15.0"])

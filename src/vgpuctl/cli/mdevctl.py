@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from vgpuctl.base.errors import VgpuError
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions, sysfs
 from vgpuctl.mdev.definitions import Definition
@@ -247,7 +248,7 @@ class Mdevctl:
                 raise MdevctlError(f"Failed to create mdev {uuid}, type {type_id} on {parent}", _io(e)) from None
             for name, value in device.attrs:
                 attr = f"{self.root.mdev_device_dir(uuid)}/{name}"
-                if not self.root.path(attr).exists():
+                if not _is_path_below(name, nested=True) or not self.root.path(attr).exists():
                     error = MdevctlError(f"Invalid attribute '{name}'")
                 else:
                     try:
@@ -272,11 +273,14 @@ class Mdevctl:
                 raise MdevctlError(f"Failed to write config for device {device.uuid}", _io(e)) from None
 
     def forget_if_gone(self, uuid: str) -> None:
-        """If vgpuctl had made this vGPU and nothing of it is left, vgpuctl's record goes too."""
-        with contextlib.suppress(OSError, RuntimeError):
-            if (self.state.owns(uuid) and sysfs.active_device(self.root, uuid) is None
-                    and not any(self.root.path(self.root.etc_mdevctl_d).glob(f"*/{uuid}"))):
-                self.state.forget(uuid)
+        """If vgpuctl had made this vGPU or definition and it is gone now, vgpuctl's record goes too."""
+        with contextlib.suppress(OSError, VgpuError):
+            owned = self.state.ownership()
+            for key in [k for k in owned.definitions if k.endswith(f"/{uuid}")]:
+                if not self.is_defined(key.partition("/")[0], uuid):
+                    self.state.forget("definition", key)
+            if uuid in owned.devices and sysfs.active_device(self.root, uuid) is None:
+                self.state.forget("device", uuid)
 
     # -------------------------------------------------------------- the commands
     def cmd_list(self, args: argparse.Namespace) -> int:
@@ -567,6 +571,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"The argument '{_SHOWN[a]}' cannot be used with '{_SHOWN[b]}'")
     if args.command == "modify" and "addattr" in given and "value" not in given:
         parser.error(f"The following required arguments were not provided:\n    {_SHOWN['value']}")
+    # Joined into paths: a parent is one name, an attribute a path below its device; never '..'.
+    if isinstance(getattr(args, "parent", None), str) and not _is_path_below(args.parent, nested=False):
+        raise MdevctlError(f"Invalid parent '{args.parent}': a device name, not a path")
+    if isinstance(getattr(args, "addattr", None), str) and not _is_path_below(args.addattr, nested=True):
+        raise MdevctlError(f"Invalid attribute '{args.addattr}': a name below the device, without '..'")
+
+
+def _is_path_below(text: str, nested: bool) -> bool:
+    parts = text.split("/") if nested else [text]
+    return all(p not in ("", ".", "..") and "/" not in p and "\0" not in p for p in parts)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -614,6 +628,8 @@ def run_as_mdevctl(argv: list[str], root: HostRoot | None = None, state_dir: str
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except MdevctlError as e:
         sys.stderr.write(f"Error: {e}\n" + (f"\nCaused by:\n    {e.cause}\n" if e.cause else ""))
+    except VgpuError as e:  # vgpuctl's own (a damaged state file, a path that would leave the root)
+        sys.stderr.write(f"Error: {e}\n")
     except OSError as e:
         sys.stderr.write(f"Error: {_io(e)}\n")
     except ValueError as e:  # e.g. a sysfs value that is no number, a file that is no UTF-8

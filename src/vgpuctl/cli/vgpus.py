@@ -113,11 +113,13 @@ def types_command(parent: str | None, json_output: bool) -> None:
 @reports_errors
 def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str | None, json_output: bool) -> None:
     """Active and defined vGPUs with parent, type, start mode and owner."""
-    from vgpuctl.mdev.report import vgpu_rows
+    from vgpuctl.mdev.report import vgpu_listing
     from vgpuctl.mdev.state import StateDir
 
-    selected = vgpu_rows(State.root, StateDir.from_env(State.state_dir), defined_only=defined,
-                         active_only=active_only, parent=parent, uuid=uuid)
+    selected, problems = vgpu_listing(State.root, StateDir.from_env(State.state_dir), defined_only=defined,
+                                      active_only=active_only, parent=parent, uuid=uuid)
+    for bad in problems:  # on stderr: the listing itself (and its JSON) stays what it was
+        click.echo(f"warning: {bad.path} cannot be read ({bad.error}); fix or remove the file", err=True)
     if json_output:
         print_json(selected)
         return

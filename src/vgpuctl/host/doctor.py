@@ -15,7 +15,6 @@ while the files are read.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import resource
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+from vgpuctl.host import facts
 from vgpuctl.host.platforms import (
     DEFAULT_FENCES,
     DEFAULT_GGTT_MIB,
@@ -116,6 +116,9 @@ class Check:
     fix: str | None = None
     detail: str = ""
     blocked_by: str | None = None  # the earlier check whose failure made this one skip
+    # Why a check (and so the ones that need it) does not apply to this host, e.g. GVT-g's checks on a host
+    # whose vGPUs come from NVIDIA's driver.
+    not_applicable: str | None = None
 
     def see(self, path: str, value: object) -> None:
         self.evidence.append((path, str(value)))
@@ -170,33 +173,6 @@ class Report:
 
 
 # ====================================================================== what the host shows
-
-
-def _truthy(value: str | None) -> bool | None:
-    """A kernel bool parameter (kstrtobool): 1/y/Y/on -> True, 0/n/N/off -> False, else None."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if text in ("on",) or text[:1] in ("1", "y"):
-        return True
-    if text in ("off",) or text[:1] in ("0", "n"):
-        return False
-    return None
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value, 0) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _module_name(text: str) -> str:
-    """A module's name as /proc/modules spells it, from a name or a .ko path."""
-    base = text.rsplit("/", 1)[-1]
-    for suffix in (".ko.zst", ".ko.xz", ".ko.gz", ".ko"):
-        base = base.removesuffix(suffix)
-    return base.replace("-", "_")
 
 
 class Host:
@@ -255,25 +231,7 @@ class Host:
     @cached_property
     def kconfig(self) -> tuple[str, dict[str, str]] | None:
         """(where it was read, symbol -> y/m/n/value): /boot/config-<release>, else /proc/config.gz."""
-        text: str | None = None
-        source = f"/boot/config-{self.release}"
-        if self.release:
-            text = self.read(source)
-        if text is None:
-            source = "/proc/config.gz"
-            try:
-                with open(self.root.path(source), "rb") as f:
-                    text = gzip.decompress(f.read()).decode(errors="replace")
-            except (OSError, EOFError, gzip.BadGzipFile):
-                return None
-        config: dict[str, str] = {}
-        for line in text.splitlines():
-            if line.startswith("CONFIG_"):
-                key, _, value = line.partition("=")
-                config[key] = value.strip('"')
-            elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-                config[line[2:-len(" is not set")]] = "n"
-        return source, config
+        return facts.kernel_config(self.root, self.release)
 
     def kconfig_value(self, symbol: str) -> str | None:
         return self.kconfig[1].get(symbol) if self.kconfig else None
@@ -287,9 +245,9 @@ class Host:
         builtin_text, dep_text = self.read(f"{base}/modules.builtin"), self.read(f"{base}/modules.dep")
         if builtin_text is None and dep_text is None:
             return None
-        builtin = {_module_name(line.strip()): line.strip()
+        builtin = {facts.module_name(line.strip()): line.strip()
                    for line in (builtin_text or "").splitlines() if line.strip()}
-        dep = {_module_name(line.split(":", 1)[0]): line.split(":", 1)[0]
+        dep = {facts.module_name(line.split(":", 1)[0]): line.split(":", 1)[0]
                for line in (dep_text or "").splitlines() if ":" in line}
         return builtin, dep
 
@@ -314,33 +272,12 @@ class Host:
 
     def cmdline_param(self, name: str) -> str | None:
         """The value of name=value on the kernel command line (the last one wins); "" for a bare flag."""
-        found = None
-        for word in self.cmdline.split():
-            if word == "--":
-                break  # what follows goes to init
-            key, sep, value = word.partition("=")
-            if key == name:
-                found = value if sep else ""
-        return found
+        return facts.cmdline_param(self.cmdline, name)
 
     @cached_property
     def modprobe_options(self) -> dict[tuple[str, str], tuple[str, str]]:
-        """(module, parameter) -> (value, file) from the modprobe.d directories (later files win)."""
-        found: dict[tuple[str, str], tuple[str, str]] = {}
-        files: dict[str, str] = {}
-        for directory in ("/usr/lib/modprobe.d", "/lib/modprobe.d", "/etc/modprobe.d", "/run/modprobe.d"):
-            for name in self.listdir(directory) or []:
-                if name.endswith(".conf"):
-                    files[name] = f"{directory}/{name}"  # same name: /etc overrides /lib, /run overrides /etc
-        for name in sorted(files):
-            for line in (self.read(files[name]) or "").splitlines():
-                words = line.split("#", 1)[0].split()
-                if len(words) >= 3 and words[0] == "options":
-                    module = _module_name(words[1])
-                    for option in words[2:]:
-                        key, _, value = option.partition("=")
-                        found[(module, key)] = (value, files[name])
-        return found
+        """(module, parameter) -> (value, file) as modprobe applies them (the last one wins)."""
+        return {(module, name): (value, path) for path, module, name, value in facts.modprobe_options(self.root)}
 
     def param_sources(self, module: str, name: str) -> tuple[str | None, tuple[str, str] | None]:
         """(value on the command line, (value, file) in modprobe.d) of a module parameter."""
@@ -366,7 +303,8 @@ class Host:
 
     def pci_id(self, address: str) -> tuple[int, int, int] | None:
         base = f"/sys/bus/pci/devices/{address}"
-        vendor, device, pci_class = (_int(self.value(f"{base}/{name}")) for name in ("vendor", "device", "class"))
+        vendor, device, pci_class = (facts.as_int(self.value(f"{base}/{name}"))
+                                     for name in ("vendor", "device", "class"))
         if vendor is None or device is None:
             return None
         return vendor, device, pci_class or 0
@@ -400,7 +338,7 @@ class Host:
         names = self.listdir(base)
         if names is None:
             return None
-        return {name: _int(self.value(f"{base}/{name}/available_instances")) for name in names}
+        return {name: facts.as_int(self.value(f"{base}/{name}/available_instances")) for name in names}
 
 
 def _describe_pci(ids: tuple[int, int, int]) -> str:
@@ -483,6 +421,14 @@ CheckFn = Callable[[Context, Check], None]
 def check_igpu(ctx: Context, c: Check) -> None:
     host = ctx.host
     ids = host.igpu
+    others = other_mdev_parents(host)
+    if (ids is None or ids[0] != INTEL_VENDOR_ID) and others:
+        c.see(IGPU_DIR, "absent" if ids is None else _describe_pci(ids))
+        c.see(host.root.sys_class_mdev_bus, ", ".join(f"{p} ({d})" for p, d in others))
+        c.not_applicable = f"no Intel iGPU; this host's vGPUs come from {', '.join(sorted({d for _, d in others}))}"
+        c.set("skip", f"No Intel iGPU, so no GVT-g: not needed here, this host's vGPUs come from other mdev "
+                      f"parents ({', '.join(f'{p}: {d}' for p, d in others)}; see mdev-parents).")
+        return
 
     def other_gpus() -> None:
         found = []
@@ -561,6 +507,46 @@ def check_igpu(ctx: Context, c: Check) -> None:
               "Boot a kernel >= 4.16 (any current distribution kernel with the GVT-g options).")
     else:
         c.set("ok", detail)
+
+
+def other_mdev_parents(host: Host) -> list[tuple[str, str]]:
+    """(parent, what drives it) of every mdev parent that is not an Intel GVT-g iGPU: NVIDIA's vGPU driver
+    (time-sliced vGPUs, before Ada), the kernel's sample drivers, other vendors' mdev drivers."""
+    found = []
+    for parent in host.listdir(host.root.sys_class_mdev_bus) or []:
+        base = f"{host.root.sys_class_mdev_bus}/{parent}"
+        vendor = facts.as_int(host.value(f"{base}/vendor"))
+        if vendor == INTEL_VENDOR_ID:
+            continue
+        try:
+            driver = os.path.basename(host.root.readlink(f"{base}/driver"))
+        except OSError:
+            # The kernel's sample drivers (samples/vfio-mdev) are their own parents, with no driver link.
+            driver = f"the {parent} sample driver" if vendor is None else "its vendor's driver"
+        found.append((parent, driver))
+    return found
+
+
+def check_mdev_parents(ctx: Context, c: Check) -> None:
+    host = ctx.host
+    others = other_mdev_parents(host)
+    if not others:
+        c.set("skip", "No mdev parent other than an Intel iGPU (GVT-g's are checked above).")
+        return
+    for parent, driver in others:
+        types_dir = f"{host.root.sys_class_mdev_bus}/{parent}/mdev_supported_types"
+        types = host.listdir(types_dir) or []
+        free = sum(facts.as_int(host.value(f"{types_dir}/{t}/available_instances")) or 0 for t in types)
+        c.see(types_dir, f"{len(types)} types, {free} instances available ({driver})")
+    empty = [p for p, _ in others
+             if not host.listdir(f"{host.root.sys_class_mdev_bus}/{p}/mdev_supported_types")]
+    if empty:
+        c.set("fail", f"{', '.join(empty)} registered with mdev but offer no vGPU type: its driver did not set up "
+                      "vGPUs (for NVIDIA: the vGPU host driver, not the ordinary one, and a licensed vGPU type).",
+              "Check the driver's log (dmesg) and its documentation; 'vgpuctl types' lists what it offers.")
+        return
+    c.set("ok", f"{len(others)} mdev parent{'s' if len(others) > 1 else ''} with vGPU types: "
+                f"{', '.join(f'{p} ({d})' for p, d in others)}; 'vgpuctl types' lists them.")
 
 
 def kconfig_required(host: Host) -> list[tuple[str, str]]:
@@ -680,16 +666,16 @@ def check_enable_gvt(ctx: Context, c: Check) -> None:
         c.see(sysfs_path, "absent: i915 built without CONFIG_DRM_I915_GVT")
     else:
         c.see(sysfs_path, "absent: i915 not loaded")
-    configured = _truthy(cmd) or (modprobe is not None and _truthy(modprobe[0]))
+    configured = facts.kstrtobool(cmd) or (modprobe is not None and facts.kstrtobool(modprobe[0]))
     persist = (_kernel_param_fix(host, "i915.enable_gvt=1")
                + "\nor: echo 'options i915 enable_gvt=1' > /etc/modprobe.d/i915-gvt.conf && update-initramfs -u && "
                "reboot")
-    on_now = _truthy(runtime)
+    on_now = facts.kstrtobool(runtime)
     if configured and on_now is not False:
         tail = "" if on_now else " (i915 not loaded, or the parameter is not readable: not confirmed in effect)"
         c.set("ok", "i915.enable_gvt=1 is set" + tail + ".")
     elif configured:
-        if cmd is not None and _truthy(cmd) and not host.at_least(5, 8):
+        if cmd is not None and facts.kstrtobool(cmd) and not host.at_least(5, 8):
             c.set("fail", "i915.enable_gvt=1 is on the command line, but i915 reset it to N: on this kernel that "
                           "means GVT-g init failed.", "dmesg | grep -iE 'gvt|i915'  # then fix what it reports")
         else:
@@ -714,10 +700,10 @@ def check_guc(ctx: Context, c: Check) -> None:
     if legacy is not None:
         c.see("/proc/cmdline", f"i915.enable_guc_submission={legacy}")
     # What i915 uses: the running value, else what it will be given at the next load.
-    value = _int(runtime) if runtime is not None else _int(cmd) if cmd is not None else (
-        _int(modprobe[0]) if modprobe else None)
+    value = facts.as_int(runtime) if runtime is not None else facts.as_int(cmd) if cmd is not None else (
+        facts.as_int(modprobe[0]) if modprobe else None)
     submission = value is not None and value > 0 and bool(value & 1)
-    if legacy is not None and (_truthy(legacy) or (_int(legacy) or 0) > 0):
+    if legacy is not None and (facts.kstrtobool(legacy) or (facts.as_int(legacy) or 0) > 0):
         submission = True
     if not submission:
         shown = "auto: no GuC submission before Gen12" if value in (None, -1) else f"{value}"
@@ -739,8 +725,8 @@ def check_ignore_msrs(ctx: Context, c: Check) -> None:
     sysfs_path = "/sys/module/kvm/parameters/ignore_msrs"
     cmd, modprobe, runtime = _see_param(host, c, "kvm", "ignore_msrs")
     c.see(sysfs_path, runtime if runtime is not None else "absent: kvm not loaded")
-    persistent = bool(_truthy(cmd)) or (modprobe is not None and bool(_truthy(modprobe[0])))
-    now = _truthy(runtime)
+    persistent = bool(facts.kstrtobool(cmd)) or (modprobe is not None and bool(facts.kstrtobool(modprobe[0])))
+    now = facts.kstrtobool(runtime)
     why = ("Windows guests with Intel's graphics driver read MSRs that KVM does not emulate (RAPL/energy: 0x606, "
            "0x611, 0x639, 0x641) and crash (blue screen) when KVM answers with #GP.")
     persist = "echo 'options kvm ignore_msrs=1 report_ignored_msrs=0' > /etc/modprobe.d/kvm-ignore-msrs.conf"
@@ -1205,6 +1191,7 @@ CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("modules", "Modules loaded (kvmgt, mdev, vfio, kvm)", check_modules, ("igpu", "kernel-config")),
     CheckSpec("mdev-types", "mdev types registered by kvmgt", check_mdev_types, ("igpu", "kernel-config")),
     CheckSpec("aperture", "BIOS aperture and the vGPUs it allows", check_aperture, ("igpu",)),
+    CheckSpec("mdev-parents", "Other mdev parents (NVIDIA vGPU, sample drivers)", check_mdev_parents),
     CheckSpec("kvm-device", "/dev/kvm opens", check_kvm_device),
     CheckSpec("cpu-virt", "CPU virtualization (vmx/svm)", check_cpu_virt),
     CheckSpec("kvm-guest", "A tiny KVM guest runs", check_kvm_guest, ("kvm-device",)),
@@ -1260,6 +1247,11 @@ def run_doctor(
     for spec in CHECKS:
         check = Check(spec.id, spec.title)
         ctx.checks[spec.id] = check
+        not_needed = next((ctx.checks[n] for n in spec.needs if ctx.checks[n].not_applicable), None)
+        if not_needed is not None:
+            check.not_applicable = not_needed.not_applicable
+            check.set("skip", f"Not needed on this host: {not_needed.not_applicable}.")
+            continue
         blocker = next((ctx.checks[n] for n in spec.needs
                         if ctx.checks[n].status == "fail" or ctx.checks[n].blocked_by), None)
         if blocker is not None:

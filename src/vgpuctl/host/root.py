@@ -14,10 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from vgpuctl.base.errors import InvalidInput
+
 ROOT_ENV = "VGPUCTL_ROOT"
 # A file that only a simulated host has: lets a layer know it runs against the simulator
 # without importing it.
 SIM_MARKER = "/.vgpuctl-sim"
+
+
+def path_name(name: str, what: str) -> str:
+    """``name`` if it is one path component (a parent, a type, an attribute as the user typed it), else an error."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise InvalidInput(f"{what} {name!r} is not a name: it may not be empty, '.' or '..', or hold '/'")
+    return name
+
+
+def relative_path(text: str, what: str) -> str:
+    """``text`` if it is a path below a directory (an attribute such as ``intel_vgpu/vgpu_id``), else an error."""
+    for part in text.split("/"):
+        if not part or part in (".", "..") or "\0" in part:
+            raise InvalidInput(f"{what} {text!r} must stay inside its directory: no '..', '.' or empty parts")
+    return text
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,10 @@ class HostRoot:
         text = str(host_path)
         if not text.startswith("/"):
             raise ValueError(f"host paths are absolute, got {text!r}")
+        # Confinement: names from user input (parents, attributes, UUIDs) are joined into host paths, and a
+        # '..' among them would climb out of the directory meant (and out of the root). No caller needs one.
+        if ("/.." in text and ".." in text.split("/")) or "\0" in text:
+            raise InvalidInput(f"{text!r} climbs out of its directory: a name may not be '..' or hold '/'")
         return self.root / text.lstrip("/")
 
     # Small conveniences: sysfs and procfs values are short text files ending in "\n".
@@ -124,6 +145,16 @@ class HostRoot:
     def proc_osrelease(self) -> str:
         """The running kernel's release (``uname -r``)."""
         return "/proc/sys/kernel/osrelease"
+
+    @property
+    def proc_config_gz(self) -> str:
+        """The running kernel's own config, where it was built with CONFIG_IKCONFIG_PROC."""
+        return "/proc/config.gz"
+
+    @property
+    def etc_modules(self) -> str:
+        """Debian's list of modules loaded at boot (read by systemd-modules-load there too)."""
+        return "/etc/modules"
 
     def kernel_config(self, release: str) -> str:
         """The Kconfig a distribution kernel ships with."""

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vgpuctl.host.files import atomic_write, fsync_dir
+from vgpuctl.base.crash import crashpoint
+from vgpuctl.host import facts
+from vgpuctl.host.files import atomic_write, clean_temp_files, fsync_dir
 from vgpuctl.host.root import HostRoot
 
 # ---------------------------------------------------------------- places (as on the host)
@@ -51,11 +53,6 @@ GRUB_CONFIGS = ("/boot/grub2/grub.cfg", "/boot/grub/grub.cfg")
 KERNELSTUB_CONFIG = "/etc/kernelstub/configuration"
 KERNEL_CMDLINE = "/etc/kernel/cmdline"  # kernel-install's command line for new systemd-boot entries
 LOADER_BASES = ("/efi", "/boot", "/boot/efi")  # where systemd-boot's ESP / XBOOTLDR are mounted
-MODULES_LOAD_DIRS = ("/etc/modules-load.d", "/run/modules-load.d", "/usr/local/lib/modules-load.d",
-                     "/usr/lib/modules-load.d", "/lib/modules-load.d")
-DEBIAN_MODULES = "/etc/modules"
-MODPROBE_DIRS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/usr/lib/modprobe.d",
-                 "/lib/modprobe.d")
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 IGNORE_MSRS = "/sys/module/kvm/parameters/ignore_msrs"
 I915_ENABLE_GVT = "/sys/module/i915/parameters/enable_gvt"
@@ -84,76 +81,19 @@ class SetupError(RuntimeError):
 # ---------------------------------------------------------------- the kernel command line
 
 
-def cmdline_spans(text: str) -> list[tuple[int, int]]:
-    """Where each parameter is, split as the kernel's next_arg() does (double quotes hold spaces)."""
-    spans = []
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i].isspace():
-            i += 1
-        if i >= n:
-            break
-        start, quoted = i, False
-        while i < n and (quoted or not text[i].isspace()):
-            if text[i] == '"':
-                quoted = not quoted
-            i += 1
-        spans.append((start, i))
-    return spans
-
-
-def split_cmdline(text: str) -> list[str]:
-    return [text[a:b] for a, b in cmdline_spans(text)]
-
-
-def _key(token: str) -> str:
-    """A parameter's name as the kernel compares it (parameq: '-' and '_' are the same)."""
-    return token.lstrip('"').partition("=")[0].replace("-", "_")
-
-
-def _value(token: str) -> str | None:
-    name, sep, value = token.partition("=")
-    if not sep:
-        return None
-    if name.startswith('"'):
-        return value.rstrip('"')
-    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
-
-
-def _as_bool(value: str | None) -> bool | None:
-    """kstrtobool, as param_set_bool reads a value; a bare name means true; None if not a boolean."""
-    if value is None:
-        return True
-    word = value.lower()
-    if word in ("on", "off"):
-        return word == "on"
-    if word[:1] in ("y", "1"):
-        return True
-    if word[:1] in ("n", "0"):
-        return False
-    return None
-
-
-def _as_int(value: str | None) -> int | None:
-    try:
-        return int(value or "", 0)
-    except ValueError:
-        return None
-
-
 def _judge(want: str, token: str) -> bool | None:
     """Whether ``token`` gives the wanted setting (True), works against it (False), or neither (None)."""
-    if _key(want) == "intel_iommu":
-        options = (_value(token) or "").split(",")
+    if facts.param_key(want) == "intel_iommu":
+        options = (facts.param_value(token) or "").split(",")
         return True if "on" in options else False if "off" in options else None
-    return _as_bool(_value(token))
+    return facts.param_bool(facts.param_value(token))
 
 
 def _fixed(want: str, token: str) -> str:
     """``token`` changed in place to give the wanted setting, keeping its spelling and other options."""
     name = token.partition("=")[0]
-    if _key(want) == "intel_iommu":
-        options = ["on" if o == "off" else o for o in (_value(token) or "").split(",")]
+    if facts.param_key(want) == "intel_iommu":
+        options = ["on" if o == "off" else o for o in (facts.param_value(token) or "").split(",")]
         return f"{name}={','.join(options)}"
     return f"{name}={want.partition('=')[2]}"
 
@@ -200,7 +140,7 @@ class CmdlineChange:
 
     def apply(self, text: str, add_here: bool = True) -> str:
         """``text`` (a command line) with the change made, its other spacing kept as it was."""
-        spans = cmdline_spans(text)
+        spans = facts.cmdline_spans(text)
         additions = list(self.add) if add_here else []
         if not spans:
             return text + " ".join(additions)
@@ -229,7 +169,7 @@ def needed_change(tokens: Sequence[str]) -> CmdlineChange:
     replace: dict[str, str] = {}
     remove: list[str] = []
     for want in WANTED_PARAMS:
-        found = [t for t in tokens if _key(t) == _key(want)]
+        found = [t for t in tokens if facts.param_key(t) == facts.param_key(want)]
         good = [t for t in found if _judge(want, t) is True]
         bad = _unique(t for t in found if _judge(want, t) is False)
         if good:
@@ -240,7 +180,7 @@ def needed_change(tokens: Sequence[str]) -> CmdlineChange:
         else:
             add.append(want)
     for token in _unique(tokens):
-        key, number = _key(token), _as_int(_value(token))
+        key, number = facts.param_key(token), facts.as_int(facts.param_value(token))
         if key == "i915.enable_guc" and number is not None and number > 0 and number & 1:
             replace[token] = f"{token.partition('=')[0]}={number & ~1}"  # keep HuC loading (bit 1)
         elif key == "i915.enable_guc_submission" and (number or 0) > 0:
@@ -374,49 +314,9 @@ def _mode(root: HostRoot, host_path: str) -> int:
         return 0o644
 
 
-def _conf_files(root: HostRoot, directories: Sequence[str], suffix: str = ".conf") -> list[str]:
-    """Effective config files by name across directories (the first directory wins a name), sorted."""
-    chosen: dict[str, str] = {}
-    for directory in directories:
-        local = root.path(directory)
-        if not local.is_dir():
-            continue
-        for name in os.listdir(local):
-            if name.endswith(suffix) and name not in chosen:
-                chosen[name] = f"{directory}/{name}"
-    return [path for name, path in sorted(chosen.items())
-            if not (root.path(path).is_symlink() and os.readlink(root.path(path)) == "/dev/null")]
-
-
 def distro_ids(root: HostRoot) -> set[str]:
     fields = root.os_release()
     return {fields.get("ID", ""), *fields.get("ID_LIKE", "").split()} - {""}
-
-
-def kernel_release(root: HostRoot) -> str | None:
-    try:
-        return root.read_value(root.proc_osrelease) or None
-    except OSError:
-        return None
-
-
-def _version(release: str | None) -> tuple[int, int] | None:
-    match = re.match(r"(\d+)\.(\d+)", release or "")
-    return (int(match[1]), int(match[2])) if match else None
-
-
-def kernel_config(root: HostRoot, release: str | None) -> dict[str, str] | None:
-    if release is None:
-        return None
-    data = _read(root, root.kernel_config(release))
-    if data is None:
-        return None
-    config = {}
-    for line in data.decode(errors="replace").splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.startswith("CONFIG_"):
-            config[key] = value
-    return config
 
 
 def running_cmdline(root: HostRoot) -> str | None:
@@ -580,7 +480,7 @@ def _plan_grub(root: HostRoot, tools: Tools) -> BootPlan:
     target = default
     if target is None and linux is not None and distro_ids(root) & (FEDORA_FAMILY | SUSE_FAMILY):
         target = linux  # these distributions put the whole command line there
-    tokens = [t for a in (linux, default) if a is not None for t in split_cmdline(a.value)]
+    tokens = [t for a in (linux, default) if a is not None for t in facts.split_cmdline(a.value)]
     change = needed_change(tokens)
     plan.change = change
     if not change:
@@ -643,7 +543,7 @@ def _plan_systemd_boot(root: HostRoot, tools: Tools) -> BootPlan:
             continue
         matches = {i: m for i, line in enumerate(lines) if (m := OPTIONS_LINE.match(line))}
         indexes = list(matches)
-        tokens = [t for m in matches.values() for t in split_cmdline(m["value"])]
+        tokens = [t for m in matches.values() for t in facts.split_cmdline(m["value"])]
         change = needed_change(tokens)
         if not change:
             continue
@@ -659,7 +559,7 @@ def _plan_systemd_boot(root: HostRoot, tools: Tools) -> BootPlan:
     data = _read(root, KERNEL_CMDLINE, editing=True)
     if data is not None:
         text = _text(KERNEL_CMDLINE, data)
-        change = needed_change(split_cmdline(text))
+        change = needed_change(facts.split_cmdline(text))
         if change:
             plan.change = plan.change.union(change)
             plan.edits.append(FileEdit(KERNEL_CMDLINE, data, change.apply(text).encode(),
@@ -712,7 +612,7 @@ def _plan_grubby(root: HostRoot, tools: Tools) -> BootPlan:
                           f"{root.proc_cmdline}'s")
     before, after = [], []
     for kernel, args in kernels:
-        change = needed_change(split_cmdline(args))
+        change = needed_change(facts.split_cmdline(args))
         plan.change = plan.change.union(change)
         before.append(f'kernel="{kernel}"\nargs="{args}"\n')
         after.append(f'kernel="{kernel}"\nargs="{change.as_remove_and_add().apply(args)}"\n')
@@ -779,41 +679,21 @@ def undo_commands(undo: dict[str, Any]) -> list[Command]:
 # ---------------------------------------------------------------- modules and their options
 
 
-def _normal(module: str) -> str:
-    return module.replace("-", "_")
-
-
 def wanted_modules(release: str | None) -> list[str]:
-    version = _version(release)
+    version = facts.kernel_version(release)
     return [*BASE_MODULES, *(OLD_KERNEL_MODULES if version is not None and version < (5, 14) else ())]
 
 
 def modules_loaded_elsewhere(root: HostRoot, ours: str) -> dict[str, str]:
     """Module (normalized) -> the other file that has it loaded at boot."""
-    found: dict[str, str] = {}
-    files = [p for p in _conf_files(root, MODULES_LOAD_DIRS) if p != ours and not p.endswith(f"/{OUR_FILE}")]
-    for path in [*files, DEBIAN_MODULES]:
-        data = _read(root, path)
-        for line in (data or b"").decode(errors="replace").splitlines():
-            word = line.split("#", 1)[0].strip()
-            if word and not word.startswith(";"):
-                found.setdefault(_normal(word.split()[0]), path)
-    return found
+    return {module: path for module, path in facts.modules_loaded_at_boot(root).items()
+            if path != ours and not path.endswith(f"/{OUR_FILE}")}
 
 
 def module_options_elsewhere(root: HostRoot, ours: str) -> list[tuple[str, str, str, str]]:
     """(file, module, parameter, value) for every ``options`` line in the other modprobe files."""
-    found = []
-    for path in _conf_files(root, MODPROBE_DIRS):
-        if path == ours or path.endswith(f"/{OUR_FILE}"):
-            continue
-        for line in (_read(root, path) or b"").decode(errors="replace").splitlines():
-            words = line.split("#", 1)[0].split()
-            if len(words) >= 3 and words[0] == "options":
-                for word in words[2:]:
-                    name, _, value = word.partition("=")
-                    found.append((path, _normal(words[1]), _normal(name), value))
-    return found
+    return [option for option in facts.modprobe_options(root)
+            if option[0] != ours and not option[0].endswith(f"/{OUR_FILE}")]
 
 
 def _our_file(root: HostRoot, host_path: str, lines: list[str], header: str, role: str) -> FileEdit | None:
@@ -832,13 +712,14 @@ def plan_modules(root: HostRoot, release: str | None, notes: list[str]) -> FileE
     if release is None:
         notes.append(f"kernel release unknown ({root.proc_osrelease} unreadable): vfio_mdev (kernels < 5.14) is "
                      "not listed")
-    return _our_file(root, path, [m for m in wanted_modules(release) if _normal(m) not in elsewhere],
+    return _our_file(root, path, [m for m in wanted_modules(release) if facts.module_name(m) not in elsewhere],
                      MODULES_HEADER, "modules")
 
 
 def plan_options(root: HostRoot, release: str | None, notes: list[str]) -> FileEdit | None:
     path = f"{root.etc_modprobe_d}/{OUR_FILE}"
-    config = kernel_config(root, release)
+    found = facts.kernel_config(root, release)
+    config = found[1] if found else None
     elsewhere = module_options_elsewhere(root, path)
     lines = []
     for module, param, symbol in MODULE_OPTIONS:
@@ -847,14 +728,14 @@ def plan_options(root: HostRoot, release: str | None, notes: list[str]) -> FileE
                          "the kernel command line sets it")
             continue
         values = [(f, v) for f, m, p, v in elsewhere if m == module and p == param]
-        good = [f for f, v in values if _as_bool(v or None) is True]
-        bad = [(f, v) for f, v in values if _as_bool(v or None) is not True]
+        good = [f for f, v in values if facts.param_bool(v or None) is True]
+        bad = [(f, v) for f, v in values if facts.param_bool(v or None) is not True]
         for f, v in bad:
             notes.append(f"{f} has 'options {module} {param}={v}', which works against GVT-g: remove it by hand")
         if not good or bad:
             lines.append(f"options {module} {param}=1")
     for f, m, p, v in elsewhere:
-        number = _as_int(v)
+        number = facts.as_int(v)
         if m == "i915" and p in ("enable_guc", "enable_guc_submission") and number is not None and number > 0 \
                 and (number & 1 or p == "enable_guc_submission"):
             notes.append(f"{f} has 'options i915 {p}={v}', which asks for GuC submission: GVT-g then does not "
@@ -906,7 +787,7 @@ def make_plan(root: HostRoot, tools: Tools, mechanism: str = "auto", pending: Se
     """Everything that would make the host ready; raises SetupError before anything could be written."""
     boot = plan_boot(root, tools, mechanism)
     notes = list(boot.notes)
-    release = kernel_release(root)
+    release = facts.kernel_release(root)
     edits = list(boot.edits)
     for edit in (plan_modules(root, release, notes), plan_options(root, release, notes)):
         if edit is not None:
@@ -919,13 +800,13 @@ def make_plan(root: HostRoot, tools: Tools, mechanism: str = "auto", pending: Se
             and not _gvt_enabled_now(root, running):
         reboot.append("i915 reads enable_gvt only when it loads, at boot")
     if not reboot and boot.mechanism != "none" and running is not None:
-        missing = needed_change(split_cmdline(running))
+        missing = needed_change(facts.split_cmdline(running))
         if missing:
             reboot.append(f"this kernel was booted without the new command line ({missing.words()})")
     real = root.is_this_machine if real_host is None else real_host
     now = immediate_steps(root, release, bool(reboot)) if real else []
-    running_tokens = split_cmdline(running or "")
-    if any(_key(t) == "nomodeset" or (_key(t) == "i915.modeset" and _value(t) == "0") for t in running_tokens):
+    running = running or ""
+    if facts.cmdline_param(running, "nomodeset") is not None or facts.cmdline_param(running, "i915.modeset") == "0":
         notes.append("the running kernel has nomodeset or i915.modeset=0: i915 then does not drive the GPU and "
                      "GVT-g cannot start; remove it by hand if nothing needs it")
     return Plan(root, boot, edits, list(pending), reboot, notes, now, tools.runnable)
@@ -934,9 +815,10 @@ def make_plan(root: HostRoot, tools: Tools, mechanism: str = "auto", pending: Se
 def _gvt_enabled_now(root: HostRoot, running: str | None) -> bool:
     """Whether the running i915 was loaded with enable_gvt on (its parameter is root-only: else the cmdline)."""
     try:
-        return _as_bool(root.read_value(I915_ENABLE_GVT)) is True
+        return facts.param_bool(root.read_value(I915_ENABLE_GVT)) is True
     except OSError:
-        return any(_key(t) == "i915.enable_gvt" and _as_bool(_value(t)) for t in split_cmdline(running or ""))
+        value = facts.cmdline_param(running or "", "i915.enable_gvt")
+        return value is not None and facts.param_bool(value or None) is True
 
 
 def immediate_steps(root: HostRoot, release: str | None, rebooting: bool) -> list[str]:
@@ -946,14 +828,14 @@ def immediate_steps(root: HostRoot, release: str | None, rebooting: bool) -> lis
         ignore_msrs = root.read_value(IGNORE_MSRS)
     except OSError:
         ignore_msrs = None
-    if ignore_msrs is not None and _as_bool(ignore_msrs) is not True:
+    if ignore_msrs is not None and facts.param_bool(ignore_msrs) is not True:
         steps.append(f"echo 1 > {IGNORE_MSRS}   # kvm.ignore_msrs at once, until the next boot")
     if not rebooting:
         try:
             loaded = {line.split()[0] for line in root.read_text(PROC_MODULES).splitlines() if line.strip()}
         except OSError:
             loaded = set()
-        missing = [m for m in wanted_modules(release) if _normal(m) not in loaded]
+        missing = [m for m in wanted_modules(release) if facts.module_name(m) not in loaded]
         if missing:
             steps.append(f"modprobe -a {' '.join(missing)}   # load the modules now instead of at the next boot")
     return steps
@@ -1039,6 +921,7 @@ def _write(root: HostRoot, edit: FileEdit) -> None:
     local = root.path(edit.host_path)
     if edit.new is None:
         local.unlink(missing_ok=True)
+        clean_temp_files(local)
         fsync_dir(local.parent)
     else:
         atomic_write(local, edit.new, edit.mode)
@@ -1072,12 +955,14 @@ def apply(plan: Plan, setup_dir: Path, tools: Tools) -> list[Step]:
     manifest.save()
     steps = []
     for edit in plan.edits:
+        crashpoint("setup-apply:before-write")
         _write(plan.root, edit)
         steps.append(Step({"create": "created", "modify": "updated", "delete": "removed"}[edit.action],
                           edit.host_path))
         if sha256(edit.new) == manifest.files[edit.host_path]["original_sha256"]:
             manifest.forget(edit.host_path)  # back as it was before vgpuctl: nothing to revert
     pending: list[Command] = []
+    crashpoint("setup-apply:before-commands")
     for command in plan.boot.commands:
         if not tools.runnable:
             steps.append(Step("not run", str(command), tools.why_not()))
@@ -1143,6 +1028,7 @@ def revert(root: HostRoot, setup_dir: Path, tools: Tools, force: bool = False) -
             steps.append(Step("restored", host_path, "forced" if state != entry["written_sha256"] else ""))
         else:
             local.unlink(missing_ok=True)
+            clean_temp_files(local)
             fsync_dir(local.parent)
             steps.append(Step("removed", host_path, "vgpuctl created it"))
         manifest.forget(host_path)

@@ -87,12 +87,28 @@ def definition_path(root: HostRoot, parent: str, uuid: str) -> str:
     return f"{root.etc_mdevctl_d}/{parent}/{uuid}"
 
 
-def load_all(root: HostRoot) -> list[Definition]:
-    """Every definition, sorted by parent then UUID. Like mdevctl, one bad file fails the listing."""
+@dataclass(frozen=True)
+class BadFile:
+    """A definition file that cannot be read: reported with its path, while every other definition works."""
+
+    path: str
+    parent: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "parent": self.parent, "error": self.error}
+
+
+def scan(root: HostRoot) -> tuple[list[Definition], list[BadFile]]:
+    """Every definition, sorted by parent then UUID, and the files that could not be read.
+
+    Unlike mdevctl, where one bad file fails every listing and the boot's autostart, a bad file
+    here is set aside and reported (the mdevctl stand-in keeps mdevctl's behaviour).
+    """
     base = root.etc_mdevctl_d
     if not root.exists(base):
-        return []
-    found = []
+        return [], []
+    found, bad = [], []
     for parent in root.listdir(base):
         parent_dir = root.path(f"{base}/{parent}")
         if not parent_dir.is_dir() or parent == "scripts.d":
@@ -101,8 +117,17 @@ def load_all(root: HostRoot) -> list[Definition]:
             path = parent_dir / name
             if not path.is_file() or not is_uuid(name):
                 continue  # mdevctl warns "Can't determine uuid for file" and skips; so do temp files
-            found.append(parse_config(path.read_text(), name, parent, str(path)))
-    return found
+            try:
+                found.append(parse_config(path.read_text(), name, parent, str(path)))
+            except (InvalidInput, OSError, UnicodeDecodeError) as e:
+                host_path = definition_path(root, parent, name)
+                bad.append(BadFile(host_path, parent, str(e).removeprefix(f"{path}: ")))
+    return found, bad
+
+
+def load_all(root: HostRoot) -> list[Definition]:
+    """Every definition that can be read (:func:`scan` also says which files cannot)."""
+    return scan(root)[0]
 
 
 def find(root: HostRoot, uuid: str, parent: str | None = None) -> list[Definition]:
@@ -111,11 +136,7 @@ def find(root: HostRoot, uuid: str, parent: str | None = None) -> list[Definitio
 
 def write(root: HostRoot, definition: Definition) -> None:
     """Replace the definition file atomically (callers hold the parent's lock)."""
-    path = root.path(definition_path(root, definition.parent, definition.uuid))
-    if path.parent.is_dir():
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-way
-            stale.unlink(missing_ok=True)
-    atomic_write(path, definition.to_json().encode())
+    atomic_write(root.path(definition_path(root, definition.parent, definition.uuid)), definition.to_json().encode())
 
 
 def delete(root: HostRoot, definition: Definition) -> None:

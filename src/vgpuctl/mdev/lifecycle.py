@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
+from vgpuctl.backends import backend_for_parent
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
+from vgpuctl.host.root import relative_path
 from vgpuctl.mdev import definitions
-from vgpuctl.mdev.capacity import gvt_capacity
 from vgpuctl.mdev.definitions import Definition, canonical_uuid, new_uuid
 from vgpuctl.mdev.errors import (
     CapacityError,
@@ -22,8 +24,8 @@ from vgpuctl.mdev.errors import (
     NotOwned,
     VgpuError,
 )
-from vgpuctl.mdev.report import check_parent
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.report import check_parent, object_exists
+from vgpuctl.mdev.state import Kind, Ownership, StateDir, definition_key
 from vgpuctl.mdev.sysfs import ActiveDevice, active_device, active_devices, parent_names, read_types
 
 
@@ -59,10 +61,29 @@ class Manager:
         if type_id not in types:
             raise NotFound(f"{parent} has no type {type_id!r}; its types: {', '.join(types) or 'none'}")
 
-    def require_owned(self, uuid: str, what: str) -> None:
-        if not self.force and not self.state.owns(uuid):
-            raise NotOwned(f"{what} {uuid} was not created by vgpuctl (mdevctl, libvirt or another tool "
-                           "made it); leave it alone, or add --force if you are sure")
+    def exists(self, kind: Kind, key: str) -> bool:
+        return object_exists(self.root, kind, key)
+
+    def ownership(self) -> Ownership:
+        """vgpuctl's records with the intents of killed commands settled (every command starts here)."""
+        return self.state.reconcile(self.exists)
+
+    def require_owned_device(self, device: ActiveDevice) -> None:
+        """A device is ours if vgpuctl created it, or if it instantiates a definition vgpuctl wrote (started at
+        boot by mdevctl or by vgpuctl itself)."""
+        owned = self.ownership()
+        if (self.force or owned.owns_device(device.uuid, device.parent, device.type_id)
+                or owned.owns_definition(device.parent, device.uuid)):
+            return
+        raise NotOwned(f"vGPU {device.uuid} was not created by vgpuctl (mdevctl, libvirt or another tool "
+                       "made it); leave it alone, or add --force if you are sure")
+
+    def require_owned_definition(self, definition: Definition) -> None:
+        if self.force or self.ownership().owns_definition(definition.parent, definition.uuid):
+            return
+        raise NotOwned(f"the definition of {definition.uuid} on {definition.parent} was not created by vgpuctl "
+                       "(mdevctl, libvirt or another tool made it; starting or stopping it does not make it "
+                       "vgpuctl's); leave it alone, or add --force if you are sure")
 
     # ------------------------------------------------------------------ transient devices
     def create(self, parent: str, type_id: str, uuid: str | None = None,
@@ -70,29 +91,39 @@ class Manager:
         """Create an active vGPU; attributes are written in order and a failure removes it again."""
         uuid = canonical_uuid(uuid) if uuid else new_uuid()
         self.check_type(parent, type_id)
+        for name, _ in attrs or []:
+            relative_path(name, "attribute")
+        self.ownership()  # settles what a killed command left, and fails here, before any change, if damaged
         with self.state.lock(f"parent-{parent}"):
             existing = active_device(self.root, uuid)
             if existing:
                 raise Conflict(f"vGPU {uuid} is already active on {existing.parent} (type {existing.type_id}); "
                                "choose another UUID or remove it first")
             create_path = f"{self.root.mdev_type_dir(parent, type_id)}/create"
-            try:
-                self.root.write_text(create_path, uuid)
-            except OSError as e:
-                raise self._explain_create_error(e, parent, type_id, uuid) from None
-            self.state.record(uuid, parent, type_id)
-            try:
-                self._write_attrs(uuid, attrs or [])
-            except VgpuError:
-                self._remove_device(uuid)
-                self._forget_if_gone(uuid)
-                raise
+            with self.state.claiming("device", uuid, {"parent": parent, "type": type_id}):
+                crashpoint("create:before-write")
+                try:
+                    self.root.write_text(create_path, uuid)
+                except OSError as e:
+                    raise self._explain_create_error(e, parent, type_id, uuid) from None
+                crashpoint("create:after-write")
+                try:
+                    self._write_attrs(uuid, attrs or [])
+                except VgpuError:
+                    self._remove_device(uuid)
+                    raise
         return uuid
 
     def _write_attrs(self, uuid: str, attrs: list[tuple[str, str]]) -> None:
+        device_dir = self.root.mdev_device_dir(uuid)
         for name, value in attrs:
+            # Only attributes the device has: the kernel's files, never a new file beside them.
+            if not self.root.path(f"{device_dir}/{relative_path(name, 'attribute')}").is_file():
+                known = [n for n in self.root.listdir(device_dir) if self.root.path(f"{device_dir}/{n}").is_file()]
+                raise InvalidInput(f"{uuid} has no attribute {name!r} (it has: {', '.join(known) or 'none'}); "
+                                   "the device was removed again")
             try:
-                self.root.write_text(f"{self.root.mdev_device_dir(uuid)}/{name}", value)
+                self.root.write_text(f"{device_dir}/{name}", value)
             except OSError as e:
                 raise KernelError(f"failed to write {value!r} to attribute {name!r} of {uuid} "
                                   f"({e.strerror}); the device was removed again", e.errno) from None
@@ -114,15 +145,14 @@ class Manager:
         types = read_types(self.root, parent)
         fits = [f"{t.type_id} ({t.available_instances})" for t in types if t.available_instances > 0]
         reasons = ""
-        capacity = gvt_capacity(self.root, parent, types)
+        capacity = backend_for_parent(types).capacity(self.root, parent, types)
         wanted = next((t for t in types if t.type_id == type_id), None)
         if capacity and wanted:
             short = capacity.shortfalls(wanted)
             reasons = " (" + "; ".join(short) + ")" if short else ""
         still = f"types that still fit: {', '.join(fits)}" if fits else "no type fits any more"
-        advice = "; remove a vGPU"
-        if capacity and capacity.pool("low GM (aperture)").free < capacity.pool("low GM (aperture)").total // 2:
-            advice += " or raise the BIOS aperture size"
+        more = capacity.advice() if capacity else ""
+        advice = "; remove a vGPU" + (f" or {more}" if more else "")
         return f"no room for {type_id} on {parent}{reasons}; {still}{advice} to make room"
 
     def remove(self, uuid: str) -> None:
@@ -130,10 +160,10 @@ class Manager:
         device = active_device(self.root, uuid)
         if device is None:
             raise NotFound(f"no active vGPU {uuid}; 'vgpuctl list' shows the active ones")
-        self.require_owned(uuid, "vGPU")
-        with self.state.lock(f"parent-{device.parent}"):
+        self.require_owned_device(device)
+        with self.state.lock(f"parent-{device.parent}"), self.state.releasing("device", uuid):
+            crashpoint("remove:before-write")
             self._remove_device(uuid)
-        self._forget_if_gone(uuid)
 
     def _remove_device(self, uuid: str) -> None:
         try:
@@ -144,10 +174,6 @@ class Manager:
             if e.errno == errno.EBUSY:
                 raise Conflict(f"vGPU {uuid} is in use by a VM; shut the VM down first") from None
             raise KernelError(f"removing {uuid} failed: {e.strerror}", e.errno) from None
-
-    def _forget_if_gone(self, uuid: str) -> None:
-        if active_device(self.root, uuid) is None and not definitions.find(self.root, uuid):
-            self.state.forget(uuid)
 
     # ------------------------------------------------------------------ persistent definitions
     def define(self, uuid: str | None, parent: str | None, type_id: str | None, auto: bool = False,
@@ -161,13 +187,19 @@ class Manager:
             raise InvalidInput("no parent given: use -p PARENT (see 'vgpuctl gpus')")
         if type_id is None:
             raise InvalidInput("no type given: use -t TYPE (see 'vgpuctl types')")
+        self.check_type(parent, type_id)
+        for name, _ in attrs or []:
+            relative_path(name, "attribute")
+        self.ownership()
         with self.state.lock(f"parent-{parent}"):
-            if definitions.find(self.root, uuid, parent):
+            if self.root.exists(definitions.definition_path(self.root, parent, uuid)):
                 raise Conflict(f"vGPU {uuid} on {parent} is already defined; use 'vgpuctl modify'")
             definition = Definition(uuid, parent, type_id, "auto" if auto else "manual", list(attrs or []))
-            definitions.write(self.root, definition)
-            if active is None or self.state.owns(uuid):
-                self.state.record(uuid, parent, type_id)
+            with self.state.claiming("definition", definition_key(parent, uuid), {"parent": parent, "uuid": uuid,
+                                                                                 "type": type_id}):
+                crashpoint("define:before-write")
+                definitions.write(self.root, definition)
+                crashpoint("define:after-write")
         return definition
 
     def one_definition(self, uuid: str, parent: str | None) -> Definition:
@@ -185,11 +217,13 @@ class Manager:
         found = definitions.find(self.root, uuid, parent)
         if not found:
             raise NotFound(f"no definition of {uuid}; 'vgpuctl list -d' shows definitions")
-        self.require_owned(uuid, "definition")
         for definition in found:
-            with self.state.lock(f"parent-{definition.parent}"):
+            self.require_owned_definition(definition)
+        for definition in found:
+            key = definition_key(definition.parent, uuid)
+            with self.state.lock(f"parent-{definition.parent}"), self.state.releasing("definition", key):
+                crashpoint("undefine:before-delete")
                 definitions.delete(self.root, definition)
-        self._forget_if_gone(uuid)
         return found
 
     def modify(self, uuid: str, parent: str | None = None, type_id: str | None = None,
@@ -197,7 +231,9 @@ class Manager:
                del_attr: bool = False, index: int | None = None) -> Definition:
         uuid = canonical_uuid(uuid)
         definition = self.one_definition(uuid, parent)
-        self.require_owned(uuid, "definition")
+        self.require_owned_definition(definition)
+        if add_attr is not None:
+            relative_path(add_attr[0], "attribute")
         with self.state.lock(f"parent-{definition.parent}"):
             if type_id is not None:
                 definition.mdev_type = type_id
@@ -215,6 +251,7 @@ class Manager:
                 if not 0 <= position < len(definition.attrs):
                     raise InvalidInput(f"attribute index {position} is invalid: use 0..{len(definition.attrs) - 1}")
                 del definition.attrs[position]
+            crashpoint("modify:before-write")
             definitions.write(self.root, definition)
         return definition
 
@@ -244,7 +281,11 @@ class Manager:
         """Start every ``auto`` definition (of one parent); idempotent, continuing past failures."""
         results = []
         active = {d.uuid: d for d in active_devices(self.root)}
-        for definition in definitions.load_all(self.root):
+        found, problems = definitions.scan(self.root)
+        # A file that cannot be read is reported, and every other definition still starts (this runs at boot).
+        results += [AutostartResult("-", p.parent, "-", "failed", f"{p.path}: {p.error}") for p in problems
+                    if parent is None or p.parent == parent]
+        for definition in found:
             if definition.start != "auto" or (parent is not None and definition.parent != parent):
                 continue
             result = AutostartResult(definition.uuid, definition.parent, definition.mdev_type, "started")

@@ -8,6 +8,7 @@ from typing import TypedDict
 
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
+from vgpuctl.mdev.definitions import BadFile
 from vgpuctl.mdev.errors import NotFound
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, parent_names, read_parents, read_types
@@ -69,12 +70,14 @@ def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) ->
 
 def gpus_rows(root: HostRoot) -> list[GpuRow]:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
-    from vgpuctl.mdev.capacity import gvt_capacity  # its platform tables are not needed by `list`
+    from vgpuctl.backends import backend_for_parent  # GVT-g's platform tables are not needed by `list`
+    from vgpuctl.backends.gvt import GvtCapacity
 
     active = active_devices(root)
     rows: list[GpuRow] = []
     for parent in read_parents(root):
-        capacity = gvt_capacity(root, parent.name, parent.types)
+        found = backend_for_parent(parent.types).capacity(root, parent.name, parent.types)
+        capacity = found if isinstance(found, GvtCapacity) else None  # the pools are GVT-g's (the row's shape)
         rows.append({
             "parent": parent.name,
             "vendor": parent.vendor,
@@ -108,18 +111,35 @@ def types_rows(root: HostRoot, parent: str | None = None) -> list[TypeRow]:
     return [type_row(t) for t in read_all_types(root, parent)]
 
 
+def object_exists(root: HostRoot, kind: str, key: str) -> bool:
+    """Whether a device (key: UUID) or a definition (key: PARENT/UUID) of vgpuctl's records is on the host."""
+    if kind == "device":
+        return root.exists(root.mdev_device_dir(key))
+    parent, _, uuid = key.partition("/")
+    return root.exists(definitions.definition_path(root, parent, uuid))
+
+
 def vgpu_rows(root: HostRoot, state: StateDir, *, defined_only: bool = False, active_only: bool = False,
               parent: str | None = None, uuid: str | None = None) -> list[VgpuRow]:
     """Active and defined vGPUs (one row where a definition is active), with start mode and owner,
     sorted by parent then UUID."""
-    owned = state.owned()
+    return vgpu_listing(root, state, defined_only=defined_only, active_only=active_only, parent=parent,
+                        uuid=uuid)[0]
+
+
+def vgpu_listing(root: HostRoot, state: StateDir, *, defined_only: bool = False, active_only: bool = False,
+                 parent: str | None = None, uuid: str | None = None) -> tuple[list[VgpuRow], list[BadFile]]:
+    """:func:`vgpu_rows` and the definition files that could not be read (each reported, none hiding the rest)."""
+    problems: list[BadFile] = []
+    owned = state.reconcile(lambda kind, key: object_exists(root, kind, key))
     rows: dict[tuple[str, str], VgpuRow] = {}
     if not defined_only:
         for d in active_devices(root):
             rows[(d.parent, d.uuid)] = {"uuid": d.uuid, "parent": d.parent, "type": d.type_id, "active": True,
                                         "defined": False, "start": None, "attrs": [], "owner": "other"}
     if not active_only:
-        for definition in definitions.load_all(root):
+        found, problems = definitions.scan(root)
+        for definition in found:
             key = (definition.parent, definition.uuid)
             row = rows.get(key)
             if row is None:
@@ -133,7 +153,12 @@ def vgpu_rows(root: HostRoot, state: StateDir, *, defined_only: bool = False, ac
             for row in rows.values():
                 running = active.get(row["uuid"])
                 row["active"] = bool(running and running.parent == row["parent"])
-    for row in rows.values():
-        row["owner"] = "vgpuctl" if row["uuid"] in owned else "other"
+    for (row_parent, row_uuid), row in rows.items():
+        # A defined row is the definition's (starting someone else's definition does not make it ours);
+        # an active-only row is its device's.
+        ours = owned.owns_definition(row_parent, row_uuid) or (
+            not row["defined"] and owned.owns_device(row_uuid, row_parent, row["type"]))
+        row["owner"] = "vgpuctl" if ours else "other"
     return [r for _, r in sorted(rows.items())
-            if (parent is None or r["parent"] == parent) and (uuid is None or r["uuid"] == uuid)]
+            if (parent is None or r["parent"] == parent) and (uuid is None or r["uuid"] == uuid)], \
+        [p for p in problems if parent is None or p.parent == parent]

@@ -3,6 +3,18 @@
 Kept in a state directory of its own (``--state-dir``, ``$VGPUCTL_STATE_DIR``, default
 /var/lib/vgpuctl), never inside mdevctl's files, and not under the host root: a simulated host
 and a test's state stay apart.
+
+Ownership is a small journal, as a database keeps one (``owned.json``, replaced atomically):
+
+* ``devices``: active vGPUs vgpuctl created (by UUID); ``definitions``: definition files vgpuctl
+  wrote (by ``PARENT/UUID``). Two records, because starting someone else's definition makes the
+  device ours but never the definition.
+* ``journal``: an *intent* is written before the host is changed (``claim`` before a create or a
+  definition is written, ``release`` before a remove or an undefine), with the pid and start time
+  of the process making the change, and settled after it. An intent whose process died (killed
+  mid-way) is settled by the next command that reads the records: a claim becomes ownership if the
+  object exists, a release forgets it if it is gone. A kill at any point thus leaves either nothing
+  or something vgpuctl knows it owns, and never a claim on someone else's object.
 """
 
 from __future__ import annotations
@@ -12,15 +24,77 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from vgpuctl.mdev.definitions import atomic_write
+from vgpuctl.base import process
+from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.errors import StateDamaged
+from vgpuctl.host.files import atomic_write
 
 STATE_ENV = "VGPUCTL_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/vgpuctl"
+OWNED_VERSION = 2
+
+Kind = Literal["device", "definition"]
+KINDS: tuple[Kind, ...] = ("device", "definition")
+
+
+def definition_key(parent: str, uuid: str) -> str:
+    return f"{parent}/{uuid}"
+
+
+@dataclass
+class Ownership:
+    """What ``owned.json`` holds: owned devices, owned definitions and the unsettled intents."""
+
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    definitions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    journal: list[dict[str, Any]] = field(default_factory=list)
+
+    def records(self, kind: Kind) -> dict[str, dict[str, Any]]:
+        return self.devices if kind == "device" else self.definitions
+
+    def owns_device(self, uuid: str, parent: str | None = None, type_id: str | None = None) -> bool:
+        """Whether vgpuctl created the device; given its parent and type, only if they are the ones recorded
+        (a device of that UUID made anew by another tool, before any vgpuctl command saw it gone, is not ours)."""
+        record = self.devices.get(uuid)
+        return record is not None and parent in (None, record.get("parent")) and type_id in (None, record.get("type"))
+
+    def owns_definition(self, parent: str, uuid: str) -> bool:
+        return definition_key(parent, uuid) in self.definitions
+
+    def to_json(self) -> bytes:
+        body = {"version": OWNED_VERSION, "devices": self.devices, "definitions": self.definitions,
+                "journal": self.journal}
+        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, text: str) -> Ownership:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        if "version" not in data:  # version 1: one record per UUID for device and definition alike
+            return cls._from_v1(data["vgpus"])
+        found = cls(dict(data["devices"]), dict(data["definitions"]), list(data["journal"]))
+        for records in (found.devices, found.definitions):
+            if not all(isinstance(r, dict) for r in records.values()):
+                raise TypeError("a record is not an object")
+        if not all(isinstance(i, dict) and i.get("kind") in KINDS for i in found.journal):
+            raise TypeError("a journal entry is not an intent")
+        return found
+
+    @classmethod
+    def _from_v1(cls, vgpus: dict[str, dict[str, Any]]) -> Ownership:
+        # Version 1 cannot tell which of the two vgpuctl made: both, as version 1 itself assumed. The
+        # next command's reconcile drops the device records whose device is gone.
+        found = cls()
+        for uuid, record in vgpus.items():
+            found.devices[uuid] = dict(record)
+            found.definitions[definition_key(record["parent"], uuid)] = {**record, "uuid": uuid}
+        return found
 
 
 @dataclass(frozen=True)
@@ -50,29 +124,114 @@ class StateDir:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def owned(self) -> dict[str, dict[str, Any]]:
-        """uuid -> {"parent", "type", "since"} for every vGPU or definition vgpuctl created."""
+    # ------------------------------------------------------------------ reading
+    def ownership(self) -> Ownership:
+        """The records as they are on disk (unsettled intents included: see :meth:`reconcile`)."""
         try:
-            data: dict[str, dict[str, Any]] = json.loads(self.owned_file.read_text())["vgpus"]
+            text = self.owned_file.read_text()
         except FileNotFoundError:
-            return {}
-        except (ValueError, KeyError, TypeError):
-            raise RuntimeError(f"{self.owned_file} is damaged: move it away; vgpuctl will then own nothing") \
-                from None
-        return data
+            return Ownership()
+        except OSError as e:
+            raise self._damaged(e.strerror or str(e)) from None
+        try:
+            return Ownership.parse(text)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise self._damaged(f"{type(e).__name__}: {e}") from None
 
-    def owns(self, uuid: str) -> bool:
-        return uuid in self.owned()
+    def _damaged(self, why: str) -> StateDamaged:
+        return StateDamaged(f"{self.owned_file} is damaged ({why}); vgpuctl changes nothing until it is repaired "
+                            "or moved away (vgpuctl then owns nothing, and needs --force for what it made)",
+                            str(self.owned_file))
 
-    def record(self, uuid: str, parent: str, type_id: str) -> None:
-        self._update(lambda vgpus: vgpus.setdefault(uuid, {"parent": parent, "type": type_id,
-                                                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    def owns_device(self, uuid: str) -> bool:
+        return self.ownership().owns_device(uuid)
 
-    def forget(self, uuid: str) -> None:
-        self._update(lambda vgpus: vgpus.pop(uuid, None))
+    def owns_definition(self, parent: str, uuid: str) -> bool:
+        return self.ownership().owns_definition(parent, uuid)
 
-    def _update(self, change: Any) -> None:
+    # ------------------------------------------------------------------ changing, with intents
+    def claiming(self, kind: Kind, key: str, record: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """Around a change that makes an object (a create, a definition written): ours once it exists.
+
+        The intent is on disk before the body runs; the body's success makes the record, its failure
+        drops the intent; a kill leaves the intent for :meth:`reconcile`.
+        """
+        record = {**record, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+        def own(o: Ownership) -> None:
+            o.records(kind)[key] = record
+
+        return self._intent({"op": "claim", "kind": kind, "key": key, "record": record}, own)
+
+    def releasing(self, kind: Kind, key: str) -> contextlib.AbstractContextManager[None]:
+        """Around a change that removes an owned object (a remove, an undefine): forgotten once done.
+        The record is kept when the body fails (the object is still there and still ours)."""
+
+        def disown(o: Ownership) -> None:
+            o.records(kind).pop(key, None)
+
+        return self._intent({"op": "release", "kind": kind, "key": key}, disown)
+
+    @contextlib.contextmanager
+    def _intent(self, intent: dict[str, Any], settle: Callable[[Ownership], None]) -> Iterator[None]:
+        intent = {**intent, "by": process.identity()}
+        self._update(lambda o: o.journal.append(intent))
+        crashpoint(f"state:{intent['op']}-written")
+        try:
+            yield
+        except BaseException:
+            self._update(lambda o: _drop(o.journal, intent))
+            raise
+        crashpoint(f"state:before-{intent['op']}-settled")
+
+        def done(o: Ownership) -> None:
+            _drop(o.journal, intent)
+            settle(o)
+
+        self._update(done)
+
+    def forget(self, kind: Kind, key: str) -> None:
+        """Drop a record whose object is gone without vgpuctl (removed by another tool)."""
+        if key in self.ownership().records(kind):
+            self._update(lambda o: o.records(kind).pop(key, None))
+
+    def reconcile(self, exists: Callable[[Kind, str], bool]) -> Ownership:
+        """Settle the intents of processes that died, and drop device records whose device is gone.
+
+        ``exists(kind, key)`` says whether the object is on the host now. Returns the settled records.
+        """
+        current = self.ownership()
+        if not current.journal and all(exists("device", uuid) for uuid in current.devices):
+            return current  # the usual case: nothing to settle, nothing written
+
+        def settle(o: Ownership) -> None:
+            for intent in list(o.journal):
+                if process.is_alive(intent.get("by", {})):
+                    continue  # still at work (another vgpuctl): it settles its own intent
+                o.journal.remove(intent)
+                kind, key = intent["kind"], intent["key"]
+                present = exists(kind, key)
+                if intent["op"] == "claim" and present:
+                    o.records(kind)[key] = intent["record"]
+                elif intent["op"] == "release" and not present:
+                    o.records(kind).pop(key, None)
+            # A device gone (removed by another tool, or a reboot) is no longer ours: if the same UUID is
+            # made again by someone else, it is theirs. Devices being claimed right now are in the journal.
+            for uuid in [u for u in o.devices if not exists("device", u)]:
+                del o.devices[uuid]
+
+        return self._update(settle)
+
+    def _update(self, change: Callable[[Ownership], object]) -> Ownership:
         with self.lock("state"):
-            vgpus = self.owned()
-            change(vgpus)
-            atomic_write(self.owned_file, json.dumps({"vgpus": vgpus}, indent=2, sort_keys=True).encode() + b"\n")
+            current = self.ownership()
+            change(current)
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.owned_file, current.to_json())
+            return current
+
+
+def _drop(journal: list[dict[str, Any]], intent: dict[str, Any]) -> None:
+    with contextlib.suppress(ValueError):
+        journal.remove(intent)
+

@@ -82,7 +82,9 @@ class ParentDevice:
 
     @property
     def is_gvt(self) -> bool:
-        return any(t.type_id.startswith("i915-GVTg_") for t in self.types)
+        from vgpuctl.backends import backend_for_parent
+
+        return backend_for_parent(self.types).name == "gvt-g"
 
 
 _MIB_KEYS = {"low_gm_size": "low_gm_mib", "high_gm_size": "high_gm_mib", "framebuffer": "framebuffer_mib"}

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.definitions import atomic_write, fsync_dir
+from vgpuctl.host.files import atomic_write, clean_temp_files, fsync_dir
 from vgpuctl.mdev.errors import Conflict, InvalidInput, KernelError, NotFound
 
 PROGRAM_NAME = "vgpuctl"
@@ -230,6 +231,7 @@ def install(root: HostRoot, program: str, force: bool = False, system: System | 
     steps = []
     for local, data, action in plans:
         if action != "unchanged":
+            crashpoint("install-units:before-write")
             atomic_write(local, data)
         steps.append(Step(action, str(local)))
     changed = any(step.action != "unchanged" for step in steps)
@@ -272,6 +274,7 @@ def _enable_unit(root: HostRoot, system: System, systemctl: str | None, running:
         if code != 0:
             raise KernelError(f"'systemctl enable {name}' failed: {output or f'exit status {code}'}")
         return Step("enabled", f"systemctl enable {name}")
+    crashpoint("install-units:before-link")
     _symlink(target, link)
     note = "systemctl not found: linked as 'systemctl enable' would" if running else ""
     return Step("enabled", f"{link} -> {target}", note)
@@ -280,6 +283,7 @@ def _enable_unit(root: HostRoot, system: System, systemctl: str | None, running:
 def _symlink(target: str, link: Path) -> None:
     """Create or replace a symlink atomically (a temporary link renamed over)."""
     link.parent.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(link)
     temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     temporary.unlink(missing_ok=True)
     os.symlink(target, temporary)
@@ -326,6 +330,7 @@ def uninstall(root: HostRoot, force: bool = False, system: System | None = None)
             steps.append(Step("absent", str(local)))
         elif owned:
             local.unlink()
+            clean_temp_files(local)
             fsync_dir(local.parent)
             steps.append(Step("removed", str(local)))
             removed = True
@@ -348,6 +353,7 @@ def _disable(root: HostRoot, system: System, running: bool, name: str) -> list[S
         steps.append(_command(system, [systemctl, "disable", name]))
     if link.is_symlink() and os.readlink(link) == unit_path(root, name):
         link.unlink()
+        clean_temp_files(link)
         fsync_dir(link.parent)
         steps.append(Step("removed", str(link)))
     return steps

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from vgpuctl.host import facts
 from vgpuctl.host.platforms import INTEL_VENDOR_ID, platform_for
 from vgpuctl.host.root import SIM_MARKER
 from vgpuctl.sim.kernel import Kernel
@@ -97,9 +98,11 @@ class SimHost:
         self.kernel.version  # noqa: B018 - validates the release string early
         self.lock = threading.RLock()
         self.marker_extra: dict[str, Any] = {}
-        self.defer = self._check_defer(spec.defer)
         self.boots = 0
+        self.boot_cmdline: str | None = None  # after a reboot with a changed /etc/default/grub
+        self.grub_written = ""
         self.vfs = Vfs()
+        self.defer = self._check_defer(spec.defer)
         self._boot()
 
     def _boot(self) -> None:
@@ -134,18 +137,62 @@ class SimHost:
     # ------------------------------------------------------------------ derived host facts
     @property
     def cmdline(self) -> str:
+        if self.boot_cmdline is not None:
+            return self.boot_cmdline
         if self.spec.cmdline is not None:
             return self.spec.cmdline.replace("{release}", self.spec.kernel)
         flags = READY_CMDLINE_FLAGS if self.spec.gpu and self.spec.gpu.vendor_id == INTEL_VENDOR_ID else ""
         return f"BOOT_IMAGE=/boot/vmlinuz-{self.spec.kernel} root=/dev/sda1 ro quiet {flags}".strip()
 
     def cmdline_param(self, key: str) -> str | None:
-        value = None
-        for word in self.cmdline.split():
-            name, _, val = word.partition("=")
-            if name == key:
-                value = val
-        return value
+        return facts.cmdline_param(self.cmdline, key)
+
+    def module_param(self, module: str, name: str) -> str | None:
+        """What a module is given for a parameter when it loads: the command line's ``module.name``, else the
+        last ``options`` line of /etc/modprobe.d (modprobe passes both, the command line's last)."""
+        on_cmdline = self.cmdline_param(f"{module}.{name}")
+        if on_cmdline is not None:
+            return on_cmdline
+        found = None
+        for text in self._etc_conf("/etc/modprobe.d"):
+            for option_module, option_name, value in facts.parse_modprobe_options(text):
+                if (option_module, option_name) == (module, name):
+                    found = value
+        return found
+
+    def _etc_conf(self, directory: str) -> list[str]:
+        """The texts of the ``*.conf`` files of an /etc directory, in file-name order."""
+        try:
+            names = sorted(n for n in self.vfs.listdir(directory) if n.endswith(".conf"))
+        except OSError:
+            return []
+        texts = []
+        for name in names:
+            try:
+                texts.append(self.vfs.read(f"{directory}/{name}").decode(errors="replace"))
+            except OSError:
+                continue
+        return texts
+
+    def _cmdline_from_grub(self) -> str | None:
+        """The command line the next boot gets: /etc/default/grub's, when an administrator changed it.
+
+        The simulated boot loader reads /etc/default/grub as if update-grub had run after each change
+        (the simulator has no grub.cfg); an unchanged file keeps the command line the host booted with.
+        """
+        try:
+            text = self.vfs.read("/etc/default/grub").decode(errors="replace")
+        except OSError:
+            return None
+        if text == self.grub_written:
+            return None
+        from vgpuctl.host.setup import parse_grub_assignments
+
+        values = {a.name: a.value for a in parse_grub_assignments("/etc/default/grub", text) if a.problem is None}
+        current = self.cmdline
+        prefix = current.split(" ro ", 1)[0] + " ro" if " ro " in f"{current} " else ""
+        words = [prefix, values.get("GRUB_CMDLINE_LINUX", ""), values.get("GRUB_CMDLINE_LINUX_DEFAULT", "")]
+        return " ".join(w for w in words if w.strip())
 
     @property
     def kconfig(self) -> dict[str, str]:
@@ -189,7 +236,7 @@ class SimHost:
         return "kvm_amd" if self.cpu_is_amd else "kvm_intel"
 
     def _gvt_param(self, key: str) -> str | None:
-        return self.cmdline_param(f"i915.{key}")
+        return self.module_param("i915", key)
 
     @property
     def enable_gvt(self) -> bool:
@@ -227,7 +274,7 @@ class SimHost:
     def _boot_modules(self) -> list[str]:
         """The modules this host has loaded once booted with nothing deferred."""
         if self.spec.modules is not None:
-            return list(self.spec.modules)
+            return list(dict.fromkeys([*self.spec.modules, *self._modules_load_d()]))
         modules = ["kvm", self.kvm_vendor_module, "vfio", "vfio_iommu_type1"]
         if self.is_intel:
             modules = self.kernel.required_modules
@@ -243,6 +290,21 @@ class SimHost:
         if self.spec.samples:
             modules.append("mdev")
         return list(dict.fromkeys(modules))
+
+    def _modules_load_d(self) -> list[str]:
+        """What systemd-modules-load adds at boot from /etc/modules-load.d, with the modules each needs;
+        kvmgt only where it loads (up to 5.18 it refuses when i915 did not start GVT-g)."""
+        modules: list[str] = []
+        for text in self._etc_conf("/etc/modules-load.d"):
+            for module in facts.parse_modules_load(text):
+                if module == "kvmgt":
+                    if not self.is_intel or (not self.gvt_initialises and not self.kernel.gvt_in_kvmgt):
+                        continue
+                    modules += [m for m in self.kernel.required_modules if m not in ("kvmgt", "kvm_intel")]
+                elif module == "vfio_iommu_type1":
+                    modules.append("vfio")
+                modules.append(module)
+        return modules
 
     def loaded(self, module: str) -> bool:
         return module in self.modules
@@ -378,6 +440,7 @@ class SimHost:
         self._mark_writable(etc)
         extra = self.cmdline.split(" ro ", 1)[1] if " ro " in self.cmdline else ""
         grub = f'GRUB_DEFAULT=0\nGRUB_TIMEOUT=5\nGRUB_CMDLINE_LINUX_DEFAULT="{extra}"\nGRUB_CMDLINE_LINUX=""\n'
+        self.grub_written = grub
         self.vfs.put("/etc/default/grub", Blob(data=bytearray(grub.encode())))
 
     def _mark_writable(self, directory: Dir) -> None:
@@ -399,8 +462,8 @@ class SimHost:
             guc = self._gvt_param("enable_guc") or "-1"
             fs.put("/sys/module/i915/parameters/enable_guc", Attr(show=const(guc + "\n"), mode=0o400))
         if self.loaded("kvm"):
-            self._bool_param("kvm", "ignore_msrs", self.cmdline_param("kvm.ignore_msrs"))
-            self._bool_param("kvm", "report_ignored_msrs", self.cmdline_param("kvm.report_ignored_msrs") or "Y")
+            self._bool_param("kvm", "ignore_msrs", self.module_param("kvm", "ignore_msrs"))
+            self._bool_param("kvm", "report_ignored_msrs", self.module_param("kvm", "report_ignored_msrs") or "Y")
         if self.loaded("mdev"):
             fs.put("/sys/module/mdev/version", Attr(show=const("0.1\n")))
 
@@ -615,6 +678,7 @@ class SimHost:
         with self.lock:
             if defer is not None:
                 self.defer = self._check_defer(defer)
+            self.boot_cmdline = self._cmdline_from_grub() or self.boot_cmdline
             self._boot()
 
     def control(self, text: str) -> None:

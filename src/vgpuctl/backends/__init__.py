@@ -1,0 +1,59 @@
+"""vGPU backends: what each kind of vGPU knows of itself, behind one protocol.
+
+A backend answers for the parents and types that are its kind — how their capacity is counted and
+explained, and what a VM attaching one of its vGPUs needs — so that no other module tests a vendor or a
+type-name prefix. Now: Intel GVT-g (:mod:`.gvt`) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced
+vGPUs, the kernel's sample drivers, any other mdev vendor driver), which takes whatever no other claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.sysfs import MdevType
+
+
+class Capacity(Protocol):
+    """How a parent's shared resources are used, beyond the kernel's per-type available_instances."""
+
+    def shortfalls(self, wanted: MdevType) -> list[str]:
+        """Which resources cannot hold one more vGPU of this type, in words."""
+
+    def advice(self) -> str:
+        """What else, besides removing a vGPU, makes room ("" if nothing)."""
+
+
+class VgpuBackend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    # A VM with one of these vGPUs: whether the guest may suspend (S3/S4), whether QEMU gives it the IGD
+    # OpRegion (the Intel graphics driver's video BIOS tables) by default.
+    @property
+    def guest_sleep(self) -> bool: ...
+
+    @property
+    def igd_opregion(self) -> bool: ...
+
+    def claims_type(self, type_id: str) -> bool:
+        """Whether ``type_id`` is one of this backend's types."""
+
+    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
+        """The parent's capacity model, None when the kernel's available_instances is all there is."""
+
+
+def _backends() -> tuple[VgpuBackend, ...]:
+    from vgpuctl.backends import gvt, mdev
+
+    return (gvt.BACKEND, mdev.BACKEND)  # the generic one last: it claims every type
+
+
+def backend_for_type(type_id: str) -> VgpuBackend:
+    return next(b for b in _backends() if b.claims_type(type_id))
+
+
+def backend_for_parent(types: Sequence[MdevType]) -> VgpuBackend:
+    """The backend of a parent, judged by its types (a parent with no types is generic mdev)."""
+    return backend_for_type(types[0].type_id) if types else _backends()[-1]

@@ -1,0 +1,106 @@
+"""Intel GVT-g vGPUs (``i915-GVTg_*`` types of a Broadwell ... Comet Lake iGPU): their backend.
+
+Capacity: the three shared pools and the vGPU ids, and why a create does not fit. The kernel only says
+ENOSPC. These numbers come from the same accounting GVT-g does (i915's gvt/aperture_gm.c and
+gvt/vgpu.c), with the aperture read from the iGPU's BAR2 and each active vGPU's share read from its
+type's description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vgpuctl.backends import Capacity
+from vgpuctl.host import HostRoot
+from vgpuctl.host.platforms import (
+    DEFAULT_FENCES,
+    DEFAULT_GGTT_MIB,
+    HOST_FENCES,
+    HOST_HIGH_GM_MIB,
+    HOST_LOW_GM_MIB,
+    MAX_VGPUS_PER_GPU,
+)
+from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, read_types
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    unit: str
+    total: int  # what vGPUs may use (host reservation already taken off)
+    used: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+
+@dataclass(frozen=True)
+class GvtCapacity:
+    parent: str
+    aperture_mib: int
+    pools: list[Pool]
+
+    def pool(self, name: str) -> Pool:
+        return next(p for p in self.pools if p.name == name)
+
+    def shortfalls(self, gvt_type: MdevType) -> list[str]:
+        """Which pools cannot hold one more vGPU of this type, in words."""
+        f = gvt_type.fields
+        need = {"low GM (aperture)": f.get("low_gm_mib", 0), "high GM": f.get("high_gm_mib", 0),
+                "fences": f.get("fences", 0), "vGPU ids": 1}
+        short = []
+        for pool in self.pools:
+            wanted = int(need.get(pool.name, 0))
+            if pool.free < wanted:
+                unit = f" {pool.unit}" if pool.unit else ""
+                short.append(f"{pool.name}: {pool.free}{unit} free, {gvt_type.type_id} needs {wanted}")
+        return short
+
+    def advice(self) -> str:
+        aperture = self.pool("low GM (aperture)")
+        return "raise the BIOS aperture size" if aperture.free < aperture.total // 2 else ""
+
+
+def gvt_capacity(root: HostRoot, parent: str, types: list[MdevType] | None = None) -> GvtCapacity | None:
+    """The GVT-g pools of parent, or None if it is not a GVT-g iGPU."""
+    types = types if types is not None else read_types(root, parent)
+    if not any(BACKEND.claims_type(t.type_id) for t in types):
+        return None
+    aperture = aperture_mib(root, parent) or 0
+    by_id = {t.type_id: t.fields for t in types}
+    low = high = fences = count = 0
+    for device in active_devices(root):
+        if device.parent != parent:
+            continue
+        f = by_id.get(device.type_id, {})
+        low += int(f.get("low_gm_mib", 0))
+        high += int(f.get("high_gm_mib", 0))
+        fences += int(f.get("fences", 0))
+        count += 1
+    pools = [
+        Pool("low GM (aperture)", "MiB", aperture - HOST_LOW_GM_MIB, low),
+        Pool("high GM", "MiB", DEFAULT_GGTT_MIB - aperture - HOST_HIGH_GM_MIB, high),
+        Pool("fences", "", DEFAULT_FENCES - HOST_FENCES, fences),
+        Pool("vGPU ids", "", MAX_VGPUS_PER_GPU, count),
+    ]
+    return GvtCapacity(parent, aperture, pools)
+
+
+TYPE_PREFIX = "i915-GVTg_"  # i915's gvt/kvmgt.c names its types "i915-" + the GVT type name (GVTg_V5_4 ...)
+
+
+@dataclass(frozen=True)
+class GvtG:
+    name: str = "gvt-g"
+    guest_sleep: bool = False  # as Intel's GVT-g guides: no guest S3/S4
+    igd_opregion: bool = True  # the guest's Intel driver wants the OpRegion
+
+    def claims_type(self, type_id: str) -> bool:
+        return type_id.startswith(TYPE_PREFIX)
+
+    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
+        return gvt_capacity(root, parent, types)
+
+
+BACKEND = GvtG()

@@ -1,0 +1,33 @@
+"""Which process is which: a pid with its start time, so a pid the kernel reused is never taken for ours.
+
+These are this machine's processes (vgpuctl's, QEMU's), never a simulated host's: read from the local
+/proc, not through the host root.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (/proc/PID/stat field 22), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself hold spaces and ')': split after the last.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[19])
+
+
+def identity(pid: int | None = None) -> dict[str, int]:
+    """{"pid", "start"} of this (or another) process, as the journal records it."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start": start_time(pid) or 0}
+
+
+def is_alive(record: dict[str, int]) -> bool:
+    """Whether the process of an :func:`identity` record still runs (the same one, not a reused pid)."""
+    started = start_time(int(record.get("pid", 0)))
+    return started is not None and started == record.get("start")
