@@ -40,7 +40,6 @@ from pathlib import Path
 
 from vgpuctl.vm.testguest import default_cache_dir
 
-REPORT_PREFIX = "VGPUCTL-GUEST "
 KERNEL_META_PACKAGE = "linux-image-amd64"  # Debian 12: depends on the current linux-image-6.1.0-N-amd64
 BUSYBOX = Path("/bin/busybox")
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
