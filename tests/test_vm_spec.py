@@ -53,8 +53,10 @@ def values(argv: list[str], flag: str) -> list[str]:
 
 
 def fake_qemu(pidfile: Path) -> subprocess.Popen[bytes]:
-    """A process whose command line names the pidfile, as QEMU's does (-pidfile PATH), once it has exec'd."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-pidfile", str(pidfile)])
+    """A process whose command line names the VM and its pidfile, as QEMU's does (-name guest=NAME,...
+    -pidfile PATH), once it has exec'd."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                "-name", f"guest={pidfile.parent.name},debug-threads=on", "-pidfile", str(pidfile)])
     for _ in range(500):
         try:
             if str(pidfile).encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes():
@@ -153,11 +155,23 @@ BAD_SPECS = [
     ('display = {backend = "rdp"}', "display.backend must be one of vnc, spice, egl-headless, dbus, gtk, sdl, none"),
     ('display = {backend = "spice", vnc_socket = "/x.sock"}', "display.vnc_socket needs display.backend vnc"),
     ('display = {resolution = "800"}', "display.resolution must look like 1920x1200"),
-    ('display = {options = {gl = "on,x"}}', "display.options.gl must be a QEMU option name"),
+    ('display = {options = {gl = "on,x"}}', "display.options.gl must be a value without ','"),
+    # Nothing in a spec opens a listener or a file through the display's options (VNC websocket, SPICE port).
+    ('display = {options = {websocket = "5700"}}', "display.options.websocket is not allowed (only options"),
+    ('display = {options = {to = "99"}}', "display.options.to is not allowed"),
+    ('display = {backend = "spice", options = {port = "5930"}}', "display.options.port is not allowed"),
+    ('display = {backend = "dbus", options = {addr = "unix:path=/x"}}', "display.options.addr is not allowed"),
+    ('display = {options = {share = "ignore"}}', "allowed (only options that cannot open a listener or a file: gl,"),
+    # Integers beyond sensible (and TOML's) range.
+    ("memory_mib = 9223372036854775807", "memory_mib must be a positive integer (MiB) up to 16777216, got 9223372036854775807"),
+    ("cpus = 256", "cpus must be a positive integer up to 255, got 256"),
+    ("order = 10000", "order must be an integer from 0 to 9999, got 10000"),
+    ("order = true", "order must be an integer from 0 to 9999, got true"),
+    ("vgpu = {min_memory_mib = 9223372036854775807}", "vgpu.min_memory_mib must be a positive integer (MiB) up to 16777216"),
     ('requires = ["ignore_msrs"]', "requires[0] must look like MODULE.PARAMETER=VALUE"),
     ("extra_args = [1]", "extra_args must be a list of strings"),
     ("disks = 3", "disks must be a list of tables"),
-    ("order = -1", "order must be an integer >= 0"),
+    ("order = -1", "order must be an integer from 0 to 9999"),
 ]
 
 
@@ -318,18 +332,18 @@ def test_every_display_with_the_vgpu_not_shown(backend: str) -> None:
 def test_opregion_only_for_gvt_types_unless_asked_and_display_options() -> None:
     spec = replace(new_spec("vm1"), vgpu=VgpuRequest(type="mdpy-hd"), vgpu_display=True,
                    display=Display(backend="egl-headless", rendernode="/dev/dri/renderD129", vnc_socket="/v/s.sock",
-                                   options={"x-opt": "1"}))
+                                   options={"lossy": "on"}))
     argv = command(spec, MDPY).argv
     assert vgpu_device(argv) == f"vfio-pci,id=hostdev0,sysfsdev={SYSFS},display=on"
     assert "-global" not in argv  # the S3/S4 globals are for GVT-g
-    assert values(argv, "-display") == ["egl-headless,rendernode=/dev/dri/renderD129,x-opt=1"]
+    assert values(argv, "-display") == ["egl-headless,rendernode=/dev/dri/renderD129,lossy=on"]
     assert values(argv, "-vnc") == ["unix:/v/s.sock"]
     forced = command(replace(spec, igd_opregion=True), MDPY).argv
     assert vgpu_device(forced).endswith(",display=on,x-igd-opregion=on")
     off = command(replace(spec, vgpu=VgpuRequest(type="i915-GVTg_V5_4"), igd_opregion=False)).argv
     assert "x-igd-opregion" not in vgpu_device(off)
-    dbus = command(replace(spec, display=Display(backend="dbus", options={"addr": "unix:path=/x"}))).argv
-    assert values(dbus, "-display") == ["dbus,gl=on,addr=unix:path=/x"]
+    dbus = command(replace(spec, display=Display(backend="dbus", options={"p2p": "no"}))).argv
+    assert values(dbus, "-display") == ["dbus,gl=on,p2p=no"]
 
 
 def test_firmware_boot_disks_network_and_extra_args() -> None:
