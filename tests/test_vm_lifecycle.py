@@ -28,7 +28,7 @@ from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import active_devices
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs
-from vgpuctl.vm.runtime import RuntimePaths, is_running, read_pid, vm_vgpu_uuid
+from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
 from vgpuctl.vm.testguest import build_test_guest
 
 pytestmark = pytest.mark.fuse
@@ -47,12 +47,23 @@ def state() -> Iterator[StateDir]:
 
     state = StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
     yield state
-    for name in specs.names(state):  # a failed test must not leave its QEMUs running
-        pid = read_pid(RuntimePaths.for_vm(state, name))
-        if pid and is_running(state, name):  # its own QEMU (command line names the pidfile), nothing else
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in processes_naming(state.path):  # a failed test must not leave its QEMUs running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(state.path, ignore_errors=True)
+
+
+def processes_naming(directory: Path) -> list[int]:
+    """The live processes whose command line names ``directory`` (this test's QEMUs and their shells, found
+    without vgpuctl's help and whatever its files say)."""
+    found = []
+    needle = os.fsencode(directory)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
 
 
 @pytest.fixture
