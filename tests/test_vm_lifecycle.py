@@ -237,10 +237,12 @@ def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
         if name == "broken":
             spec.extra_args = ["-device", "no-such-device"]
         specs.save(state, spec)
+    (state.path / "vms" / "dir.toml").mkdir()  # not a spec: reported, and the others still start
     results = lifecycle.autostart(host, state, accel="tcg")
-    assert [(r.name, r.outcome) for r in results] == [("broken", "failed"), ("cluster", "started"),
-                                                      ("rear", "started")]
-    assert "no-such-device" in results[0].detail
+    assert [(r.name, r.outcome) for r in results] == [("dir", "failed"), ("broken", "failed"),
+                                                      ("cluster", "started"), ("rear", "started")]
+    assert "dir.toml: cannot be read as a spec" in results[0].detail
+    assert "no-such-device" in results[1].detail
     runs = {name: json.loads((RuntimePaths.for_vm(state, name).directory / "run.json").read_text())
             for name in ("cluster", "rear")}
     assert runs["cluster"]["started"] < runs["rear"]["started"]  # one after the other, in their order

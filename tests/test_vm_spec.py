@@ -7,6 +7,8 @@ the CLI runs in-process against a mounted simulated Coffee Lake host.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -751,3 +753,100 @@ def test_autostart_and_keep_vgpu_from_the_command_line(gvt: Cli) -> None:
     assert "keep" not in specs.spec_path(StateDir(gvt.state), "tmp1").read_text()  # the default is not written
     code, out, _ = gvt("vm", "autostart")
     assert code == 0 and "no VM is marked autostart" in out
+
+
+# ---------------------------------------------------------------------- one bad file hides nothing
+
+
+def break_some_specs(state: Path) -> dict[str, str]:
+    """Next to good VMs: bad TOML, a bad field, a directory named like a spec, a file that is not a VM name."""
+    vms = state / "vms"
+    (vms / "bad-toml.toml").write_text("name = \n")
+    (vms / "bad-field.toml").write_text('name = "bad-field"\nmemory_mib = "lots"\n')
+    (vms / "dir.toml").mkdir()
+    (vms / "Not A Name.toml").write_text('name = "x"\n')
+    return {"bad-toml": "not valid TOML", "bad-field": "memory_mib must be a positive integer",
+            "dir": "cannot be read as a spec", "Not A Name": "is not a VM name"}
+
+
+@pytest.mark.fuse
+def test_a_bad_spec_file_is_listed_with_its_error_and_the_others_still_work(gvt: Cli) -> None:
+    gvt("vm", "create", "good1", "--profile", "automotive", "--no-autostart")
+    gvt("vm", "create", "good2", "--profile", "streaming")
+    rows_before = gvt.json("vm", "list")
+    expected = break_some_specs(gvt.state)
+
+    rows = gvt.json("vm", "list")  # exit status 0: the listing itself worked
+    assert isinstance(rows, list) and isinstance(rows_before, list)
+    good = [r for r in rows if "error" not in r]
+    assert good == rows_before  # the good VMs' rows, unchanged in shape and content
+    bad = {r["name"]: r for r in rows if "error" in r}
+    assert set(bad) == set(expected)
+    for name, message in expected.items():
+        assert set(bad[name]) == {"name", "file", "error"} and bad[name]["file"] == f"{gvt.state}/vms/{name}.toml"
+        assert message in bad[name]["error"] and bad[name]["file"] in bad[name]["error"]
+
+    code, out, err = gvt("vm", "list")
+    assert code == 0 and "good1" in out and "good2" in out and "bad spec" in out
+    for name, message in expected.items():
+        assert f"{gvt.state}/vms/{name}.toml" in err and message in err
+
+    # (test_vm_lifecycle's autostart test starts good VMs beside a bad file.)
+    code, out, _ = gvt("vm", "autostart", "--json", ok=False)
+    results = {r["name"]: r for r in json.loads(out)}
+    assert code == 1 and set(results) == set(expected) and {r["outcome"] for r in results.values()} == {"failed"}
+    assert "cannot be read" in results["dir"]["detail"]
+
+
+@pytest.mark.fuse
+def test_the_service_lists_the_good_vms_and_each_bad_spec(mount_host: MountFn, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from vgpuctl.service.app import create_app
+
+    host, state = mount_host("coffeelake", aperture_mib=1024), StateDir(tmp_path / "state")
+    specs.save(state, new_spec("good1", "streaming"), new=True)
+    expected = break_some_specs(state.path)
+    with TestClient(create_app(host, state, token="t" * 32), headers={"Authorization": "Bearer " + "t" * 32}) as client:
+        answer = client.get("/api/v1/vms")
+    assert answer.status_code == 200, answer.text
+    rows = {r["name"]: r for r in answer.json()}
+    assert rows["good1"]["state"] == "stopped" and rows["good1"]["spec"]["name"] == "good1"
+    for name, message in expected.items():
+        assert rows[name]["state"] == "error" and message in rows[name]["error"]
+        assert rows[name]["file"] == str(state.path / "vms" / f"{name}.toml")
+
+
+@pytest.mark.fuse
+def test_commands_on_a_vm_that_does_not_exist_make_no_lock_file(gvt: Cli, tmp_path: Path) -> None:
+    gvt("vm", "create", "real", "--profile", "automotive")
+    for command in ("status", "start", "stop", "kill", "rm", "release-vgpu", "console"):
+        code, _, err = gvt("vm", command, "nosuchvm", ok=False)
+        assert code == 1 and "no VM 'nosuchvm'" in err, (command, err)
+    assert not (gvt.state / "locks" / "vm-nosuchvm.lock").exists()
+
+
+def test_temp_files_of_killed_spec_writes_are_cleaned_at_the_next_write(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    spec = new_spec("vm1")
+    path = specs.save(state, spec, new=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that ran and is no more, as a writer killed mid-write
+    stale = path.parent / f".vm1.toml.{gone.pid}.123.tmp"
+    live = path.parent / f".vm1.toml.{os.getpid()}.456.tmp"  # a writer that still runs: its own to finish
+    other = path.parent / f".vm2.toml.{gone.pid}.789.tmp"  # another VM's: left for that VM's next write
+    for temp in (stale, live, other):
+        temp.write_text("half")
+    specs.save(state, replace(spec, cpus=3))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert specs.load(state, "vm1").cpus == 3
+
+
+@pytest.mark.fuse
+def test_out_of_range_numbers_and_listening_display_options_are_refused_by_the_cli(gvt: Cli) -> None:
+    for option, message in ((["--memory", str(2**63)], "memory_mib must be a positive integer (MiB) up to"),
+                            (["--order", str(2**63)], "order must be an integer from 0 to 9999"),
+                            (["--display-option", "websocket=5700"], "display.options.websocket is not allowed")):
+        code, _, err = gvt("vm", "create", "x", *option, ok=False)
+        assert code == 1 and message in err, (option, err)
+    assert not (gvt.state / "vms" / "x.toml").exists()

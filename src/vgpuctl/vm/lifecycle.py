@@ -328,16 +328,9 @@ class AutostartResult:
 def _autostart_specs(state: StateDir) -> tuple[list[VmSpec], list[AutostartResult]]:
     """The VMs marked autostart in start order (``order``, lower first, unordered last; then name), and a
     failure for each spec file that cannot be read (one broken file must not keep the others down)."""
-    chosen: list[VmSpec] = []
-    unreadable: list[AutostartResult] = []
-    for name in specs.names(state):
-        try:
-            spec = specs.load(state, name)
-        except VgpuError as error:
-            unreadable.append(AutostartResult(name, "failed", str(error)))
-            continue
-        if spec.autostart:
-            chosen.append(spec)
+    good, problems = specs.load_each(state)
+    chosen = [spec for spec in good if spec.autostart]
+    unreadable = [AutostartResult(problem.name, "failed", problem.error) for problem in problems]
     chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name))
     return chosen, unreadable
 
