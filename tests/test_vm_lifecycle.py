@@ -254,7 +254,8 @@ def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
     assert "cluster: already running" in again.stdout and "rear: already running" in again.stdout
     assert "broken: failed" in again.stdout
     stopped = lifecycle.autostop(host, state, timeout_s=2)  # at shutdown: the reverse order (ACPI, then quit)
-    assert [(r.name, r.outcome) for r in stopped] == [("rear", "stopped"), ("cluster", "stopped")], stopped
+    assert [(r.name, r.outcome) for r in stopped] == [("dir", "failed"), ("rear", "stopped"),
+                                                      ("cluster", "stopped")], stopped
     assert {lifecycle.status(host, state, n).state for n in ("rear", "cluster", "spare")} == {"stopped"}
 
 
