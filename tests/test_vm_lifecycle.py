@@ -316,3 +316,22 @@ def test_a_display_backend_qemu_lacks_is_refused_before_start(host: HostRoot, st
     (state.path / "qemu-probe.json").write_text(json.dumps({**cached, "answer": answer}))
     assert lifecycle.start(host, state, "local", accel="tcg", qemu=str(fake)).state == "running"
     assert json.loads((state.path / "qemu-probe.json").read_text())["answer"]["version"] == "x"
+
+
+def test_a_vgpu_in_use_by_a_running_vm_is_refused_to_another(host: HostRoot, state: StateDir, guest: Path) -> None:
+    from vgpuctl.mdev.lifecycle import Manager
+    from vgpuctl.vm.spec import VgpuRequest
+
+    uuid = Manager(host, state).create(GVT_PARENT, "i915-GVTg_V5_8", "7c4e2d3a-1b2c-4d5e-8f90-a1b2c3d4e5f6")
+    for name in ("first", "second"):
+        new_vm(state, name, guest)
+        spec = specs.load(state, name)
+        spec.vgpu = VgpuRequest(uuid=uuid)
+        specs.save(state, spec)
+    lifecycle.start(host, state, "first", accel="tcg")
+    (RuntimePaths.for_vm(state, "first").pidfile).unlink()  # found by its command line all the same
+    with pytest.raises(lifecycle.VmError, match=f"vGPU {uuid} is in use by VM first"):
+        lifecycle.start(host, state, "second", accel="tcg")
+    lifecycle.kill(host, state, "first")
+    assert lifecycle.start(host, state, "second", accel="tcg").state == "running"
+    lifecycle.kill(host, state, "second")

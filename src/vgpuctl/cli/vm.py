@@ -73,7 +73,8 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--rendernode", metavar="PATH", help="DRM render node for OpenGL (e.g. /dev/dri/renderD128)."),
     click.option("--screen", metavar="WxH", help="Fixed screen resolution (EDID xres/yres); 'none' removes it."),
     click.option("--display-option", "display_options", multiple=True, metavar="KEY=VALUE",
-                 help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them)."),
+                 help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them); only "
+                      "options that open no listener or file (gl, lossy, show-cursor, ...)."),
     click.option("--vgpu-display/--no-vgpu-display", default=None,
                  help="Show the vGPU's own display (QEMU display=on, -vga none)."),
     click.option("--ramfb/--no-ramfb", default=None, help="Boot display on the vGPU's console (needs the display)."),

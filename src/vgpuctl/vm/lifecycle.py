@@ -42,6 +42,7 @@ from vgpuctl.vm.runtime import (
     check_requirements,
     process,
     resolve_vgpu,
+    running_vms,
     vm_processes,
 )
 from vgpuctl.vm.spec import VmSpec
@@ -210,14 +211,13 @@ def _log_tail(paths: RuntimePaths) -> list[str]:
 
 def _running_vgpus(state: StateDir, but: str) -> dict[str, str]:
     """vGPU uuid -> VM name for every other VM that runs now."""
-    used = {}
-    for other in specs.names(state):
-        if other == but:
-            continue
-        vgpu = _read_run(RuntimePaths.for_vm(state, other)).get("vgpu")
-        if vgpu and _processes(state, other).any:
-            used[vgpu] = other
-    return used
+    recorded = {other: _read_run(RuntimePaths.for_vm(state, other)).get("vgpu")
+                for other in specs.names(state) if other != but}
+    holders = {other: vgpu for other, vgpu in recorded.items() if vgpu}
+    if not holders:
+        return {}
+    running = running_vms(state)  # one pass over /proc for all of them
+    return {vgpu: other for other, vgpu in holders.items() if other in running}
 
 
 def _read_run(paths: RuntimePaths) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def vm_processes(state: StateDir, name: str, known: list[int | None] | None = No
     pidfile = os.fsencode(paths.pidfile)
     for pid in [*(known or []), read_pid(paths)]:
         found = process(pid)
-        if found is not None and _role(_argv(found.pid), name, pidfile) == "qemu" and found.alive():
+        if found is not None and _role(_argv(found.pid), name, pidfile) == "qemu":
             return VmProcesses(qemu=found)
     result = VmProcesses()
     for entry in os.listdir("/proc"):
