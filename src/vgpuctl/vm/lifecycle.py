@@ -550,7 +550,9 @@ def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None
         if not run:
             result.detail = "vgpuctl has no record of this run (its start was interrupted)"
         return result
-    if found.shells:
+    # A shell without QEMU: QEMU is starting, unless it has been seen running (then it has just ended and
+    # the shell is about to record how: _exit_status waits for that).
+    if found.shells and not run.get("qemu") and not (run and _exit_file(paths, run).exists()):
         result.state, result.detail = "starting", "QEMU is starting (or has just ended)"
         return result
     if not run:
