@@ -25,7 +25,7 @@ from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import Conflict
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import active_devices
-from vgpuctl.vm import lifecycle
+from vgpuctl.vm import inventory, lifecycle
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
 
@@ -148,10 +148,7 @@ def check_after_crash(host: HostRoot, state: StateDir, point: str) -> None:
         assert now.pid is None and now.state in ("stopped", "crashed"), (point, now)
     assert qemus_and_shells(state) == ([], []), point
     if point.startswith("vm-rm:"):  # the next command: the remove again, which finishes the job
-        lifecycle.status(host, state, VM)
-        from vgpuctl.vm.inventory import remove
-
-        remove(host, state, VM)
+        inventory.remove(host, state, VM)
         assert vm_vgpu_uuid(VM) not in {d.uuid for d in active_devices(host)}
     else:  # the next command: a start, which must run exactly one QEMU
         assert lifecycle.start(host, state, VM, accel="tcg").state == "running", point
