@@ -850,3 +850,23 @@ def test_out_of_range_numbers_and_listening_display_options_are_refused_by_the_c
         code, _, err = gvt("vm", "create", "x", *option, ok=False)
         assert code == 1 and message in err, (option, err)
     assert not (gvt.state / "vms" / "x.toml").exists()
+
+
+def test_a_pid_in_the_vms_files_that_now_names_another_process_is_not_its_qemu(tmp_path: Path) -> None:
+    from vgpuctl.vm import lifecycle
+
+    state = StateDir(tmp_path / "state")
+    specs.save(state, new_spec("vm1"), new=True)
+    paths = RuntimePaths.for_vm(state, "vm1")
+    paths.directory.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a pid reused by another
+    try:
+        paths.pidfile.write_text(f"{other.pid}\n")
+        (paths.directory / "run.json").write_text(json.dumps(
+            {"run_id": 1, "argv": [], "shell": None, "qemu": {"pid": other.pid, "start_time": 1}}))
+        now = lifecycle.status(HostRoot(tmp_path), state, "vm1")
+        assert now.pid is None and now.state != "running"
+        assert not is_running(state, "vm1")
+    finally:
+        other.kill()
+        other.wait()
