@@ -13,7 +13,14 @@ from vgpuctl.mdev.errors import Conflict, InvalidInput, NotOwned
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.crash import crashpoint
-from vgpuctl.vm.runtime import RuntimePaths, check_requirements, is_running, running_vms
+from vgpuctl.vm.runtime import (
+    RuntimePaths,
+    VmProcesses,
+    all_vm_processes,
+    check_requirements,
+    is_running,
+    running_vms,
+)
 from vgpuctl.vm.spec import VmSpec
 
 # What the body of a create may set besides name and profile: VmSpec's fields as in its TOML file.
@@ -41,22 +48,27 @@ def vm_rows(state: StateDir) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: str(row["name"]))
 
 
-def vm_overview(root: HostRoot, state: StateDir, spec: VmSpec) -> dict[str, Any]:
+def vm_overview(root: HostRoot, state: StateDir, spec: VmSpec,
+                processes: dict[str, VmProcesses] | None = None) -> dict[str, Any]:
     """A VM's list row with its status (``vm status --json`` less the name; the vGPU's UUID as ``vgpu_uuid``,
-    since ``vgpu`` is the request) and its whole spec: what the service lists and streams."""
+    since ``vgpu`` is the request) and its whole spec: what the service lists and streams. ``processes``:
+    :func:`all_vm_processes`, when the caller lists many VMs."""
     from vgpuctl.vm.lifecycle import status
 
-    now = status(root, state, spec.name).to_json()
+    mine = processes.get(spec.name, VmProcesses()) if processes is not None else None
+    now = status(root, state, spec.name, processes=mine).to_json()
     now.pop("name")
     now["vgpu_uuid"] = now.pop("vgpu")
-    return {**vm_row(state, spec), **now, "spec": spec.to_dict()}
+    running = None if processes is None else {n for n, p in processes.items() if p.qemu is not None}
+    return {**vm_row(state, spec, running), **now, "spec": spec.to_dict()}
 
 
 def vm_overviews(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
     """What the service lists: an overview per VM, and for each spec file that cannot be read
     ``{"name", "file", "error", "state": "error", "detail": error}`` (the others are listed all the same)."""
     good, problems = specs.load_each(state)
-    rows = [vm_overview(root, state, spec) for spec in good]
+    processes = all_vm_processes(state)  # one pass over /proc for all VMs (the service asks twice a second)
+    rows = [vm_overview(root, state, spec, processes) for spec in good]
     rows += [{**p.to_json(), "state": "error", "detail": p.error} for p in problems]
     return sorted(rows, key=lambda row: str(row["name"]))
 

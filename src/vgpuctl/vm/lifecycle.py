@@ -528,17 +528,19 @@ def _exited_at_start(paths: RuntimePaths, exit_file: Path, name: str) -> bool:
     return False
 
 
-def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None = None) -> VmStatus:
+def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None = None,
+           processes: VmProcesses | None = None) -> VmStatus:
     """The VM's QEMU as found in /proc (whatever the state files say) and asked through QMP; a vanished QEMU
     is told from a guest power-off by the exit status its shell left.
 
     ``qmp_status``: what QMP has just said, when the caller has asked (a start); saves a round trip.
+    ``processes``: the VM's processes, when the caller has just looked (a listing: one pass for all VMs).
     """
     if not specs.exists(state, name):
         raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs")
     paths = RuntimePaths.for_vm(state, name)
     run = _read_run(paths)
-    found = _processes(state, name, run)
+    found = processes if processes is not None else _processes(state, name, run)
     result = VmStatus(name, "stopped", accel=run.get("accel"), vgpu=run.get("vgpu"),
                       simulated_display=run.get("simulated_display"))
     if found.qemu is not None:

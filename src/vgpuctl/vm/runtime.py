@@ -162,32 +162,20 @@ def _argv(pid: int) -> list[bytes]:
 def vm_processes(state: StateDir, name: str, known: list[int | None] | None = None) -> VmProcesses:
     """The VM's QEMU and wrapper shell as they run now, whatever the state files say. The pids in
     ``known`` (a run record's) and the pidfile's are looked at first; only if none is the VM's QEMU is
-    all of /proc read (~3 ms): a start killed before it wrote anything still leaves a QEMU found here."""
+    all of /proc read (~4 ms): a start killed before it wrote anything still leaves a QEMU found here."""
     paths = RuntimePaths.for_vm(state, name)
     pidfile = os.fsencode(paths.pidfile)
     for pid in [*(known or []), read_pid(paths)]:
         found = process(pid)
         if found is not None and _role(_argv(found.pid), name, pidfile) == "qemu":
             return VmProcesses(qemu=found)
-    result = VmProcesses()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        role = _role(_argv(int(entry)), name, pidfile)
-        found = process(int(entry)) if role else None
-        if found is None:
-            continue
-        if role == "qemu":
-            result.qemu = found
-        else:
-            result.shells.append(found)
-    return result
+    return all_vm_processes(state).get(name, VmProcesses())
 
 
-def running_vms(state: StateDir) -> set[str]:
-    """The VMs of this state dir whose QEMU runs now, from one pass over /proc (for listings)."""
+def all_vm_processes(state: StateDir) -> dict[str, VmProcesses]:
+    """VM name -> its QEMU and shell, for every VM of this state dir with one running: one pass over /proc."""
     prefix = os.fsencode(vms_dir(state).absolute()) + b"/"
-    found = set()
+    found: dict[str, VmProcesses] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -195,9 +183,21 @@ def running_vms(state: StateDir) -> set[str]:
         for option, value in pairwise(argv):
             if option == b"-pidfile" and value.startswith(prefix) and value.endswith(b"/qemu.pid"):
                 name = os.fsdecode(value[len(prefix):-len(b"/qemu.pid")])
-                if _role(argv, name, value) == "qemu":
-                    found.add(name)
+                role = _role(argv, name, value)
+                alive = process(int(entry)) if role else None
+                if alive is not None:
+                    mine = found.setdefault(name, VmProcesses())
+                    if role == "qemu":
+                        mine.qemu = alive
+                    else:
+                        mine.shells.append(alive)
+                break
     return found
+
+
+def running_vms(state: StateDir) -> set[str]:
+    """The VMs of this state dir whose QEMU runs now (one pass over /proc, for listings)."""
+    return {name for name, found in all_vm_processes(state).items() if found.qemu is not None}
 
 
 def is_running(state: StateDir, name: str) -> bool:
