@@ -8,11 +8,11 @@ import contextlib
 import shutil
 from typing import Any
 
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import Conflict, InvalidInput, NotOwned
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
-from vgpuctl.vm.crash import crashpoint
 from vgpuctl.vm.runtime import (
     RuntimePaths,
     VmProcesses,

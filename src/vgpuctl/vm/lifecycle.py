@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write
 from vgpuctl.mdev.errors import Conflict, KernelError, NotFound, VgpuError
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_command
-from vgpuctl.vm.crash import crashpoint
 from vgpuctl.vm.runtime import (
     Process,
     ResolvedVgpu,

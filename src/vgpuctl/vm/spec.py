@@ -259,18 +259,8 @@ def save(state: StateDir, spec: VmSpec, *, new: bool = False) -> Path:
         raise Conflict(f"VM {spec.name!r} already exists; change it with 'vgpuctl vm edit' or pick another name")
     if new and spec.network.mode != "none" and spec.network.mac is None:
         spec.network.mac = default_mac(spec.name)
-    _remove_stale_temp_files(path)
-    atomic_write(path, spec.to_toml().encode())
+    atomic_write(path, spec.to_toml().encode())  # (it also sweeps the temp files of killed writes)
     return path
-
-
-def _remove_stale_temp_files(path: Path) -> None:
-    """The temp files of earlier writes of ``path`` that were killed before their rename (atomic_write names
-    them ``.<file>.<pid>.<ns>.tmp``); those of a writer that still runs are left to it."""
-    for temp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = temp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            temp.unlink(missing_ok=True)
 
 
 def names(state: StateDir) -> list[str]:
