@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_vm_lifecycle
-from tests.test_vm_lifecycle import new_vm, wait_for
+from tests.test_vm_lifecycle import dominant, new_vm, screen, wait_for
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import Conflict
 from vgpuctl.mdev.state import StateDir
@@ -93,9 +93,9 @@ def occurrences(trace: Path) -> list[str]:
     return points
 
 
-# Each command as the crash runs give it; "stop-paused" is a stop of a paused guest (QEMU is told to quit at
-# once), as a running test guest may power off at the power button before a stop gets to quit QEMU.
-COMMANDS = {"start": ("start", VM, "--accel", "tcg"), "stop": ("stop", VM, "--timeout", "0"),
+# Each command as the crash runs give it: "stop" of a guest that powers off at the power button (its picture
+# is up: it has set ACPI up), "stop-paused" of a paused one (QEMU is told to quit at once).
+COMMANDS = {"start": ("start", VM, "--accel", "tcg"), "stop": ("stop", VM, "--timeout", "20"),
             "stop-paused": ("stop", VM), "kill": ("kill", VM), "rm": ("rm", VM)}
 
 
@@ -104,9 +104,10 @@ def cli(host: HostRoot, state: StateDir) -> Vgpuctl:
     return Vgpuctl(host, state)
 
 
-def prepare(host: HostRoot, state: StateDir, guest: Path, command: str) -> None:
+def prepare(host: HostRoot, state: StateDir, guest: Path, command: str, shots: Path) -> None:
     """The VM as ``command`` finds it: stopped without a vGPU for a start (which then makes one), running
-    for stop and kill, paused for stop-paused, stopped with its vGPU for rm (which then releases it)."""
+    for stop (with its picture up) and kill, paused for stop-paused, stopped with its vGPU for rm (which then
+    releases it)."""
     if not specs.exists(state, VM):
         new_vm(state, VM, guest)
     if lifecycle.status(host, state, VM).pid is not None:
@@ -115,6 +116,8 @@ def prepare(host: HostRoot, state: StateDir, guest: Path, command: str) -> None:
         lifecycle.release_vgpu(host, state, VM)
         return
     lifecycle.start(host, state, VM, accel="tcg")
+    if command == "stop":
+        wait_for(lambda: dominant(screen(state, VM, shots)) == "blue")
     if command == "stop-paused":
         lifecycle.qmp(RuntimePaths.for_vm(state, VM), "stop")
     if command == "rm":
@@ -124,10 +127,10 @@ def prepare(host: HostRoot, state: StateDir, guest: Path, command: str) -> None:
 def test_every_step_of_start_stop_kill_and_rm_survives_a_crash(host: HostRoot, state: StateDir,
                                                                guest: Path, cli: Vgpuctl,
                                                                tmp_path: Path) -> None:
-    prepare(host, state, guest, "kill")  # a first start: it probes QEMU and caches the answer for the others
+    prepare(host, state, guest, "kill", tmp_path)  # a first start: it probes QEMU and caches the answer for the others
     steps: dict[str, list[str]] = {}
     for command, args in COMMANDS.items():  # the crash points each command reaches, in order
-        prepare(host, state, guest, command)
+        prepare(host, state, guest, command, tmp_path)
         trace = tmp_path / f"trace-{command}"
         done = cli(*args, VGPUCTL_CRASH_TRACE=str(trace))
         assert done.returncode == 0, (command, done.stderr)
@@ -135,23 +138,23 @@ def test_every_step_of_start_stop_kill_and_rm_survives_a_crash(host: HostRoot, s
     mine = {command: [p for p in points if p.startswith("vm-")] for command, points in steps.items()}
     assert mine["start"] == ["vm-start:locked", "vm-start:vgpu-created", "vm-start:recorded", "vm-start:spawned",
                               "vm-start:recorded-shell", "vm-start:running", "vm-start:recorded-qemu"]
-    assert mine["stop"][:2] == ["vm-stop:locked", "vm-stop:powerdown-sent"]
     assert mine["stop-paused"] == ["vm-stop:locked", "vm-stop:quit-sent", "vm-stop:gone"]
     assert mine["kill"] == ["vm-kill:locked", "vm-kill:killed", "vm-kill:gone"]
     assert mine["rm"] == ["vm-rm:locked", "vm-rm:vgpu-released", "vm-rm:runtime-removed"]
     assert "atomic-write:before-rename#2" in steps["start"]  # run.json and the journal are written mid-start
-    # Reached or not, the guest decides (it may power off at the button): stop-paused has these for sure.
-    steps["stop"] = steps["stop"][:steps["stop"].index("vm-stop:powerdown-sent") + 1]
+    assert mine["stop"] == ["vm-stop:locked", "vm-stop:powerdown-sent", "vm-stop:gone"]
 
     for command, points in steps.items():
         for point in points:
-            prepare(host, state, guest, command)
+            prepare(host, state, guest, command, tmp_path)
             killed = cli.crash(COMMANDS[command], point)
             check_after_crash(host, state, point, killed)
 
 
 def check_after_crash(host: HostRoot, state: StateDir, point: str, killed: int) -> None:
     wait_for(lambda: settled(state))
+    if point == "vm-stop:powerdown-sent":  # the guest got the button: it powers off by itself
+        wait_for(lambda: qemus_and_shells(state) == ([], []))
     qemus, _ = qemus_and_shells(state)
     assert len(qemus) <= 1, (point, qemus)
     # Nothing half-written under a real name; the only litter is a temp file of the killed writer's, which
@@ -172,10 +175,7 @@ def check_after_crash(host: HostRoot, state: StateDir, point: str, killed: int) 
         with pytest.raises(Conflict, match="already"):  # never a second QEMU
             lifecycle.start(host, state, VM, accel="tcg")
         assert qemus_and_shells(state)[0] == qemus, point
-        try:
-            lifecycle.kill(host, state, VM)
-        except Conflict:  # a stop's power button may have reached the guest meanwhile
-            assert point == "vm-stop:powerdown-sent" and not qemus_and_shells(state)[0]
+        lifecycle.kill(host, state, VM)
     else:
         assert now.pid is None and now.state in ("stopped", "crashed"), (point, now)
     assert qemus_and_shells(state) == ([], []), point
