@@ -15,7 +15,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from vgpuctl.host import HostRoot
+from vgpuctl.base.process import start_time
+from vgpuctl.host import HostRoot, facts
 from vgpuctl.mdev.errors import CapacityError, Conflict, NotFound
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
@@ -108,18 +109,6 @@ class Process:
 
     def alive(self) -> bool:
         return start_time(self.pid) == self.start_time
-
-
-def start_time(pid: int) -> int | None:
-    """The start time of a live process (not a zombie), None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            after_comm = f.read().rsplit(") ", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if after_comm[0] in ("Z", "X"):  # field 3, the state: a zombie has ended
-        return None
-    return int(after_comm[19])  # field 22
 
 
 def process(pid: int | None) -> Process | None:
@@ -360,16 +349,13 @@ class RequirementStatus:
                 f"{self.requirement}")
 
 
-_TRUE, _FALSE = {"1", "y", "yes", "on", "true"}, {"0", "n", "no", "off", "false"}
-
-
 def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
     """Each of spec.requires as the host has it now (module parameters under /sys/module)."""
     statuses = []
     for requirement in spec.requires:
         setting, _, wanted = requirement.partition("=")
         module, _, parameter = setting.partition(".")
-        where = f"/sys/module/{module}/parameters/{parameter}"
+        where = root.module_parameter(module, parameter)
         try:
             actual: str | None = root.read_value(where).strip()
         except OSError:
@@ -377,7 +363,7 @@ def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
         if actual is None:
             met = None
         else:
-            a, w = actual.lower(), wanted.lower()
-            met = a == w or (a in _TRUE and w in _TRUE) or (a in _FALSE and w in _FALSE)
+            as_bool = facts.kstrtobool(actual)  # bool parameters read back as Y/N
+            met = actual.lower() == wanted.lower() or (as_bool is not None and as_bool == facts.kstrtobool(wanted))
         statuses.append(RequirementStatus(requirement, met, actual, where))
     return statuses
