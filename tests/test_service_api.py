@@ -265,7 +265,7 @@ def test_vm_create_start_screenshot_stop_remove(client: TestClient, host: HostRo
     assert error_of(client.get(f"{API}/vms/car1/screenshot"))[:2] == (409, "conflict")
     assert client.delete(f"{API}/vms/car1").status_code == 204
     assert client.get(f"{API}/vms").json() == []
-    Manager(host, state).remove(started.json()["vgpu"])
+    assert client.get(f"{API}/vgpus").json() == []  # the remove released the vGPU made for the VM
 
 
 # ---------------------------------------------------------------------- auth

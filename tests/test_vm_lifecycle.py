@@ -28,7 +28,7 @@ from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import active_devices
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs
-from vgpuctl.vm.runtime import RuntimePaths, is_running, read_pid, vm_vgpu_uuid
+from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
 from vgpuctl.vm.testguest import build_test_guest
 
 pytestmark = pytest.mark.fuse
@@ -47,12 +47,23 @@ def state() -> Iterator[StateDir]:
 
     state = StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
     yield state
-    for name in specs.names(state):  # a failed test must not leave its QEMUs running
-        pid = read_pid(RuntimePaths.for_vm(state, name))
-        if pid and is_running(state, name):  # its own QEMU (command line names the pidfile), nothing else
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in processes_naming(state.path):  # a failed test must not leave its QEMUs running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(state.path, ignore_errors=True)
+
+
+def processes_naming(directory: Path) -> list[int]:
+    """The live processes whose command line names ``directory`` (this test's QEMUs and their shells, found
+    without vgpuctl's help and whatever its files say)."""
+    found = []
+    needle = os.fsencode(directory)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
 
 
 @pytest.fixture
@@ -226,10 +237,12 @@ def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
         if name == "broken":
             spec.extra_args = ["-device", "no-such-device"]
         specs.save(state, spec)
+    (state.path / "vms" / "dir.toml").mkdir()  # not a spec: reported, and the others still start
     results = lifecycle.autostart(host, state, accel="tcg")
-    assert [(r.name, r.outcome) for r in results] == [("broken", "failed"), ("cluster", "started"),
-                                                      ("rear", "started")]
-    assert "no-such-device" in results[0].detail
+    assert [(r.name, r.outcome) for r in results] == [("dir", "failed"), ("broken", "failed"),
+                                                      ("cluster", "started"), ("rear", "started")]
+    assert "dir.toml: cannot be read as a spec" in results[0].detail
+    assert "no-such-device" in results[1].detail
     runs = {name: json.loads((RuntimePaths.for_vm(state, name).directory / "run.json").read_text())
             for name in ("cluster", "rear")}
     assert runs["cluster"]["started"] < runs["rear"]["started"]  # one after the other, in their order
@@ -241,7 +254,8 @@ def test_autostart_starts_the_marked_vms_in_order_and_carries_on_past_a_failure(
     assert "cluster: already running" in again.stdout and "rear: already running" in again.stdout
     assert "broken: failed" in again.stdout
     stopped = lifecycle.autostop(host, state, timeout_s=2)  # at shutdown: the reverse order (ACPI, then quit)
-    assert [(r.name, r.outcome) for r in stopped] == [("rear", "stopped"), ("cluster", "stopped")], stopped
+    assert [(r.name, r.outcome) for r in stopped] == [("dir", "failed"), ("rear", "stopped"),
+                                                      ("cluster", "stopped")], stopped
     assert {lifecycle.status(host, state, n).state for n in ("rear", "cluster", "spare")} == {"stopped"}
 
 
@@ -302,3 +316,22 @@ def test_a_display_backend_qemu_lacks_is_refused_before_start(host: HostRoot, st
     (state.path / "qemu-probe.json").write_text(json.dumps({**cached, "answer": answer}))
     assert lifecycle.start(host, state, "local", accel="tcg", qemu=str(fake)).state == "running"
     assert json.loads((state.path / "qemu-probe.json").read_text())["answer"]["version"] == "x"
+
+
+def test_a_vgpu_in_use_by_a_running_vm_is_refused_to_another(host: HostRoot, state: StateDir, guest: Path) -> None:
+    from vgpuctl.mdev.lifecycle import Manager
+    from vgpuctl.vm.spec import VgpuRequest
+
+    uuid = Manager(host, state).create(GVT_PARENT, "i915-GVTg_V5_8", "7c4e2d3a-1b2c-4d5e-8f90-a1b2c3d4e5f6")
+    for name in ("first", "second"):
+        new_vm(state, name, guest)
+        spec = specs.load(state, name)
+        spec.vgpu = VgpuRequest(uuid=uuid)
+        specs.save(state, spec)
+    lifecycle.start(host, state, "first", accel="tcg")
+    (RuntimePaths.for_vm(state, "first").pidfile).unlink()  # found by its command line all the same
+    with pytest.raises(lifecycle.VmError, match=f"vGPU {uuid} is in use by VM first"):
+        lifecycle.start(host, state, "second", accel="tcg")
+    lifecycle.kill(host, state, "first")
+    assert lifecycle.start(host, state, "second", accel="tcg").state == "running"
+    lifecycle.kill(host, state, "second")

@@ -7,6 +7,8 @@ the CLI runs in-process against a mounted simulated Coffee Lake host.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -53,8 +55,10 @@ def values(argv: list[str], flag: str) -> list[str]:
 
 
 def fake_qemu(pidfile: Path) -> subprocess.Popen[bytes]:
-    """A process whose command line names the pidfile, as QEMU's does (-pidfile PATH), once it has exec'd."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-pidfile", str(pidfile)])
+    """A process whose command line names the VM and its pidfile, as QEMU's does (-name guest=NAME,...
+    -pidfile PATH), once it has exec'd."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                "-name", f"guest={pidfile.parent.name},debug-threads=on", "-pidfile", str(pidfile)])
     for _ in range(500):
         try:
             if str(pidfile).encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes():
@@ -153,11 +157,25 @@ BAD_SPECS = [
     ('display = {backend = "rdp"}', "display.backend must be one of vnc, spice, egl-headless, dbus, gtk, sdl, none"),
     ('display = {backend = "spice", vnc_socket = "/x.sock"}', "display.vnc_socket needs display.backend vnc"),
     ('display = {resolution = "800"}', "display.resolution must look like 1920x1200"),
-    ('display = {options = {gl = "on,x"}}', "display.options.gl must be a QEMU option name"),
+    ('display = {options = {gl = "on,x"}}', "display.options.gl must be a value without ','"),
+    # Nothing in a spec opens a listener or a file through the display's options (VNC websocket, SPICE port).
+    ('display = {options = {websocket = "5700"}}', "display.options.websocket is not allowed (only options"),
+    ('display = {options = {to = "99"}}', "display.options.to is not allowed"),
+    ('display = {backend = "spice", options = {port = "5930"}}', "display.options.port is not allowed"),
+    ('display = {backend = "dbus", options = {addr = "unix:path=/x"}}', "display.options.addr is not allowed"),
+    ('display = {options = {share = "ignore"}}', "allowed (only options that cannot open a listener or a file: gl,"),
+    # Integers beyond sensible (and TOML's) range.
+    ("memory_mib = 9223372036854775807",
+     "memory_mib must be a positive integer (MiB) up to 16777216, got 9223372036854775807"),
+    ("cpus = 256", "cpus must be a positive integer up to 255, got 256"),
+    ("order = 10000", "order must be an integer from 0 to 9999, got 10000"),
+    ("order = true", "order must be an integer from 0 to 9999, got true"),
+    ("vgpu = {min_memory_mib = 9223372036854775807}",
+     "vgpu.min_memory_mib must be a positive integer (MiB) up to 16777216"),
     ('requires = ["ignore_msrs"]', "requires[0] must look like MODULE.PARAMETER=VALUE"),
     ("extra_args = [1]", "extra_args must be a list of strings"),
     ("disks = 3", "disks must be a list of tables"),
-    ("order = -1", "order must be an integer >= 0"),
+    ("order = -1", "order must be an integer from 0 to 9999"),
 ]
 
 
@@ -319,18 +337,18 @@ def test_every_display_with_the_vgpu_not_shown(backend: str) -> None:
 def test_opregion_only_for_gvt_types_unless_asked_and_display_options() -> None:
     spec = replace(new_spec("vm1"), vgpu=VgpuRequest(type="mdpy-hd"), vgpu_display=True,
                    display=Display(backend="egl-headless", rendernode="/dev/dri/renderD129", vnc_socket="/v/s.sock",
-                                   options={"x-opt": "1"}))
+                                   options={"lossy": "on"}))
     argv = command(spec, MDPY).argv
     assert vgpu_device(argv) == f"vfio-pci,id=hostdev0,sysfsdev={SYSFS},display=on"
     assert "-global" not in argv  # the S3/S4 globals are for GVT-g
-    assert values(argv, "-display") == ["egl-headless,rendernode=/dev/dri/renderD129,x-opt=1"]
+    assert values(argv, "-display") == ["egl-headless,rendernode=/dev/dri/renderD129,lossy=on"]
     assert values(argv, "-vnc") == ["unix:/v/s.sock"]
     forced = command(replace(spec, igd_opregion=True), MDPY).argv
     assert vgpu_device(forced).endswith(",display=on,x-igd-opregion=on")
     off = command(replace(spec, vgpu=VgpuRequest(type="i915-GVTg_V5_4"), igd_opregion=False)).argv
     assert "x-igd-opregion" not in vgpu_device(off)
-    dbus = command(replace(spec, display=Display(backend="dbus", options={"addr": "unix:path=/x"}))).argv
-    assert values(dbus, "-display") == ["dbus,gl=on,addr=unix:path=/x"]
+    dbus = command(replace(spec, display=Display(backend="dbus", options={"p2p": "no"}))).argv
+    assert values(dbus, "-display") == ["dbus,gl=on,p2p=no"]
 
 
 def test_firmware_boot_disks_network_and_extra_args() -> None:
@@ -736,3 +754,120 @@ def test_autostart_and_keep_vgpu_from_the_command_line(gvt: Cli) -> None:
     assert "keep" not in specs.spec_path(StateDir(gvt.state), "tmp1").read_text()  # the default is not written
     code, out, _ = gvt("vm", "autostart")
     assert code == 0 and "no VM is marked autostart" in out
+
+
+# ---------------------------------------------------------------------- one bad file hides nothing
+
+
+def break_some_specs(state: Path) -> dict[str, str]:
+    """Next to good VMs: bad TOML, a bad field, a directory named like a spec, a file that is not a VM name."""
+    vms = state / "vms"
+    (vms / "bad-toml.toml").write_text("name = \n")
+    (vms / "bad-field.toml").write_text('name = "bad-field"\nmemory_mib = "lots"\n')
+    (vms / "dir.toml").mkdir()
+    (vms / "Not A Name.toml").write_text('name = "x"\n')
+    return {"bad-toml": "not valid TOML", "bad-field": "memory_mib must be a positive integer",
+            "dir": "cannot be read as a spec", "Not A Name": "is not a VM name"}
+
+
+@pytest.mark.fuse
+def test_a_bad_spec_file_is_listed_with_its_error_and_the_others_still_work(gvt: Cli) -> None:
+    gvt("vm", "create", "good1", "--profile", "automotive", "--no-autostart")
+    gvt("vm", "create", "good2", "--profile", "streaming")
+    rows_before = gvt.json("vm", "list")
+    expected = break_some_specs(gvt.state)
+
+    rows = gvt.json("vm", "list")  # exit status 0: the listing itself worked
+    assert isinstance(rows, list) and isinstance(rows_before, list)
+    good = [r for r in rows if "error" not in r]
+    assert good == rows_before  # the good VMs' rows, unchanged in shape and content
+    bad = {r["name"]: r for r in rows if "error" in r}
+    assert set(bad) == set(expected)
+    for name, message in expected.items():
+        assert set(bad[name]) == {"name", "file", "error"} and bad[name]["file"] == f"{gvt.state}/vms/{name}.toml"
+        assert message in bad[name]["error"] and bad[name]["file"] in bad[name]["error"]
+
+    code, out, err = gvt("vm", "list")
+    assert code == 0 and "good1" in out and "good2" in out and "bad spec" in out
+    for name, message in expected.items():
+        assert f"{gvt.state}/vms/{name}.toml" in err and message in err
+
+    # (test_vm_lifecycle's autostart test starts good VMs beside a bad file.)
+    code, out, _ = gvt("vm", "autostart", "--json", ok=False)
+    results = {r["name"]: r for r in json.loads(out)}
+    assert code == 1 and set(results) == set(expected) and {r["outcome"] for r in results.values()} == {"failed"}
+    assert "cannot be read" in results["dir"]["detail"]
+
+
+@pytest.mark.fuse
+def test_the_service_lists_the_good_vms_and_each_bad_spec(mount_host: MountFn, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from vgpuctl.service.app import create_app
+
+    host, state = mount_host("coffeelake", aperture_mib=1024), StateDir(tmp_path / "state")
+    specs.save(state, new_spec("good1", "streaming"), new=True)
+    expected = break_some_specs(state.path)
+    with TestClient(create_app(host, state, token="t" * 32), headers={"Authorization": "Bearer " + "t" * 32}) as client:
+        answer = client.get("/api/v1/vms")
+    assert answer.status_code == 200, answer.text
+    rows = {r["name"]: r for r in answer.json()}
+    assert rows["good1"]["state"] == "stopped" and rows["good1"]["spec"]["name"] == "good1"
+    for name, message in expected.items():
+        assert rows[name]["state"] == "error" and message in rows[name]["error"]
+        assert rows[name]["file"] == str(state.path / "vms" / f"{name}.toml")
+
+
+@pytest.mark.fuse
+def test_commands_on_a_vm_that_does_not_exist_make_no_lock_file(gvt: Cli, tmp_path: Path) -> None:
+    gvt("vm", "create", "real", "--profile", "automotive")
+    for command in ("status", "start", "stop", "kill", "rm", "release-vgpu", "console"):
+        code, _, err = gvt("vm", command, "nosuchvm", ok=False)
+        assert code == 1 and "no VM 'nosuchvm'" in err, (command, err)
+    assert not (gvt.state / "locks" / "vm-nosuchvm.lock").exists()
+
+
+def test_temp_files_of_killed_spec_writes_are_cleaned_at_the_next_write(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    spec = new_spec("vm1")
+    path = specs.save(state, spec, new=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that ran and is no more, as a writer killed mid-write
+    stale = path.parent / f".vm1.toml.{gone.pid}.123.tmp"
+    live = path.parent / f".vm1.toml.{os.getpid()}.456.tmp"  # a writer that still runs: its own to finish
+    other = path.parent / f".vm2.toml.{gone.pid}.789.tmp"  # another VM's: left for that VM's next write
+    for temp in (stale, live, other):
+        temp.write_text("half")
+    specs.save(state, replace(spec, cpus=3))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert specs.load(state, "vm1").cpus == 3
+
+
+@pytest.mark.fuse
+def test_out_of_range_numbers_and_listening_display_options_are_refused_by_the_cli(gvt: Cli) -> None:
+    for option, message in ((["--memory", str(2**63)], "memory_mib must be a positive integer (MiB) up to"),
+                            (["--order", str(2**63)], "order must be an integer from 0 to 9999"),
+                            (["--display-option", "websocket=5700"], "display.options.websocket is not allowed")):
+        code, _, err = gvt("vm", "create", "x", *option, ok=False)
+        assert code == 1 and message in err, (option, err)
+    assert not (gvt.state / "vms" / "x.toml").exists()
+
+
+def test_a_pid_in_the_vms_files_that_now_names_another_process_is_not_its_qemu(tmp_path: Path) -> None:
+    from vgpuctl.vm import lifecycle
+
+    state = StateDir(tmp_path / "state")
+    specs.save(state, new_spec("vm1"), new=True)
+    paths = RuntimePaths.for_vm(state, "vm1")
+    paths.directory.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a pid reused by another
+    try:
+        paths.pidfile.write_text(f"{other.pid}\n")
+        (paths.directory / "run.json").write_text(json.dumps(
+            {"run_id": 1, "argv": [], "shell": None, "qemu": {"pid": other.pid, "start_time": 1}}))
+        now = lifecycle.status(HostRoot(tmp_path), state, "vm1")
+        assert now.pid is None and now.state != "running"
+        assert not is_running(state, "vm1")
+    finally:
+        other.kill()
+        other.wait()

@@ -10,7 +10,8 @@ import os
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (/proc/PID/stat field 22), None if it is gone."""
+    """A live process's start time in clock ticks after boot (/proc/PID/stat field 22); None if there is no
+    such process or it has ended (a zombie)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -18,6 +19,8 @@ def start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) is in parentheses and may itself hold spaces and ')': split after the last.
     fields = stat[stat.rfind(b")") + 2:].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):  # field 3, the state
+        return None
     return int(fields[19])
 
 

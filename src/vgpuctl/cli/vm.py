@@ -73,7 +73,8 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--rendernode", metavar="PATH", help="DRM render node for OpenGL (e.g. /dev/dri/renderD128)."),
     click.option("--screen", metavar="WxH", help="Fixed screen resolution (EDID xres/yres); 'none' removes it."),
     click.option("--display-option", "display_options", multiple=True, metavar="KEY=VALUE",
-                 help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them)."),
+                 help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them); only "
+                      "options that open no listener or file (gl, lossy, show-cursor, ...)."),
     click.option("--vgpu-display/--no-vgpu-display", default=None,
                  help="Show the vGPU's own display (QEMU display=on, -vga none)."),
     click.option("--ramfb/--no-ramfb", default=None, help="Boot display on the vGPU's console (needs the display)."),
@@ -266,7 +267,7 @@ def rm(name: str) -> None:
     """Remove a stopped VM: its spec and runtime directory (disk images stay)."""
     from vgpuctl.vm.inventory import remove
 
-    kept = remove(state_dir(), name)
+    kept = remove(State.root, state_dir(), name)
     say(f"removed VM {name}" + (f"; disk images kept: {', '.join(kept)}" if kept else ""))
 
 
@@ -284,17 +285,23 @@ def _vgpu_summary(spec: VmSpec) -> str:
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
 @reports_errors
 def list_command(json_output: bool) -> None:
-    """Every VM with its profile, size, vGPU request, display and whether it runs."""
+    """Every VM with its profile, size, vGPU request, display and whether it runs.
+
+    A spec file that cannot be read is listed with its error (in --json as {"name", "file", "error"});
+    the others are listed all the same, and the exit status stays 0."""
     from vgpuctl.vm import spec as specs
     from vgpuctl.vm.inventory import vm_row
+    from vgpuctl.vm.runtime import running_vms
 
     state = state_dir()
-    rows: list[dict[str, Any]] = [{**vm_row(state, spec), "_vgpu": _vgpu_summary(spec)}
-                                  for spec in specs.load_all(state)]
+    good, problems = specs.load_each(state)
+    running = running_vms(state)
+    rows: list[dict[str, Any]] = [{**vm_row(state, spec, running), "_vgpu": _vgpu_summary(spec)} for spec in good]
     if json_output:
-        print_json([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+        listed = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        print_json(sorted(listed + [p.to_json() for p in problems], key=lambda r: str(r["name"])))
         return
-    if not rows:
+    if not rows and not problems:
         say("no VMs; 'vgpuctl vm create NAME --profile streaming|gaming|automotive' makes one")
         return
     from rich.markup import escape
@@ -307,7 +314,11 @@ def list_command(json_output: bool) -> None:
         table.add_row(r["name"], r["profile"] or "-", "running" if r["running"] else "stopped",
                       f"{r['memory_mib']} MiB", str(r["cpus"]), escape(r["_vgpu"]), r["display"],
                       "-" if r["order"] is None else str(r["order"]))
+    for p in problems:
+        table.add_row(escape(p.name), "-", "bad spec", "-", "-", "-", "-", "-")
     out().print(table)
+    for p in problems:
+        click.echo(f"error: {p.error}", err=True)
 
 
 @vm.command("show")

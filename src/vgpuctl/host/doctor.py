@@ -651,7 +651,7 @@ def _see_param(host: Host, c: Check, module: str, param: str) -> tuple[str | Non
     c.see("/proc/cmdline", f"{module}.{param}={cmd}" if cmd is not None else f"no {module}.{param}")
     if modprobe:
         c.see(modprobe[1], f"options {module} {param}={modprobe[0]}")
-    return cmd, modprobe, host.value(f"/sys/module/{module}/parameters/{param}")
+    return cmd, modprobe, host.value(host.root.module_parameter(module, param))
 
 
 def check_enable_gvt(ctx: Context, c: Check) -> None:

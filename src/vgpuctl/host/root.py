@@ -156,6 +156,10 @@ class HostRoot:
         """Debian's list of modules loaded at boot (read by systemd-modules-load there too)."""
         return "/etc/modules"
 
+    def module_parameter(self, module: str, name: str) -> str:
+        """A loaded module's parameter as it is now (0444 or 0400 files under /sys/module)."""
+        return f"/sys/module/{module}/parameters/{name}"
+
     def kernel_config(self, release: str) -> str:
         """The Kconfig a distribution kernel ships with."""
         return f"/boot/config-{release}"

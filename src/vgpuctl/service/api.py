@@ -488,7 +488,7 @@ def remove_vm(ctx: Ctx, name: VmName) -> None:
     """Remove a stopped VM: its spec and runtime directory; disk images stay (as ``vgpuctl vm rm``)."""
     from vgpuctl.vm import inventory
 
-    inventory.remove(ctx.state, name)
+    inventory.remove(ctx.root, ctx.state, name)
 
 
 @router.get("/vms/{name}/status", tags=["vms"], response_model=VmStatusOut)

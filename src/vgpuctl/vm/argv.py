@@ -225,7 +225,7 @@ def _display_args(spec: VmSpec, paths: RuntimePaths, *, gl: bool, simulated: boo
         spice = f"unix=on,addr={qemu_value(str(paths.spice_socket))},disable-ticketing=on"
         return ["-display", "none", "-spice", spice + (",gl=on" if gl else "") + render + extra]
     if backend == "dbus":
-        p2p = "" if ("p2p" in display.options or "addr" in display.options) else ",p2p=yes"
+        p2p = "" if "p2p" in display.options else ",p2p=yes"
         return ["-display", f"dbus{p2p}" + (",gl=on" if gl else "") + render + extra]
     if backend in ("gtk", "sdl"):
         return ["-display", backend + (",gl=on" if gl else "") + extra]

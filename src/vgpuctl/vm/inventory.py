@@ -4,14 +4,23 @@ the one place both the CLI (``vm list/show --json``, ``vm rm``) and the HTTP ser
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from typing import Any
 
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.errors import Conflict, InvalidInput
+from vgpuctl.mdev.errors import Conflict, InvalidInput, NotOwned
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
-from vgpuctl.vm.runtime import RuntimePaths, check_requirements, is_running
+from vgpuctl.vm.runtime import (
+    RuntimePaths,
+    VmProcesses,
+    all_vm_processes,
+    check_requirements,
+    is_running,
+    running_vms,
+)
 from vgpuctl.vm.spec import VmSpec
 
 # What the body of a create may set besides name and profile: VmSpec's fields as in its TOML file.
@@ -21,32 +30,47 @@ SPEC_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "boot", "fast
                "igd_opregion", "display", "requires", "extra_args")
 
 
-def vm_row(state: StateDir, spec: VmSpec) -> dict[str, Any]:
-    """One row of ``vgpuctl vm list --json``."""
+def vm_row(state: StateDir, spec: VmSpec, running: set[str] | None = None) -> dict[str, Any]:
+    """One row of ``vgpuctl vm list --json``; ``running``: the VMs that run (one pass over /proc for all)."""
     return {"name": spec.name, "profile": spec.profile, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
             "vgpu": spec.vgpu.describe() if spec.vgpu.kind != "none" else None,
             "vgpu_display": spec.vgpu_display, "display": spec.display.backend, "order": spec.order,
             "autostart": spec.autostart,
-            "running": is_running(state, spec.name)}
+            "running": spec.name in running if running is not None else is_running(state, spec.name)}
 
 
 def vm_rows(state: StateDir) -> list[dict[str, Any]]:
-    return [vm_row(state, spec) for spec in specs.load_all(state)]
+    """``vgpuctl vm list --json``: a row per VM, and ``{"name", "file", "error"}`` for each spec file that
+    cannot be read, in name order."""
+    good, problems = specs.load_each(state)
+    running = running_vms(state)
+    rows = [vm_row(state, spec, running) for spec in good] + [p.to_json() for p in problems]
+    return sorted(rows, key=lambda row: str(row["name"]))
 
 
-def vm_overview(root: HostRoot, state: StateDir, spec: VmSpec) -> dict[str, Any]:
+def vm_overview(root: HostRoot, state: StateDir, spec: VmSpec,
+                processes: dict[str, VmProcesses] | None = None) -> dict[str, Any]:
     """A VM's list row with its status (``vm status --json`` less the name; the vGPU's UUID as ``vgpu_uuid``,
-    since ``vgpu`` is the request) and its whole spec: what the service lists and streams."""
+    since ``vgpu`` is the request) and its whole spec: what the service lists and streams. ``processes``:
+    :func:`all_vm_processes`, when the caller lists many VMs."""
     from vgpuctl.vm.lifecycle import status
 
-    now = status(root, state, spec.name).to_json()
+    mine = processes.get(spec.name, VmProcesses()) if processes is not None else None
+    now = status(root, state, spec.name, processes=mine).to_json()
     now.pop("name")
     now["vgpu_uuid"] = now.pop("vgpu")
-    return {**vm_row(state, spec), **now, "spec": spec.to_dict()}
+    running = None if processes is None else {n for n, p in processes.items() if p.qemu is not None}
+    return {**vm_row(state, spec, running), **now, "spec": spec.to_dict()}
 
 
 def vm_overviews(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
-    return [vm_overview(root, state, spec) for spec in specs.load_all(state)]
+    """What the service lists: an overview per VM, and for each spec file that cannot be read
+    ``{"name", "file", "error", "state": "error", "detail": error}`` (the others are listed all the same)."""
+    good, problems = specs.load_each(state)
+    processes = all_vm_processes(state)  # one pass over /proc for all VMs (the service asks twice a second)
+    rows = [vm_overview(root, state, spec, processes) for spec in good]
+    rows += [{**p.to_json(), "state": "error", "detail": p.error} for p in problems]
+    return sorted(rows, key=lambda row: str(row["name"]))
 
 
 def vm_detail(root: HostRoot, state: StateDir, name: str) -> dict[str, Any]:
@@ -110,11 +134,24 @@ def create(state: StateDir, name: str, profile: str | None, fields: dict[str, An
     return spec
 
 
-def remove(state: StateDir, name: str) -> list[str]:
-    """Remove a stopped VM: its spec and runtime directory. Returns the disk images, which stay."""
-    spec = specs.load(state, name)
-    if is_running(state, name):
-        raise Conflict(f"VM {name} is running; stop it first")
-    specs.remove(state, name)
-    shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)
+def remove(root: HostRoot, state: StateDir, name: str) -> list[str]:
+    """Remove a stopped VM: the vGPU vgpuctl made for it, its runtime directory, then its spec (last: a
+    remove killed half-way leaves a VM that a second remove finishes). Returns the disk images, which stay."""
+    from vgpuctl.vm import lifecycle
+
+    with lifecycle.vm_lock(state, name):  # no start of this VM runs meanwhile
+        crashpoint("vm-rm:locked")
+        spec = specs.load(state, name)
+        current = lifecycle.status(root, state, name)
+        if current.pid is not None or current.state == "starting":
+            raise Conflict(f"VM {name} is {current.state}; stop it first: 'vgpuctl vm stop {name}'"
+                           + (f" (QEMU pid {current.pid})" if current.pid else ""))
+        # The vGPU vgpuctl made for this VM (its UUID derived from the name); a vGPU the spec names by
+        # UUID is the user's and stays, as does one with the derived UUID that vgpuctl did not make.
+        with contextlib.suppress(NotOwned):
+            if lifecycle.release_vgpu_locked(root, state, name):
+                crashpoint("vm-rm:vgpu-released")
+        shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)
+        crashpoint("vm-rm:runtime-removed")
+        specs.remove(state, name)
     return [d.path for d in spec.disks]

@@ -4,6 +4,10 @@ outlives the vgpuctl process that started it.
 
 QEMU runs under ``sh -c 'qemu ...; echo $? > exit-status'`` in a session of its own: the exit
 status tells a guest power-off (0) from a crash (anything else) after vgpuctl has gone away.
+Nothing loses track of it: ``run.json`` is written before QEMU is spawned (and the shell's pid and
+start time right after), and every command finds the VM's QEMU by its command line in /proc
+(:func:`vgpuctl.vm.runtime.vm_processes`) whatever the state files say, so a start killed at any
+point never leaves a QEMU that status calls stopped or that a second start runs beside.
 Its QMP socket is bound by vgpuctl before QEMU starts and handed over as a file descriptor, as
 libvirt does, so a start connects at once and learns ``running`` the moment QEMU's monitor speaks;
 ``run.json`` keeps the exact argv (``vgpuctl vm argv`` prints the equivalent with a socket path).
@@ -18,18 +22,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write
 from vgpuctl.mdev.errors import Conflict, KernelError, NotFound, VgpuError
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_command
-from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths, check_requirements, read_pid, resolve_vgpu
+from vgpuctl.vm.runtime import (
+    Process,
+    ResolvedVgpu,
+    RuntimePaths,
+    VmProcesses,
+    check_requirements,
+    process,
+    resolve_vgpu,
+    running_vms,
+    vm_processes,
+)
 from vgpuctl.vm.spec import VmSpec
 
 START_TIMEOUT_S = 30.0
@@ -187,25 +202,6 @@ def _exit_file(paths: RuntimePaths, run: dict[str, Any]) -> Path:
     return paths.directory / f"exit-status.{run['run_id']}"
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _is_our_shell(pid: int | None) -> bool:
-    """The shell a start left to wait for QEMU is still there (QEMU starting, or just gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return _alive(pid) and b"VGPUCTL_EXIT" in f.read()
-    except OSError:
-        return False
-
-
 def _log_tail(paths: RuntimePaths) -> list[str]:
     try:
         return paths.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
@@ -215,29 +211,58 @@ def _log_tail(paths: RuntimePaths) -> list[str]:
 
 def _running_vgpus(state: StateDir, but: str) -> dict[str, str]:
     """vGPU uuid -> VM name for every other VM that runs now."""
-    used = {}
-    for other in specs.names(state):
-        if other == but:
-            continue
-        paths = RuntimePaths.for_vm(state, other)
-        try:
-            info = json.loads(_run_file(paths).read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("vgpu") and _alive(read_pid(paths)):
-            used[info["vgpu"]] = other
-    return used
+    recorded = {other: _read_run(RuntimePaths.for_vm(state, other)).get("vgpu")
+                for other in specs.names(state) if other != but}
+    holders = {other: vgpu for other, vgpu in recorded.items() if vgpu}
+    if not holders:
+        return {}
+    running = running_vms(state)  # one pass over /proc for all of them
+    return {vgpu: other for other, vgpu in holders.items() if other in running}
+
+
+def _read_run(paths: RuntimePaths) -> dict[str, Any]:
+    """The run record (``run.json``); {} when there is none."""
+    try:
+        run = json.loads(_run_file(paths).read_text())
+    except (OSError, ValueError):
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
+def _processes(state: StateDir, name: str, run: dict[str, Any] | None = None) -> VmProcesses:
+    """The VM's QEMU and shell now; the QEMU its run record names is looked at first."""
+    recorded = Process.from_json((run if run is not None else _read_run(RuntimePaths.for_vm(state, name)))
+                                 .get("qemu"))
+    return vm_processes(state, name, [recorded.pid] if recorded and recorded.alive() else None)
+
+
+def _occupied(current: VmStatus) -> bool:
+    """A QEMU of the VM runs, or its shell is about to run one (or has just seen it end)."""
+    return current.pid is not None or current.state == "starting"
+
+
+@contextlib.contextmanager
+def vm_lock(state: StateDir, name: str) -> Iterator[None]:
+    """The VM's lock, for whatever starts, stops or removes it; NotFound (no lock file made) if there is no
+    such VM, also when it was removed while this waited for the lock."""
+    if not specs.exists(state, name):
+        raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs")
+    with state.lock(f"vm-{name}"):
+        if not specs.exists(state, name):
+            raise NotFound(f"no VM {name!r}: it was removed")
+        yield
 
 
 def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None,
           timeout_s: float = START_TIMEOUT_S) -> VmStatus:
     """Preflight, make sure the vGPU exists, start QEMU detached and wait until QMP says ``running``."""
     paths = RuntimePaths.for_vm(state, name)
-    with state.lock(f"vm-{name}"):
+    with vm_lock(state, name):
+        crashpoint("vm-start:locked")
         current = status(root, state, name)
-        if current.state in ("starting", "running", "paused", "shutdown"):
-            raise Conflict(f"VM {name} is already {current.state} (pid {current.pid}); "
-                           f"'vgpuctl vm stop {name}' first")
+        if _occupied(current):
+            raise Conflict(f"VM {name} is already {current.state}" + (f" (pid {current.pid})" if current.pid else "")
+                           + f"; 'vgpuctl vm stop {name}' first")
         prepared = prepare(root, state, name, accel=accel, qemu=qemu)
         _preflight(root, state, prepared, paths)
         vgpu = prepared.vgpu
@@ -245,6 +270,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
             from vgpuctl.mdev.lifecycle import Manager  # only now: a restart reuses its vGPU
 
             Manager(root, state).create(vgpu.parent, vgpu.type_id, vgpu.uuid)
+            crashpoint("vm-start:vgpu-created")
         paths.directory.mkdir(parents=True, exist_ok=True)
         for stale in (paths.pidfile, paths.qmp_socket, *paths.directory.glob("exit-status.*")):
             stale.unlink(missing_ok=True)
@@ -258,6 +284,10 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         listener = listen_qmp(paths.qmp_socket)
         try:
             run["argv"] = argv = preopened_qmp_argv(argv, listener)
+            # Recorded before QEMU exists: from here on a killed start leaves a record (QEMU itself is
+            # found by its command line all the same).
+            atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+            crashpoint("vm-start:recorded")
             with open(paths.log, "w") as log:
                 # The shell waits for QEMU and keeps its exit status for later status calls; with
                 # vgpu.keep = false it then removes the vGPU, however QEMU ended (stop, power-off, crash).
@@ -268,10 +298,18 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
                                               **_release_env(root, state, prepared)})
         finally:
             os.close(listener)
-        run["shell_pid"] = shell.pid
+        crashpoint("vm-start:spawned")
+        shell_process = process(shell.pid)
+        run["shell"] = shell_process.to_json() if shell_process else None
         atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+        crashpoint("vm-start:recorded-shell")
         wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
                      f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
+        crashpoint("vm-start:running")
+        qemu_process = vm_processes(state, name).qemu
+        run["qemu"] = qemu_process.to_json() if qemu_process else None
+        atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+        crashpoint("vm-start:recorded-qemu")
     return status(root, state, name, qmp_status="running")
 
 
@@ -290,16 +328,9 @@ class AutostartResult:
 def _autostart_specs(state: StateDir) -> tuple[list[VmSpec], list[AutostartResult]]:
     """The VMs marked autostart in start order (``order``, lower first, unordered last; then name), and a
     failure for each spec file that cannot be read (one broken file must not keep the others down)."""
-    chosen: list[VmSpec] = []
-    unreadable: list[AutostartResult] = []
-    for name in specs.names(state):
-        try:
-            spec = specs.load(state, name)
-        except VgpuError as error:
-            unreadable.append(AutostartResult(name, "failed", str(error)))
-            continue
-        if spec.autostart:
-            chosen.append(spec)
+    good, problems = specs.load_each(state)
+    chosen = [spec for spec in good if spec.autostart]
+    unreadable = [AutostartResult(problem.name, "failed", problem.error) for problem in problems]
     chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name))
     return chosen, unreadable
 
@@ -313,7 +344,7 @@ def autostart(root: HostRoot, state: StateDir, *, accel: str = "auto") -> list[A
     for spec in chosen:
         try:
             current = status(root, state, spec.name)
-            if current.state in ("starting", "running", "paused"):
+            if _occupied(current):
                 results.append(AutostartResult(spec.name, f"already {current.state}"))
                 continue
             started = start(root, state, spec.name, accel=accel)
@@ -329,7 +360,7 @@ def autostop(root: HostRoot, state: StateDir, *, timeout_s: float = STOP_TIMEOUT
     chosen, results = _autostart_specs(state)
     for spec in reversed(chosen):
         try:
-            if status(root, state, spec.name).state not in ("starting", "running", "paused", "shutdown"):
+            if not _occupied(status(root, state, spec.name)):
                 continue
             stopped = stop(root, state, spec.name, timeout_s=timeout_s)
             results.append(AutostartResult(spec.name, "stopped", stopped.detail))
@@ -497,30 +528,39 @@ def _exited_at_start(paths: RuntimePaths, exit_file: Path, name: str) -> bool:
     return False
 
 
-def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None = None) -> VmStatus:
-    """Re-attach to the VM through its pidfile and QMP socket; a vanished QEMU is reported as crashed.
+def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None = None,
+           processes: VmProcesses | None = None) -> VmStatus:
+    """The VM's QEMU as found in /proc (whatever the state files say) and asked through QMP; a vanished QEMU
+    is told from a guest power-off by the exit status its shell left.
 
     ``qmp_status``: what QMP has just said, when the caller has asked (a start); saves a round trip.
+    ``processes``: the VM's processes, when the caller has just looked (a listing: one pass for all VMs).
     """
     if not specs.exists(state, name):
         raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs")
     paths = RuntimePaths.for_vm(state, name)
-    try:
-        run: dict[str, Any] = json.loads(_run_file(paths).read_text())
-    except (OSError, ValueError):
-        return VmStatus(name, "stopped")
+    run = _read_run(paths)
+    found = processes if processes is not None else _processes(state, name, run)
     result = VmStatus(name, "stopped", accel=run.get("accel"), vgpu=run.get("vgpu"),
                       simulated_display=run.get("simulated_display"))
-    pid = read_pid(paths)
-    if _alive(pid):
-        result.pid = pid
+    if found.qemu is not None:
+        result.pid = found.qemu.pid
         result.qmp_status = qmp_status or _qmp_status(paths)
         result.state = {"running": "running", "paused": "paused", "shutdown": "shutdown",
                         None: "running"}.get(result.qmp_status, result.qmp_status or "running")
         result.console = _console(paths)
+        if not run:
+            result.detail = "vgpuctl has no record of this run (its start was interrupted)"
         return result
-    if not _exit_file(paths, run).exists() and _is_our_shell(run.get("shell_pid")):
-        result.state, result.detail = "starting", "QEMU is starting"
+    # A shell without QEMU: QEMU is starting, unless it has been seen running (then it has just ended and
+    # the shell is about to record how: _exit_status waits for that).
+    if found.shells and not run.get("qemu") and not (run and _exit_file(paths, run).exists()):
+        result.state, result.detail = "starting", "QEMU is starting (or has just ended)"
+        return result
+    if not run:
+        return result
+    if "shell" not in run and "shell_pid" not in run and not _exit_file(paths, run).exists():
+        result.detail = "a start was interrupted before QEMU ran"
         return result
     code = _exit_status(paths, run)
     if code == 0:
@@ -559,31 +599,62 @@ def _console(paths: RuntimePaths) -> dict[str, str]:
 def stop(root: HostRoot, state: StateDir, name: str, *, timeout_s: float = STOP_TIMEOUT_S) -> VmStatus:
     """ACPI power button, then ``quit`` if the guest has not powered off within the timeout."""
     paths = RuntimePaths.for_vm(state, name)
-    with state.lock(f"vm-{name}"):
-        current = status(root, state, name)
-        if current.state not in ("running", "paused", "shutdown"):
+    with vm_lock(state, name):
+        crashpoint("vm-stop:locked")
+        current, qemu = _settled(root, state, name)
+        if qemu is None:
             raise Conflict(f"VM {name} is not running ({current.state})")
         if current.state == "running":
             _try_qmp(paths, "system_powerdown")
-            if _wait_gone(current.pid, timeout_s):
-                return _finish(root, state, name, "the guest powered off")
+            crashpoint("vm-stop:powerdown-sent")
+            if _wait_gone(qemu, timeout_s):
+                return _finish(state, name, "the guest powered off", "stop")
         _try_qmp(paths, "quit")
+        crashpoint("vm-stop:quit-sent")
         how = "QEMU quit" if current.state != "running" else f"no power-off within {timeout_s:g} s: QEMU quit"
-        if not _wait_gone(current.pid, 5.0) and current.pid:
-            os.kill(current.pid, signal.SIGKILL)
-            _wait_gone(current.pid, 5.0)
+        if not _wait_gone(qemu, 5.0):
+            _kill(qemu)
+            _wait_gone(qemu, 5.0)
             how = "QEMU did not quit: killed"
-        return _finish(root, state, name, how)
+        return _finish(state, name, how, "stop")
 
 
 def kill(root: HostRoot, state: StateDir, name: str) -> VmStatus:
-    with state.lock(f"vm-{name}"):
-        current = status(root, state, name)
-        if current.pid is None:
+    with vm_lock(state, name):
+        crashpoint("vm-kill:locked")
+        current, qemu = _settled(root, state, name)
+        if qemu is None:
             raise Conflict(f"VM {name} is not running ({current.state})")
-        os.kill(current.pid, signal.SIGKILL)
-        _wait_gone(current.pid, 5.0)
-        return _finish(root, state, name, "killed")
+        _kill(qemu)
+        crashpoint("vm-kill:killed")
+        _wait_gone(qemu, 5.0)
+        return _finish(state, name, "killed", "kill")
+
+
+def _settled(root: HostRoot, state: StateDir, name: str, timeout_s: float = 5.0) -> tuple[VmStatus, Process | None]:
+    """The VM's status and QEMU, once a shell that is about to run QEMU (or has just seen it end) is past
+    that: a stop or kill must reach a QEMU that a killed start left starting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = status(root, state, name)
+        if current.state != "starting" or time.monotonic() > deadline:
+            return current, _processes(state, name).qemu if current.pid is not None else None
+        time.sleep(0.01)
+
+
+def _kill(qemu: Process) -> None:
+    """SIGKILL to exactly this process: through a pidfd taken while its start time still matches."""
+    try:
+        pidfd = os.pidfd_open(qemu.pid)
+    except ProcessLookupError:
+        return
+    try:
+        if qemu.alive():
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _try_qmp(paths: RuntimePaths, command: str) -> None:
@@ -591,18 +662,23 @@ def _try_qmp(paths: RuntimePaths, command: str) -> None:
         qmp(paths, command)
 
 
-def _wait_gone(pid: int | None, timeout_s: float) -> bool:
+def _wait_gone(qemu: Process, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while _alive(pid):
+    while qemu.alive():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
     return True
 
 
-def _finish(root: HostRoot, state: StateDir, name: str, how: str) -> VmStatus:
-    """After a stop or kill asked for by the user: forget the run (the vGPU stays for the next start)."""
+def _finish(state: StateDir, name: str, how: str, command: str) -> VmStatus:
+    """After a stop or kill asked for by the user: once QEMU's shell is gone too (it records the exit status,
+    then may hand over to 'vm release-vgpu'), forget the run (the vGPU stays for the next start)."""
     paths = RuntimePaths.for_vm(state, name)
+    deadline = time.monotonic() + 5.0
+    while vm_processes(state, name).any and time.monotonic() < deadline:
+        time.sleep(0.01)
+    crashpoint(f"vm-{command}:gone")
     _run_file(paths).unlink(missing_ok=True)
     paths.pidfile.unlink(missing_ok=True)
     return VmStatus(name, "stopped", detail=how)
@@ -610,18 +686,23 @@ def _finish(root: HostRoot, state: StateDir, name: str, how: str) -> VmStatus:
 
 def release_vgpu(root: HostRoot, state: StateDir, name: str) -> str | None:
     """Remove the vGPU vgpuctl created for this VM (a stopped VM only). Returns its UUID, if any."""
+    with vm_lock(state, name):  # not while a start of this VM is creating or reusing it
+        return release_vgpu_locked(root, state, name)
+
+
+def release_vgpu_locked(root: HostRoot, state: StateDir, name: str) -> str | None:
+    """:func:`release_vgpu` for a caller that holds the VM's lock (``vm rm``)."""
     from vgpuctl.mdev.lifecycle import Manager
     from vgpuctl.mdev.sysfs import active_device
     from vgpuctl.vm.runtime import vm_vgpu_uuid
 
-    with state.lock(f"vm-{name}"):  # not while a start of this VM is creating or reusing it
-        if status(root, state, name).pid is not None:
-            raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
-        uuid = vm_vgpu_uuid(name)
-        if active_device(root, uuid) is None:
-            return None
-        Manager(root, state).remove(uuid)
-        return uuid
+    if _occupied(status(root, state, name)):
+        raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
+    uuid = vm_vgpu_uuid(name)
+    if active_device(root, uuid) is None:
+        return None
+    Manager(root, state).remove(uuid)
+    return uuid
 
 
 def screenshot(root: HostRoot, state: StateDir, name: str, target: Path) -> Path:

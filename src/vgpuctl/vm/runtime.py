@@ -10,11 +10,13 @@ they stay below it (:meth:`RuntimePaths.socket_problems` says when a custom stat
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from vgpuctl.host import HostRoot
+from vgpuctl.base.process import start_time
+from vgpuctl.host import HostRoot, facts
 from vgpuctl.mdev.errors import CapacityError, Conflict, NotFound
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
@@ -33,7 +35,8 @@ class RuntimePaths:
 
     @classmethod
     def for_vm(cls, state: StateDir, name: str) -> RuntimePaths:
-        return cls(vms_dir(state) / check_name(name))
+        # Absolute: QEMU's command line names its pidfile, and that is how any later command finds it.
+        return cls(vms_dir(state).absolute() / check_name(name))
 
     @property
     def qmp_socket(self) -> Path:
@@ -94,23 +97,112 @@ def read_pid(paths: RuntimePaths) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def is_running(state: StateDir, name: str) -> bool:
-    """True while the VM's QEMU runs: the pidfile names a live process whose command line has that pidfile.
+# ---------------------------------------------------------------------- the VM's processes, found in /proc
 
-    (A stale pidfile whose pid was reused by another program does not count.)
-    """
-    paths = RuntimePaths.for_vm(state, name)
-    pid = read_pid(paths)
-    if pid is None:
-        return False
+
+@dataclass(frozen=True)
+class Process:
+    """One process for good: its pid and start time (/proc/PID/stat field 22, clock ticks since boot),
+    so a pid the kernel has since given to another process is never taken for it."""
+
+    pid: int
+    start_time: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Process | None:
+        try:
+            return cls(int(data["pid"]), int(data["start_time"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        return start_time(self.pid) == self.start_time
+
+
+def process(pid: int | None) -> Process | None:
+    found = start_time(pid) if pid is not None else None
+    return Process(pid, found) if pid is not None and found is not None else None
+
+
+@dataclass
+class VmProcesses:
+    """What runs for one VM: its QEMU, and the shell a start runs it under (there while QEMU starts,
+    runs and just after it ends); a shell forked and not yet QEMU counts as a shell."""
+
+    qemu: Process | None = None
+    shells: list[Process] = field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return self.qemu is not None or bool(self.shells)
+
+
+def _role(argv: list[bytes], name: str, pidfile: bytes) -> str | None:
+    """'qemu' or 'shell' if ``argv`` is the VM's QEMU (or its wrapper shell), else None. QEMU's
+    ``-name guest=NAME,...`` with ``-pidfile`` in this VM's runtime directory names one VM of one state
+    dir: nothing else has both (the shell has them because QEMU's argv follows its script)."""
+    guest = f"guest={name},".encode()
+    pairs = set(pairwise(argv))
+    if (b"-pidfile", pidfile) not in pairs or not any(a == b"-name" and b.startswith(guest) for a, b in pairs):
+        return None
+    return "shell" if argv[:2] == [b"/bin/sh", b"-c"] and b"VGPUCTL_EXIT" in argv[2] else "qemu"
+
+
+def _argv(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return False
-    except PermissionError:
-        return True  # alive, and not ours to read: assume it is the VM
-    return os.fsencode(paths.pidfile) in argv
+            return f.read().split(b"\0")
+    except OSError:  # gone, or a kernel thread
+        return []
+
+
+def vm_processes(state: StateDir, name: str, known: list[int | None] | None = None) -> VmProcesses:
+    """The VM's QEMU and wrapper shell as they run now, whatever the state files say. The pids in
+    ``known`` (a run record's) and the pidfile's are looked at first; only if none is the VM's QEMU is
+    all of /proc read (~4 ms): a start killed before it wrote anything still leaves a QEMU found here."""
+    paths = RuntimePaths.for_vm(state, name)
+    pidfile = os.fsencode(paths.pidfile)
+    for pid in [*(known or []), read_pid(paths)]:
+        found = process(pid)
+        if found is not None and _role(_argv(found.pid), name, pidfile) == "qemu":
+            return VmProcesses(qemu=found)
+    return all_vm_processes(state).get(name, VmProcesses())
+
+
+def all_vm_processes(state: StateDir) -> dict[str, VmProcesses]:
+    """VM name -> its QEMU and shell, for every VM of this state dir with one running: one pass over /proc."""
+    prefix = os.fsencode(vms_dir(state).absolute()) + b"/"
+    found: dict[str, VmProcesses] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = _argv(int(entry))
+        for option, value in pairwise(argv):
+            if option == b"-pidfile" and value.startswith(prefix) and value.endswith(b"/qemu.pid"):
+                name = os.fsdecode(value[len(prefix):-len(b"/qemu.pid")])
+                role = _role(argv, name, value)
+                alive = process(int(entry)) if role else None
+                if alive is not None:
+                    mine = found.setdefault(name, VmProcesses())
+                    if role == "qemu":
+                        mine.qemu = alive
+                    else:
+                        mine.shells.append(alive)
+                break
+    return found
+
+
+def running_vms(state: StateDir) -> set[str]:
+    """The VMs of this state dir whose QEMU runs now (one pass over /proc, for listings)."""
+    return {name for name, found in all_vm_processes(state).items() if found.qemu is not None}
+
+
+def is_running(state: StateDir, name: str) -> bool:
+    """True while the VM's QEMU runs (found by its command line, see :func:`vm_processes`)."""
+    return vm_processes(state, name).qemu is not None
 
 
 # ---------------------------------------------------------------------- the vGPU a VM would get
@@ -268,16 +360,13 @@ class RequirementStatus:
                 f"{self.requirement}")
 
 
-_TRUE, _FALSE = {"1", "y", "yes", "on", "true"}, {"0", "n", "no", "off", "false"}
-
-
 def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
     """Each of spec.requires as the host has it now (module parameters under /sys/module)."""
     statuses = []
     for requirement in spec.requires:
         setting, _, wanted = requirement.partition("=")
         module, _, parameter = setting.partition(".")
-        where = f"/sys/module/{module}/parameters/{parameter}"
+        where = root.module_parameter(module, parameter)
         try:
             actual: str | None = root.read_value(where).strip()
         except OSError:
@@ -285,7 +374,7 @@ def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
         if actual is None:
             met = None
         else:
-            a, w = actual.lower(), wanted.lower()
-            met = a == w or (a in _TRUE and w in _TRUE) or (a in _FALSE and w in _FALSE)
+            as_bool = facts.kstrtobool(actual)  # bool parameters read back as Y/N
+            met = actual.lower() == wanted.lower() or (as_bool is not None and as_bool == facts.kstrtobool(wanted))
         statuses.append(RequirementStatus(requirement, met, actual, where))
     return statuses

@@ -34,11 +34,19 @@ BACKENDS = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none")
 GL_BACKENDS = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl")
 # QEMU's -drive/-device option syntax doubles commas inside values; these never may contain one.
 # Plain patterns, compiled (and cached by re) on first use: a start pays only for the ones its spec needs.
-_OPTION_KEY = r"[a-z][a-z0-9-]*"
 _SIZE = r"[1-9][0-9]*[KMGT]?"
 _MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
 _IFNAME = r"[A-Za-z0-9_.-]{1,15}"  # Linux IFNAMSIZ - 1
 _REQUIREMENT = r"([a-z0-9_]+)\.([a-z0-9_]+)=(\S+)"
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: more than any host QEMU runs on; also bounds graphics memory
+MAX_CPUS = 255
+MAX_ORDER = 9999
+# display.options that only tune the backend QEMU already runs. Anything else could open a listener or a
+# file (vnc websocket=/to=, spice port=/tls-port=/addr=, dbus addr=, ...): not settable through a spec.
+DISPLAY_OPTIONS = ("gl", "p2p", "lossy", "non-adaptive", "key-delay-ms", "image-compression",
+                   "jpeg-wan-compression", "zlib-glz-wan-compression", "playback-compression", "streaming-video",
+                   "agent-mouse", "seamless-migration", "full-screen", "zoom-to-fit", "grab-on-hover",
+                   "show-tabs", "show-cursor", "show-menubar", "window-close")
 
 
 def check_name(name: str) -> str:
@@ -225,6 +233,8 @@ def load(state: StateDir, name: str) -> VmSpec:
         text = path.read_text()
     except FileNotFoundError:
         raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs, 'vgpuctl vm create' makes one") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not text
+        raise InvalidInput(f"{path}: cannot be read as a spec ({e}); fix or remove it") from None
     spec = VmSpec.from_toml(text, str(path))
     if spec.name != name:
         raise InvalidInput(f"{path}: name is {spec.name!r} but the file is named for {name!r}; make them agree")
@@ -251,7 +261,7 @@ def save(state: StateDir, spec: VmSpec, *, new: bool = False) -> Path:
         raise Conflict(f"VM {spec.name!r} already exists; change it with 'vgpuctl vm edit' or pick another name")
     if new and spec.network.mode != "none" and spec.network.mac is None:
         spec.network.mac = default_mac(spec.name)
-    atomic_write(path, spec.to_toml().encode())
+    atomic_write(path, spec.to_toml().encode())  # (it also sweeps the temp files of killed writes)
     return path
 
 
@@ -262,8 +272,36 @@ def names(state: StateDir) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.toml") if re.fullmatch(NAME_PATTERN, p.stem))
 
 
-def load_all(state: StateDir) -> list[VmSpec]:
-    return [load(state, name) for name in names(state)]
+@dataclass(frozen=True)
+class SpecProblem:
+    """A file in the VMs' directory that is not a VM: listings report it and carry on with the others."""
+
+    name: str
+    file: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "file": self.file, "error": self.error}
+
+
+def load_each(state: StateDir) -> tuple[list[VmSpec], list[SpecProblem]]:
+    """Every VM, and a problem for each ``*.toml`` that is not one (bad TOML or field, a directory, a
+    name that is not a VM name): one bad file never hides the others."""
+    directory = vms_dir(state)
+    good: list[VmSpec] = []
+    problems: list[SpecProblem] = []
+    if not directory.is_dir():
+        return good, problems
+    for path in sorted(directory.glob("*.toml")):
+        if not re.fullmatch(NAME_PATTERN, path.stem):
+            problems.append(SpecProblem(path.stem, str(path), f"{path}: {path.stem!r} is not a VM name "
+                                        "(a-z, 0-9 and '-'); rename or remove the file"))
+            continue
+        try:
+            good.append(load(state, path.stem))
+        except (InvalidInput, NotFound) as e:
+            problems.append(SpecProblem(path.stem, str(path), str(e)))
+    return good, problems
 
 
 def remove(state: StateDir, name: str) -> None:
@@ -345,9 +383,10 @@ def _one_of(label: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(label: str, value: Any, unit: str = "", maximum: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (maximum and value > maximum):
-        limit = f" up to {maximum}" if maximum else ""
-        raise InvalidInput(f"{label} must be a positive integer{limit}{f' ({unit})' if unit else ''}, "
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if not integer or value < 1 or (maximum and value > maximum):
+        limit = f" up to {maximum}" if maximum and (unit == "" or (integer and value > maximum)) else ""
+        raise InvalidInput(f"{label} must be a positive integer{f' ({unit})' if unit else ''}{limit}, "
                            f"got {_describe(value)}")
 
 
@@ -369,15 +408,16 @@ def _check(spec: VmSpec) -> None:
     check_name(spec.name)
     if spec.profile is not None:
         _one_of("profile", spec.profile, PROFILE_NAMES)
-    _positive("memory_mib", spec.memory_mib, "MiB")
-    _positive("cpus", spec.cpus, maximum=255)
+    _positive("memory_mib", spec.memory_mib, "MiB", maximum=MAX_MEMORY_MIB)
+    _positive("cpus", spec.cpus, maximum=MAX_CPUS)
     if spec.cpu is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*", spec.cpu):
         raise InvalidInput(f"cpu must be a QEMU -cpu value such as 'host' or 'host,hv_relaxed', got {spec.cpu!r}")
     _one_of("machine", spec.machine, MACHINES)
     _one_of("firmware", spec.firmware, FIRMWARES)
     _one_of("boot", spec.boot, BOOTS)
-    if spec.order is not None and (not isinstance(spec.order, int) or spec.order < 0):
-        raise InvalidInput(f"order must be an integer >= 0, got {_describe(spec.order)}")
+    if spec.order is not None and (not isinstance(spec.order, int) or isinstance(spec.order, bool)
+                                   or not 0 <= spec.order <= MAX_ORDER):
+        raise InvalidInput(f"order must be an integer from 0 to {MAX_ORDER}, got {_describe(spec.order)}")
     for i, disk in enumerate(spec.disks):
         _absolute(f"disks[{i}].path", disk.path)
         _one_of(f"disks[{i}].format", disk.format, DISK_FORMATS)
@@ -428,7 +468,7 @@ def _check(spec: VmSpec) -> None:
     if vgpu.resolution is not None:
         parse_resolution("vgpu.resolution", vgpu.resolution)
     if vgpu.min_memory_mib is not None:
-        _positive("vgpu.min_memory_mib", vgpu.min_memory_mib, "MiB")
+        _positive("vgpu.min_memory_mib", vgpu.min_memory_mib, "MiB", maximum=MAX_MEMORY_MIB)
     if vgpu.weight is not None:
         _positive("vgpu.weight", vgpu.weight, maximum=16)
     if vgpu.parent is not None and vgpu.kind == "none":
@@ -445,9 +485,11 @@ def _check(spec: VmSpec) -> None:
     if display.resolution is not None:
         parse_resolution("display.resolution", display.resolution)
     for key, value in display.options.items():
-        if not re.fullmatch(_OPTION_KEY, key) or "," in value:
-            raise InvalidInput(f"display.options.{key} must be a QEMU option name with a value without ',', "
-                               f"got {key}={value!r}")
+        if key not in DISPLAY_OPTIONS:
+            raise InvalidInput(f"display.options.{key} is not allowed (only options that cannot open a listener "
+                               f"or a file: {', '.join(DISPLAY_OPTIONS)}); listeners are vgpuctl's to set up")
+        if "," in value:
+            raise InvalidInput(f"display.options.{key} must be a value without ',', got {value!r}")
     if spec.vgpu_display and vgpu.kind == "none":
         raise InvalidInput("vgpu_display = true needs a vGPU (vgpu.uuid, vgpu.type or requirements such as "
                            "vgpu.resolution)")
