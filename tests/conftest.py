@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from vgpuctl.host import HostRoot
 from vgpuctl.sim import mount as sim_mount
 from vgpuctl.sim.presets import preset
+from vgpuctl.vm.linuxguest import LinuxGuest, build_linux_guest
 
 GVT_PARENT = "0000:00:02.0"
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None and os.geteuid() == 0
@@ -90,3 +91,12 @@ def golden() -> GoldenFn:
         assert text == path.read_text(), f"output differs from {path} (VGPUCTL_REGEN_GOLDEN=1 rewrites it)"
 
     return check
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> LinuxGuest:
+    """Debian's kernel with vgpuctl's busybox initramfs (vgpuctl.vm.linuxguest), built once and cached.
+
+    Fails, never skips, when the kernel package cannot be had: the devices' tests must run.
+    """
+    return build_linux_guest()

@@ -40,6 +40,7 @@ ACCELERATORS = ("kvm", "tcg")
 BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"  # Debian's qemu-system-common
 VGPU_ID = "hostdev0"
 FALLBACK_RESOLUTION = (1024, 768)
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 __all__ = ["ACCELERATORS", "QemuCommand", "RuntimePaths", "build_argv", "build_command", "default_mac"]
 
@@ -102,7 +103,9 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
     argv += ["-no-user-config", "-nodefaults", "-msg", "timestamp=on"]
     argv += ["-qmp", f"unix:{qemu_value(str(paths.qmp_socket))},server=on,wait=off"]
     argv += ["-pidfile", str(paths.pidfile)]
-    argv += ["-serial", f"file:{paths.serial_log}"]
+    # The serial console: a socket to type on, and all the guest writes there also in serial.log.
+    argv += ["-chardev", f"socket,id=serial0,path={qemu_value(str(paths.serial_socket))},server=on,wait=off,"
+                         f"logfile={qemu_value(str(paths.serial_log))}", "-serial", "chardev:serial0"]
     if spec.rtc_localtime:
         argv += ["-rtc", "base=localtime"]
     if gvt:  # Intel's GVT-g guides disable guest S3/S4
@@ -187,6 +190,10 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
         if opregion and spec.firmware == "ovmf":
             notes.append("x-igd-opregion with unmodified OVMF: the guest sees no OpRegion (SeaBIOS handles it)")
 
+    if spec.guest_agent:  # the channel name QEMU's guest agent (and libvirt) look for
+        argv += ["-chardev", f"socket,id=qga0,path={qemu_value(str(paths.agent_socket))},server=on,wait=off",
+                 "-device", "virtio-serial-pci,id=virtio-serial0",
+                 "-device", f"virtserialport,bus=virtio-serial0.0,chardev=qga0,name={GUEST_AGENT_CHANNEL}"]
     argv += _display_args(spec, paths, gl=gl, simulated=simulated, notes=notes)
     argv += spec.extra_args
     notes += paths.socket_problems()

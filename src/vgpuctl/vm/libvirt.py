@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from vgpuctl.vm.argv import default_mac
+from vgpuctl.vm.argv import GUEST_AGENT_CHANNEL, default_mac
 from vgpuctl.vm.runtime import OVMF_CODE, OVMF_VARS_TEMPLATE, ResolvedVgpu, RuntimePaths
 from vgpuctl.vm.spec import VmSpec, parse_resolution
 
@@ -168,9 +168,16 @@ def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths |
         if fixed and spec.vgpu_display:
             properties += [("xres", "unsigned", str(fixed[0])), ("yres", "unsigned", str(fixed[1]))]
     if paths is not None:
-        ET.SubElement(ET.SubElement(devices, "serial", type="file"), "source", path=str(paths.serial_log))
+        serial = ET.SubElement(devices, "serial", type="unix")  # as vgpuctl's own: a socket, logged
+        ET.SubElement(serial, "source", mode="bind", path=str(paths.serial_socket))
+        ET.SubElement(serial, "log", file=str(paths.serial_log), append="off")
     else:
         ET.SubElement(devices, "serial", type="pty")
+    if spec.guest_agent:  # without a source path libvirt makes the socket itself
+        channel = ET.SubElement(devices, "channel", type="unix")
+        if paths is not None:
+            ET.SubElement(channel, "source", mode="bind", path=str(paths.agent_socket))
+        ET.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
 
     commandline += spec.extra_args
     if commandline:

@@ -56,6 +56,16 @@ class RuntimePaths:
         return self.directory / "serial.log"
 
     @property
+    def serial_socket(self) -> Path:
+        """The serial console's input and output (a unix socket QEMU listens on); its output is also serial_log."""
+        return self.directory / "serial.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The guest agent's channel (spec guest_agent): QEMU listens; a client sends it JSON commands."""
+        return self.directory / "qga.sock"
+
+    @property
     def vnc_socket(self) -> Path:
         return self.directory / "vnc.sock"
 
@@ -70,12 +80,13 @@ class RuntimePaths:
 
     def socket_problems(self) -> list[str]:
         return [f"socket path {p} is longer than {SOCKET_PATH_MAX} bytes: use a shorter --state-dir or VM name"
-                for p in (self.qmp_socket, self.vnc_socket, self.spice_socket)
+                for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket)
                 if len(os.fsencode(p)) > SOCKET_PATH_MAX]
 
     def to_json(self) -> dict[str, str]:
         return {k: str(getattr(self, k)) for k in ("directory", "qmp_socket", "pidfile", "log", "serial_log",
-                                                     "vnc_socket", "spice_socket", "nvram")}
+                                                     "serial_socket", "agent_socket", "vnc_socket",
+                                                     "spice_socket", "nvram")}
 
 
 def read_pid(paths: RuntimePaths) -> int | None:

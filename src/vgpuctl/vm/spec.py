@@ -157,6 +157,8 @@ class VmSpec:
     ramfb: bool = False  # boot display on the vGPU's console (vfio-pci-nohotplug ramfb=on)
     igd_opregion: bool | None = None  # x-igd-opregion; None: on for GVT-g types
     display: Display = field(default_factory=Display)
+    guest_agent: bool = False  # a virtio-serial channel org.qemu.guest_agent.0 (<vm dir>/qga.sock) for the QEMU
+    # guest agent in the guest
     requires: list[str] = field(default_factory=list)  # host settings checked at start: "kvm.ignore_msrs=1"
     extra_args: list[str] = field(default_factory=list)  # appended to QEMU's command line as given
 
@@ -365,6 +367,8 @@ def _plain(value: Any) -> Any:
             del data["largest"]
         if isinstance(value, VgpuRequest) and value.keep:
             del data["keep"]  # the default: files written before it existed stay as they are
+        if isinstance(value, VmSpec) and not value.guest_agent:
+            del data["guest_agent"]  # the default: files written before it existed stay as they are
         return {k: v for k, v in data.items() if v is not None and v != {}}
     if isinstance(value, list):
         return [_plain(v) for v in value]
