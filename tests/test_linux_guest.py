@@ -17,6 +17,8 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -175,10 +177,23 @@ def test_the_keyboard_and_the_usb_tablet_reach_the_guest(vm: GuestVm) -> None:
 def test_the_serial_console_reaches_the_guests_shell(vm: GuestVm) -> None:
     vm.wait_ready()
     typed = vm.report().get("typed", []).count("/dev/ttyS0")
-    with socket.socket(socket.AF_UNIX) as console:  # the VM's serial console socket: what QEMU's argv listens on
-        console.connect(str(vm.paths.serial_socket))
-        console.sendall(b"kb\n")  # to the shell on the guest's ttyS0
-        vm.wait_report(lambda found: found.get("typed", []).count("/dev/ttyS0") > typed, timeout=20)
+    listed = vm.cli("vm", "console", NAME)[1]
+    assert f"serial     unix:{vm.paths.serial_socket}\n" in listed
+    attached = subprocess.Popen([sys.executable, "-m", "vgpuctl", "--root", str(vm.cli.root.root), "--state-dir",
+                                 str(vm.cli.state), "vm", "console", NAME, "--attach"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert attached.stdin is not None
+    try:
+        attached.stdin.write(b"kb\n")  # to the shell on the guest's ttyS0, through vgpuctl
+        attached.stdin.flush()
+        vm.wait_report(lambda found: found.get("typed", []).count("/dev/ttyS0") > typed, timeout=30)
+        attached.stdin.write(b"\x1d")  # Ctrl-] leaves
+        attached.stdin.flush()
+        out, err = attached.communicate(timeout=30)
+    finally:
+        attached.kill()
+    assert attached.returncode == 0, err
+    assert b"kb" in out  # the guest's shell echoed what was typed, back through vgpuctl
 
 
 def test_the_guest_agent_answers_on_its_virtio_serial_channel(vm: GuestVm, linux_guest: LinuxGuest) -> None:

@@ -7,6 +7,7 @@ QEMU command line and libvirt XML it becomes, without starting anything.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -572,16 +573,61 @@ def status_command(name: str, json_output: bool) -> None:
 
 @vm.command("console")
 @click.argument("name")
+@click.option("--attach", is_flag=True, help="Connect this terminal to the guest's serial console (Ctrl-] leaves).")
 @reports_errors
-def console(name: str) -> None:
-    """Where to connect to the VM's display and consoles."""
+def console(name: str, attach: bool) -> None:
+    """Where to connect to the VM's display and consoles; with --attach, its serial console here."""
     from vgpuctl.vm import lifecycle
 
     status = lifecycle.status(State.root, state_dir(), name)
     if not status.console:
         raise ValueError(f"VM {name} is {status.state}: nothing to connect to")
+    if attach:
+        serial = status.console.get("serial")
+        if serial is None:
+            raise ValueError(f"VM {name} has no serial console socket (started before vgpuctl had one: restart it)")
+        _attach(serial.removeprefix("unix:"))
+        return
     for kind, where in status.console.items():
         say(f"{kind:<10} {where}")
+
+
+ESCAPE = b"\x1d"  # Ctrl-], as virsh console and telnet
+
+
+def _attach(path: str) -> None:
+    """Relay this terminal to a unix socket and back, raw, until Ctrl-] or the socket closes."""
+    import contextlib
+    import select
+    import socket
+    import termios
+    import tty
+
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    with socket.socket(socket.AF_UNIX) as sock, contextlib.ExitStack() as restore:
+        sock.connect(path)
+        if os.isatty(stdin):
+            saved = termios.tcgetattr(stdin)
+            restore.callback(termios.tcsetattr, stdin, termios.TCSADRAIN, saved)
+            tty.setraw(stdin)
+            click.echo("connected to the serial console; Ctrl-] leaves\r", err=True)
+        sources = [sock, stdin]
+        while True:
+            ready, _, _ = select.select(sources, [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return  # QEMU closed it: the VM ended
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    sources.remove(stdin)  # input ended (a pipe): keep showing the guest's output
+                    continue
+                if ESCAPE in data:
+                    sock.sendall(data.split(ESCAPE, 1)[0])
+                    return
+                sock.sendall(data)
 
 
 @vm.command("screenshot")

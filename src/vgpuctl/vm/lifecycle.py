@@ -589,6 +589,8 @@ def _exit_status(paths: RuntimePaths, run: dict[str, Any], wait_s: float = 1.0) 
 
 def _console(paths: RuntimePaths) -> dict[str, str]:
     found = {"qmp": str(paths.qmp_socket), "serial_log": str(paths.serial_log)}
+    if paths.serial_socket.exists():  # the guest's serial console, interactive (e.g. socat - UNIX:...)
+        found["serial"] = f"unix:{paths.serial_socket}"
     if paths.vnc_socket.exists():
         found["vnc"] = f"unix:{paths.vnc_socket}"
     if paths.spice_socket.exists():
