@@ -116,10 +116,7 @@ def vm(linux_guest: LinuxGuest) -> Iterator[GuestVm]:
     cli = Cli(HostRoot(Path("/")), state.path)
     cli("vm", "create", NAME, "--no-vgpu", "--memory", "256", "--cpus", "1", "--kernel", str(linux_guest.kernel),
         "--initrd", str(linux_guest.initrd), "--append", append, "--disk", f"{qcow2}:64M",
-        "--disk", f"{raw}::raw", "--cdrom", str(iso), "--network", "user", "--display", "vnc")
-    spec = specs.load(state, NAME)
-    spec.guest_agent = True  # (no CLI option for it yet)
-    specs.save(state, spec)
+        "--disk", f"{raw}::raw", "--cdrom", str(iso), "--network", "user", "--display", "vnc", "--guest-agent")
     guest = GuestVm(cli, state, RuntimePaths.for_vm(state, NAME), qcow2, cdrom_token, Page.token,
                     Page.requests)
     cli("vm", "start", NAME, "--accel", "tcg")
@@ -243,20 +240,35 @@ def test_a_screenshot_shows_the_guests_console_text(vm: GuestVm, tmp_path: Path)
     assert 0.005 < text.mean() < 0.5, text.mean()
 
 
+def test_vm_status_says_what_runs_inside_through_the_guest_agent(vm: GuestVm) -> None:
+    vm.wait_report(lambda found: "ready" in found and "net.lease" in found)
+    status = json.loads(vm.cli("vm", "status", NAME, "--json")[1])
+    assert status["guest"] == {"agent": True, "os": "vgpuctl Linux test guest (busybox)",
+                               "kernel": status["guest"]["kernel"], "ip_addresses": ["10.0.2.15"]}
+    assert status["guest"]["kernel"].startswith("6.1.0-") and status["uptime_s"] > 0
+    text = vm.cli("vm", "status", NAME)[1]
+    assert "  guest      vgpuctl Linux test guest (busybox)" in text and "  addresses  10.0.2.15\n" in text
+
+
 def test_vm_stop_shuts_the_guest_down_cleanly_and_its_file_is_there_at_the_next_boot(vm: GuestVm) -> None:
     vm.wait_report(lambda found: "ready" in found and "disk.vda.boots" in found)
     _, out, _ = vm.cli("vm", "stop", NAME, "--timeout", "60")
-    assert "the guest powered off" in out  # by the ACPI power button, not QEMU's quit
+    assert "the guest powered off" in out  # asked by the guest agent, not QEMU's quit
     found = vm.report()
-    assert found["acpi"] == ["power-button"] and found["shutdown"] == ["clean"]
+    assert found["shutdown"] == ["agent", "clean"] and "acpi" not in found
     assert "/mnt/vda" in found["unmounted"]
+    vm.cli("vm", "edit", NAME, "--no-guest-agent")  # the next stop: the ACPI power button
     vm.cli("vm", "start", NAME, "--accel", "tcg")
     found = vm.wait_report(lambda found: "disk.vda.boots" in found)
     assert found["disk.vda.files"] == ["boot-1 "] and found["disk.vda.boots"] == ["2"]
     assert "disk.vda.formatted" not in found  # the filesystem the first boot made, with its file
     vm.wait_ready()
+    status = json.loads(vm.cli("vm", "status", NAME, "--json")[1])
+    assert status["guest"]["agent"] is False and status["guest"]["detail"].startswith("no guest agent")
     _, out, _ = vm.cli("vm", "stop", NAME, "--timeout", "60")
     assert "the guest powered off" in out
+    found = vm.report()
+    assert found["acpi"] == ["power-button"] and found["shutdown"] == ["clean"]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -871,3 +871,16 @@ def test_a_pid_in_the_vms_files_that_now_names_another_process_is_not_its_qemu(t
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_spec_field_is_settable_everywhere_it_is_declared() -> None:
+    """The spec's fields, the fields an API or CLI create may set, and the API's model must not drift."""
+    from dataclasses import fields
+
+    from vgpuctl.service.api import VmCreate
+    from vgpuctl.vm.inventory import SPEC_FIELDS
+    from vgpuctl.vm.spec import VmSpec
+
+    spec_fields = {f.name for f in fields(VmSpec)} - {"name", "profile"}
+    assert set(SPEC_FIELDS) == spec_fields
+    assert set(VmCreate.model_fields) - {"name", "profile"} == spec_fields

@@ -34,3 +34,13 @@ def is_alive(record: dict[str, int]) -> bool:
     """Whether the process of an :func:`identity` record still runs (the same one, not a reused pid)."""
     started = start_time(int(record.get("pid", 0)))
     return started is not None and started == record.get("start")
+
+
+def started_at(pid: int) -> float | None:
+    """When a live process started, in seconds since the epoch (its start time after /proc/stat's btime)."""
+    ticks = start_time(pid)
+    if ticks is None:
+        return None
+    with open("/proc/stat", "rb") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -88,6 +88,8 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--autostart/--no-autostart", default=None, help="Started by 'vgpuctl vm autostart' (at boot)."),
     click.option("--fast-boot/--no-fast-boot", default=None, help="No boot menu, no PXE ROM."),
     click.option("--localtime/--utc", "localtime", default=None, help="Guest RTC in local time (Windows)."),
+    click.option("--guest-agent/--no-guest-agent", default=None,
+                 help="A channel for the QEMU guest agent: vm status shows what runs inside, vm stop asks it."),
     click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
                  help="Extra QEMU argument, repeatable, e.g. --qemu-arg=-S (edit: replaces them)."),
 ]
@@ -120,7 +122,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
     for option, name in (("memory", "memory_mib"), ("cpus", "cpus"), ("cpu", "cpu"), ("machine", "machine"),
                          ("firmware", "firmware"), ("order", "order"), ("autostart", "autostart"),
                          ("fast_boot", "fast_boot"),
-                         ("localtime", "rtc_localtime"), ("igd_opregion", "igd_opregion")):
+                         ("localtime", "rtc_localtime"), ("igd_opregion", "igd_opregion"),
+                         ("guest_agent", "guest_agent")):
         if o[option] is not None:
             changes[name] = o[option]
     if o["disks"]:
@@ -491,6 +494,14 @@ def _print_status(status: Any, json_output: bool) -> None:
         say(f"  vGPU       {status.vgpu}")
     if status.simulated_display:
         say(f"  display    {status.simulated_display} in place of the vGPU (simulated host)")
+    if status.uptime_s is not None:
+        say(f"  uptime     {status.uptime_s:.0f} s")
+    if status.guest is not None:
+        if status.guest.get("agent"):
+            say(f"  guest      {status.guest.get('os') or '?'} (kernel {status.guest.get('kernel') or '?'})")
+            say(f"  addresses  {', '.join(status.guest.get('ip_addresses') or []) or 'none'}")
+        else:
+            say(f"  guest      {status.guest.get('detail')}")
     for kind, where in status.console.items():
         say(f"  {kind:<10} {where}")
     for line in status.log_tail:
@@ -568,7 +579,7 @@ def status_command(name: str, json_output: bool) -> None:
     """Running, paused, stopped or crashed (with the tail of QEMU's log); the accelerator; where to connect."""
     from vgpuctl.vm import lifecycle
 
-    _print_status(lifecycle.status(State.root, state_dir(), name), json_output)
+    _print_status(lifecycle.status(State.root, state_dir(), name, guest=True), json_output)
 
 
 @vm.command("console")

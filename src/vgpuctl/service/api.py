@@ -130,6 +130,9 @@ class VmStatusOut(Row):
     console: dict[str, str] = {}
     detail: str = ""
     log_tail: list[str] = []
+    uptime_s: float | None = Field(None, description="seconds since QEMU started")
+    guest: dict[str, Any] | None = Field(None, description="what the QEMU guest agent says of the guest "
+                                                           "(agent, os, kernel, ip_addresses), or why it cannot")
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -288,6 +291,7 @@ class VmCreate(BaseModel):
     order: int | None = None
     autostart: bool | None = None
     rtc_localtime: bool | None = None
+    guest_agent: bool | None = None
     disks: list[DiskIn] | None = None
     cdrom: str | None = None
     kernel: str | None = None
@@ -496,7 +500,7 @@ def vm_status(ctx: Ctx, name: VmName) -> Any:
     """Running, paused, shutdown, stopped or crashed (as ``vgpuctl vm status --json``)."""
     from vgpuctl.vm import lifecycle
 
-    return lifecycle.status(ctx.root, ctx.state, name).to_json()
+    return lifecycle.status(ctx.root, ctx.state, name, guest=True).to_json()
 
 
 @router.post("/vms/{name}/start", tags=["vms"], response_model=VmStatusOut)

@@ -25,7 +25,7 @@ from vgpuctl.vm.spec import VmSpec
 
 # What the body of a create may set besides name and profile: VmSpec's fields as in its TOML file.
 SPEC_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "boot", "fast_boot", "order", "autostart",
-               "rtc_localtime",
+               "rtc_localtime", "guest_agent",
                "disks", "cdrom", "kernel", "initrd", "append", "network", "vgpu", "vgpu_display", "ramfb",
                "igd_opregion", "display", "requires", "extra_args")
 

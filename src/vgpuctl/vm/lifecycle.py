@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.process import started_at as process_started_at
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write
 from vgpuctl.mdev.errors import Conflict, KernelError, NotFound, VgpuError
@@ -81,6 +82,9 @@ class VmStatus:
     console: dict[str, str] = field(default_factory=dict)
     detail: str = ""
     log_tail: list[str] = field(default_factory=list)
+    uptime_s: float | None = None  # since QEMU started
+    # What the QEMU guest agent says of the guest (vm.agent.guest_facts), when asked for and the VM has one.
+    guest: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -529,12 +533,13 @@ def _exited_at_start(paths: RuntimePaths, exit_file: Path, name: str) -> bool:
 
 
 def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None = None,
-           processes: VmProcesses | None = None) -> VmStatus:
+           processes: VmProcesses | None = None, guest: bool = False) -> VmStatus:
     """The VM's QEMU as found in /proc (whatever the state files say) and asked through QMP; a vanished QEMU
     is told from a guest power-off by the exit status its shell left.
 
     ``qmp_status``: what QMP has just said, when the caller has asked (a start); saves a round trip.
     ``processes``: the VM's processes, when the caller has just looked (a listing: one pass for all VMs).
+    ``guest``: also ask the guest agent what runs inside (a round trip to the guest: not for listings).
     """
     if not specs.exists(state, name):
         raise NotFound(f"no VM {name!r}; 'vgpuctl vm list' shows the VMs")
@@ -549,6 +554,10 @@ def status(root: HostRoot, state: StateDir, name: str, *, qmp_status: str | None
         result.state = {"running": "running", "paused": "paused", "shutdown": "shutdown",
                         None: "running"}.get(result.qmp_status, result.qmp_status or "running")
         result.console = _console(paths)
+        started = process_started_at(found.qemu.pid)
+        result.uptime_s = round(time.time() - started, 1) if started is not None else None
+        if guest:
+            result.guest = _guest_facts(state, name, paths)
         if not run:
             result.detail = "vgpuctl has no record of this run (its start was interrupted)"
         return result
@@ -587,6 +596,14 @@ def _exit_status(paths: RuntimePaths, run: dict[str, Any], wait_s: float = 1.0) 
         time.sleep(0.01)
 
 
+def _guest_facts(state: StateDir, name: str, paths: RuntimePaths) -> dict[str, Any]:
+    if not specs.load(state, name).guest_agent:
+        return {"agent": False, "detail": "no guest agent: the VM has no agent channel (vm edit --guest-agent)"}
+    from vgpuctl.vm.agent import guest_facts
+
+    return guest_facts(paths.agent_socket)
+
+
 def _console(paths: RuntimePaths) -> dict[str, str]:
     found = {"qmp": str(paths.qmp_socket), "serial_log": str(paths.serial_log)}
     if paths.serial_socket.exists():  # the guest's serial console, interactive (e.g. socat - UNIX:...)
@@ -607,7 +624,8 @@ def stop(root: HostRoot, state: StateDir, name: str, *, timeout_s: float = STOP_
         if qemu is None:
             raise Conflict(f"VM {name} is not running ({current.state})")
         if current.state == "running":
-            _try_qmp(paths, "system_powerdown")
+            if not _agent_shutdown(state, name, paths):  # the guest agent, else the ACPI power button
+                _try_qmp(paths, "system_powerdown")
             crashpoint("vm-stop:powerdown-sent")
             if _wait_gone(qemu, timeout_s):
                 return _finish(state, name, "the guest powered off", "stop")
@@ -657,6 +675,19 @@ def _kill(qemu: Process) -> None:
         pass
     finally:
         os.close(pidfd)
+
+
+def _agent_shutdown(state: StateDir, name: str, paths: RuntimePaths) -> bool:
+    """A clean shutdown through the guest agent, where the VM has its channel and an agent takes it."""
+    try:
+        wanted = specs.load(state, name).guest_agent
+    except VgpuError:
+        return False
+    if not wanted or not paths.agent_socket.exists():
+        return False
+    from vgpuctl.vm.agent import shutdown
+
+    return shutdown(paths.agent_socket)
 
 
 def _try_qmp(paths: RuntimePaths, command: str) -> None:

@@ -14,7 +14,7 @@ the cache, so later builds need no network), the userland is ``/bin/busybox`` of
 - brings eth0 up with DHCP (busybox udhcpc), reports the MAC and the lease, and fetches ``vgpuctl.url=URL``;
 - reports the input devices it sees and the first event of each (keyboard, USB tablet);
 - powers off cleanly on the ACPI power button (unmounts its disks first, and says so);
-- answers the QEMU guest agent's guest-sync, guest-ping, guest-info, guest-get-osinfo and
+- answers the QEMU guest agent's guest-sync, guest-ping, guest-info, guest-get-osinfo, guest-shutdown and
   guest-network-get-interfaces on the ``org.qemu.guest_agent.0`` virtio-serial port, when the VM has one;
 - runs a shell on the VGA console (tty1) and on the serial port; typing ``kb`` in one reports it and draws a
   bar of full blocks on the screen.
@@ -185,7 +185,7 @@ while [ $i -lt 160 ]; do printf '\342\226\210'; i=$((i + 1)); done >/dev/tty1
 # A QEMU guest agent of the guest's own on the virtio-serial port $1: a JSON command a line, an answer a line.
 AGENT = r"""#!/bin/sh
 exec 3<>"$1"
-COMMANDS="guest-sync guest-ping guest-info guest-get-osinfo guest-network-get-interfaces"
+COMMANDS="guest-sync guest-ping guest-info guest-get-osinfo guest-network-get-interfaces guest-shutdown"
 supported() {
     sep=""
     for c in $COMMANDS; do
@@ -220,6 +220,13 @@ while :; do
  \"pretty-name\": \"vgpuctl Linux test guest (busybox)\", \"kernel-release\": \"$(uname -r)\",\
  \"kernel-version\": \"$(uname -v)\", \"machine\": \"$(uname -m)\"}}" ;;
         *'"guest-network-get-interfaces"'*) answer="{\"return\": [$(interfaces)]}" ;;
+        *'"guest-shutdown"'*)  # as qemu-ga: no answer; the guest shuts down cleanly (once)
+            mkdir /tmp/powering-off 2>/dev/null || continue
+            report shutdown=agent
+            sync
+            for m in $(awk '$2 ~ /^\/mnt\// {print $2}' /proc/mounts); do umount "$m" && report unmounted="$m"; done
+            report shutdown=clean
+            poweroff -f ;;
         *) answer='{"error": {"class": "CommandNotFound", "desc": "the vgpuctl test agent does not have it"}}' ;;
     esac
     echo "$answer" >&3
@@ -258,7 +265,11 @@ def build_linux_guest(cache_dir: Path | None = None) -> LinuxGuest:
     busybox = _static_busybox()
     digest = hashlib.sha256()
     digest.update(deb.name.encode() + b"\0")
-    digest.update(Path(__file__).read_bytes())  # the recipe: this module, with the init and its scripts
+    # The recipe: this module (the build's code) and the scripts as this process will write them, which differ
+    # from the file's when it changed after the import: such a build must not pass for the file's.
+    digest.update(Path(__file__).read_bytes())
+    for text in (INIT, REPORT, KB, AGENT, UDHCPC_SCRIPT):
+        digest.update(text.encode() + b"\0")
     digest.update(busybox)
     target = directory / f"guest-{digest.hexdigest()[:20]}"
     if (target / "initrd.gz").is_file():
