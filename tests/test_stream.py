@@ -169,7 +169,9 @@ def running_vm(elf: Path, resolution: tuple[int, int] | None = None, name: str =
         paths = RuntimePaths.for_vm(state, name)
         paths.directory.mkdir(parents=True)
         debug_log = paths.directory / "debug.log"
-        argv = [QEMU, "-machine", "pc", "-accel", "tcg", "-m", "64", "-nodefaults", "-vga", "std",
+        # -name and -pidfile as the lifecycle gives them: how vgpuctl knows a QEMU is this VM's.
+        argv = [QEMU, "-name", f"guest={name},debug-threads=on", "-machine", "pc", "-accel", "tcg", "-m", "64",
+                "-nodefaults", "-vga", "std",
                 "-display", "none", "-vnc", f"unix:{paths.vnc_socket}", *kernel_args(elf, resolution),
                 "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off", "-pidfile", str(paths.pidfile),
                 "-chardev", f"file,id=dbg,path={debug_log}", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
