@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import GVT_PARENT, Cli, MountFn
+from tests.conftest import GVT_PARENT, Cli, GoldenFn, MountFn
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import InvalidInput
 from vgpuctl.mdev.state import StateDir
@@ -481,6 +481,23 @@ def test_domain_xml_is_valid_for_libvirt(name: str, tmp_path: Path) -> None:
     validate_xml(domain_xml(spec, vgpu), tmp_path, name)
     validate_xml(domain_xml(spec, vgpu, paths=RuntimePaths(RUN), emulator="/usr/bin/qemu-system-x86_64"),
                  tmp_path, name + "-paths")
+
+
+# Each case with a GVT-g vGPU and with a generic mdev one (the kernel's mdpy sample); once if it has no vGPU.
+GOLDEN_CASES = [(name, vgpu) for name in XML_SPECS for vgpu in (V54, MDPY)
+                if XML_SPECS[name]().vgpu.kind != "none" or vgpu is V54]
+
+
+@pytest.mark.parametrize(("name", "vgpu"), GOLDEN_CASES,
+                         ids=[f"{n}-{'gvt' if v is V54 else 'mdpy'}" for n, v in GOLDEN_CASES])
+def test_argv_and_xml_golden(name: str, vgpu: ResolvedVgpu, golden: GoldenFn) -> None:
+    """The exact QEMU command line (an argument a line) and libvirt XML of each case, on a real host."""
+    spec = XML_SPECS[name]()
+    given = None if spec.vgpu.kind == "none" else vgpu
+    cmd = command(spec, given)
+    case = f"{name}-{'mdpy' if vgpu is MDPY else 'gvt'}"
+    golden(f"vm/{case}.argv", "".join(f"{arg}\n" for arg in cmd.argv) + "".join(f"# {n}\n" for n in cmd.notes))
+    golden(f"vm/{case}.xml", domain_xml(spec, given, paths=RuntimePaths(RUN), emulator="/usr/bin/qemu-system-x86_64"))
 
 
 def test_domain_xml_contents() -> None:

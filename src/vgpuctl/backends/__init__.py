@@ -37,6 +37,10 @@ class VgpuBackend(Protocol):
     @property
     def igd_opregion(self) -> bool: ...
 
+    # Why QEMU cannot open this kind of vGPU without KVM (e.g. under TCG), None if it can.
+    @property
+    def without_kvm(self) -> str | None: ...
+
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""
 

@@ -95,6 +95,9 @@ class GvtG:
     name: str = "gvt-g"
     guest_sleep: bool = False  # as Intel's GVT-g guides: no guest S3/S4
     igd_opregion: bool = True  # the guest's Intel driver wants the OpRegion
+    # kvmgt attaches a vGPU to its VM through KVM (i915's gvt/kvmgt.c): no KVM, no vGPU.
+    without_kvm: str | None = ("GVT-g needs KVM: under TCG QEMU cannot open the vGPU (\"KVM is required to use "
+                               "Intel vGPU\")")
 
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)

@@ -17,6 +17,7 @@ class GenericMdev:
     name: str = "mdev"
     guest_sleep: bool = True
     igd_opregion: bool = False
+    without_kvm: str | None = None
 
     def claims_type(self, type_id: str) -> bool:
         return True

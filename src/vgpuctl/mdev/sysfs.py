@@ -80,12 +80,6 @@ class ParentDevice:
         platform = platform_for(self.device_id)
         return platform.name.split(" (")[0] if platform else None
 
-    @property
-    def is_gvt(self) -> bool:
-        from vgpuctl.backends import backend_for_parent
-
-        return backend_for_parent(self.types).name == "gvt-g"
-
 
 _MIB_KEYS = {"low_gm_size": "low_gm_mib", "high_gm_size": "high_gm_mib", "framebuffer": "framebuffer_mib"}
 

@@ -87,7 +87,7 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
     paths = RuntimePaths(Path(runtime_dir))
     command = QemuCommand([qemu], paths)
     argv, notes = command.argv, command.notes
-    gvt = vgpu is not None and vgpu.is_gvt
+    backend = vgpu.backend if vgpu is not None else None
 
     argv += ["-name", f"guest={spec.name},debug-threads=on"]
     argv += ["-machine", spec.machine, "-accel", accel]
@@ -108,7 +108,7 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
                          f"logfile={qemu_value(str(paths.serial_log))}", "-serial", "chardev:serial0"]
     if spec.rtc_localtime:
         argv += ["-rtc", "base=localtime"]
-    if gvt:  # Intel's GVT-g guides disable guest S3/S4
+    if backend is not None and not backend.guest_sleep:  # e.g. Intel's GVT-g guides disable guest S3/S4
         pm = "PIIX4_PM" if spec.machine == "pc" else "ICH9-LPC"
         argv += ["-global", f"{pm}.disable_s3=1", "-global", f"{pm}.disable_s4=1"]
 
@@ -176,7 +176,7 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
     elif vgpu is not None:
         if spec.vgpu_display:
             argv += ["-vga", "none"]
-        opregion = spec.igd_opregion if spec.igd_opregion is not None else gvt
+        opregion = spec.igd_opregion if spec.igd_opregion is not None else bool(backend and backend.igd_opregion)
         driver = "vfio-pci-nohotplug" if spec.ramfb else "vfio-pci"
         device = options(f"{driver},id={VGPU_ID}", sysfsdev=vgpu.sysfs_path,
                          display="on" if spec.vgpu_display else "off",
@@ -184,9 +184,8 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
                          **{"x-igd-opregion": "on" if opregion else None},
                          **_xy(fixed if spec.vgpu_display else None))
         argv += ["-device", device]
-        if gvt and accel != "kvm":
-            notes.append("GVT-g needs KVM: under TCG QEMU cannot open the vGPU (\"KVM is required to use "
-                         "Intel vGPU\")")
+        if backend is not None and backend.without_kvm and accel != "kvm":
+            notes.append(backend.without_kvm)
         if opregion and spec.firmware == "ovmf":
             notes.append("x-igd-opregion with unmodified OVMF: the guest sees no OpRegion (SeaBIOS handles it)")
 

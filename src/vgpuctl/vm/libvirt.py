@@ -105,7 +105,7 @@ def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths |
     clock = ET.SubElement(domain, "clock", offset="localtime" if spec.rtc_localtime else "utc")
     if hypervclock:
         ET.SubElement(clock, "timer", name="hypervclock", present="yes")
-    if vgpu is not None and vgpu.is_gvt:  # as Intel's GVT-g guides: no guest S3/S4
+    if vgpu is not None and not vgpu.backend.guest_sleep:  # e.g. Intel's GVT-g guides: no guest S3/S4
         pm = ET.SubElement(domain, "pm")
         ET.SubElement(pm, "suspend-to-mem", enabled="no")
         ET.SubElement(pm, "suspend-to-disk", enabled="no")
@@ -163,7 +163,7 @@ def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths |
         hostdev = ET.SubElement(devices, "hostdev", attrs)
         ET.SubElement(ET.SubElement(hostdev, "source"), "address", uuid=vgpu.uuid)
         ET.SubElement(hostdev, "alias", name=HOSTDEV_ALIAS)
-        if spec.igd_opregion if spec.igd_opregion is not None else vgpu.is_gvt:
+        if spec.igd_opregion if spec.igd_opregion is not None else vgpu.backend.igd_opregion:
             properties.append(("x-igd-opregion", "bool", "true"))
         if fixed and spec.vgpu_display:
             properties += [("xres", "unsigned", str(fixed[0])), ("yres", "unsigned", str(fixed[1]))]

@@ -13,13 +13,16 @@ import os
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.process import start_time
 from vgpuctl.host import HostRoot, facts
 from vgpuctl.mdev.errors import CapacityError, Conflict, NotFound
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
+
+if TYPE_CHECKING:
+    from vgpuctl.backends import VgpuBackend
 
 SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 # Debian's OVMF (package ovmf): code read-only and shared, variables copied per VM at first start.
@@ -220,8 +223,11 @@ class ResolvedVgpu:
     reason: str = ""
 
     @property
-    def is_gvt(self) -> bool:
-        return self.type_id.startswith("i915-GVTg_")
+    def backend(self) -> VgpuBackend:
+        """What this kind of vGPU needs of a VM (its backend's rules)."""
+        from vgpuctl.backends import backend_for_type
+
+        return backend_for_type(self.type_id)
 
     @property
     def sysfs_path(self) -> str:
