@@ -349,6 +349,14 @@ def doctor(ctx: Ctx, guest: Annotated[bool, Query(description="start a tiny KVM 
     return run_doctor(ctx.root, run_guest=guest).to_json()
 
 
+@router.get("/problems", tags=["host"])
+def problems(ctx: Ctx) -> list[dict[str, str]]:
+    """Files vgpuctl cannot read (an mdevctl definition, a VM spec), with path and error; the rest works on."""
+    from vgpuctl.service.problems import unreadable_files
+
+    return unreadable_files(ctx.root, ctx.state)
+
+
 # ---------------------------------------------------------------------- vGPUs
 
 

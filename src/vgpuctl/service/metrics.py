@@ -12,6 +12,8 @@ metric                              labels              what
                                                         stopped, crashed; every state listed)
 ``vgpuctl_stream_fps``              vm                  frames per second sent to the VM's viewers
 ``vgpuctl_stream_viewers``          vm                  viewers of the VM's display stream
+``vgpuctl_unreadable_files``        kind                files vgpuctl cannot read: ``definition`` (an
+                                                        mdevctl definition), ``vm_spec`` (a VM's TOML)
 ``vgpuctl_collect_errors``          source              1 when that part could not be read
 ==================================  ==================  ===============================================
 
@@ -76,7 +78,8 @@ class HostCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         errors = GaugeMetricFamily("vgpuctl_collect_errors", "1 when that part of the host could not be read",
                                    labels=["source"])
-        for source, part in (("vgpus", self._vgpus), ("vms", self._vms), ("streams", self._streams)):
+        for source, part in (("vgpus", self._vgpus), ("vms", self._vms), ("streams", self._streams),
+                             ("problems", self._problems)):
             try:
                 yield from list(part())
                 errors.add_metric([source], 0)
@@ -86,8 +89,9 @@ class HostCollector(Collector):
         yield errors
 
     def _vgpus(self) -> Iterator[Metric]:
+        from vgpuctl.backends import backend_for_parent
+        from vgpuctl.backends.gvt import GvtCapacity
         from vgpuctl.mdev import definitions
-        from vgpuctl.mdev.capacity import gvt_capacity
         from vgpuctl.mdev.sysfs import active_devices, read_parents
 
         active = GaugeMetricFamily("vgpuctl_vgpus", "Active vGPUs per parent and type", labels=["parent", "type"])
@@ -110,13 +114,23 @@ class HostCollector(Collector):
                 active.add_metric(list(key), sum(1 for d in devices if (d.parent, d.type_id) == key))
                 defined.add_metric(list(key), definitions_by_key.pop(key, 0))
                 available.add_metric(list(key), t.available_instances)
-            capacity = gvt_capacity(self.root, parent.name, parent.types)
-            for pool in capacity.pools if capacity else []:
+            capacity = backend_for_parent(parent.types).capacity(self.root, parent.name, parent.types)
+            for pool in capacity.pools if isinstance(capacity, GvtCapacity) else []:
                 free.add_metric([parent.name, pool.name], pool.free)
                 total.add_metric([parent.name, pool.name], pool.total)
         for key, count in definitions_by_key.items():  # definitions of parents or types not present now
             defined.add_metric(list(key), count)
         yield from (active, defined, available, free, total)
+
+    def _problems(self) -> Iterator[Metric]:
+        from vgpuctl.service.problems import unreadable_files
+
+        found = unreadable_files(self.root, self.state)
+        unreadable = GaugeMetricFamily("vgpuctl_unreadable_files", "Files vgpuctl cannot read (each is reported "
+                                       "at /api/v1/problems)", labels=["kind"])
+        for kind in ("definition", "vm_spec"):
+            unreadable.add_metric([kind], sum(1 for f in found if f["kind"] == kind))
+        yield unreadable
 
     def _vms(self) -> Iterator[Metric]:
         from vgpuctl.vm import lifecycle

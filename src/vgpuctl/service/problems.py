@@ -1,0 +1,17 @@
+"""The files vgpuctl reads that cannot be read, each with its path and error: the API, the event stream, the
+metrics and the dashboard report them, while everything else goes on working (a bad file hides nothing)."""
+
+from __future__ import annotations
+
+from vgpuctl.host import HostRoot
+from vgpuctl.mdev.state import StateDir
+
+
+def unreadable_files(root: HostRoot, state: StateDir) -> list[dict[str, str]]:
+    """[{"kind": "definition" | "vm_spec", "path", "error"}], definitions first, each sorted by path."""
+    from vgpuctl.mdev import definitions
+    from vgpuctl.vm import spec as specs
+
+    found = [{"kind": "definition", "path": bad.path, "error": bad.error} for bad in definitions.scan(root)[1]]
+    found += [{"kind": "vm_spec", "path": bad.file, "error": bad.error} for bad in specs.load_each(state)[1]]
+    return found
