@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -372,6 +373,14 @@ def test_demo_serve_runs_three_vms_behind_the_service_until_interrupted() -> Non
             vms = json.loads(answer.read())
         assert sorted((vm["name"], vm["state"]) for vm in vms) == [
             ("car1", "running"), ("car2", "running"), ("stream1", "running")]
+        # The streaming VM runs a real OS: its guest agent says which, once it has booted.
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline + 120 and not (status.get("guest") or {}).get("agent"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/vms/stream1/status",
+                                             headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status = json.loads(answer.read())
+        assert status["guest"]["os"] == "vgpuctl Linux test guest (busybox)", status
         demo.send_signal(signal.SIGINT)  # Ctrl-C
         out, _ = demo.communicate(timeout=60)
     finally:

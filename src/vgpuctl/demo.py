@@ -106,10 +106,12 @@ def run_service_demo(out: Console, preset_name: str, aperture_mib: int, port: in
     from vgpuctl.cli.serve import run_service
     from vgpuctl.vm import lifecycle, profiles
     from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.linuxguest import build_linux_guest, kernel_cmdline
     from vgpuctl.vm.testguest import build_test_guest
 
     spec = find_preset(preset_name).with_overrides(aperture_mib=aperture_mib)
     guest = str(build_test_guest())
+    linux = build_linux_guest()  # the streaming VM runs a real OS: Debian's kernel with a busybox userland
     # Short paths: the VMs' QMP and VNC sockets must fit in 107 bytes.
     with tempfile.TemporaryDirectory(prefix="vgd-") as tmp:
         directory, state = Path(tmp) / "host", StateDir(Path(tmp) / "s")
@@ -120,7 +122,11 @@ def run_service_demo(out: Console, preset_name: str, aperture_mib: int, port: in
         try:
             for name, profile in DEMO_VMS:
                 vm = profiles.new_spec(name, profile)
-                vm.kernel, vm.boot, vm.memory_mib, vm.cpus = guest, "kernel", 64, 1
+                if profile == "streaming":  # a Linux console on its screen, a shell that takes the keyboard
+                    vm.kernel, vm.initrd, vm.append = str(linux.kernel), str(linux.initrd), kernel_cmdline()
+                    vm.boot, vm.memory_mib, vm.cpus, vm.guest_agent = "kernel", 256, 1, True
+                else:  # the project's bare-metal test guest: an animation, at once
+                    vm.kernel, vm.boot, vm.memory_mib, vm.cpus = guest, "kernel", 64, 1
                 vm.display.backend = "vnc"  # the dashboard streams it; no local window on a server
                 specs.save(state, vm, new=True)
                 status = lifecycle.start(root, state, name)
