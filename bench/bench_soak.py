@@ -99,7 +99,7 @@ async def watch(url: str, token: str, codec: str, seconds: float, counters: Coun
                 if not sent_input:
                     await ws.send(json.dumps({"type": "pointer", "x": 5, "y": 5, "buttons": 0}))
                     sent_input = True
-    except Exception as exc:  # noqa: BLE001 - counted, the soak goes on
+    except Exception as exc:  # counted; the soak goes on
         if time.monotonic() < deadline:
             counters.error(f"viewer {codec}: {type(exc).__name__}: {exc}")
     finally:
@@ -174,7 +174,7 @@ async def sse_client(http: Any, api: str, counters: Counters) -> None:
                 if {"gpus", "vgpus", "vms"} <= seen:
                     break
         counters.sse_clients += 1
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         counters.error(f"SSE: {type(exc).__name__}: {exc}")
 
 
