@@ -217,8 +217,10 @@ class Revocations:
 
         with self.state.lock("sessions"):
             self._stamp = None  # read it afresh under the lock: another service may have added to it
-            entries = {} if self.damaged else dict(self._current())
-            entries = {n: e for n, e in entries.items() if e > now}
+            current = self._current()
+            if self.damaged:  # never overwrite it: that would bring back the sessions it revoked
+                return
+            entries = {n: e for n, e in current.items() if e > now}
             entries[nonce] = expires
             body = json.dumps({"revoked": entries}, indent=0, sort_keys=True).encode() + b"\n"
             atomic_write(self.path, body, mode=0o600)
