@@ -41,6 +41,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 U1 = "22222222-0000-4000-8000-000000000001"
 U2 = "22222222-0000-4000-8000-000000000002"
 API = "/api/v1"
+BASE = "http://127.0.0.1:8470"  # the service answers only to Host headers that name it (not TestClient's 'testserver')
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def state() -> Iterator[StateDir]:
 
 @pytest.fixture
 def client(host: HostRoot, state: StateDir) -> Iterator[TestClient]:
-    with TestClient(create_app(host, state, token=TOKEN), headers=AUTH) as test_client:
+    with TestClient(create_app(host, state, token=TOKEN), base_url=BASE, headers=AUTH) as test_client:
         yield test_client
 
 
@@ -273,7 +274,7 @@ def test_vm_create_start_screenshot_stop_remove(client: TestClient, host: HostRo
 
 def test_requests_need_the_token(host: HostRoot, state: StateDir) -> None:
     app = create_app(host, state, token=TOKEN)
-    with TestClient(app) as anonymous:
+    with TestClient(app, base_url=BASE) as anonymous:
         for path in (f"{API}/gpus", f"{API}/vms", "/metrics", "/openapi.json", f"{API}/events"):
             response = anonymous.get(path)
             assert error_of(response)[:2] == (401, "unauthorized"), path
@@ -306,7 +307,7 @@ def test_a_token_in_the_url_is_refused(client: TestClient) -> None:
 
 
 def test_cookie_login_and_logout(host: HostRoot, state: StateDir) -> None:
-    with TestClient(create_app(host, state, token=TOKEN), base_url="http://127.0.0.1:8470") as browser:
+    with TestClient(create_app(host, state, token=TOKEN), base_url=BASE) as browser:
         wrong = browser.post("/login", data={"token": "nope"}, follow_redirects=False)
         assert wrong.status_code == 303 and wrong.headers["location"] == "/login?error=1"
         assert COOKIE not in browser.cookies
@@ -345,7 +346,7 @@ def test_the_token_file_is_made_once_and_private(host: HostRoot, state: StateDir
     token = path.read_text().strip()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(token) >= 40
     assert load_or_create_token(state) == token
-    with TestClient(app) as c:
+    with TestClient(app, base_url=BASE) as c:
         assert c.get(f"{API}/gpus", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
@@ -373,7 +374,7 @@ def test_require_auth_guards_websockets(host: HostRoot, state: StateDir) -> None
             pass
         assert foreign.value.code == 1008
     # The service's guard refuses an unauthenticated handshake before any route runs.
-    with TestClient(create_app(host, state, token=TOKEN)) as c:
+    with TestClient(create_app(host, state, token=TOKEN), base_url=BASE) as c:
         with pytest.raises(WebSocketDisconnect) as refused, c.websocket_connect(f"{API}/vms/car1/display"):
             pass
         assert refused.value.code == 1008
@@ -410,8 +411,8 @@ def serving(app: Any, **options: Any) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                          access_log=False, timeout_graceful_shutdown=1, **options))
+    settings = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 1, **options}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **settings))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -575,7 +576,7 @@ def test_no_request_makes_a_server_error(host: HostRoot, state: StateDir) -> Non
 
     state.path.mkdir(parents=True, exist_ok=True)
     (state.path / "vms").write_text("not a directory: no VM can be made here\n")
-    app = create_app(host, state, token=TOKEN)
+    app = create_app(host, state, token=TOKEN, allow_hosts=["testserver"])  # schemathesis' ASGI client's name
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     paths = {(op.method.upper(), op.path) for op in operations}

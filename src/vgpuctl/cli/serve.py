@@ -59,8 +59,13 @@ def bind(host: str, port: int) -> socket.socket:
               help="TLS certificate (PEM, with its chain).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), metavar="FILE", help="Its private key (PEM).")
 @click.option("--print-token", is_flag=True, help="Print the access token once on stdout (for scripts and demos).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header is NAME (a reverse proxy's or DNS name for this "
+                   "machine); repeatable. Loopback addresses, localhost and --host always are; any other is "
+                   "refused (421), which keeps DNS-rebinding pages out.")
 @reports_errors
-def serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, print_token: bool) -> None:
+def serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, print_token: bool,
+          allow_hosts: tuple[str, ...]) -> None:
     """Serve the API (/api/v1, /openapi.json), live events, /metrics and the dashboard.
 
     Every request needs the token from <state-dir>/token (made at the first start, mode 0600) as
@@ -69,19 +74,20 @@ def serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, print
     from vgpuctl.mdev.state import StateDir
 
     check_bind(host, tls_cert, tls_key)
-    run_service(State.root, StateDir.from_env(State.state_dir), host, port, tls_cert, tls_key, print_token)
+    run_service(State.root, StateDir.from_env(State.state_dir), host, port, tls_cert, tls_key, print_token,
+                allow_hosts)
 
 
 def run_service(root: HostRoot, state: StateDir, host: str, port: int, tls_cert: str | None = None,
-                tls_key: str | None = None, print_token: bool = False) -> None:
+                tls_key: str | None = None, print_token: bool = False, allow_hosts: tuple[str, ...] = ()) -> None:
     """Bind, say where, and serve until SIGINT/SIGTERM (also what `vgpuctl demo --serve` runs)."""
     import uvicorn
 
     from vgpuctl.service.app import create_app
-    from vgpuctl.service.auth import load_or_create_token, token_path
+    from vgpuctl.service.auth import MAX_WS_MESSAGE, load_or_create_token, token_path
 
     token = load_or_create_token(state)
-    app = create_app(root, state, token)
+    app = create_app(root, state, token, listen_host=host, allow_hosts=allow_hosts)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     url = f"{'https' if tls_cert else 'http'}://{shown}:{port}/"
@@ -92,8 +98,10 @@ def run_service(root: HostRoot, state: StateDir, host: str, port: int, tls_cert:
     sys.stdout.flush()
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # uvicorn's access log is off: it prints query strings. The service logs method, path and status itself.
+    # uvicorn's access log is off: it prints query strings. The service logs method, path and status itself,
+    # and no log record of this process shows the token (vgpuctl.service.logs, installed by create_app).
     config = uvicorn.Config(app, ssl_certfile=tls_cert, ssl_keyfile=tls_key, access_log=False, server_header=False,
-                            proxy_headers=False, log_level="info", timeout_graceful_shutdown=3)
+                            proxy_headers=False, log_level="info", timeout_graceful_shutdown=3,
+                            ws_max_size=MAX_WS_MESSAGE)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a graceful shutdown: a normal end
         uvicorn.Server(config).run(sockets=[sock])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,13 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from vgpuctl import __version__
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.state import StateDir
-from vgpuctl.service import api, errors
+from vgpuctl.service import api, errors, logs
 from vgpuctl.service.auth import (
     COOKIE,
     SESSION_SECONDS,
     Authenticator,
     AuthGuard,
+    HostNames,
     load_or_create_token,
     require_auth,
     session_cookie,
@@ -57,7 +58,9 @@ host check, live events and metrics — the same library and the same JSON as th
 
 **Errors** are JSON `{"error": kind, "message": what to do}`: 404 `not_found`; 409 `conflict`,
 `not_owned` (add `force=true`), `capacity_error` (the GPU is full: the message says which pool and what
-still fits), `kernel_error`, `vm_error`; 422 `invalid_input`; 401 `unauthorized`; 400 `token_in_url`.
+still fits), `kernel_error`, `vm_error`; 422 `invalid_input`; 401 `unauthorized`; 400 `token_in_url`;
+413 `too_large` (a body over 1 MiB); 421 `unknown_host` (a Host header that does not name this service);
+503 `state_damaged` (one of vgpuctl's own files is damaged: the message says which).
 """
 
 LOGIN_PAGE = """<!doctype html>
@@ -83,10 +86,15 @@ NO_DASHBOARD = """<!doctype html>
 
 
 def create_app(root: HostRoot, state: StateDir, token: str | None = None, *,
-               poll_interval_s: float = POLL_INTERVAL_S) -> FastAPI:
+               poll_interval_s: float = POLL_INTERVAL_S, listen_host: str | None = None,
+               allow_hosts: Iterable[str] = ()) -> FastAPI:
     """The service for the host at ``root`` with vgpuctl's state in ``state``; ``token`` defaults to
-    ``<state-dir>/token``, made at the first start."""
-    auth = Authenticator(token if token is not None else load_or_create_token(state))
+    ``<state-dir>/token``, made at the first start. Requests must name the service in their Host header:
+    a loopback address, ``localhost``, ``listen_host`` (the address it listens on) or one of
+    ``allow_hosts`` (see :class:`~.auth.HostNames`)."""
+    token = token if token is not None else load_or_create_token(state)
+    logs.protect(token)  # from here on no log line of this process shows it
+    auth = Authenticator(token, state)
     hub = EventHub(_snapshotters(root, state), poll_interval_s)
 
     @asynccontextmanager
@@ -105,7 +113,7 @@ def create_app(root: HostRoot, state: StateDir, token: str | None = None, *,
     app.state.events = hub
     app.state.metrics = make_registry(root, state)
     errors.install(app)
-    app.add_middleware(AuthGuard, auth=auth)
+    app.add_middleware(AuthGuard, auth=auth, hosts=HostNames(listen_host, allow_hosts))
     app.include_router(api.router)
     _include_display_stream(app)
     _add_metrics(app)

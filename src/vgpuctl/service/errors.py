@@ -15,6 +15,11 @@ InvalidInput, ValueError  422     ``invalid_input`` (as request validation error
                                   ``detail``: FastAPI's list of what is wrong where)
 KernelError               409     ``kernel_error``; 403 ``permission_denied`` for EACCES/EPERM
 VmError                   409     ``vm_error`` (a VM that cannot start or be reached)
+other VgpuError           409     its class name in snake case (or the class's ``http_status``)
+a damaged state file      503     ``state_damaged``: a RuntimeError or VgpuError that says a file of
+                                  vgpuctl's own is damaged (``owned.json`` ...); the message names the
+                                  file and what to do. The service cannot serve that until someone
+                                  fixes the file: no client fault, no bug either.
 OSError                   409     ``host_error`` (404 for a missing file, 403 for permissions)
 ========================  ======  ==================================================================
 
@@ -42,7 +47,8 @@ log = logging.getLogger("vgpuctl.service")
 
 STATUS_KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-                422: "invalid_input"}
+                421: "unknown_host", 422: "invalid_input", 503: "unavailable"}
+_DAMAGED = re.compile(r"\b(is|are) (damaged|corrupt(ed)?)\b|\bdamaged\b", re.IGNORECASE)
 
 
 class ErrorBody(BaseModel):
@@ -57,7 +63,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No or a wrong token/session"},
     404: {"model": ErrorBody, "description": "No such GPU, type, vGPU, definition or VM"},
     409: {"model": ErrorBody, "description": "Conflict, not owned, no capacity, kernel or VM refused"},
+    413: {"model": ErrorBody, "description": "Request body over 1 MiB"},
     422: {"model": ErrorBody, "description": "Invalid input"},
+    503: {"model": ErrorBody, "description": "A state file of vgpuctl's is damaged (the message says which)"},
 }
 
 
@@ -71,8 +79,19 @@ def _kind(error: BaseException) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
 
 
+def _damaged_state(error: Exception) -> bool:
+    """A RuntimeError (or an error of no more specific kind) saying one of vgpuctl's files is damaged, as
+    ``StateDir.owned()`` raises for a broken ``owned.json``."""
+    return "Damaged" in type(error).__name__ or "Corrupt" in type(error).__name__ or bool(_DAMAGED.search(str(error)))
+
+
 def classify(error: Exception) -> tuple[int, str]:
-    """The HTTP status and error kind of one of vgpuctl's errors, a ValueError or an OSError."""
+    """The HTTP status and error kind of one of vgpuctl's errors, a ValueError, an OSError or a RuntimeError
+    for a damaged state file; 500 ``internal`` for anything else (a bug)."""
+    if isinstance(error, VgpuError):
+        declared = getattr(error, "http_status", None)  # a VgpuError subclass may say what it is over HTTP
+        if isinstance(declared, int) and 400 <= declared <= 599:
+            return declared, _kind(error)
     if isinstance(error, NotFound):
         return 404, "not_found"
     if isinstance(error, (Conflict, NotOwned, CapacityError)):
@@ -84,7 +103,9 @@ def classify(error: Exception) -> tuple[int, str]:
             return 403, "permission_denied"
         return 409, "kernel_error"
     if isinstance(error, VgpuError):
-        return 409, _kind(error)
+        return (503, "state_damaged") if _damaged_state(error) else (409, _kind(error))
+    if isinstance(error, RuntimeError) and _damaged_state(error):
+        return 503, "state_damaged"
     if isinstance(error, ValueError):
         return 422, "invalid_input"
     if isinstance(error, FileNotFoundError):
@@ -117,9 +138,11 @@ def install(app: FastAPI) -> None:
 
     async def vgpuctl_error(request: Request, exc: Exception) -> JSONResponse:
         status, kind = classify(exc)
-        if status == 500:
+        if kind == "internal":
             log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
             return error_response(500, "internal", "internal error: see the server's log")
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, message_of(exc))
         return error_response(status, kind, message_of(exc))
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -138,7 +161,7 @@ def install(app: FastAPI) -> None:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal", "internal error: see the server's log")
 
-    for error in (VgpuError, ValueError, OSError):
+    for error in (VgpuError, ValueError, OSError, RuntimeError):
         app.add_exception_handler(error, vgpuctl_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

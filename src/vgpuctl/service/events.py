@@ -3,7 +3,9 @@
 Events ``gpus``, ``vgpus`` and ``vms``, each carrying the whole JSON snapshot — exactly what
 ``GET /api/v1/gpus``, ``/vgpus`` and ``/vms`` answer — are sent to a client when it connects and
 again whenever that snapshot changes. An ``error`` event ``{"error", "message", "source"}`` tells
-that a snapshot could not be read (the last good one stays). A comment line every 15 s keeps
+that a snapshot could not be read (the last good one stays): every client gets it, those already
+connected when it happens and those that connect while it lasts; it is sent again when the message
+changes. A comment line every 15 s keeps
 proxies from closing an idle stream.
 
 One shared poller (:class:`EventHub`) reads the host and the state directory every 0.5 s, only while
@@ -41,7 +43,7 @@ class EventHub:
         self.subscribers: set[asyncio.Queue[tuple[str, str] | None]] = set()
         self.polls = 0  # how many polls ran (tests: the poller stops when nobody listens)
         self._task: asyncio.Task[None] | None = None
-        self._errors: dict[str, str] = {}
+        self._errors: dict[str, str] = {}  # snapshot name -> its current error event's JSON text
 
     @property
     def polling(self) -> bool:
@@ -52,8 +54,12 @@ class EventHub:
         if self.polling:
             for event in self.latest.items():  # what the running poller already read: at once
                 queue.put_nowait(event)
+            for text in self._errors.values():  # and what it could not read
+                queue.put_nowait(("error", text))
         else:
-            self.latest.clear()  # stale since the last poller stopped: its first poll sends everything
+            # Stale since the last poller stopped: its first poll sends everything, errors included.
+            self.latest.clear()
+            self._errors.clear()
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="vgpuctl-events")
         self.subscribers.add(queue)
         return queue
@@ -95,11 +101,12 @@ class EventHub:
         from vgpuctl.service.errors import classify, message_of
 
         message = message_of(error)
-        if self._errors.get(name) == message:
-            return  # said once until it changes
-        self._errors[name] = message
+        text = json.dumps({"error": classify(error)[1], "message": message, "source": name})
+        if self._errors.get(name) == text:
+            return  # told every subscriber once (newcomers get it in subscribe) until it changes
+        self._errors[name] = text
         log.warning("events: reading %s failed: %s", name, message)
-        self._broadcast("error", json.dumps({"error": classify(error)[1], "message": message, "source": name}))
+        self._broadcast("error", text)
 
     def _broadcast(self, name: str, text: str) -> None:
         for queue in list(self.subscribers):

@@ -25,11 +25,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
+from vgpuctl.service.auth import MAX_WS_MESSAGE
 from vgpuctl.service.stream.hub import CODECS, DisplayClosed, DisplayHub, HubRegistry, StreamOptions, Viewer
 from vgpuctl.service.stream.rfb import RfbError
 
-__all__ = ["CLOSE_DISPLAY_ENDED", "CLOSE_NOT_FOUND", "DisplayHub", "HubRegistry", "StreamOptions", "handle_input",
-           "make_router", "registry_of", "router", "serve_display"]
+__all__ = ["CLOSE_DISPLAY_ENDED", "CLOSE_NOT_FOUND", "MAX_WS_MESSAGE", "DisplayHub", "HubRegistry", "StreamOptions",
+           "handle_input", "make_router", "parse_input", "registry_of", "router", "serve_display"]
 
 log = logging.getLogger("vgpuctl.service")
 
@@ -39,6 +40,11 @@ CLOSE_DISPLAY_ENDED = 4410
 """Close code: the display went away while streaming (the VM stopped)."""
 CLOSE_BAD_MESSAGE = 1003
 MAX_TEXT = 4096
+"""Characters in one input message; a longer one closes the connection (1003). Real ones are < 100."""
+MAX_DEPTH = 4
+"""Nesting of objects and arrays in one input message: real ones are flat objects (depth 1). A deeper one
+is ignored without being parsed (json.loads recurses once per level: 4096 brackets would hit Python's
+recursion limit)."""
 
 
 def registry_of(app: Any) -> HubRegistry:
@@ -153,10 +159,41 @@ async def _receive_input(websocket: WebSocket, viewer: Viewer) -> None:
             await _close(websocket, CLOSE_BAD_MESSAGE, "message too long")
             return
         try:
-            event = json.loads(text)
+            event = parse_input(text)
             await handle_input(viewer, event)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             log.debug("display input ignored: %s (%r)", exc, text[:200])
+
+
+def nesting(text: str) -> int:
+    """How deep objects and arrays nest in JSON ``text`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_input(text: str) -> Any:
+    """One client message as JSON; ValueError for one that is too long, too deeply nested or not JSON."""
+    if len(text) > MAX_TEXT:
+        raise ValueError(f"longer than {MAX_TEXT} characters")
+    if nesting(text) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return json.loads(text)
 
 
 async def handle_input(viewer: Viewer, event: Any) -> None:
