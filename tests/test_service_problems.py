@@ -29,7 +29,8 @@ BAD = "33333333-0000-4000-8000-000000000002"
 def served(mount_host: MountFn) -> Iterator[tuple[HostRoot, StateDir, TestClient]]:
     root = mount_host("coffeelake", aperture_mib=1024)
     state = StateDir(Path(tempfile.mkdtemp(prefix="vgpr-")))
-    with TestClient(create_app(root, state, token=TOKEN), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+    with TestClient(create_app(root, state, token=TOKEN), base_url="http://127.0.0.1",
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield root, state, client
 
 
