@@ -310,3 +310,26 @@ def test_dashboard_follows_the_host_and_drives_a_vm_and_its_display(service: Ser
     expect(vm_page.locator("#vm-state")).to_have_text("stopped")
     expect(card.locator(".state")).to_have_text("stopped")
     assert not errors, errors
+
+
+def test_the_dashboard_names_each_unreadable_file_and_follows_its_repair(service: Service,
+                                                                         context: BrowserContext) -> None:
+    """Issue 11: a bad definition or VM spec is shown with its path and error (live), and hides nothing."""
+    page = context.new_page()
+    log_in(page, service)
+    problems = page.locator("#problems")
+    expect(problems).to_be_hidden(timeout=TIMEOUT_MS)
+    bad = service.root.path(f"/etc/mdevctl.d/{GVT_PARENT}/44444444-0000-4000-8000-000000000001")
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text("{not json")
+    spec = service.state.path / "vms" / "broken.toml"
+    spec.write_text("memory_mib = [")
+    expect(problems).to_be_visible(timeout=TIMEOUT_MS)  # through the event stream, no reload
+    expect(page.locator("#problems-count")).to_have_text("2", timeout=TIMEOUT_MS)
+    expect(problems).to_contain_text(f"/etc/mdevctl.d/{GVT_PARENT}/44444444-0000-4000-8000-000000000001")
+    expect(problems).to_contain_text("invalid json")
+    expect(problems).to_contain_text(str(spec))
+    expect(page.locator("#vms-body")).to_contain_text(VM, timeout=TIMEOUT_MS)  # the good VM is still there
+    bad.unlink()
+    spec.unlink()
+    expect(problems).to_be_hidden(timeout=TIMEOUT_MS)

@@ -697,7 +697,9 @@ function overview() {
     gpus: (rows) => apply("gpus", rows, true),
     vgpus: (rows) => apply("vgpus", rows, true),
     vms: (rows) => apply("vms", rows, true),
+    problems: renderProblems,
   });
+  apiJson("problems").then(renderProblems, () => {});
   for (const kind of ["types", "gpus", "vgpus", "vms"]) {
     apiJson(kind).then((rows) => {
       if (kind === "types") {
@@ -714,6 +716,16 @@ function overview() {
       if (body && data[kind] === null) replace(body, h("p", { class: "error" }, err.message));
     });
   }
+}
+
+// Files vgpuctl cannot read (a definition, a VM spec): each with its path and error, until it is fixed.
+function renderProblems(rows) {
+  const section = $("problems");
+  section.hidden = rows.length === 0;
+  $("problems-count").textContent = rows.length ? String(rows.length) : "";
+  replace($("problems-body"), ...rows.map((p) => h("li", { class: "problem" },
+    h("span", { class: "kind" }, p.kind === "definition" ? "vGPU definition" : "VM spec"), " ",
+    h("code", {}, p.path), ": ", h("span", { class: "error" }, p.error))));
 }
 
 function vmHref(name) {
