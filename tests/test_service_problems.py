@@ -72,3 +72,16 @@ def test_a_damaged_state_file_makes_no_vgpu(served: tuple[HostRoot, StateDir, Te
     answer = client.post(f"{API}/vgpus", json={"parent": GVT_PARENT, "type": "i915-GVTg_V5_4", "uuid": GOOD})
     assert answer.status_code >= 400 and "owned.json is damaged" in answer.json()["message"], answer.text
     assert not root.exists(f"/sys/bus/mdev/devices/{GOOD}")
+
+
+def test_starting_a_foreign_definition_through_the_api_does_not_make_it_ours(
+        served: tuple[HostRoot, StateDir, TestClient]) -> None:
+    root, _, client = served
+    definitions.write(root, Definition(BAD, GVT_PARENT, "i915-GVTg_V5_8", "auto"))  # as mdevctl writes it
+    path = root.path(definitions.definition_path(root, GVT_PARENT, BAD))
+    assert client.post(f"{API}/definitions/{BAD}/start").status_code < 300
+    assert client.delete(f"{API}/vgpus/{BAD}").status_code < 300  # the device vgpuctl started is its own
+    answer = client.delete(f"{API}/definitions/{BAD}")
+    assert answer.status_code == 409 and answer.json()["error"] == "not_owned", answer.text
+    assert path.exists()
+    assert [r["owner"] for r in client.get(f"{API}/vgpus").json()] == ["other"]
