@@ -530,7 +530,7 @@ def test_a_damaged_owned_json_is_a_503_that_names_the_file(host: HostRoot, state
         state.owned_file.write_text("{damaged")
         status, kind, message = error_of(client.get(f"{API}/vgpus"))
         assert (status, kind) == (503, "state_damaged")
-        assert str(state.owned_file) in message and "move it away" in message
+        assert str(state.owned_file) in message and "moved away" in message
 
 
 def test_every_vgpuerror_is_json_with_a_message() -> None:

@@ -825,7 +825,8 @@ def test_the_service_lists_the_good_vms_and_each_bad_spec(mount_host: MountFn, t
     host, state = mount_host("coffeelake", aperture_mib=1024), StateDir(tmp_path / "state")
     specs.save(state, new_spec("good1", "streaming"), new=True)
     expected = break_some_specs(state.path)
-    with TestClient(create_app(host, state, token="t" * 32), headers={"Authorization": "Bearer " + "t" * 32}) as client:
+    with TestClient(create_app(host, state, token="t" * 32), base_url="http://127.0.0.1",
+                    headers={"Authorization": "Bearer " + "t" * 32}) as client:
         answer = client.get("/api/v1/vms")
     assert answer.status_code == 200, answer.text
     rows = {r["name"]: r for r in answer.json()}

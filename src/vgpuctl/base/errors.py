@@ -38,6 +38,8 @@ class KernelError(VgpuError):
 class StateDamaged(VgpuError):
     """One of vgpuctl's own state files cannot be read; nothing is changed until it is repaired or moved away."""
 
+    http_status = 503  # the service cannot do its job until an administrator repairs the file
+
     def __init__(self, message: str, path: str) -> None:
         super().__init__(message)
         self.path = path
