@@ -3,6 +3,7 @@ parents are refused; a damaged state file changes nothing."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ def served(mount_host: MountFn) -> Iterator[tuple[HostRoot, StateDir, TestClient
     with TestClient(create_app(root, state, token=TOKEN), base_url="http://127.0.0.1",
                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield root, state, client
+    shutil.rmtree(state.path, ignore_errors=True)
 
 
 def test_unreadable_files_are_reported_and_hide_nothing(served: tuple[HostRoot, StateDir, TestClient]) -> None:
