@@ -34,6 +34,8 @@ from vgpuctl.host import HostRoot
 from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs
+from vgpuctl.vm.linuxguest import LinuxGuest, kernel_cmdline, read_report
+from vgpuctl.vm.runtime import RuntimePaths
 from vgpuctl.vm.testguest import build_test_guest
 
 pytestmark = pytest.mark.fuse
@@ -334,3 +336,32 @@ def test_the_dashboard_names_each_unreadable_file_and_follows_its_repair(service
     bad.unlink()
     spec.unlink()
     expect(problems).to_be_hidden(timeout=TIMEOUT_MS)
+
+
+def test_the_vm_page_shows_the_linux_guests_console_and_takes_its_keyboard(
+        service: Service, context: BrowserContext, linux_guest: LinuxGuest, tmp_path: Path) -> None:
+    """Issue 14: a real OS on the dashboard: Debian's kernel's console streamed to the VM page, and keys typed
+    there reaching the shell on it (the guest reports which tty its 'kb' command ran on)."""
+    spec = profiles.new_spec("linux", "streaming")
+    spec.kernel, spec.initrd, spec.append = str(linux_guest.kernel), str(linux_guest.initrd), kernel_cmdline()
+    spec.boot, spec.memory_mib, spec.cpus, spec.display.backend = "kernel", 256, 1, "vnc"
+    specs.save(service.state, spec, new=True)
+    off_loop(lifecycle.start, service.root, service.state, "linux")
+    serial_log = RuntimePaths.for_vm(service.state, "linux").serial_log
+    deadline = time.monotonic() + 120
+    while "ready" not in read_report(serial_log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, "the Linux guest did not come up"
+        time.sleep(0.2)
+    page = context.new_page()
+    log_in(page, service)
+    page.goto(f"{service.url}/vm.html?name=linux")
+    # The console: mostly the black background, with lit text on it (a blank or a test pattern would not be).
+    shown = wait_canvas(page, lambda s: s["frames"] > 0 and s["spread"] > 100, "the guest's console text", 60)
+    assert max(shown["mean"]) < 128, shown  # dark: text on a black console, not the test guest's blue
+    page.locator("#screen").click()
+    page.keyboard.type("kb")
+    page.keyboard.press("Enter")
+    while "/dev/tty1" not in read_report(serial_log.read_text(errors="replace")).get("typed", []):
+        assert time.monotonic() < deadline + 60, "the keys typed on the VM page did not reach the guest's shell"
+        time.sleep(0.2)
+    page.screenshot(path=str(tmp_path / "linux.png"))
