@@ -261,8 +261,8 @@ def main() -> int:
     if args.vms < 2:
         parser.error("--vms must be at least 2 (waves on all but the last, overlapping viewers on the last)")
 
+    from vgpuctl.base.state import StateDir
     from vgpuctl.host import HostRoot
-    from vgpuctl.mdev.state import StateDir
     from vgpuctl.sim import mount
     from vgpuctl.sim.presets import preset
     from vgpuctl.vm import lifecycle, profiles

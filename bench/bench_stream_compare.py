@@ -335,7 +335,7 @@ class Guest:
 def guest(elf: Path, resolution: tuple[int, int], vnc: str | None, fps: int | None) -> Iterator[Guest]:
     """QEMU with the test guest laid out as vgpuctl VM ``bench``; ``vnc`` None: ``-vnc unix:<its socket>``;
     ``fps`` None: the bar animation, else the full-screen one at that rate."""
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.base.state import StateDir
     from vgpuctl.vm.runtime import RuntimePaths
     from vgpuctl.vm.testguest import READY_LINE, kernel_args
 
@@ -412,7 +412,7 @@ def serve_vgpuctl(state: str, port: int, deflate: bool) -> None:
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, Response
 
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.base.state import StateDir
     from vgpuctl.service.stream import make_router, registry_of
 
     app = FastAPI()
@@ -752,7 +752,7 @@ def run_setup(setup: str, workload: str, elf: Path, resolution: tuple[int, int],
             results = [measure(cdp, browser_pid, g, f"http://127.0.0.1:{port}/bench.html?codec={codec}", setup,
                                workload, server, port, args)]
         if setup == "vgpuctl" and args.floor and results[0].keys_sent:
-            from vgpuctl.mdev.state import StateDir
+            from vgpuctl.base.state import StateDir
             from vgpuctl.vm.runtime import RuntimePaths
 
             keys_before = g.keys_seen()

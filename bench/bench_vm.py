@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.sim import mount
 from vgpuctl.sim.presets import preset
 from vgpuctl.vm import lifecycle, profiles

@@ -30,11 +30,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import GVT_PARENT, Cli, MountFn
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import Definition
 from vgpuctl.mdev.lifecycle import Manager
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.state import Journal
 from vgpuctl.mdev.sysfs import active_devices
 
 pytestmark = pytest.mark.fuse
@@ -117,7 +118,7 @@ class Bench:
         cli = Cli(self.root, state.path)
         rows = cli.json("list")  # the next command succeeds, and settles the journal
         assert isinstance(rows, list), what
-        ownership = state.ownership()
+        ownership = Journal(state).ownership()
         assert ownership.journal == [], (what, ownership.journal)
         foreign = {FOREIGN_DEV, FOREIGN_DEF}
         for row in rows:

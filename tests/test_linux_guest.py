@@ -34,8 +34,8 @@ import pytest
 
 from tests.conftest import Cli
 from tests.test_vm_spec import validate_xml
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import lifecycle
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import build_argv

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm.linuxguest import LinuxGuest, build_iso, kernel_cmdline, read_report
 from vgpuctl.vm.runtime import RuntimePaths, is_running, read_pid
 

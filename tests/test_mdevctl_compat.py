@@ -38,10 +38,11 @@ from tests.test_mdevctl import (
     new_uuid,
     placement,
 )
+from vgpuctl.base.state import StateDir
 from vgpuctl.cli.mdevctl import run_as_mdevctl
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.lifecycle import Manager
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.state import Journal
 
 pytestmark = pytest.mark.mdevctl
 
@@ -473,9 +474,9 @@ def test_mdevctl_mode_keeps_vgpuctl_records_true(mount_host: MountFn, tmp_path: 
     host, state = mount_host("coffeelake", aperture_mib=1024), tmp_path / "state"
     assert ours(host, ["define", "-u", U1, "-p", GVT_PARENT, "-t", V5_4], state).rc == 0
     assert ours(host, ["start", "-u", U1], state).rc == 0
-    owned = StateDir(state).ownership()  # made through mdevctl: mdevctl's, not vgpuctl's
+    owned = Journal(StateDir(state)).ownership()  # made through mdevctl: mdevctl's, not vgpuctl's
     assert owned.devices == owned.definitions == {}
     Manager(host, StateDir(state)).create(GVT_PARENT, V5_8, U2)
-    assert StateDir(state).owns_device(U2)
+    assert Journal(StateDir(state)).owns_device(U2)
     assert ours(host, ["stop", "-u", U2], state) == Result(0, "", "")  # no ownership rule for mdevctl
-    assert not StateDir(state).owns_device(U2)  # and vgpuctl forgets what is gone
+    assert not Journal(StateDir(state)).owns_device(U2)  # and vgpuctl forgets what is gone

@@ -26,10 +26,10 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.lifecycle import Manager
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.service import metrics
 from vgpuctl.service.app import create_app
 from vgpuctl.service.auth import COOKIE, Authenticator, load_or_create_token, require_auth, token_path

@@ -32,10 +32,11 @@ from starlette.websockets import WebSocketDisconnect
 
 from tests.conftest import GVT_PARENT, MountFn
 from tests.test_service_api import API, AUTH, BASE, TOKEN, U1, error_of, free_port, serving
+from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import VgpuError
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.state import Journal
 from vgpuctl.service import errors as service_errors
 from vgpuctl.service.app import create_app
 from vgpuctl.service.auth import (
@@ -527,10 +528,10 @@ def test_an_unusable_token_file_is_one_line_that_says_what_to_do(state: StateDir
 def test_a_damaged_owned_json_is_a_503_that_names_the_file(host: HostRoot, state: StateDir) -> None:
     with TestClient(create_app(host, state, token=TOKEN), base_url=BASE, headers=AUTH) as client:
         assert client.post(f"{API}/vgpus", json={"parent": GVT_PARENT, "type": "i915-GVTg_V5_8"}).status_code == 201
-        state.owned_file.write_text("{damaged")
+        Journal(state).file.write_text("{damaged")
         status, kind, message = error_of(client.get(f"{API}/vgpus"))
         assert (status, kind) == (503, "state_damaged")
-        assert str(state.owned_file) in message and "moved away" in message
+        assert str(Journal(state).file) in message and "moved away" in message
 
 
 def test_every_vgpuerror_is_json_with_a_message() -> None:

@@ -12,10 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import Definition, atomic_write
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.state import Journal
 from vgpuctl.service.app import create_app
 
 pytestmark = pytest.mark.fuse
@@ -70,7 +71,7 @@ def test_a_definition_on_an_unknown_parent_is_refused(served: tuple[HostRoot, St
 def test_a_damaged_state_file_makes_no_vgpu(served: tuple[HostRoot, StateDir, TestClient]) -> None:
     root, state, client = served
     state.path.mkdir(parents=True, exist_ok=True)
-    atomic_write(state.owned_file, b"{broken")
+    atomic_write(Journal(state).file, b"{broken")
     answer = client.post(f"{API}/vgpus", json={"parent": GVT_PARENT, "type": "i915-GVTg_V5_4", "uuid": GOOD})
     assert answer.status_code >= 400 and "owned.json is damaged" in answer.json()["message"], answer.text
     assert not root.exists(f"/sys/bus/mdev/devices/{GOOD}")

@@ -33,7 +33,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from tests.conftest import MountFn
 from tests.test_testguest import read_ppm
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.base.state import StateDir
 from vgpuctl.service import metrics
 from vgpuctl.service.stream import CLOSE_DISPLAY_ENDED, CLOSE_NOT_FOUND, handle_input, make_router
 from vgpuctl.service.stream import hub as hub_module

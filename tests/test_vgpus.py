@@ -267,19 +267,20 @@ def test_kill_9_never_leaves_a_half_written_definition(mount_host: MountFn, tmp_
 
 
 def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
+    from vgpuctl.base.state import StateDir
     from vgpuctl.mdev.errors import StateDamaged
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.mdev.state import Journal
 
-    state = StateDir(tmp_path)
+    journal = Journal(StateDir(tmp_path))
     for uuid in (U1, U2):
-        with state.claiming("device", uuid, {"parent": GVT_PARENT, "type": "i915-GVTg_V5_4"}):
+        with journal.claiming("device", uuid, {"parent": GVT_PARENT, "type": "i915-GVTg_V5_4"}):
             pass
-    with state.releasing("device", U1):
+    with journal.releasing("device", U1):
         pass
-    assert set(state.ownership().devices) == {U2} and not state.ownership().journal
-    atomic_write(state.owned_file, b"{broken")
+    assert set(journal.ownership().devices) == {U2} and not journal.ownership().journal
+    atomic_write(journal.file, b"{broken")
     with pytest.raises(StateDamaged, match="moved away"):
-        state.ownership()
+        journal.ownership()
 
 
 @pytest.mark.parametrize("kernel", ["6.8.0", "5.15.0"])

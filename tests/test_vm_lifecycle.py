@@ -22,10 +22,10 @@ from qemu.qmp import QMPError
 
 from tests.conftest import GVT_PARENT, MountFn
 from tests.test_testguest import Image, read_ppm
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.kvm import probe_kvm
 from vgpuctl.mdev.errors import CapacityError, Conflict
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import active_devices
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs

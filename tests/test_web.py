@@ -30,8 +30,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect, sync_playwright
 
 from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.linuxguest import LinuxGuest, kernel_cmdline, read_report

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.mdev.sysfs import read_types
 from vgpuctl.sim import mount
 from vgpuctl.sim.presets import preset as find_preset

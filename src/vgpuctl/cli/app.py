@@ -50,7 +50,7 @@ def print_json(data: Any) -> None:
 
 def reports_errors(command: F) -> F:
     """Turn vgpuctl's errors into one clear line on stderr and exit status 1."""
-    from vgpuctl.mdev.errors import VgpuError
+    from vgpuctl.base.errors import VgpuError
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

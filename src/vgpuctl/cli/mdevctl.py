@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from vgpuctl.base.errors import VgpuError
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions, sysfs
 from vgpuctl.mdev.definitions import Definition
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.state import Journal
 from vgpuctl.mdev.sysfs import MdevType
 
 VERSION = "1.2.0"
@@ -275,12 +276,13 @@ class Mdevctl:
     def forget_if_gone(self, uuid: str) -> None:
         """If vgpuctl had made this vGPU or definition and it is gone now, vgpuctl's record goes too."""
         with contextlib.suppress(OSError, VgpuError):
-            owned = self.state.ownership()
+            journal = Journal(self.state)
+            owned = journal.ownership()
             for key in [k for k in owned.definitions if k.endswith(f"/{uuid}")]:
                 if not self.is_defined(key.partition("/")[0], uuid):
-                    self.state.forget("definition", key)
+                    journal.forget("definition", key)
             if uuid in owned.devices and sysfs.active_device(self.root, uuid) is None:
-                self.state.forget("device", uuid)
+                journal.forget("device", uuid)
 
     # -------------------------------------------------------------- the commands
     def cmd_list(self, args: argparse.Namespace) -> int:

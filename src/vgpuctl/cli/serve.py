@@ -14,8 +14,8 @@ import click
 from vgpuctl.cli.app import State, die, reports_errors, say
 
 if TYPE_CHECKING:
+    from vgpuctl.base.state import StateDir
     from vgpuctl.host import HostRoot
-    from vgpuctl.mdev.state import StateDir
 
 
 def is_loopback(host: str) -> bool:
@@ -71,7 +71,7 @@ def serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, print
     Every request needs the token from <state-dir>/token (made at the first start, mode 0600) as
     'Authorization: Bearer <token>', or a browser session from the login page.
     """
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.base.state import StateDir
 
     check_bind(host, tls_cert, tls_key)
     run_service(State.root, StateDir.from_env(State.state_dir), host, port, tls_cert, tls_key, print_token,

@@ -13,8 +13,8 @@ import click
 from vgpuctl.cli.app import State, die, print_json, say
 
 if TYPE_CHECKING:
+    from vgpuctl.base.state import StateDir
     from vgpuctl.host.setup import Plan, Step, Tools
-    from vgpuctl.mdev.state import StateDir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,7 +44,7 @@ def setup_errors(command: F) -> F:
 
 
 def _state() -> StateDir:
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.base.state import StateDir
 
     return StateDir.from_env(State.state_dir)
 

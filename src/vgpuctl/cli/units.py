@@ -6,8 +6,8 @@ import sys
 
 import click
 
+from vgpuctl.base.errors import VgpuError
 from vgpuctl.cli.app import State, die, say
-from vgpuctl.mdev.errors import VgpuError
 
 force_option = click.option("--force", is_flag=True, help="Also replace or remove files vgpuctl did not write.")
 

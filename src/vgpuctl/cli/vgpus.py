@@ -26,8 +26,8 @@ attr_option = click.option("--attr", multiple=True, metavar="NAME=VALUE",
 
 
 def manager(force: bool = False) -> Manager:
+    from vgpuctl.base.state import StateDir
     from vgpuctl.mdev.lifecycle import Manager
-    from vgpuctl.mdev.state import StateDir
 
     return Manager(State.root, StateDir.from_env(State.state_dir), force=force)
 
@@ -113,8 +113,8 @@ def types_command(parent: str | None, json_output: bool) -> None:
 @reports_errors
 def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str | None, json_output: bool) -> None:
     """Active and defined vGPUs with parent, type, start mode and owner."""
+    from vgpuctl.base.state import StateDir
     from vgpuctl.mdev.report import vgpu_listing
-    from vgpuctl.mdev.state import StateDir
 
     selected, problems = vgpu_listing(State.root, StateDir.from_env(State.state_dir), defined_only=defined,
                                       active_only=active_only, parent=parent, uuid=uuid)

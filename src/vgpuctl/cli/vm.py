@@ -19,7 +19,7 @@ from vgpuctl.cli.app import State, print_json, reports_errors, say
 from vgpuctl.vm.spec import BACKENDS, PROFILE_NAMES
 
 if TYPE_CHECKING:
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.base.state import StateDir
     from vgpuctl.vm.argv import QemuCommand
     from vgpuctl.vm.runtime import ResolvedVgpu
     from vgpuctl.vm.spec import VmSpec
@@ -29,7 +29,7 @@ NONE = "none"  # clears an optional value in 'vm edit' (--cdrom none, --kernel n
 
 
 def state_dir() -> StateDir:
-    from vgpuctl.mdev.state import StateDir
+    from vgpuctl.base.state import StateDir
 
     return StateDir.from_env(State.state_dir)
 
@@ -241,7 +241,7 @@ def create(name: str, **options: Any) -> None:
     specs.check_name(name)
     state = state_dir()
     if specs.exists(state, name):
-        from vgpuctl.mdev.errors import Conflict
+        from vgpuctl.base.errors import Conflict
 
         raise Conflict(f"VM {name!r} already exists; change it with 'vgpuctl vm edit' or pick another name")
     spec = apply_options(new_spec(name), options)
@@ -462,7 +462,7 @@ def xml_command(name: str, output: Path | None) -> None:
     if State.root.is_simulated and vgpu is not None:
         notes.append("simulated host: the XML names the vGPU as libvirt on a real host would")
     if output:
-        from vgpuctl.mdev.definitions import atomic_write
+        from vgpuctl.host.files import atomic_write
 
         atomic_write(output.absolute(), text.encode())
         say(f"wrote {output}")

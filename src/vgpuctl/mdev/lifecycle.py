@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from vgpuctl.backends import backend_for_parent
 from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.root import relative_path
 from vgpuctl.mdev import definitions
@@ -25,7 +26,7 @@ from vgpuctl.mdev.errors import (
     VgpuError,
 )
 from vgpuctl.mdev.report import check_parent, object_exists
-from vgpuctl.mdev.state import Kind, Ownership, StateDir, definition_key
+from vgpuctl.mdev.state import Journal, Kind, Ownership, definition_key
 from vgpuctl.mdev.sysfs import ActiveDevice, active_device, active_devices, parent_names, read_types
 
 
@@ -61,12 +62,16 @@ class Manager:
         if type_id not in types:
             raise NotFound(f"{parent} has no type {type_id!r}; its types: {', '.join(types) or 'none'}")
 
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.state)
+
     def exists(self, kind: Kind, key: str) -> bool:
         return object_exists(self.root, kind, key)
 
     def ownership(self) -> Ownership:
         """vgpuctl's records with the intents of killed commands settled (every command starts here)."""
-        return self.state.reconcile(self.exists)
+        return self.journal.reconcile(self.exists)
 
     def require_owned_device(self, device: ActiveDevice) -> None:
         """A device is ours if vgpuctl created it, or if it instantiates a definition vgpuctl wrote (started at
@@ -100,7 +105,7 @@ class Manager:
                 raise Conflict(f"vGPU {uuid} is already active on {existing.parent} (type {existing.type_id}); "
                                "choose another UUID or remove it first")
             create_path = f"{self.root.mdev_type_dir(parent, type_id)}/create"
-            with self.state.claiming("device", uuid, {"parent": parent, "type": type_id}):
+            with self.journal.claiming("device", uuid, {"parent": parent, "type": type_id}):
                 crashpoint("create:before-write")
                 try:
                     self.root.write_text(create_path, uuid)
@@ -161,7 +166,7 @@ class Manager:
         if device is None:
             raise NotFound(f"no active vGPU {uuid}; 'vgpuctl list' shows the active ones")
         self.require_owned_device(device)
-        with self.state.lock(f"parent-{device.parent}"), self.state.releasing("device", uuid):
+        with self.state.lock(f"parent-{device.parent}"), self.journal.releasing("device", uuid):
             crashpoint("remove:before-write")
             self._remove_device(uuid)
 
@@ -195,7 +200,7 @@ class Manager:
             if self.root.exists(definitions.definition_path(self.root, parent, uuid)):
                 raise Conflict(f"vGPU {uuid} on {parent} is already defined; use 'vgpuctl modify'")
             definition = Definition(uuid, parent, type_id, "auto" if auto else "manual", list(attrs or []))
-            with self.state.claiming("definition", definition_key(parent, uuid), {"parent": parent, "uuid": uuid,
+            with self.journal.claiming("definition", definition_key(parent, uuid), {"parent": parent, "uuid": uuid,
                                                                                  "type": type_id}):
                 crashpoint("define:before-write")
                 definitions.write(self.root, definition)
@@ -221,7 +226,7 @@ class Manager:
             self.require_owned_definition(definition)
         for definition in found:
             key = definition_key(definition.parent, uuid)
-            with self.state.lock(f"parent-{definition.parent}"), self.state.releasing("definition", key):
+            with self.state.lock(f"parent-{definition.parent}"), self.journal.releasing("definition", key):
                 crashpoint("undefine:before-delete")
                 definitions.delete(self.root, definition)
         return found

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import BadFile
 from vgpuctl.mdev.errors import NotFound
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.mdev.state import Journal
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, parent_names, read_parents, read_types
 
 
@@ -131,7 +132,7 @@ def vgpu_listing(root: HostRoot, state: StateDir, *, defined_only: bool = False,
                  parent: str | None = None, uuid: str | None = None) -> tuple[list[VgpuRow], list[BadFile]]:
     """:func:`vgpu_rows` and the definition files that could not be read (each reported, none hiding the rest)."""
     problems: list[BadFile] = []
-    owned = state.reconcile(lambda kind, key: object_exists(root, kind, key))
+    owned = Journal(state).reconcile(lambda kind, key: object_exists(root, kind, key))
     rows: dict[tuple[str, str], VgpuRow] = {}
     if not defined_only:
         for d in active_devices(root):

@@ -1,8 +1,5 @@
-"""vgpuctl's own records: which vGPUs and definitions it created, and per-parent locks.
-
-Kept in a state directory of its own (``--state-dir``, ``$VGPUCTL_STATE_DIR``, default
-/var/lib/vgpuctl), never inside mdevctl's files, and not under the host root: a simulated host
-and a test's state stay apart.
+"""vgpuctl's own records of the vGPUs and definitions it created, in its state directory
+(:class:`vgpuctl.base.state.StateDir`), never inside mdevctl's files.
 
 Ownership is a small journal, as a database keeps one (``owned.json``, replaced atomically):
 
@@ -20,9 +17,7 @@ Ownership is a small journal, as a database keeps one (``owned.json``, replaced 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,10 +27,9 @@ from typing import Any, Literal
 from vgpuctl.base import process
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import StateDamaged
+from vgpuctl.base.state import StateDir
 from vgpuctl.host.files import atomic_write
 
-STATE_ENV = "VGPUCTL_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/lib/vgpuctl"
 OWNED_VERSION = 2
 
 Kind = Literal["device", "definition"]
@@ -98,37 +92,20 @@ class Ownership:
 
 
 @dataclass(frozen=True)
-class StateDir:
-    """vgpuctl's own state directory (--state-dir): what it owns, its locks, VM specs and runtime files."""
+class Journal:
+    """What vgpuctl owns, in its state directory's ``owned.json`` (see the module's docstring)."""
 
-    path: Path
-
-    @classmethod
-    def from_env(cls, path: str | os.PathLike[str] | None = None) -> StateDir:
-        chosen = path if path is not None else os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
-        return cls(Path(chosen))
+    state: StateDir
 
     @property
-    def owned_file(self) -> Path:
-        return self.path / "owned.json"
-
-    @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """An exclusive advisory lock (flock), released on exit or when the process dies."""
-        locks = self.path / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{name}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def file(self) -> Path:
+        return self.state.path / "owned.json"
 
     # ------------------------------------------------------------------ reading
     def ownership(self) -> Ownership:
         """The records as they are on disk (unsettled intents included: see :meth:`reconcile`)."""
         try:
-            text = self.owned_file.read_text()
+            text = self.file.read_text()
         except FileNotFoundError:
             return Ownership()
         except OSError as e:
@@ -139,9 +116,9 @@ class StateDir:
             raise self._damaged(f"{type(e).__name__}: {e}") from None
 
     def _damaged(self, why: str) -> StateDamaged:
-        return StateDamaged(f"{self.owned_file} is damaged ({why}); vgpuctl changes nothing until it is repaired "
+        return StateDamaged(f"{self.file} is damaged ({why}); vgpuctl changes nothing until it is repaired "
                             "or moved away (vgpuctl then owns nothing, and needs --force for what it made)",
-                            str(self.owned_file))
+                            str(self.file))
 
     def owns_device(self, uuid: str) -> bool:
         return self.ownership().owns_device(uuid)
@@ -223,11 +200,11 @@ class StateDir:
         return self._update(settle)
 
     def _update(self, change: Callable[[Ownership], object]) -> Ownership:
-        with self.lock("state"):
+        with self.state.lock("state"):
             current = self.ownership()
             change(current)
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.owned_file, current.to_json())
+            self.state.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.file, current.to_json())
             return current
 
 

@@ -27,8 +27,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from vgpuctl import __version__
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.service import api, errors, logs
 from vgpuctl.service.auth import (
     COOKIE,

@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.status import WS_1008_POLICY_VIOLATION
 
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.base.state import StateDir
 
 log = logging.getLogger("vgpuctl.service")
 

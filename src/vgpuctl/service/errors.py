@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vgpuctl.mdev.errors import CapacityError, Conflict, InvalidInput, KernelError, NotFound, NotOwned, VgpuError
+from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, KernelError, NotFound, NotOwned, VgpuError
 
 log = logging.getLogger("vgpuctl.service")
 

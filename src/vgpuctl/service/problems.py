@@ -3,8 +3,8 @@ metrics and the dashboard report them, while everything else goes on working (a 
 
 from __future__ import annotations
 
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.state import StateDir
 
 
 def unreadable_files(root: HostRoot, state: StateDir) -> list[dict[str, str]]:

@@ -9,9 +9,9 @@ import shutil
 from typing import Any
 
 from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.errors import Conflict, InvalidInput, NotOwned
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.errors import Conflict, InvalidInput, NotOwned
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.runtime import (
     RuntimePaths,

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.errors import Conflict, KernelError, NotFound, VgpuError
 from vgpuctl.base.process import started_at as process_started_at
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write
-from vgpuctl.mdev.errors import Conflict, KernelError, NotFound, VgpuError
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_command
 from vgpuctl.vm.runtime import (

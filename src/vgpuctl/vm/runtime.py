@@ -15,10 +15,10 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vgpuctl.base.errors import CapacityError, Conflict, NotFound
 from vgpuctl.base.process import start_time
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, facts
-from vgpuctl.mdev.errors import CapacityError, Conflict, NotFound
-from vgpuctl.mdev.state import StateDir
 from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
 
 if TYPE_CHECKING:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vgpuctl.mdev.definitions import atomic_write, canonical_uuid
-from vgpuctl.mdev.errors import Conflict, InvalidInput, NotFound
-from vgpuctl.mdev.state import StateDir
+from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
+from vgpuctl.base.state import StateDir
+from vgpuctl.host.files import atomic_write
+from vgpuctl.mdev.definitions import canonical_uuid
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
 FIRMWARES = ("seabios", "ovmf")

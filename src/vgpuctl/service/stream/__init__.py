@@ -90,7 +90,7 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 async def serve_display(websocket: WebSocket, name: str) -> None:
     """Stream VM ``name``'s display to this WebSocket until either side ends it."""
-    from vgpuctl.mdev.errors import VgpuError
+    from vgpuctl.base.errors import VgpuError
     from vgpuctl.vm.runtime import RuntimePaths, is_running
 
     state = websocket.app.state.state
