@@ -192,8 +192,9 @@ def test_login_is_required_and_a_wrong_token_is_refused(service: Service, contex
     assert session and session[0]["httpOnly"]
     assert page.request.get(service.url + "/api/v1/gpus").status == 200
     assert page.evaluate("document.cookie").find("vgpuctl_session") == -1  # HttpOnly: scripts cannot read it
-    page.get_by_role("button", name="Log out").click()
-    page.wait_for_url("**/login")
+    # The navigation is awaited from before the click: it may finish before a wait begun after it looks.
+    with page.expect_navigation(url="**/login", wait_until="domcontentloaded", timeout=2 * TIMEOUT_MS):
+        page.get_by_role("button", name="Log out").click()
     assert page.request.get(service.url + "/api/v1/gpus").status == 401
 
 
