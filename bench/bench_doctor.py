@@ -38,8 +38,9 @@ from rich import box
 from rich.table import Table
 
 from bench_sim import Row, console, fmt_ms, machine_facts
+from vgpuctl.backends.doctor import run_doctor
 from vgpuctl.host import HostRoot
-from vgpuctl.host.doctor import GUEST_TIMEOUT_S, QEMU_TIMEOUT_S, run_doctor
+from vgpuctl.host.doctor import GUEST_TIMEOUT_S, QEMU_TIMEOUT_S
 from vgpuctl.host.kvm import probe_kvm
 from vgpuctl.host.qemu import probe_qemu
 

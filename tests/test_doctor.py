@@ -19,15 +19,17 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import MountFn
+from vgpuctl.backends.doctor import all_checks, run_doctor
+from vgpuctl.backends.gvt_doctor import gvt_allows
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
-from vgpuctl.host.doctor import CHECKS, Report, gvt_allows, run_doctor
+from vgpuctl.host.doctor import Report
 from vgpuctl.host.kvm import KvmReport
 from vgpuctl.host.qemu import QEMU_ENV, probe_qemu
 
 pytestmark = pytest.mark.fuse
 
-ORDER = [spec.id for spec in CHECKS]
+ORDER = [spec.id for spec in all_checks()]
 NO_GVT_FLAG = "BOOT_IMAGE=/boot/vmlinuz-{release} root=/dev/sda1 ro quiet intel_iommu=on kvm.ignore_msrs=1"
 GVT_DEPENDENT = ("kernel-config", "enable-gvt", "guc", "iommu", "modules", "mdev-types", "aperture")
 QEMU_CHECKS = ("qemu", "qemu-kvm", "qemu-vfio", "qemu-ramfb", "qemu-display")
@@ -489,7 +491,7 @@ def test_a_broken_probe_does_not_break_the_report() -> None:
 
     report = run_doctor(HostRoot(Path("/")), kvm_probe=broken)
     assert report.check("kvm-device").status == "skip" and "boom" in report.check("kvm-device").detail
-    assert len(report.checks) == len(CHECKS)
+    assert len(report.checks) == len(all_checks())
 
 
 def test_memlock_warns_without_cap_ipc_lock(monkeypatch: pytest.MonkeyPatch) -> None:

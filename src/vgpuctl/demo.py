@@ -39,8 +39,8 @@ def run_tour(out: Console, preset_name: str, aperture_mib: int) -> None:
 def _tour(out: Console, root: HostRoot) -> None:
     from vgpuctl.cli.vgpus import types_table
 
-    out.print(f"kernel {root.read_value('/proc/sys/kernel/osrelease')}, cmdline: "
-              f"{root.read_value('/proc/cmdline')}", highlight=False)
+    out.print(f"kernel {root.read_value(root.proc_osrelease)}, cmdline: {root.read_value(root.proc_cmdline)}",
+              highlight=False)
     out.rule("2. The vGPU types the kernel offers (mdev_supported_types)")
     out.print(types_table(read_types(root, PARENT)))
     # The smallest type fits most often: it shows the 7-vGPU limit on a 1 GiB aperture.
@@ -62,7 +62,7 @@ def _tour(out: Console, root: HostRoot) -> None:
         left = root.read_value(f"{root.mdev_type_dir(PARENT, type_id)}/available_instances")
         out.print(f"created vGPU {len(created)}: {new}   available_instances now {left}", highlight=False)
     out.print(types_table(read_types(root, PARENT)))
-    out.print(f"/sys/bus/mdev/devices: {', '.join(root.listdir(root.sys_bus_mdev_devices))}", highlight=False)
+    out.print(f"{root.sys_bus_mdev_devices}: {', '.join(root.listdir(root.sys_bus_mdev_devices))}", highlight=False)
     out.rule("4. Remove them again")
     for uuid in created:
         root.write_text(f"{root.mdev_device_dir(uuid)}/remove", "1")

@@ -9,10 +9,13 @@ vGPUs, the kernel's sample drivers, any other mdev vendor driver), which takes w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.sysfs import MdevType
+
+if TYPE_CHECKING:
+    from vgpuctl.host.doctor import CheckSpec
 
 
 class Capacity(Protocol):
@@ -41,11 +44,18 @@ class VgpuBackend(Protocol):
     @property
     def without_kvm(self) -> str | None: ...
 
+    # The PCI vendor whose devices are this backend's parents, None for any vendor's.
+    @property
+    def pci_vendor(self) -> int | None: ...
+
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""
 
     def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
         """The parent's capacity model, None when the kernel's available_instances is all there is."""
+
+    def doctor_checks(self) -> tuple[CheckSpec, ...]:
+        """What the doctor checks for this kind of vGPU, in order (each says "not needed" on hosts without it)."""
 
 
 def _backends() -> tuple[VgpuBackend, ...]:

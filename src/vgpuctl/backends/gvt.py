@@ -9,6 +9,7 @@ type's description.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vgpuctl.backends import Capacity
 from vgpuctl.host import HostRoot
@@ -18,9 +19,13 @@ from vgpuctl.host.platforms import (
     HOST_FENCES,
     HOST_HIGH_GM_MIB,
     HOST_LOW_GM_MIB,
+    INTEL_VENDOR_ID,
     MAX_VGPUS_PER_GPU,
 )
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, read_types
+
+if TYPE_CHECKING:
+    from vgpuctl.host.doctor import CheckSpec
 
 
 @dataclass(frozen=True)
@@ -98,12 +103,18 @@ class GvtG:
     # kvmgt attaches a vGPU to its VM through KVM (i915's gvt/kvmgt.c): no KVM, no vGPU.
     without_kvm: str | None = ("GVT-g needs KVM: under TCG QEMU cannot open the vGPU (\"KVM is required to use "
                                "Intel vGPU\")")
+    pci_vendor: int | None = INTEL_VENDOR_ID  # its parents are Intel iGPUs
 
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)
 
     def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
         return gvt_capacity(root, parent, types)
+
+    def doctor_checks(self) -> tuple[CheckSpec, ...]:
+        from vgpuctl.backends.gvt_doctor import CHECKS
+
+        return CHECKS
 
 
 BACKEND = GvtG()

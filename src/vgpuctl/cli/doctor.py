@@ -58,7 +58,7 @@ def print_report(report: Report) -> None:
 @reports_errors
 def doctor(json_output: bool, no_guest: bool, qemu_binary: str | None) -> None:
     """Is this host ready for GVT-g vGPUs? Every check with its evidence and fix; exit 0 ready, 1 not."""
-    from vgpuctl.host.doctor import run_doctor
+    from vgpuctl.backends.doctor import run_doctor
 
     report = run_doctor(State.root, run_guest=not no_guest, qemu=qemu_binary)
     if json_output:

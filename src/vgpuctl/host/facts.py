@@ -17,14 +17,6 @@ from collections.abc import Sequence
 
 from vgpuctl.host.root import HostRoot
 
-# kmod's search path (libkmod-config.c), earlier directories winning a file name.
-MODPROBE_DIRS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/usr/lib/modprobe.d",
-                 "/lib/modprobe.d")
-# systemd-modules-load's (modules-load.d(5)), with the same rule.
-MODULES_LOAD_DIRS = ("/etc/modules-load.d", "/run/modules-load.d", "/usr/local/lib/modules-load.d",
-                     "/usr/lib/modules-load.d", "/lib/modules-load.d")
-
-
 # ---------------------------------------------------------------- values
 
 
@@ -129,6 +121,24 @@ def kernel_release(root: HostRoot) -> str | None:
         return None
 
 
+def parse_proc_modules(text: str) -> list[str]:
+    """The module names of /proc/modules (the first word of each line)."""
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def parse_bar_size_mib(resource: str, index: int) -> int | None:
+    """The size in MiB of BAR ``index`` from a PCI device's ``resource`` file (a "start end flags" line per
+    region, drivers/pci/pci-sysfs.c resource_show), None when it is absent or unset."""
+    lines = resource.splitlines()
+    if len(lines) <= index:
+        return None
+    try:
+        start, end = (int(x, 16) for x in lines[index].split()[:2])
+    except ValueError:
+        return None
+    return (end - start + 1) // (1024 * 1024) if end > start else None
+
+
 def kernel_version(release: str | None) -> tuple[int, int] | None:
     match = re.match(r"(\d+)\.(\d+)", release or "")
     return (int(match[1]), int(match[2])) if match else None
@@ -179,7 +189,7 @@ def conf_files(root: HostRoot, directories: Sequence[str], suffix: str = ".conf"
             if name.endswith(suffix) and name not in chosen:
                 chosen[name] = f"{directory}/{name}"
     return [path for name, path in sorted(chosen.items())
-            if not (root.path(path).is_symlink() and os.readlink(root.path(path)) == "/dev/null")]
+            if not (root.path(path).is_symlink() and os.readlink(root.path(path)) == root.dev_null)]
 
 
 def _text(root: HostRoot, host_path: str) -> str:
@@ -204,7 +214,7 @@ def parse_modprobe_options(text: str) -> list[tuple[str, str, str]]:
 def modprobe_options(root: HostRoot) -> list[tuple[str, str, str, str]]:
     """(file, module, parameter, value) for every ``options`` line in effect, in the order modprobe applies
     them (so the last one for a parameter wins)."""
-    return [(path, *option) for path in conf_files(root, MODPROBE_DIRS)
+    return [(path, *option) for path in conf_files(root, root.modprobe_dirs)
             for option in parse_modprobe_options(_text(root, path))]
 
 
@@ -230,7 +240,7 @@ def parse_modules_load(text: str) -> list[str]:
 def modules_loaded_at_boot(root: HostRoot) -> dict[str, str]:
     """Module -> the first file that has it loaded at boot (modules-load.d, then Debian's /etc/modules)."""
     found: dict[str, str] = {}
-    for path in [*conf_files(root, MODULES_LOAD_DIRS), root.etc_modules]:
+    for path in [*conf_files(root, root.modules_load_dirs), root.etc_modules]:
         for module in parse_modules_load(_text(root, path)):
             found.setdefault(module, path)
     return found

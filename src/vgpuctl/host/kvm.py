@@ -27,10 +27,7 @@ from pathlib import Path
 from vgpuctl.host.qemu import find_qemu
 from vgpuctl.host.root import HostRoot
 
-KVM_DEVICE = "/dev/kvm"
 KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
-CPUINFO = "/proc/cpuinfo"
-PVM_MODULE = "/sys/module/kvm_pvm"
 
 # The bytes the guest writes, in order, and what reaching each one means.
 STAGES: dict[str, str] = {
@@ -286,7 +283,7 @@ class KvmReport:
 
 def _cpu_flags(root: HostRoot) -> set[str] | None:
     try:
-        text = root.read_text(CPUINFO)
+        text = root.read_text(root.proc_cpuinfo)
     except OSError:
         return None
     for line in text.splitlines():
@@ -299,7 +296,7 @@ def _cpu_flags(root: HostRoot) -> set[str] | None:
 def _open_device(root: HostRoot) -> tuple[bool, int | None, str | None]:
     """(opens, API version, why it did not open)."""
     try:
-        fd = os.open(root.path(KVM_DEVICE), os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(root.path(root.dev_kvm), os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         return False, None, f"{exc.strerror or errno.errorcode.get(exc.errno or 0, exc)}"
     try:
@@ -325,7 +322,7 @@ _CONSEQUENCE = "QEMU falls back to TCG, far slower, and GVT-g (which requires KV
 def probe_kvm(root: HostRoot, qemu_binary: str | None = None, run_guest: bool = True,
               timeout_s: float = 3.0) -> KvmReport:
     """KVM on the host under ``root``: device, CPU flags, and (on this machine only) a real guest."""
-    present = root.exists(KVM_DEVICE)
+    present = root.exists(root.dev_kvm)
     flags = _cpu_flags(root)
     cpu_flag = next((flag for flag in ("vmx", "svm") if flags and flag in flags), None)
     nested = bool(flags and "hypervisor" in flags)
@@ -345,29 +342,29 @@ def probe_kvm(root: HostRoot, qemu_binary: str | None = None, run_guest: bool = 
         elif nested:
             why = "this is a VM whose hypervisor does not pass VMX/SVM through"
         elif flags is None:
-            why = "/proc/cpuinfo could not be read"
+            why = f"{root.proc_cpuinfo} could not be read"
         else:
             why = "the CPU shows no VMX/SVM: enable VT-x/AMD-V in the firmware setup"
-        return report(None, None, None, None, f"/dev/kvm is missing ({why}); {_CONSEQUENCE}.")
+        return report(None, None, None, None, f"{root.dev_kvm} is missing ({why}); {_CONSEQUENCE}.")
     opens, api, open_error = _open_device(root)
     if not opens:
         return report(False, None, None, None,
-                      f"/dev/kvm exists but cannot be opened ({open_error}): run as root or join the kvm group.")
+                      f"{root.dev_kvm} exists but cannot be opened ({open_error}): run as root or join the kvm group.")
     if not run_guest:
         return report(True, api, None, None,
-                      f"/dev/kvm opens (API {api}); no test guest was started, so whether guests run is unknown.")
+                      f"{root.dev_kvm} opens (API {api}); no test guest was started, so whether guests run is unknown.")
     if not _is_this_machine(root):
         return report(True, api, None, None,
-                      f"/dev/kvm opens (API {api}); no test guest was started because the root {root.root} "
+                      f"{root.dev_kvm} opens (API {api}); no test guest was started because the root {root.root} "
                       "is not this machine's /.")
     binary = find_qemu(qemu_binary)
     if binary is None:
         return report(True, api, None, None,
-                      f"/dev/kvm opens (API {api}); no QEMU was found to start a test guest.")
+                      f"{root.dev_kvm} opens (API {api}); no QEMU was found to start a test guest.")
     run = run_tiny_guest(binary, "kvm", timeout_s)
     if run.completed:
         return report(True, api, True, None, f"KVM works: {run.story()} under KVM{f' ({vt})' if vt else ''}.")
-    if root.exists(PVM_MODULE):
+    if root.exists(root.sys_module("kvm_pvm")):
         kind = "this is KVM-PVM (module kvm_pvm), which runs guests that are not PVM-aware through " \
                "KVM's instruction emulator"
     elif cpu_flag is None and nested:
@@ -375,5 +372,5 @@ def probe_kvm(root: HostRoot, qemu_binary: str | None = None, run_guest: bool = 
     else:
         kind = f"the CPU has {cpu_flag} ({vt})" if cpu_flag else "the CPU shows no VMX/SVM"
     return report(True, api, False, run.error,
-                  f"/dev/kvm opens but an ordinary guest cannot run under KVM: {run.story()} ({run.error}); "
+                  f"{root.dev_kvm} opens but an ordinary guest cannot run under KVM: {run.story()} ({run.error}); "
                   f"{kind}; {_CONSEQUENCE}.")

@@ -156,9 +156,73 @@ class HostRoot:
         """Debian's list of modules loaded at boot (read by systemd-modules-load there too)."""
         return "/etc/modules"
 
+    @property
+    def proc_modules(self) -> str:
+        """The modules loaded now, a line each."""
+        return "/proc/modules"
+
+    @property
+    def proc_cpuinfo(self) -> str:
+        return "/proc/cpuinfo"
+
+    @property
+    def sys_class_iommu(self) -> str:
+        """One entry per active IOMMU unit (dmar0, ...): empty when the IOMMU is off."""
+        return "/sys/class/iommu"
+
+    @property
+    def dev_kvm(self) -> str:
+        return "/dev/kvm"
+
+    @property
+    def dev_vfio_container(self) -> str:
+        """VFIO's container device, which QEMU opens for every vfio-pci device."""
+        return "/dev/vfio/vfio"
+
+    @property
+    def dev_dri(self) -> str:
+        """DRM device nodes (card*, renderD*)."""
+        return "/dev/dri"
+
+    @property
+    def dev_vhost_net(self) -> str:
+        return "/dev/vhost-net"
+
+    @property
+    def etc_default_grub(self) -> str:
+        return "/etc/default/grub"
+
+    @property
+    def dev_null(self) -> str:
+        """What a configuration file is linked to to mask it (modprobe.d, modules-load.d, units)."""
+        return "/dev/null"
+
+    @property
+    def modprobe_dirs(self) -> tuple[str, ...]:
+        """kmod's search path (libkmod-config.c), earlier directories winning a file name."""
+        return ("/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/usr/lib/modprobe.d",
+                "/lib/modprobe.d")
+
+    @property
+    def modules_load_dirs(self) -> tuple[str, ...]:
+        """systemd-modules-load's search path (modules-load.d(5)), with the same rule."""
+        return ("/etc/modules-load.d", "/run/modules-load.d", "/usr/local/lib/modules-load.d",
+                "/usr/lib/modules-load.d", "/lib/modules-load.d")
+
+    def pci_device(self, address: str) -> str:
+        return f"{self.sys_bus_pci_devices}/{address}"
+
+    def sys_module(self, module: str) -> str:
+        """A module's sysfs directory: present while it is loaded (or built in with parameters)."""
+        return f"/sys/module/{module}"
+
+    def lib_modules(self, release: str) -> str:
+        """A kernel's module tree (modules.dep, modules.builtin)."""
+        return f"/lib/modules/{release}"
+
     def module_parameter(self, module: str, name: str) -> str:
         """A loaded module's parameter as it is now (0444 or 0400 files under /sys/module)."""
-        return f"/sys/module/{module}/parameters/{name}"
+        return f"{self.sys_module(module)}/parameters/{name}"
 
     def kernel_config(self, release: str) -> str:
         """The Kconfig a distribution kernel ships with."""
@@ -207,3 +271,8 @@ class HostRoot:
     @property
     def is_simulated(self) -> bool:
         return self.exists(SIM_MARKER)
+
+
+# This process's own status (its capabilities), on this machine whatever the root: the doctor asks whether
+# QEMU started from here may lock memory.
+THIS_PROCESS_STATUS = "/proc/self/status"

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from vgpuctl.host import HostRoot
+from vgpuctl.host import HostRoot, facts
 
 VENDOR_NAMES = {0x8086: "Intel", 0x10DE: "NVIDIA", 0x1002: "AMD", 0x1AF4: "Red Hat (virtio)"}
 
@@ -188,12 +188,6 @@ def active_device(root: HostRoot, uuid: str) -> ActiveDevice | None:
 
 
 def aperture_mib(root: HostRoot, parent: str) -> int | None:
-    """BIOS aperture = size of BAR2 (third line of the PCI ``resource`` file)."""
+    """BIOS aperture = size of BAR2 (GMADR) of the parent's PCI device."""
     text = _read_optional(root, f"{root.sys_class_mdev_bus}/{parent}/resource")
-    if not text:
-        return None
-    lines = text.splitlines()
-    if len(lines) < 3:
-        return None
-    start, end = (int(x, 16) for x in lines[2].split()[:2])
-    return (end - start + 1) // (1024 * 1024) if end > start else None
+    return facts.parse_bar_size_mib(text, 2) if text else None

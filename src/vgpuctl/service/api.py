@@ -344,7 +344,7 @@ def types(ctx: Ctx, parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)]
 def doctor(ctx: Ctx, guest: Annotated[bool, Query(description="start a tiny KVM guest (slow)")] = True
            ) -> dict[str, Any]:
     """Is this host ready for GVT-g vGPUs? (as ``vgpuctl doctor --json [--no-guest]``)."""
-    from vgpuctl.host.doctor import run_doctor
+    from vgpuctl.backends.doctor import run_doctor
 
     return run_doctor(ctx.root, run_guest=guest).to_json()
 
