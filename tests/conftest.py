@@ -1,13 +1,26 @@
-"""Shared fixtures: simulated hosts in-process and mounted over FUSE."""
+"""Shared fixtures and helpers: simulated hosts mounted over FUSE, the CLI in-process, golden files, the Linux
+test guest, mdevctl in a mount namespace, the service under uvicorn, screendumps. Test modules import from here,
+never from each other; markers follow from the fixtures a test uses (pytest_collection_modifyitems)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import shlex
 import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import httpx2 as httpx
 import pytest
 from click.testing import CliRunner
 
@@ -21,6 +34,21 @@ FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not Non
 
 
 MountFn = Callable[..., HostRoot]
+
+# Markers follow from what a test uses, so that ``-m "not fuse"`` (or "not guest", "not browser") really
+# selects the tests that can run without it: a test is marked by the fixtures it needs, however indirectly.
+MARKER_BY_FIXTURE = {
+    "mount_host": "fuse",
+    "linux_guest": "guest",
+    "browser": "browser",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in MARKER_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
 
 
 @pytest.fixture
@@ -100,3 +128,176 @@ def linux_guest() -> LinuxGuest:
     Fails, never skips, when the kernel package cannot be had: the devices' tests must run.
     """
     return build_linux_guest()
+
+
+# ------------------------------------------------------------------ Debian's mdevctl in a mount namespace
+MDEVCTL_VERSION = "mdevctl 1.2.0"
+
+
+SETUP_FAILED = 125  # exit status of the helper's own bind mounts, distinct from mdevctl's 0/1/2
+
+
+class Result(NamedTuple):
+    rc: int
+    out: str
+    err: str
+
+
+@functools.cache
+def why_mdevctl_cannot_run() -> str | None:
+    """What keeps these tests from running Debian's mdevctl 1.2.0 here, or None."""
+    for tool in ("unshare", "mdevctl"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: run 'make test', which installs Debian's mdevctl and util-linux (unshare)"
+    version = subprocess.run(["mdevctl", "--version"], capture_output=True, text=True).stdout.strip()
+    if version != MDEVCTL_VERSION:
+        return f"these tests pin the output formats of {MDEVCTL_VERSION} (Debian 12's package), found {version!r}"
+    return None
+
+
+def in_namespace(host: HostRoot, script: str) -> Result:
+    """Run a shell script of mdevctl commands with host's /sys and /etc/mdevctl.d bound in place."""
+    root = shlex.quote(str(host.root))
+    setup = f"mount --bind {root}/sys /sys && mount --bind {root}/etc/mdevctl.d /etc/mdevctl.d || exit {SETUP_FAILED}\n"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", setup + script], capture_output=True, text=True, timeout=30)
+    assert done.returncode != SETUP_FAILED, f"bind mounts in the namespace failed: {done.stderr}"
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def mdevctl(host: HostRoot, *args: str) -> Result:
+    """One mdevctl command in a fresh namespace (state lives in the simulator, so that is fine)."""
+    return in_namespace(host, shlex.join(["mdevctl", *args]))
+
+
+def mdevctl_ok(result: Result) -> str:
+    """stdout of a command that must succeed."""
+    assert result.rc == 0 and result.err == "", result
+    return result.out
+
+
+def new_uuid(out: str) -> str:
+    """The UUID printed by define/start without -u: hyphenated lowercase v4, on a line of its own."""
+    text = out.removesuffix("\n")
+    parsed = uuid.UUID(text)
+    assert out == f"{parsed}\n" and parsed.version == 4, out
+    return text
+
+
+def placement(host: HostRoot, uid: str) -> tuple[str, str]:
+    """(parent, type) of an active mdev, resolved the way mdevctl does: via its sysfs links."""
+    device = host.path(host.mdev_device_dir(uid)).resolve()
+    type_dir = (device / "mdev_type").resolve()
+    assert type_dir.parent.name == "mdev_supported_types" and type_dir.parent.parent == device.parent
+    return device.parent.name, type_dir.name
+
+
+def available(host: HostRoot, parent: str, type_id: str) -> int:
+    return int(host.read_value(f"{host.mdev_type_dir(parent, type_id)}/available_instances"))
+
+
+def config_bytes(mdev_type: str, start: str = "manual") -> bytes:
+    """A config file exactly as mdevctl writes it (serde_json pretty, no trailing newline)."""
+    return f'{{\n  "mdev_type": "{mdev_type}",\n  "start": "{start}",\n  "attrs": []\n}}'.encode()
+
+
+# ------------------------------------------------------------------ libvirt XML
+def validate_xml(text: str, tmp_path: Path, name: str) -> None:
+    tool = shutil.which("virt-xml-validate")
+    if tool is None or shutil.which("xmllint") is None:
+        pytest.fail("virt-xml-validate and xmllint are required (Debian: libvirt-clients libxml2-utils)")
+    path = tmp_path / f"{name}.xml"
+    path.write_text(text)
+    result = subprocess.run([tool, str(path), "domain"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.stdout, result.stderr, text)
+    assert "validates" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ screendumps
+@dataclass(frozen=True)
+class Image:
+    width: int
+    height: int
+    rgb: bytes
+
+    def pixel(self, x: int, y: int) -> tuple[int, int, int]:
+        i = 3 * (y * self.width + x)
+        return self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]
+
+    def mean(self) -> tuple[float, float, float]:
+        n = self.width * self.height
+        return sum(self.rgb[0::3]) / n, sum(self.rgb[1::3]) / n, sum(self.rgb[2::3]) / n
+
+    def columns_of(self, colour: tuple[int, int, int], y: int) -> list[int]:
+        return [x for x in range(self.width) if self.pixel(x, y) == colour]
+
+    def row(self, y: int) -> bytes:
+        return self.rgb[3 * y * self.width : 3 * (y + 1) * self.width]
+
+
+def read_ppm(path: Path) -> Image:
+    """A binary (P6, maxval 255) PPM, as QMP screendump writes it."""
+    data = path.read_bytes()
+    fields: list[bytes] = []
+    pos = 0
+    while len(fields) < 4:
+        while data[pos : pos + 1].isspace():
+            pos += 1
+        if data[pos : pos + 1] == b"#":
+            pos = data.index(b"\n", pos) + 1
+            continue
+        start = pos
+        while not data[pos : pos + 1].isspace():
+            pos += 1
+        fields.append(data[start:pos])
+    pos += 1  # the single whitespace byte before the raster
+    magic, width, height, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+    assert magic == b"P6" and maxval == 255, (magic, maxval)
+    rgb = data[pos : pos + 3 * width * height]
+    assert len(rgb) == 3 * width * height
+    return Image(width, height, rgb)
+
+
+# ------------------------------------------------------------------ the service: its token, a real uvicorn
+TOKEN = "test-token-" + "x" * 32
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+API = "/api/v1"
+
+
+BASE = "http://127.0.0.1:8470"  # the service answers only to Host headers that name it (not TestClient's 'testserver')
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str]:
+    body = response.json()
+    assert set(body) >= {"error", "message"}, body
+    return response.status_code, body["error"], body["message"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serving(app: Any, **options: Any) -> Iterator[str]:
+    import uvicorn
+
+    port = free_port()
+    settings = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 1, **options}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"{'https' if 'ssl_certfile' in options else 'http'}://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

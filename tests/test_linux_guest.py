@@ -32,8 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from tests.conftest import Cli
-from tests.test_vm_spec import validate_xml
+from tests.conftest import Cli, validate_xml
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.vm import lifecycle

@@ -8,95 +8,40 @@ every listing is printed with ``println!``, so it ends in one extra newline).
 
 from __future__ import annotations
 
-import functools
 import json
-import shlex
-import shutil
-import subprocess
-import uuid
-from collections.abc import Callable
-from typing import NamedTuple
 
 import pytest
 
-from vgpuctl.host import HostRoot
+from tests.conftest import (
+    GVT_PARENT,
+    MountFn,
+    Result,
+    available,
+    config_bytes,
+    in_namespace,
+    mdevctl,
+    mdevctl_ok,
+    new_uuid,
+    placement,
+    why_mdevctl_cannot_run,
+)
 
 pytestmark = pytest.mark.mdevctl
 
-MountFn = Callable[..., HostRoot]  # the mount_host fixture of conftest.py
-GVT_PARENT = "0000:00:02.0"
 
-MDEVCTL_VERSION = "mdevctl 1.2.0"
 V5_4 = "i915-GVTg_V5_4"
 U1 = "11111111-2222-3333-4444-555555555555"
 U2 = "22222222-2222-3333-4444-555555555555"
 U3 = "33333333-2222-3333-4444-555555555555"
-SETUP_FAILED = 125  # exit status of the helper's own bind mounts, distinct from mdevctl's 0/1/2
 
-
-class Result(NamedTuple):
-    rc: int
-    out: str
-    err: str
-
-
-@functools.cache
-def _why_mdevctl_cannot_run() -> str | None:
-    """What keeps these tests from running Debian's mdevctl 1.2.0 here, or None."""
-    for tool in ("unshare", "mdevctl"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found: run 'make test', which installs Debian's mdevctl and util-linux (unshare)"
-    version = subprocess.run(["mdevctl", "--version"], capture_output=True, text=True).stdout.strip()
-    if version != MDEVCTL_VERSION:
-        return f"these tests pin the output formats of {MDEVCTL_VERSION} (Debian 12's package), found {version!r}"
-    return None
 
 
 @pytest.fixture(autouse=True)
 def _require_mdevctl() -> None:
-    problem = _why_mdevctl_cannot_run()
+    problem = why_mdevctl_cannot_run()
     if problem is not None:
         pytest.fail(problem)
 
-
-def in_namespace(host: HostRoot, script: str) -> Result:
-    """Run a shell script of mdevctl commands with host's /sys and /etc/mdevctl.d bound in place."""
-    root = shlex.quote(str(host.root))
-    setup = f"mount --bind {root}/sys /sys && mount --bind {root}/etc/mdevctl.d /etc/mdevctl.d || exit {SETUP_FAILED}\n"
-    done = subprocess.run(["unshare", "-m", "sh", "-c", setup + script], capture_output=True, text=True, timeout=30)
-    assert done.returncode != SETUP_FAILED, f"bind mounts in the namespace failed: {done.stderr}"
-    return Result(done.returncode, done.stdout, done.stderr)
-
-
-def mdevctl(host: HostRoot, *args: str) -> Result:
-    """One mdevctl command in a fresh namespace (state lives in the simulator, so that is fine)."""
-    return in_namespace(host, shlex.join(["mdevctl", *args]))
-
-
-def ok(result: Result) -> str:
-    """stdout of a command that must succeed."""
-    assert result.rc == 0 and result.err == "", result
-    return result.out
-
-
-def new_uuid(out: str) -> str:
-    """The UUID printed by define/start without -u: hyphenated lowercase v4, on a line of its own."""
-    text = out.removesuffix("\n")
-    parsed = uuid.UUID(text)
-    assert out == f"{parsed}\n" and parsed.version == 4, out
-    return text
-
-
-def placement(host: HostRoot, uid: str) -> tuple[str, str]:
-    """(parent, type) of an active mdev, resolved the way mdevctl does: via its sysfs links."""
-    device = host.path(host.mdev_device_dir(uid)).resolve()
-    type_dir = (device / "mdev_type").resolve()
-    assert type_dir.parent.name == "mdev_supported_types" and type_dir.parent.parent == device.parent
-    return device.parent.name, type_dir.name
-
-
-def available(host: HostRoot, parent: str, type_id: str) -> int:
-    return int(host.read_value(f"{host.mdev_type_dir(parent, type_id)}/available_instances"))
 
 
 def gvt_type(suffix: int, avail: int, low: int, high: int, resolution: str, weight: int) -> str:
@@ -120,10 +65,6 @@ GVT_1024_TYPES = (
 )
 
 
-def config_bytes(mdev_type: str, start: str = "manual") -> bytes:
-    """A config file exactly as mdevctl writes it (serde_json pretty, no trailing newline)."""
-    return f'{{\n  "mdev_type": "{mdev_type}",\n  "start": "{start}",\n  "attrs": []\n}}'.encode()
-
 
 # ------------------------------------------------------------------------------ types
 
@@ -131,16 +72,16 @@ def config_bytes(mdev_type: str, start: str = "manual") -> bytes:
 def test_types_text_for_gvt_on_1024_mib_aperture(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
     # Types sorted by name, description lines joined by ", ", one extra newline at the end.
-    assert ok(mdevctl(host, "types")) == GVT_1024_TYPES
-    assert ok(mdevctl(host, "types", "-p", GVT_PARENT)) == GVT_1024_TYPES
+    assert mdevctl_ok(mdevctl(host, "types")) == GVT_1024_TYPES
+    assert mdevctl_ok(mdevctl(host, "types", "-p", GVT_PARENT)) == GVT_1024_TYPES
     # An unknown parent is no error for `types`: an empty listing (a blank line) or [].
-    assert ok(mdevctl(host, "types", "-p", "0000:00:02.1")) == "\n"
-    assert ok(mdevctl(host, "types", "-p", "0000:00:02.1", "--dumpjson")) == "[]\n"
+    assert mdevctl_ok(mdevctl(host, "types", "-p", "0000:00:02.1")) == "\n"
+    assert mdevctl_ok(mdevctl(host, "types", "-p", "0000:00:02.1", "--dumpjson")) == "[]\n"
 
 
 def test_types_dumpjson_for_gvt(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
-    out = ok(mdevctl(host, "types", "--dumpjson"))
+    out = mdevctl_ok(mdevctl(host, "types", "--dumpjson"))
     assert out.startswith("[\n  {\n") and out.endswith("\n]\n")
     expected = {
         "i915-GVTg_V5_1": (1, "low_gm_size: 512MB, high_gm_size: 2048MB, fence: 4, resolution: 1920x1200, weight: 16"),
@@ -172,41 +113,41 @@ def test_start_list_stop_a_transient_gvt_device(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
     assert available(host, GVT_PARENT, V5_4) == 5
 
-    uid = new_uuid(ok(mdevctl(host, "start", "-p", GVT_PARENT, "-t", V5_4)))
+    uid = new_uuid(mdevctl_ok(mdevctl(host, "start", "-p", GVT_PARENT, "-t", V5_4)))
     device = host.mdev_device_dir(uid)
     assert host.exists(device)
     assert placement(host, uid) == (GVT_PARENT, V5_4)
     assert host.listdir(host.sys_bus_mdev_devices) == [uid]
     assert available(host, GVT_PARENT, V5_4) == 4
-    assert "    Available instances: 4\n" in ok(mdevctl(host, "types", "-p", GVT_PARENT))
+    assert "    Available instances: 4\n" in mdevctl_ok(mdevctl(host, "types", "-p", GVT_PARENT))
     assert not host.exists(f"/etc/mdevctl.d/{GVT_PARENT}/{uid}")  # transient: nothing written
 
-    assert ok(mdevctl(host, "list")) == f"{uid} {GVT_PARENT} {V5_4} manual\n\n"
-    assert ok(mdevctl(host, "list", "-p", GVT_PARENT)) == f"{uid} {GVT_PARENT} {V5_4} manual\n\n"
-    assert ok(mdevctl(host, "list", "-d")) == "\n"  # not defined
-    assert json.loads(ok(mdevctl(host, "list", "--dumpjson"))) == [
+    assert mdevctl_ok(mdevctl(host, "list")) == f"{uid} {GVT_PARENT} {V5_4} manual\n\n"
+    assert mdevctl_ok(mdevctl(host, "list", "-p", GVT_PARENT)) == f"{uid} {GVT_PARENT} {V5_4} manual\n\n"
+    assert mdevctl_ok(mdevctl(host, "list", "-d")) == "\n"  # not defined
+    assert json.loads(mdevctl_ok(mdevctl(host, "list", "--dumpjson"))) == [
         {GVT_PARENT: [{uid: {"mdev_type": V5_4, "start": "manual", "attrs": []}}]}
     ]
     # -u with exactly one match: the bare config object.
-    assert json.loads(ok(mdevctl(host, "list", "--dumpjson", "-u", uid))) == {
+    assert json.loads(mdevctl_ok(mdevctl(host, "list", "--dumpjson", "-u", uid))) == {
         "mdev_type": V5_4,
         "start": "manual",
         "attrs": [],
     }
 
-    assert ok(mdevctl(host, "stop", "-u", uid)) == ""
+    assert mdevctl_ok(mdevctl(host, "stop", "-u", uid)) == ""
     assert not host.exists(device)
     assert host.listdir(host.sys_bus_mdev_devices) == []
     assert available(host, GVT_PARENT, V5_4) == 5
-    assert ok(mdevctl(host, "list")) == "\n"  # an empty listing is one blank line
-    assert ok(mdevctl(host, "list", "--dumpjson")) == "[]\n"
+    assert mdevctl_ok(mdevctl(host, "list")) == "\n"  # an empty listing is one blank line
+    assert mdevctl_ok(mdevctl(host, "list", "--dumpjson")) == "[]\n"
 
 
 def test_no_available_instances_once_capacity_is_exhausted(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
     # One namespace, five creates (all fit on 1024 MiB), then a sixth that must fail.
     script = "\n".join([f"mdevctl start -p {GVT_PARENT} -t {V5_4} || exit 9"] * 5)
-    uuids = [new_uuid(line + "\n") for line in ok(in_namespace(host, script)).splitlines()]
+    uuids = [new_uuid(line + "\n") for line in mdevctl_ok(in_namespace(host, script)).splitlines()]
     assert len(set(uuids)) == 5
     assert host.listdir(host.sys_bus_mdev_devices) == sorted(uuids)
     assert available(host, GVT_PARENT, V5_4) == 0
@@ -216,9 +157,10 @@ def test_no_available_instances_once_capacity_is_exhausted(mount_host: MountFn) 
     assert host.listdir(host.sys_bus_mdev_devices) == sorted(uuids)  # nothing half-created
 
     # The other types share the pools: all at 0 now, as both the simulator and mdevctl say.
-    types = ok(mdevctl(host, "types"))
+    types = mdevctl_ok(mdevctl(host, "types"))
     assert types.count("    Available instances: 0\n") == 4
-    assert ok(mdevctl(host, "list")) == "".join(f"{u} {GVT_PARENT} {V5_4} manual\n" for u in sorted(uuids)) + "\n"
+    listed = "".join(f"{u} {GVT_PARENT} {V5_4} manual\n" for u in sorted(uuids))
+    assert mdevctl_ok(mdevctl(host, "list")) == listed + "\n"
 
 
 def test_error_texts_and_exit_codes(mount_host: MountFn) -> None:
@@ -236,7 +178,7 @@ def test_error_texts_and_exit_codes(mount_host: MountFn) -> None:
     usage = mdevctl(host, "start", "-u", "notauuid")
     assert usage.rc == 2 and usage.out == "" and usage.err.startswith('error: Invalid value "notauuid"')
 
-    ok(mdevctl(host, "start", "-u", U1, "-p", GVT_PARENT, "-t", V5_4))
+    mdevctl_ok(mdevctl(host, "start", "-u", U1, "-p", GVT_PARENT, "-t", V5_4))
     assert mdevctl(host, "start", "-u", U1, "-p", GVT_PARENT, "-t", V5_4) == Result(
         1, "", "Error: Device already exists\n"
     )
@@ -253,12 +195,12 @@ def test_define_writes_config_then_start_and_list_defined(mount_host: MountFn) -
     host = mount_host("coffeelake", aperture_mib=1024)
     parent_dir = f"/etc/mdevctl.d/{GVT_PARENT}"
 
-    uid = new_uuid(ok(mdevctl(host, "define", "-p", GVT_PARENT, "-t", V5_4)))
+    uid = new_uuid(mdevctl_ok(mdevctl(host, "define", "-p", GVT_PARENT, "-t", V5_4)))
     assert host.path(f"{parent_dir}/{uid}").read_bytes() == config_bytes(V5_4)
     assert host.listdir(host.sys_bus_mdev_devices) == []  # define does not start
     assert available(host, GVT_PARENT, V5_4) == 5
 
-    assert ok(mdevctl(host, "define", "-u", U1, "-p", GVT_PARENT, "-t", "i915-GVTg_V5_8", "--auto")) == ""
+    assert mdevctl_ok(mdevctl(host, "define", "-u", U1, "-p", GVT_PARENT, "-t", "i915-GVTg_V5_8", "--auto")) == ""
     assert host.path(f"{parent_dir}/{U1}").read_bytes() == config_bytes("i915-GVTg_V5_8", "auto")
     assert host.listdir(parent_dir) == sorted([uid, U1])
     assert mdevctl(host, "define", "-u", U1, "-p", GVT_PARENT, "-t", "i915-GVTg_V5_8") == Result(
@@ -268,37 +210,37 @@ def test_define_writes_config_then_start_and_list_defined(mount_host: MountFn) -
     # Listings are sorted by UUID within a parent.
     first, second = sorted([(uid, V5_4, "manual"), (U1, "i915-GVTg_V5_8", "auto")])
     lines = {u: f"{u} {GVT_PARENT} {t} {start}" for u, t, start in (first, second)}
-    assert ok(mdevctl(host, "list", "-d")) == f"{lines[first[0]]}\n{lines[second[0]]}\n\n"
+    assert mdevctl_ok(mdevctl(host, "list", "-d")) == f"{lines[first[0]]}\n{lines[second[0]]}\n\n"
 
-    assert ok(mdevctl(host, "start", "-u", uid)) == ""  # a given UUID is not printed
+    assert mdevctl_ok(mdevctl(host, "start", "-u", uid)) == ""  # a given UUID is not printed
     assert host.exists(host.mdev_device_dir(uid))
     assert placement(host, uid) == (GVT_PARENT, V5_4)
     assert available(host, GVT_PARENT, V5_4) == 4
     active = {u: line + (" (active)" if u == uid else "") for u, line in lines.items()}
-    assert ok(mdevctl(host, "list", "-d")) == f"{active[first[0]]}\n{active[second[0]]}\n\n"
-    assert ok(mdevctl(host, "list")) == f"{uid} {GVT_PARENT} {V5_4} manual (defined)\n\n"
+    assert mdevctl_ok(mdevctl(host, "list", "-d")) == f"{active[first[0]]}\n{active[second[0]]}\n\n"
+    assert mdevctl_ok(mdevctl(host, "list")) == f"{uid} {GVT_PARENT} {V5_4} manual (defined)\n\n"
 
     # Stopping keeps the definition; undefining keeps the running device (here: none left).
-    ok(mdevctl(host, "stop", "-u", uid))
+    mdevctl_ok(mdevctl(host, "stop", "-u", uid))
     assert not host.exists(host.mdev_device_dir(uid))
-    assert ok(mdevctl(host, "list", "-d")) == f"{lines[first[0]]}\n{lines[second[0]]}\n\n"
-    assert ok(mdevctl(host, "undefine", "-u", uid)) == ""
+    assert mdevctl_ok(mdevctl(host, "list", "-d")) == f"{lines[first[0]]}\n{lines[second[0]]}\n\n"
+    assert mdevctl_ok(mdevctl(host, "undefine", "-u", uid)) == ""
     assert host.listdir(parent_dir) == [U1]
 
 
 def test_define_by_uuid_promotes_a_running_device(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
-    uid = new_uuid(ok(mdevctl(host, "start", "-p", GVT_PARENT, "-t", "i915-GVTg_V5_2")))
+    uid = new_uuid(mdevctl_ok(mdevctl(host, "start", "-p", GVT_PARENT, "-t", "i915-GVTg_V5_2")))
     # Parent and type are read back from sysfs (the device link's parent, the mdev_type link).
-    assert ok(mdevctl(host, "define", "-u", uid)) == ""
+    assert mdevctl_ok(mdevctl(host, "define", "-u", uid)) == ""
     assert host.path(f"/etc/mdevctl.d/{GVT_PARENT}/{uid}").read_bytes() == config_bytes("i915-GVTg_V5_2")
-    assert ok(mdevctl(host, "list")) == f"{uid} {GVT_PARENT} i915-GVTg_V5_2 manual (defined)\n\n"
-    assert ok(mdevctl(host, "list", "-d")) == f"{uid} {GVT_PARENT} i915-GVTg_V5_2 manual (active)\n\n"
+    assert mdevctl_ok(mdevctl(host, "list")) == f"{uid} {GVT_PARENT} i915-GVTg_V5_2 manual (defined)\n\n"
+    assert mdevctl_ok(mdevctl(host, "list", "-d")) == f"{uid} {GVT_PARENT} i915-GVTg_V5_2 manual (active)\n\n"
 
 
 def test_start_parent_mdevs_starts_only_auto_definitions(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
-    ok(
+    mdevctl_ok(
         in_namespace(
             host,
             (
@@ -308,19 +250,19 @@ def test_start_parent_mdevs_starts_only_auto_definitions(mount_host: MountFn) ->
             ),
         )
     )
-    assert ok(mdevctl(host, "start-parent-mdevs", GVT_PARENT)) == ""
+    assert mdevctl_ok(mdevctl(host, "start-parent-mdevs", GVT_PARENT)) == ""
     assert host.listdir(host.sys_bus_mdev_devices) == [U1, U3]
-    assert ok(mdevctl(host, "list")) == (
+    assert mdevctl_ok(mdevctl(host, "list")) == (
         f"{U1} {GVT_PARENT} {V5_4} auto (defined)\n{U3} {GVT_PARENT} i915-GVTg_V5_8 auto (defined)\n\n"
     )
 
 
 def test_failed_attribute_write_removes_the_device_again(mount_host: MountFn) -> None:
     host = mount_host("coffeelake", aperture_mib=1024)
-    ok(mdevctl(host, "define", "-u", U1, "-p", GVT_PARENT, "-t", V5_4))
+    mdevctl_ok(mdevctl(host, "define", "-u", U1, "-p", GVT_PARENT, "-t", V5_4))
     # intel_vgpu/vgpu_id exists but is read-only (0444): writing it fails with EACCES even as root.
-    ok(mdevctl(host, "modify", "-u", U1, "--addattr", "intel_vgpu/vgpu_id", "--value", "3"))
-    assert ok(mdevctl(host, "list", "-d", "-v")) == (
+    mdevctl_ok(mdevctl(host, "modify", "-u", U1, "--addattr", "intel_vgpu/vgpu_id", "--value", "3"))
+    assert mdevctl_ok(mdevctl(host, "list", "-d", "-v")) == (
         f'{U1} {GVT_PARENT} {V5_4} manual\n  Attrs:\n    @{{0}}: {{"intel_vgpu/vgpu_id":"3"}}\n\n'
     )
     assert mdevctl(host, "start", "-u", U1) == Result(
@@ -338,25 +280,25 @@ def test_failed_attribute_write_removes_the_device_again(mount_host: MountFn) ->
 def test_samples_mtty_types_start_and_list(mount_host: MountFn) -> None:
     host = mount_host("samples")
     # mtty has no description callback, so no Description line.
-    assert ok(mdevctl(host, "types", "-p", "mtty")) == (
+    assert mdevctl_ok(mdevctl(host, "types", "-p", "mtty")) == (
         "mtty\n"
         "  mtty-1\n    Available instances: 24\n    Device API: vfio-pci\n    Name: Single port serial\n"
         "  mtty-2\n    Available instances: 12\n    Device API: vfio-pci\n    Name: Dual port serial\n"
         "\n"
     )
-    assert list(json.loads(ok(mdevctl(host, "types", "--dumpjson")))[0]) == ["mbochs", "mdpy", "mtty"]
+    assert list(json.loads(mdevctl_ok(mdevctl(host, "types", "--dumpjson")))[0]) == ["mbochs", "mdpy", "mtty"]
 
-    uid = new_uuid(ok(mdevctl(host, "start", "-p", "mtty", "-t", "mtty-2")))
+    uid = new_uuid(mdevctl_ok(mdevctl(host, "start", "-p", "mtty", "-t", "mtty-2")))
     assert placement(host, uid) == ("mtty", "mtty-2")
     assert available(host, "mtty", "mtty-2") == 11
     assert available(host, "mtty", "mtty-1") == 22  # 24 ports, 2 taken
-    ok(mdevctl(host, "start", "-u", U1, "-p", "mdpy", "-t", "mdpy-vga"))
+    mdevctl_ok(mdevctl(host, "start", "-u", U1, "-p", "mdpy", "-t", "mdpy-vga"))
     # Grouped by parent in sorted order.
-    assert ok(mdevctl(host, "list")) == f"{U1} mdpy mdpy-vga manual\n{uid} mtty mtty-2 manual\n\n"
-    assert ok(mdevctl(host, "list", "-p", "mtty")) == f"{uid} mtty mtty-2 manual\n\n"
-    assert "    Available instances: 3\n" in ok(mdevctl(host, "types", "-p", "mdpy"))
+    assert mdevctl_ok(mdevctl(host, "list")) == f"{U1} mdpy mdpy-vga manual\n{uid} mtty mtty-2 manual\n\n"
+    assert mdevctl_ok(mdevctl(host, "list", "-p", "mtty")) == f"{uid} mtty mtty-2 manual\n\n"
+    assert "    Available instances: 3\n" in mdevctl_ok(mdevctl(host, "types", "-p", "mdpy"))
 
-    ok(mdevctl(host, "stop", "-u", uid))
+    mdevctl_ok(mdevctl(host, "stop", "-u", uid))
     assert not host.exists(host.mdev_device_dir(uid))
     assert available(host, "mtty", "mtty-2") == 12
 
@@ -366,7 +308,7 @@ def test_nvidia_t4_is_homogeneous(mount_host: MountFn) -> None:
     (parent,) = host.listdir(host.sys_class_mdev_bus)
     before = {
         type_id: spec["available_instances"]
-        for entry in json.loads(ok(mdevctl(host, "types", "--dumpjson")))[0][parent]
+        for entry in json.loads(mdevctl_ok(mdevctl(host, "types", "--dumpjson")))[0][parent]
         for type_id, spec in entry.items()
     }
     by_name = {
@@ -375,20 +317,20 @@ def test_nvidia_t4_is_homogeneous(mount_host: MountFn) -> None:
     q1, q2 = by_name["GRID T4-1Q"], by_name["GRID T4-2Q"]
     assert before[q1] == 16 and before[q2] == 8
 
-    uid = new_uuid(ok(mdevctl(host, "start", "-p", parent, "-t", q1)))
+    uid = new_uuid(mdevctl_ok(mdevctl(host, "start", "-p", parent, "-t", q1)))
     assert placement(host, uid) == (parent, q1)
     after = {
         type_id: spec["available_instances"]
-        for entry in json.loads(ok(mdevctl(host, "types", "--dumpjson")))[0][parent]
+        for entry in json.loads(mdevctl_ok(mdevctl(host, "types", "--dumpjson")))[0][parent]
         for type_id, spec in entry.items()
     }
     assert after == {t: (15 if t == q1 else 0) for t in before}
     assert mdevctl(host, "start", "-p", parent, "-t", q2) == Result(
         1, "", f"Error: No available instances of {q2} on {parent}\n"
     )
-    assert ok(mdevctl(host, "list")) == f"{uid} {parent} {q1} manual\n\n"
+    assert mdevctl_ok(mdevctl(host, "list")) == f"{uid} {parent} {q1} manual\n\n"
 
-    ok(mdevctl(host, "stop", "-u", uid))
+    mdevctl_ok(mdevctl(host, "stop", "-u", uid))
     assert host.listdir(host.sys_bus_mdev_devices) == []
-    uid2 = new_uuid(ok(mdevctl(host, "start", "-p", parent, "-t", q2)))  # the GPU is free for any type again
-    assert ok(mdevctl(host, "list")) == f"{uid2} {parent} {q2} manual\n\n"
+    uid2 = new_uuid(mdevctl_ok(mdevctl(host, "start", "-p", parent, "-t", q2)))  # the GPU is free for any type again
+    assert mdevctl_ok(mdevctl(host, "list")) == f"{uid2} {parent} {q2} manual\n\n"

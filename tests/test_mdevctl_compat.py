@@ -23,26 +23,27 @@ from typing import Any
 
 import pytest
 
-from tests.test_mdevctl import (
+from tests.conftest import (
     GVT_PARENT,
-    U1,
-    U2,
-    U3,
-    V5_4,
     MountFn,
     Result,
-    _why_mdevctl_cannot_run,
     available,
     config_bytes,
     in_namespace,
     new_uuid,
     placement,
+    why_mdevctl_cannot_run,
 )
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli.mdevctl import run_as_mdevctl
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.lifecycle import Manager
 from vgpuctl.mdev.state import Journal
+
+V5_4 = "i915-GVTg_V5_4"
+U1 = "11111111-2222-3333-4444-555555555555"
+U2 = "22222222-2222-3333-4444-555555555555"
+U3 = "33333333-2222-3333-4444-555555555555"
 
 pytestmark = pytest.mark.mdevctl
 
@@ -56,7 +57,7 @@ Command = list[str]
 
 @pytest.fixture(autouse=True)
 def _require_mdevctl() -> None:
-    problem = _why_mdevctl_cannot_run()
+    problem = why_mdevctl_cannot_run()
     if problem is not None:
         pytest.fail(problem)
 

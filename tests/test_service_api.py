@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import stat
 import struct
 import subprocess
@@ -25,7 +23,7 @@ from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.conftest import GVT_PARENT, MountFn
+from tests.conftest import API, AUTH, BASE, GVT_PARENT, TOKEN, MountFn, error_of, free_port, serving
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
@@ -36,12 +34,8 @@ from vgpuctl.service.auth import COOKIE, Authenticator, load_or_create_token, re
 
 pytestmark = pytest.mark.fuse
 
-TOKEN = "test-token-" + "x" * 32
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 U1 = "22222222-0000-4000-8000-000000000001"
 U2 = "22222222-0000-4000-8000-000000000002"
-API = "/api/v1"
-BASE = "http://127.0.0.1:8470"  # the service answers only to Host headers that name it (not TestClient's 'testserver')
 
 
 @pytest.fixture
@@ -70,18 +64,6 @@ def cli_json(host: HostRoot, state: StateDir, *args: str) -> Any:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
-
-def error_of(response: httpx.Response) -> tuple[int, str, str]:
-    body = response.json()
-    assert set(body) >= {"error", "message"}, body
-    return response.status_code, body["error"], body["message"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------------- the host, as the CLI shows it
@@ -405,25 +387,6 @@ def test_metrics(client: TestClient, host: HostRoot) -> None:
 
 # ---------------------------------------------------------------------- live events under a real server
 
-
-@contextlib.contextmanager
-def serving(app: Any, **options: Any) -> Iterator[str]:
-    import uvicorn
-
-    port = free_port()
-    settings = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 1, **options}
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **settings))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"{'https' if 'ssl_certfile' in options else 'http'}://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def read_events(response: httpx.Response) -> Iterator[tuple[str, Any]]:

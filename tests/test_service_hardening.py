@@ -30,8 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
-from tests.conftest import GVT_PARENT, MountFn
-from tests.test_service_api import API, AUTH, BASE, TOKEN, U1, error_of, free_port, serving
+from tests.conftest import API, AUTH, BASE, GVT_PARENT, TOKEN, MountFn, error_of, free_port, serving
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
@@ -50,6 +49,8 @@ from vgpuctl.service.auth import (
     same_origin,
     token_path,
 )
+
+U1 = "22222222-0000-4000-8000-000000000001"
 
 FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))

@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.test_service_api import API, TOKEN, serving
+from tests.conftest import API, TOKEN, serving
 from tests.test_stream import Vm, frame_within, running_vm
 from vgpuctl.host import HostRoot
 from vgpuctl.service.app import create_app

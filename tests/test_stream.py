@@ -31,8 +31,7 @@ from fastapi.testclient import TestClient
 from qemu.qmp import QMPClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.conftest import MountFn
-from tests.test_testguest import read_ppm
+from tests.conftest import MountFn, read_ppm
 from vgpuctl.base.state import StateDir
 from vgpuctl.service import metrics
 from vgpuctl.service.stream import CLOSE_DISPLAY_ENDED, CLOSE_NOT_FOUND, handle_input, make_router

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import EventListener, QMPClient
 
+from tests.conftest import Image, read_ppm
 from vgpuctl.vm.testguest import (
     READY_LINE,
     Animation,
@@ -51,49 +52,6 @@ def guest_elf(guest_cache: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- images
 
-
-@dataclass(frozen=True)
-class Image:
-    width: int
-    height: int
-    rgb: bytes
-
-    def pixel(self, x: int, y: int) -> tuple[int, int, int]:
-        i = 3 * (y * self.width + x)
-        return self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]
-
-    def mean(self) -> tuple[float, float, float]:
-        n = self.width * self.height
-        return sum(self.rgb[0::3]) / n, sum(self.rgb[1::3]) / n, sum(self.rgb[2::3]) / n
-
-    def columns_of(self, colour: tuple[int, int, int], y: int) -> list[int]:
-        return [x for x in range(self.width) if self.pixel(x, y) == colour]
-
-    def row(self, y: int) -> bytes:
-        return self.rgb[3 * y * self.width : 3 * (y + 1) * self.width]
-
-
-def read_ppm(path: Path) -> Image:
-    """A binary (P6, maxval 255) PPM, as QMP screendump writes it."""
-    data = path.read_bytes()
-    fields: list[bytes] = []
-    pos = 0
-    while len(fields) < 4:
-        while data[pos : pos + 1].isspace():
-            pos += 1
-        if data[pos : pos + 1] == b"#":
-            pos = data.index(b"\n", pos) + 1
-            continue
-        start = pos
-        while not data[pos : pos + 1].isspace():
-            pos += 1
-        fields.append(data[start:pos])
-    pos += 1  # the single whitespace byte before the raster
-    magic, width, height, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-    assert magic == b"P6" and maxval == 255, (magic, maxval)
-    rgb = data[pos : pos + 3 * width * height]
-    assert len(rgb) == 3 * width * height
-    return Image(width, height, rgb)
 
 
 def test_read_ppm_handles_comments(tmp_path: Path) -> None:

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPError
 
-from tests.conftest import GVT_PARENT, MountFn
-from tests.test_testguest import Image, read_ppm
+from tests.conftest import GVT_PARENT, Image, MountFn, read_ppm
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.kvm import probe_kvm

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import GVT_PARENT, Cli, GoldenFn, MountFn
+from tests.conftest import GVT_PARENT, Cli, GoldenFn, MountFn, validate_xml
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.errors import InvalidInput
@@ -444,16 +444,6 @@ def test_qemu_accepts_the_emulated_adapters() -> None:
 
 # ---------------------------------------------------------------------- libvirt XML
 
-
-def validate_xml(text: str, tmp_path: Path, name: str) -> None:
-    tool = shutil.which("virt-xml-validate")
-    if tool is None or shutil.which("xmllint") is None:
-        pytest.fail("virt-xml-validate and xmllint are required (Debian: libvirt-clients libxml2-utils)")
-    path = tmp_path / f"{name}.xml"
-    path.write_text(text)
-    result = subprocess.run([tool, str(path), "domain"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, (result.stdout, result.stderr, text)
-    assert "validates" in result.stdout + result.stderr
 
 
 XML_SPECS = {
