@@ -23,10 +23,10 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
 from vgpuctl.cli.app import cli as app
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import units
-from vgpuctl.mdev.errors import Conflict, InvalidInput, NotFound
 from vgpuctl.sim.host import SIM_CONTROL, SIM_UEVENTS, SimHost
 from vgpuctl.sim.presets import HostSpec, preset
 

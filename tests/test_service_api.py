@@ -451,7 +451,7 @@ def test_tls(host: HostRoot, state: StateDir, tmp_path: Path) -> None:
 def test_a_snapshot_that_fails_is_an_error_event_and_the_others_go_on() -> None:
     import asyncio
 
-    from vgpuctl.mdev.errors import InvalidInput
+    from vgpuctl.base.errors import InvalidInput
     from vgpuctl.service.events import EventHub
 
     def broken() -> Any:

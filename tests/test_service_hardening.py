@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from tests.conftest import API, AUTH, BASE, GVT_PARENT, TOKEN, MountFn, error_of, free_port, serving
+from vgpuctl.base.errors import VgpuError
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.errors import VgpuError
 from vgpuctl.mdev.state import Journal
 from vgpuctl.service import errors as service_errors
 from vgpuctl.service.app import create_app
@@ -463,7 +463,7 @@ def test_serve_allow_host(host: HostRoot, state: StateDir) -> None:
 
 
 def test_the_error_event_reaches_every_subscriber() -> None:
-    from vgpuctl.mdev.errors import InvalidInput
+    from vgpuctl.base.errors import InvalidInput
     from vgpuctl.service.events import EventHub
 
     def broken() -> Any:

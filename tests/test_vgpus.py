@@ -267,8 +267,8 @@ def test_kill_9_never_leaves_a_half_written_definition(mount_host: MountFn, tmp_
 
 
 def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
+    from vgpuctl.base.errors import StateDamaged
     from vgpuctl.base.state import StateDir
-    from vgpuctl.mdev.errors import StateDamaged
     from vgpuctl.mdev.state import Journal
 
     journal = Journal(StateDir(tmp_path))

@@ -23,9 +23,9 @@ import pytest
 
 from tests import test_vm_lifecycle
 from tests.test_vm_lifecycle import dominant, new_vm, screen, wait_for
+from vgpuctl.base.errors import Conflict
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.errors import Conflict
 from vgpuctl.mdev.sysfs import active_devices
 from vgpuctl.vm import inventory, lifecycle
 from vgpuctl.vm import spec as specs

@@ -21,10 +21,10 @@ import pytest
 from qemu.qmp import QMPError
 
 from tests.conftest import GVT_PARENT, Image, MountFn, read_ppm
+from vgpuctl.base.errors import CapacityError, Conflict
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.kvm import probe_kvm
-from vgpuctl.mdev.errors import CapacityError, Conflict
 from vgpuctl.mdev.sysfs import active_devices
 from vgpuctl.vm import lifecycle, profiles
 from vgpuctl.vm import spec as specs

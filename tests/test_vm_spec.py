@@ -22,9 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import GVT_PARENT, Cli, GoldenFn, MountFn, validate_xml
+from vgpuctl.base.errors import InvalidInput
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.errors import InvalidInput
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_argv, build_command, default_mac
 from vgpuctl.vm.libvirt import domain_xml

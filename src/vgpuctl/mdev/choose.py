@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vgpuctl.base.errors import CapacityError, NotFound
 from vgpuctl.host import HostRoot
-from vgpuctl.mdev.errors import CapacityError, NotFound
 from vgpuctl.mdev.sysfs import MdevType
 
 

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vgpuctl.base.errors import InvalidInput
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write as atomic_write  # re-exported: it lived here first
 from vgpuctl.host.files import fsync_dir as fsync_dir
-from vgpuctl.mdev.errors import InvalidInput
 
 START_MODES = ("auto", "manual")
 

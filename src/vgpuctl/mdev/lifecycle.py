@@ -11,12 +11,7 @@ from dataclasses import dataclass, field
 
 from vgpuctl.backends import backend_for_parent
 from vgpuctl.base.crash import crashpoint
-from vgpuctl.base.state import StateDir
-from vgpuctl.host import HostRoot
-from vgpuctl.host.root import relative_path
-from vgpuctl.mdev import definitions
-from vgpuctl.mdev.definitions import Definition, canonical_uuid, new_uuid
-from vgpuctl.mdev.errors import (
+from vgpuctl.base.errors import (
     CapacityError,
     Conflict,
     InvalidInput,
@@ -25,6 +20,11 @@ from vgpuctl.mdev.errors import (
     NotOwned,
     VgpuError,
 )
+from vgpuctl.base.state import StateDir
+from vgpuctl.host import HostRoot
+from vgpuctl.host.root import relative_path
+from vgpuctl.mdev import definitions
+from vgpuctl.mdev.definitions import Definition, canonical_uuid, new_uuid
 from vgpuctl.mdev.report import check_parent, object_exists
 from vgpuctl.mdev.state import Journal, Kind, Ownership, definition_key
 from vgpuctl.mdev.sysfs import ActiveDevice, active_device, active_devices, parent_names, read_types

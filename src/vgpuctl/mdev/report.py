@@ -4,15 +4,20 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Literal, cast
 
+# typing_extensions: pydantic (the API's response models) needs its TypedDict before Python 3.12.
+from typing_extensions import TypedDict
+
+from vgpuctl.base.errors import NotFound
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import BadFile
-from vgpuctl.mdev.errors import NotFound
 from vgpuctl.mdev.state import Journal
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, parent_names, read_parents, read_types
+
+StartMode = Literal["auto", "manual"]
 
 
 class PoolRow(TypedDict):
@@ -52,9 +57,9 @@ class VgpuRow(TypedDict):
     type: str
     active: bool
     defined: bool
-    start: str | None  # "auto" | "manual" for a definition
+    start: StartMode | None  # a definition's; None for a device that is not defined
     attrs: list[dict[str, str]]  # mdevctl's form: one {name: value} per attribute, in order
-    owner: str  # "vgpuctl" | "other"
+    owner: Literal["vgpuctl", "other"]
 
 
 def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) -> None:
@@ -147,7 +152,7 @@ def vgpu_listing(root: HostRoot, state: StateDir, *, defined_only: bool = False,
                 row = rows[key] = {"uuid": definition.uuid, "parent": definition.parent,
                                    "type": definition.mdev_type, "active": False, "defined": True, "start": None,
                                    "attrs": [], "owner": "other"}
-            row["defined"], row["start"] = True, definition.start
+            row["defined"], row["start"] = True, cast(StartMode, definition.start)  # parsed as auto|manual
             row["attrs"] = [{k: v} for k, v in definition.attrs]
         if defined_only:
             active = {d.uuid: d for d in active_devices(root)}

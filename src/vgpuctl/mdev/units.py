@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write, clean_temp_files, fsync_dir
-from vgpuctl.mdev.errors import Conflict, InvalidInput, KernelError, NotFound
 
 PROGRAM_NAME = "vgpuctl"
 UNIT_NAME = "vgpuctl-autostart.service"

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
+from vgpuctl.mdev.report import GpuRow, TypeRow, VgpuRow
 from vgpuctl.service.auth import require_auth
 from vgpuctl.service.errors import ERROR_RESPONSES
 
@@ -59,48 +60,6 @@ router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_auth)], respo
 
 class Row(BaseModel):
     model_config = ConfigDict(extra="allow")
-
-
-class PoolOut(Row):
-    total: int
-    used: int
-    free: int
-    unit: str
-
-
-class GpuOut(Row):
-    parent: str
-    vendor: str
-    vendor_id: str | None
-    device_id: str | None
-    platform: str | None
-    aperture_mib: int | None
-    pools: dict[str, PoolOut] | None = Field(description="GVT-g pools by name; null for other vendors")
-    types: int
-    active_vgpus: list[str]
-
-
-class TypeOut(Row):
-    parent: str
-    type: str
-    name: str | None
-    available_instances: int
-    device_api: str
-    description: str | None
-    fields: dict[str, str | int]
-    memory_mib: int | None
-    resolution: str | None
-
-
-class VgpuOut(Row):
-    uuid: str
-    parent: str
-    type: str
-    active: bool
-    defined: bool
-    start: Literal["auto", "manual"] | None
-    attrs: list[dict[str, str]]
-    owner: Literal["vgpuctl", "other"]
 
 
 class CreatedVgpu(Row):
@@ -324,7 +283,7 @@ class VmStop(BaseModel):
 # ---------------------------------------------------------------------- the host
 
 
-@router.get("/gpus", tags=["host"], response_model=list[GpuOut])
+@router.get("/gpus", tags=["host"], response_model=list[GpuRow])
 def gpus(ctx: Ctx) -> Any:
     """Each mdev-capable GPU (as ``vgpuctl gpus --json``)."""
     from vgpuctl.mdev.report import gpus_rows
@@ -332,7 +291,7 @@ def gpus(ctx: Ctx) -> Any:
     return gpus_rows(ctx.root)
 
 
-@router.get("/types", tags=["host"], response_model=list[TypeOut])
+@router.get("/types", tags=["host"], response_model=list[TypeRow])
 def types(ctx: Ctx, parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None) -> Any:
     """Every vGPU type with its available instances (as ``vgpuctl types --json [-p PARENT]``)."""
     from vgpuctl.mdev.report import types_rows
@@ -360,7 +319,7 @@ def problems(ctx: Ctx) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------- vGPUs
 
 
-@router.get("/vgpus", tags=["vgpus"], response_model=list[VgpuOut])
+@router.get("/vgpus", tags=["vgpus"], response_model=list[VgpuRow])
 def list_vgpus(ctx: Ctx, defined: Annotated[bool, Query(description="only defined vGPUs (as -d)")] = False,
                active: Annotated[bool, Query(description="only active vGPUs (as --active)")] = False,
                parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None,
