@@ -22,7 +22,7 @@ from vgpuctl.host import HostRoot
 from vgpuctl.service.app import create_app
 from vgpuctl.service.stream import MAX_DEPTH, MAX_TEXT, nesting, parse_input
 from vgpuctl.service.stream import hub as hub_module
-from vgpuctl.service.stream.hub import KIND_FRAME_END, KIND_H264, DisplayHub
+from vgpuctl.service.stream.hub import KIND_FRAME_END, KIND_H264, Codec, DisplayHub
 from vgpuctl.vm.testguest import build_test_guest
 
 
@@ -103,8 +103,8 @@ def test_a_closed_hub_lets_go_of_its_encoder_and_hands_memory_back(vm: Vm, monke
         h264, jpeg = await hub.subscribe("h264"), await hub.subscribe("jpeg")
         await frame_within(h264)
         await frame_within(jpeg)
-        encoder = weakref.ref(hub._h264)
-        pool = hub._pool
+        encoder = weakref.ref(hub.codecs[Codec.H264].encoder)  # type: ignore[attr-defined]
+        pool = hub.pool
         assert encoder() is not None and pool is not None and hub.rfb is not None
         framebuffer = weakref.ref(hub.rfb.framebuffer.base if hub.rfb.framebuffer.base is not None
                                   else hub.rfb.framebuffer)
@@ -112,7 +112,7 @@ def test_a_closed_hub_lets_go_of_its_encoder_and_hands_memory_back(vm: Vm, monke
         assert encoder() is not None  # one viewer left: the hub goes on
         await jpeg.close()
         assert hub.closed
-        assert hub._h264 is None and hub._pool is None
+        assert hub.codecs[Codec.H264].encoder is None and hub.pool is None  # type: ignore[attr-defined]
         await asyncio.sleep(0.1)  # an encode still finishing in a pool thread holds it until it returns
         assert encoder() is None, "the libx264 encoder outlived its hub's close"
         assert framebuffer() is None, "the framebuffer outlived its hub's close"

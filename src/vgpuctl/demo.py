@@ -72,7 +72,7 @@ def _tour(out: Console, root: HostRoot) -> None:
 
 def _vm_tour(out: Console, root: HostRoot, state: StateDir) -> None:
     """A VM on a vGPU: the project's test guest under QEMU (TCG where KVM cannot run guests)."""
-    from vgpuctl.vm import lifecycle, profiles
+    from vgpuctl.vm import lifecycle, profiles, qmp
     from vgpuctl.vm import spec as specs
     from vgpuctl.vm.runtime import RuntimePaths
     from vgpuctl.vm.testguest import build_test_guest
@@ -90,7 +90,7 @@ def _vm_tour(out: Console, root: HostRoot, state: StateDir) -> None:
 
         time.sleep(0.5)  # let the guest draw a frame or two
         shot = lifecycle.screenshot(root, state, "demo", state.path / "demo.png")
-        lifecycle.qmp(RuntimePaths.for_vm(state, "demo"), "send-key", {"keys": [{"type": "qcode", "data": "a"}]})
+        qmp.send_key(RuntimePaths.for_vm(state, "demo").qmp_socket, ["a"])
         out.print(f"$ vgpuctl vm screenshot demo {shot}   ({shot.stat().st_size} bytes); a key press recolours it",
                   highlight=False)
     finally:

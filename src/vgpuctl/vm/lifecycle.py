@@ -33,8 +33,10 @@ from vgpuctl.base.process import started_at as process_started_at
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write
+from vgpuctl.vm import qmp as qmp_commands
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_command
+from vgpuctl.vm.qmp import QmpClient, QmpError
 from vgpuctl.vm.runtime import (
     Process,
     ResolvedVgpu,
@@ -169,28 +171,15 @@ def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", 
 
 def qmp(paths: RuntimePaths, command: str, arguments: dict[str, Any] | None = None,
         timeout_s: float = 5.0) -> Any:
-    """One QMP command over the VM's socket (qemu.qmp), returning its result."""
-    import asyncio
-
-    from qemu.qmp import QMPClient
-
-    async def run() -> Any:
-        client = QMPClient("vgpuctl")
-        await asyncio.wait_for(client.connect(str(paths.qmp_socket)), timeout_s)
-        try:
-            return await asyncio.wait_for(client.execute(command, arguments), timeout_s)
-        finally:
-            await client.disconnect()
-
-    return asyncio.run(run())
+    """One QMP command over the VM's socket (:func:`vgpuctl.vm.qmp.run`), returning its result."""
+    return qmp_commands.run(paths.qmp_socket, command, arguments, timeout=timeout_s)
 
 
 def _qmp_status(paths: RuntimePaths) -> str | None:
     try:
-        result = qmp(paths, "query-status", timeout_s=2.0)
-    except Exception:
+        return qmp_commands.query_status(paths.qmp_socket, timeout=2.0)
+    except QmpError:
         return None
-    return str(result.get("status")) if isinstance(result, dict) else None
 
 
 # ---------------------------------------------------------------------- lifecycle
@@ -486,11 +475,9 @@ def wait_running(qmp_socket: Path, exited: Callable[[], bool], timeout_s: float,
     """
     import asyncio
 
-    from qemu.qmp import QMPClient
-
     async def wait() -> None:
-        client = QMPClient("vgpuctl")
-        connect = asyncio.ensure_future(client.connect(str(qmp_socket)))
+        client = QmpClient(qmp_socket, timeout=None)  # bounded below, as a whole
+        connect = asyncio.ensure_future(client.connect())
         try:
             while not connect.done():
                 if exited():
@@ -498,13 +485,12 @@ def wait_running(qmp_socket: Path, exited: Callable[[], bool], timeout_s: float,
                 await asyncio.wait([connect], timeout=0.01)
             connect.result()
             while True:  # without -S the first answer is "running"; "prelaunch"/"inmigrate" pass soon
-                result = await client.execute("query-status")
-                if isinstance(result, dict) and result.get("status") == "running":
+                if await client.query_status() == "running":
                     return
                 await asyncio.sleep(0.005)
         finally:
             connect.cancel()
-            await client.disconnect()
+            await client.close()
 
     async def bounded() -> None:
         try:
@@ -514,15 +500,13 @@ def wait_running(qmp_socket: Path, exited: Callable[[], bool], timeout_s: float,
 
     try:
         asyncio.run(bounded())
-    except VmError:
-        raise
-    except Exception as error:  # QEMU closed the socket: it is gone, or going
+    except QmpError as error:  # QEMU closed the socket: it is gone, or going
         deadline = time.monotonic() + 1.0  # its shell records the exit status just after
         while time.monotonic() < deadline:
             if exited():
                 break
             time.sleep(0.01)
-        raise VmError(f"QMP of the starting QEMU failed: {error}") from error
+        raise VmError(f"QMP of the starting QEMU failed: {error.desc}") from error
 
 
 def _exited_at_start(paths: RuntimePaths, exit_file: Path, name: str) -> bool:
@@ -625,11 +609,11 @@ def stop(root: HostRoot, state: StateDir, name: str, *, timeout_s: float = STOP_
             raise Conflict(f"VM {name} is not running ({current.state})")
         if current.state == "running":
             if not _agent_shutdown(state, name, paths):  # the guest agent, else the ACPI power button
-                _try_qmp(paths, "system_powerdown")
+                _try_qmp(qmp_commands.system_powerdown, paths)
             crashpoint("vm-stop:powerdown-sent")
             if _wait_gone(qemu, timeout_s):
                 return _finish(state, name, "the guest powered off", "stop")
-        _try_qmp(paths, "quit")
+        _try_qmp(qmp_commands.quit, paths)
         crashpoint("vm-stop:quit-sent")
         how = "QEMU quit" if current.state != "running" else f"no power-off within {timeout_s:g} s: QEMU quit"
         if not _wait_gone(qemu, 5.0):
@@ -690,9 +674,9 @@ def _agent_shutdown(state: StateDir, name: str, paths: RuntimePaths) -> bool:
     return shutdown(paths.agent_socket)
 
 
-def _try_qmp(paths: RuntimePaths, command: str) -> None:
-    with contextlib.suppress(Exception):  # the process may go away under us: that is the goal
-        qmp(paths, command)
+def _try_qmp(command: Callable[[Path], None], paths: RuntimePaths) -> None:
+    with contextlib.suppress(QmpError):  # QEMU may go away before it answers: that is the goal
+        command(paths.qmp_socket)
 
 
 def _wait_gone(qemu: Process, timeout_s: float) -> bool:
@@ -745,7 +729,7 @@ def screenshot(root: HostRoot, state: StateDir, name: str, target: Path) -> Path
         raise Conflict(f"VM {name} is not running")
     target = target.absolute()
     try:
-        qmp(paths, "screendump", {"filename": str(target), "format": "png"})
-    except Exception as e:
-        raise KernelError(f"screendump failed: {e}") from None
+        qmp_commands.screendump(paths.qmp_socket, target, "png")
+    except QmpError as e:
+        raise KernelError(f"screendump failed: {e.desc}") from None
     return target

@@ -1,9 +1,10 @@
 """A VM's display in the browser: ``WebSocket /api/v1/vms/{name}/display``.
 
 QEMU's VNC server (``-vnc unix:<state>/vms/<name>/vnc.sock``) → our RFB client (:mod:`.rfb`, Raw over a
-socketpair handed to QEMU through the VM's QMP socket, else over the VNC socket) → one
-:class:`~.hub.DisplayHub` per VM (framebuffer, change tracking, JPEG encode shared by all viewers, a bounded
-"latest frame" slot per viewer) → a binary WebSocket per viewer. Input goes back as JSON.
+socketpair handed to QEMU through the VM's QMP socket, else over the VNC socket; :mod:`.connection`) → one
+:class:`~.hub.DisplayHub` per VM (framebuffer, change tracking in :mod:`.damage`, one encoder per codec shared by
+its viewers: :mod:`.jpeg`, :mod:`.h264`; a bounded "latest frame" slot per viewer, :mod:`.viewer`) → a binary
+WebSocket per viewer. Input goes back as JSON.
 The wire protocol is in ``PROTOCOL.md`` beside this file.
 
 ``router`` (auth: :func:`vgpuctl.service.auth.require_auth`) is what the service app includes;
@@ -26,7 +27,7 @@ from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from vgpuctl.service.auth import MAX_WS_MESSAGE
-from vgpuctl.service.stream.hub import CODECS, DisplayClosed, DisplayHub, HubRegistry, StreamOptions, Viewer
+from vgpuctl.service.stream.hub import CODECS, Codec, DisplayClosed, DisplayHub, HubRegistry, StreamOptions, Viewer
 from vgpuctl.service.stream.rfb import RfbError
 
 __all__ = ["CLOSE_DISPLAY_ENDED", "CLOSE_NOT_FOUND", "MAX_WS_MESSAGE", "DisplayHub", "HubRegistry", "StreamOptions",
@@ -105,8 +106,9 @@ async def serve_display(websocket: WebSocket, name: str) -> None:
     if not paths.vnc_socket.exists():
         await _close(websocket, CLOSE_NOT_FOUND, f"VM {name} has no VNC display (display backend is not vnc)")
         return
-    codec = websocket.query_params.get("codec", "jpeg")
-    if codec not in CODECS:
+    try:
+        codec = Codec.parse(websocket.query_params.get("codec", Codec.JPEG))
+    except ValueError:
         await _close(websocket, 1008, f"codec must be one of {', '.join(CODECS)}")
         return
     await websocket.accept()

@@ -339,21 +339,15 @@ class RfbClient:
         Why: after each socket write QEMU's VNC server moves the unwritten rest of its output buffer down, so
         through the default ~200 KB send buffer of ``-vnc unix:`` a 1920x1080 Raw update (8 MB) takes ~40 writes
         and ~10 ms of memmove in QEMU's main loop, and ~12 ms to arrive; in one buffer it is a write or two and
-        ~2 ms. QEMU's QMP socket takes one client at a time: ``timeout`` bounds the wait for it."""
-        from qemu.qmp import QMPClient
+        ~2 ms. QEMU's QMP socket takes one client at a time: ``timeout`` bounds the wait for it.
+        Raises :class:`~vgpuctl.vm.qmp.QmpError` when QMP fails, as :meth:`connect` does the rest."""
+        from vgpuctl.vm.qmp import QmpClient
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             grow_send_buffer(theirs, QEMU_SEND_BUFFER)
-            qmp = QMPClient("vgpuctl-display")
-            try:
-                await asyncio.wait_for(qmp.connect(str(qmp_socket)), timeout)
-                qmp.send_fd_scm(theirs.fileno())
-                await asyncio.wait_for(qmp.execute("getfd", {"fdname": QMP_FD_NAME}), timeout)
-                await asyncio.wait_for(qmp.execute("add_client", {"protocol": "vnc", "fdname": QMP_FD_NAME}),
-                                       timeout)
-            finally:
-                await qmp.disconnect()
+            async with QmpClient(qmp_socket, name="vgpuctl-display", timeout=timeout) as qmp:
+                await qmp.add_vnc_client(theirs, QMP_FD_NAME)
         except BaseException:
             ours.close()
             raise
