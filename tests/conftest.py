@@ -4,14 +4,17 @@ never from each other; markers follow from the fixtures a test uses (pytest_coll
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -21,13 +24,22 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx2 as httpx
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from qemu.qmp import QMPClient
 
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
+from vgpuctl.service.stream.codec import Frame
+from vgpuctl.service.stream.viewer import Viewer
 from vgpuctl.sim import mount as sim_mount
 from vgpuctl.sim.presets import preset
+from vgpuctl.vm import lifecycle, profiles
+from vgpuctl.vm import spec as specs
 from vgpuctl.vm.linuxguest import LinuxGuest, build_linux_guest
+from vgpuctl.vm.runtime import RuntimePaths
+from vgpuctl.vm.testguest import READY_LINE, build_test_guest, kernel_args
 
 GVT_PARENT = "0000:00:02.0"
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None and os.geteuid() == 0
@@ -301,3 +313,165 @@ def serving(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ------------------------------------------------------------------ the test guest on QEMU, laid out as a VM
+QEMU = "qemu-system-x86_64"
+
+
+BOOT_TIMEOUT = 15.0
+
+
+def to_rgb(fb: np.ndarray) -> np.ndarray:
+    """RGB (h, w, 3) from a BGRX framebuffer."""
+    return np.ascontiguousarray(fb[..., 2::-1])
+
+
+def dominant_rgb(rgb: np.ndarray) -> str:
+    means = rgb.reshape(-1, 3).mean(axis=0)
+    return "rgb"[int(np.argmax(means))]
+
+
+def close_enough(a: np.ndarray, b: np.ndarray, tolerance: int = 24) -> float:
+    """The share of pixels whose channels all differ by at most ``tolerance`` (JPEG is lossy)."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
+    return float((diff <= tolerance).mean())
+
+
+@dataclass
+class Vm:
+    """QEMU with the test guest, laid out like a vgpuctl VM in ``state``."""
+
+    name: str
+    state: StateDir
+    paths: RuntimePaths
+    proc: subprocess.Popen[bytes]
+    debug_log: Path
+
+    def log(self) -> str:
+        return self.debug_log.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"{text!r} not in the guest's log: {self.log()!r}"
+            time.sleep(0.05)
+
+    async def screendump(self) -> np.ndarray:
+        qmp = QMPClient("test-stream")
+        await qmp.connect(str(self.paths.qmp_socket))
+        try:
+            target = self.paths.directory / f"dump-{time.monotonic_ns()}.ppm"
+            await qmp.execute("screendump", {"filename": str(target)})
+        finally:
+            await qmp.disconnect()
+        image = read_ppm(target)
+        return np.frombuffer(image.rgb, np.uint8).reshape(image.height, image.width, 3)
+
+    async def qmp(self, command: str) -> None:
+        qmp = QMPClient("test-stream")
+        await qmp.connect(str(self.paths.qmp_socket))
+        try:
+            await qmp.execute(command)
+        finally:
+            await qmp.disconnect()
+
+
+@contextlib.contextmanager
+def running_vm(elf: Path, resolution: tuple[int, int] | None = None, name: str = "tv",
+               paused: bool = False) -> Iterator[Vm]:
+    """QEMU running the guest, once its picture is up (``paused``: QEMU started with -S, guest not yet run)."""
+    with tempfile.TemporaryDirectory(prefix="vgst-") as tmp:  # short: unix socket paths have ~108 bytes
+        state = StateDir(Path(tmp))
+        paths = RuntimePaths.for_vm(state, name)
+        paths.directory.mkdir(parents=True)
+        debug_log = paths.directory / "debug.log"
+        # -name and -pidfile as the lifecycle gives them: how vgpuctl knows a QEMU is this VM's.
+        argv = [QEMU, "-name", f"guest={name},debug-threads=on", "-machine", "pc", "-accel", "tcg", "-m", "64",
+                "-nodefaults", "-vga", "std",
+                "-display", "none", "-vnc", f"unix:{paths.vnc_socket}", *kernel_args(elf, resolution),
+                "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off", "-pidfile", str(paths.pidfile),
+                "-chardev", f"file,id=dbg,path={debug_log}", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+                *(["-S"] if paused else [])]
+        with (paths.directory / "qemu.log").open("wb") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        vm = Vm(name, state, paths, proc, debug_log)
+        try:
+            deadline = time.monotonic() + BOOT_TIMEOUT
+            while not ((paused or (debug_log.exists() and READY_LINE in vm.log())) and paths.vnc_socket.exists()
+                       and paths.qmp_socket.exists() and paths.pidfile.exists()):
+                assert proc.poll() is None, (paths.directory / "qemu.log").read_text()
+                assert time.monotonic() < deadline, "the test guest did not come up"
+                time.sleep(0.02)
+            yield vm
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def frame_within(viewer: Viewer, timeout: float = 5.0) -> Frame:
+    return await asyncio.wait_for(viewer.next_frame(), timeout)
+
+
+# ------------------------------------------------------------------ VMs through vgpuctl's lifecycle
+@pytest.fixture(scope="module")
+def guest() -> Path:
+    return build_test_guest()
+
+
+@pytest.fixture
+def state() -> Iterator[StateDir]:
+    # Short: QMP/VNC socket paths must stay under 108 bytes.
+    import shutil
+    import tempfile
+
+    state = StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
+    yield state
+    for pid in processes_naming(state.path):  # a failed test must not leave its QEMUs running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(state.path, ignore_errors=True)
+
+
+def processes_naming(directory: Path) -> list[int]:
+    """The live processes whose command line names ``directory`` (this test's QEMUs and their shells, found
+    without vgpuctl's help and whatever its files say)."""
+    found = []
+    needle = os.fsencode(directory)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def host(mount_host: MountFn) -> HostRoot:
+    return mount_host("coffeelake", aperture_mib=1024)
+
+
+def new_vm(state: StateDir, name: str, guest: Path, profile: str = "automotive") -> None:
+    spec = profiles.new_spec(name, profile)
+    spec.kernel, spec.boot, spec.memory_mib, spec.cpus = str(guest), "kernel", 64, 1
+    spec.display.backend = "vnc"
+    specs.save(state, spec, new=True)
+
+
+def screen(state: StateDir, name: str, tmp_path: Path) -> Image:
+    target = tmp_path / f"{name}-{time.monotonic_ns()}.ppm"
+    lifecycle.qmp(RuntimePaths.for_vm(state, name), "screendump", {"filename": str(target)})
+    return read_ppm(target)
+
+
+def dominant(image: Image) -> str:
+    red, green, blue = image.mean()
+    return max((red, "red"), (green, "green"), (blue, "blue"))[1]
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

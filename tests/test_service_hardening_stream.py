@@ -16,8 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import API, TOKEN, serving
-from tests.test_stream import Vm, frame_within, running_vm
+from tests.conftest import API, TOKEN, Vm, frame_within, running_vm, serving
 from vgpuctl.host import HostRoot
 from vgpuctl.service.app import create_app
 from vgpuctl.service.stream import MAX_DEPTH, MAX_TEXT, nesting, parse_input

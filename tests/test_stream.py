@@ -15,11 +15,9 @@ import json
 import shutil
 import statistics
 import struct
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from fastapi.testclient import TestClient
 from qemu.qmp import QMPClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.conftest import MountFn, read_ppm
+from tests.conftest import QEMU, MountFn, Vm, close_enough, dominant_rgb, frame_within, running_vm, to_rgb
 from vgpuctl.base.state import StateDir
 from vgpuctl.service import metrics
 from vgpuctl.service.stream import CLOSE_DISPLAY_ENDED, CLOSE_NOT_FOUND, handle_input, make_router
@@ -54,30 +52,10 @@ from vgpuctl.service.stream.rfb import (
     qemu_keycode,
     rfb_buttons,
 )
-from vgpuctl.vm.runtime import RuntimePaths
-from vgpuctl.vm.testguest import READY_LINE, build_test_guest, kernel_args
-
-QEMU = "qemu-system-x86_64"
-BOOT_TIMEOUT = 15.0
-
+from vgpuctl.vm.testguest import build_test_guest
 
 # ------------------------------------------------------------------------------------------ pictures
 
-
-def to_rgb(fb: np.ndarray) -> np.ndarray:
-    """RGB (h, w, 3) from a BGRX framebuffer."""
-    return np.ascontiguousarray(fb[..., 2::-1])
-
-
-def dominant(rgb: np.ndarray) -> str:
-    means = rgb.reshape(-1, 3).mean(axis=0)
-    return "rgb"[int(np.argmax(means))]
-
-
-def close_enough(a: np.ndarray, b: np.ndarray, tolerance: int = 24) -> float:
-    """The share of pixels whose channels all differ by at most ``tolerance`` (JPEG is lossy)."""
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
-    return float((diff <= tolerance).mean())
 
 
 class Canvas:
@@ -120,76 +98,6 @@ def guest_elf() -> Path:
     return build_test_guest()
 
 
-@dataclass
-class Vm:
-    """QEMU with the test guest, laid out like a vgpuctl VM in ``state``."""
-
-    name: str
-    state: StateDir
-    paths: RuntimePaths
-    proc: subprocess.Popen[bytes]
-    debug_log: Path
-
-    def log(self) -> str:
-        return self.debug_log.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert time.monotonic() < deadline, f"{text!r} not in the guest's log: {self.log()!r}"
-            time.sleep(0.05)
-
-    async def screendump(self) -> np.ndarray:
-        qmp = QMPClient("test-stream")
-        await qmp.connect(str(self.paths.qmp_socket))
-        try:
-            target = self.paths.directory / f"dump-{time.monotonic_ns()}.ppm"
-            await qmp.execute("screendump", {"filename": str(target)})
-        finally:
-            await qmp.disconnect()
-        image = read_ppm(target)
-        return np.frombuffer(image.rgb, np.uint8).reshape(image.height, image.width, 3)
-
-    async def qmp(self, command: str) -> None:
-        qmp = QMPClient("test-stream")
-        await qmp.connect(str(self.paths.qmp_socket))
-        try:
-            await qmp.execute(command)
-        finally:
-            await qmp.disconnect()
-
-
-@contextlib.contextmanager
-def running_vm(elf: Path, resolution: tuple[int, int] | None = None, name: str = "tv",
-               paused: bool = False) -> Iterator[Vm]:
-    """QEMU running the guest, once its picture is up (``paused``: QEMU started with -S, guest not yet run)."""
-    with tempfile.TemporaryDirectory(prefix="vgst-") as tmp:  # short: unix socket paths have ~108 bytes
-        state = StateDir(Path(tmp))
-        paths = RuntimePaths.for_vm(state, name)
-        paths.directory.mkdir(parents=True)
-        debug_log = paths.directory / "debug.log"
-        # -name and -pidfile as the lifecycle gives them: how vgpuctl knows a QEMU is this VM's.
-        argv = [QEMU, "-name", f"guest={name},debug-threads=on", "-machine", "pc", "-accel", "tcg", "-m", "64",
-                "-nodefaults", "-vga", "std",
-                "-display", "none", "-vnc", f"unix:{paths.vnc_socket}", *kernel_args(elf, resolution),
-                "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off", "-pidfile", str(paths.pidfile),
-                "-chardev", f"file,id=dbg,path={debug_log}", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
-                *(["-S"] if paused else [])]
-        with (paths.directory / "qemu.log").open("wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        vm = Vm(name, state, paths, proc, debug_log)
-        try:
-            deadline = time.monotonic() + BOOT_TIMEOUT
-            while not ((paused or (debug_log.exists() and READY_LINE in vm.log())) and paths.vnc_socket.exists()
-                       and paths.qmp_socket.exists() and paths.pidfile.exists()):
-                assert proc.poll() is None, (paths.directory / "qemu.log").read_text()
-                assert time.monotonic() < deadline, "the test guest did not come up"
-                time.sleep(0.02)
-            yield vm
-        finally:
-            proc.kill()
-            proc.wait()
-
 
 @pytest.fixture
 def vm(guest_elf: Path) -> Iterator[Vm]:
@@ -208,9 +116,6 @@ async def first_picture(client: RfbClient, timeout: float = 10.0) -> None:
         for x, y, w, h in update.rects if update else []:
             covered[y:y + h, x:x + w] = True
 
-
-async def frame_within(viewer: Viewer, timeout: float = 5.0) -> Frame:
-    return await asyncio.wait_for(viewer.next_frame(), timeout)
 
 
 async def drain(viewer: Viewer, canvas: Canvas, quiet: float = 0.5) -> None:
@@ -333,7 +238,7 @@ def test_rfb_client_handshakes_and_its_framebuffer_is_the_guests_picture(vm: Vm)
             assert ours.shape == dump.shape == (768, 1024, 3)
             # Exact pixels (Raw), except where the bar moved between the two captures (1/20 of the width each).
             assert (ours == dump).all(axis=2).mean() > 0.85
-            assert dominant(ours) == "b"
+            assert dominant_rgb(ours) == "b"
             updates = client.updates
             for _ in range(5):  # the animation keeps coming, incrementally
                 await asyncio.wait_for(client.read_message(), 5)
@@ -349,11 +254,11 @@ def test_extended_key_event_changes_the_guests_colour_scheme(vm: Vm) -> None:
         client = await RfbClient.connect(vm.paths.vnc_socket)
         try:
             await first_picture(client)
-            assert dominant(to_rgb(client.framebuffer)) == "b"
+            assert dominant_rgb(to_rgb(client.framebuffer)) == "b"
             assert await client.key("KeyA", "a", True)
             assert await client.key("KeyA", "a", False)
             deadline = time.monotonic() + 10
-            while dominant(to_rgb(client.framebuffer)) != "r":
+            while dominant_rgb(to_rgb(client.framebuffer)) != "r":
                 assert time.monotonic() < deadline, "the picture did not turn red"
                 await asyncio.wait_for(client.read_message(), 5)
         finally:
@@ -375,7 +280,7 @@ def test_a_new_viewer_gets_a_full_frame_at_once(vm: Vm) -> None:
             assert frame.full and frame.screen == (1024, 768)
             canvas = Canvas()
             canvas.paint(frame)
-            assert canvas.rgb.shape == (768, 1024, 3) and dominant(canvas.rgb) == "b"
+            assert canvas.rgb.shape == (768, 1024, 3) and dominant_rgb(canvas.rgb) == "b"
             dump = await vm.screendump()
             assert close_enough(canvas.rgb, dump) > 0.85
             for _ in range(5):
@@ -496,7 +401,7 @@ def test_each_whole_screen_update_is_one_whole_frame_and_one_picture(tmp_path: P
                 await fake.send_picture(colours[name])
                 frame = await frame_within(viewer)
                 canvas.paint(frame)
-                assert frame.full and dominant(canvas.rgb) == name
+                assert frame.full and dominant_rgb(canvas.rgb) == name
             assert hub.stats.updates == hub.stats.pictures == hub.stats.frames_queued == canvas.frames == 6
 
             async def watch() -> None:
@@ -529,11 +434,11 @@ def test_the_hub_connects_through_qmp_and_falls_back_to_the_vnc_socket(vm: Vm, t
         assert hub.via_qmp  # QEMU took our end of a socketpair as a VNC client (add_client)
         canvas = Canvas()
         canvas.paint(await frame_within(viewer))
-        assert dominant(canvas.rgb) == "b" and close_enough(canvas.rgb, await vm.screendump()) > 0.85
+        assert dominant_rgb(canvas.rgb) == "b" and close_enough(canvas.rgb, await vm.screendump()) > 0.85
         assert await viewer.key("KeyA", "a", True)  # input goes the same way
         await viewer.key("KeyA", "a", False)
         deadline = time.monotonic() + 10
-        while dominant(canvas.rgb) != "r":
+        while dominant_rgb(canvas.rgb) != "r":
             assert time.monotonic() < deadline, "the streamed picture did not turn red"
             canvas.paint(await frame_within(viewer))
         await viewer.close()
@@ -649,7 +554,7 @@ def test_the_guest_changing_its_mode_resizes_the_stream(guest_elf: Path) -> None
         canvas.paint(await frame_within(viewer))
         await vm.qmp("cont")  # the guest boots and sets its mode
         deadline = time.monotonic() + 10
-        while canvas.rgb.shape[:2] != (800, 1280) or dominant(canvas.rgb) != "b":
+        while canvas.rgb.shape[:2] != (800, 1280) or dominant_rgb(canvas.rgb) != "b":
             assert time.monotonic() < deadline, canvas.rgb.shape
             frame = await frame_within(viewer)
             if frame.screen != (canvas.rgb.shape[1], canvas.rgb.shape[0]):
@@ -732,7 +637,7 @@ def test_websocket_route_streams_the_picture_and_takes_input(vm: Vm) -> None:
         canvas = Canvas()
         first = _receive_frame(ws, canvas)
         assert first[0][0] == KIND_JPEG and first[-1][0] == KIND_FRAME_END
-        assert canvas.rgb.shape == (768, 1024, 3) and dominant(canvas.rgb) == "b"
+        assert canvas.rgb.shape == (768, 1024, 3) and dominant_rgb(canvas.rgb) == "b"
         now_us = time.time() * 1e6
         assert now_us - 10e6 < canvas.timestamps[0] <= now_us
         for _ in range(3):
@@ -742,7 +647,7 @@ def test_websocket_route_streams_the_picture_and_takes_input(vm: Vm) -> None:
         ws.send_text(json.dumps({"type": "key", "code": "KeyA", "key": "a", "down": True}))
         ws.send_text(json.dumps({"type": "key", "code": "KeyA", "key": "a", "down": False}))
         deadline = time.monotonic() + 10
-        while dominant(canvas.rgb) != "r":
+        while dominant_rgb(canvas.rgb) != "r":
             assert time.monotonic() < deadline, "the streamed picture did not turn red"
             _receive_frame(ws, canvas)
         dump = asyncio.run(vm.screendump())
@@ -813,7 +718,7 @@ def test_a_vm_started_by_the_lifecycle_streams(mount_host: MountFn, guest_elf: P
         with TestClient(_app(state)) as client, client.websocket_connect("/api/v1/vms/car1/display") as ws:
             canvas = Canvas()
             deadline = time.monotonic() + 10
-            while canvas.rgb.size == 0 or dominant(canvas.rgb) != "b":  # the guest may still be booting
+            while canvas.rgb.size == 0 or dominant_rgb(canvas.rgb) != "b":  # the guest may still be booting
                 assert time.monotonic() < deadline
                 _receive_frame(ws, canvas)
             assert canvas.rgb.shape == (768, 1024, 3)

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.test_stream import Vm, close_enough, dominant, frame_within, running_vm
+from tests.conftest import Vm, close_enough, dominant_rgb, frame_within, running_vm
 from vgpuctl.service.stream.hub import KIND_H264, KIND_JPEG, DisplayHub, Frame, StreamOptions
 from vgpuctl.vm.testguest import build_test_guest
 
@@ -60,7 +60,7 @@ def test_an_h264_viewer_starts_at_a_keyframe_and_sees_the_guest(vm: Vm) -> None:
             first = await frame_within(viewer)
             assert first.full and first.screen == (1024, 768)
             player.play(first)
-            assert player.keyframes == 1 and dominant(player.rgb) == "b"
+            assert player.keyframes == 1 and dominant_rgb(player.rgb) == "b"
             assert close_enough(player.rgb, await vm.screendump()) > 0.85
             # It did not read during the screendump and skipped pictures: one keyframe to catch up, then deltas.
             for _ in range(12):
@@ -69,7 +69,7 @@ def test_an_h264_viewer_starts_at_a_keyframe_and_sees_the_guest(vm: Vm) -> None:
             assert sum(len(m) for m in first.messages) > 3 * len((await frame_within(viewer)).messages[0])
             assert await viewer.key("KeyA", "a", True) and await viewer.key("KeyA", "a", False)
             deadline = time.monotonic() + 10
-            while dominant(player.rgb) != "r":
+            while dominant_rgb(player.rgb) != "r":
                 assert time.monotonic() < deadline, "the H.264 picture did not turn red"
                 player.play(await frame_within(viewer))
         finally:

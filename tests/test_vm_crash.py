@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_vm_lifecycle
-from tests.test_vm_lifecycle import dominant, new_vm, screen, wait_for
+from tests.conftest import dominant, new_vm, screen, wait_for
 from vgpuctl.base.errors import Conflict
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
@@ -34,7 +33,6 @@ from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
 pytestmark = pytest.mark.fuse
 VM = "crash"
 # The lifecycle tests' fixtures: the test guest, a short state dir (killing its QEMUs at the end), a host.
-guest, state, host = test_vm_lifecycle.guest, test_vm_lifecycle.state, test_vm_lifecycle.host
 
 
 def qemus_and_shells(state: StateDir, name: str = VM) -> tuple[list[int], list[int]]:

@@ -14,87 +14,23 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import GVT_PARENT, Image, MountFn, read_ppm
+from tests.conftest import GVT_PARENT, dominant, new_vm, screen, wait_for
 from vgpuctl.base.errors import CapacityError, Conflict
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.kvm import probe_kvm
 from vgpuctl.mdev.sysfs import active_devices
-from vgpuctl.vm import lifecycle, profiles
+from vgpuctl.vm import lifecycle
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.qmp import QmpError
 from vgpuctl.vm.runtime import RuntimePaths, vm_vgpu_uuid
-from vgpuctl.vm.testguest import build_test_guest
 
 pytestmark = pytest.mark.fuse
 
-
-@pytest.fixture(scope="module")
-def guest() -> Path:
-    return build_test_guest()
-
-
-@pytest.fixture
-def state() -> Iterator[StateDir]:
-    # Short: QMP/VNC socket paths must stay under 108 bytes.
-    import shutil
-    import tempfile
-
-    state = StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))
-    yield state
-    for pid in processes_naming(state.path):  # a failed test must not leave its QEMUs running
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(state.path, ignore_errors=True)
-
-
-def processes_naming(directory: Path) -> list[int]:
-    """The live processes whose command line names ``directory`` (this test's QEMUs and their shells, found
-    without vgpuctl's help and whatever its files say)."""
-    found = []
-    needle = os.fsencode(directory)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-    return found
-
-
-@pytest.fixture
-def host(mount_host: MountFn) -> HostRoot:
-    return mount_host("coffeelake", aperture_mib=1024)
-
-
-def new_vm(state: StateDir, name: str, guest: Path, profile: str = "automotive") -> None:
-    spec = profiles.new_spec(name, profile)
-    spec.kernel, spec.boot, spec.memory_mib, spec.cpus = str(guest), "kernel", 64, 1
-    spec.display.backend = "vnc"
-    specs.save(state, spec, new=True)
-
-
-def screen(state: StateDir, name: str, tmp_path: Path) -> Image:
-    target = tmp_path / f"{name}-{time.monotonic_ns()}.ppm"
-    lifecycle.qmp(RuntimePaths.for_vm(state, name), "screendump", {"filename": str(target)})
-    return read_ppm(target)
-
-
-def dominant(image: Image) -> str:
-    red, green, blue = image.mean()
-    return max((red, "red"), (green, "green"), (blue, "blue"))[1]
-
-
-def wait_for(condition: object, timeout: float = 10.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_start_screenshot_key_stop_and_the_vgpu_is_reused(host: HostRoot, state: StateDir, guest: Path,
