@@ -51,6 +51,9 @@ class VgpuBackend(Protocol):
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""
 
+    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
+        """The name of the GPU generation a parent is (e.g. "Coffee Lake"), None when the backend has no tables."""
+
     def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
         """The parent's capacity model, None when the kernel's available_instances is all there is."""
 

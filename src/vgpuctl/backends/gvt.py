@@ -108,6 +108,14 @@ class GvtG:
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)
 
+    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
+        if vendor_id != self.pci_vendor or device_id is None:
+            return None
+        from vgpuctl.host.platforms import platform_for  # loads the PCI id tables: only when asked
+
+        found = platform_for(device_id)
+        return found.name.split(" (")[0] if found else None
+
     def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
         return gvt_capacity(root, parent, types)
 

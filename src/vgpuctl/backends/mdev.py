@@ -27,6 +27,9 @@ class GenericMdev:
     def claims_type(self, type_id: str) -> bool:
         return True
 
+    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
+        return None
+
     def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
         return None
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from vgpuctl.host import facts
+from vgpuctl.host import facts, pci
 from vgpuctl.host.root import THIS_PROCESS_STATUS, HostRoot
 
 if TYPE_CHECKING:
@@ -48,11 +48,6 @@ MEMLOCK_NEEDED_MIB = ASSUMED_GUEST_MIB + 1024
 CAP_IPC_LOCK = 14
 GRUB_ADD = "sed -i 's/^GRUB_CMDLINE_LINUX_DEFAULT=\"/&{param} /' /etc/default/grub && update-grub && reboot"
 
-VENDORS = {0x8086: "Intel", 0x1002: "AMD", 0x10DE: "NVIDIA", 0x1AF4: "Red Hat (virtio)", 0x1B36: "Red Hat (QEMU)",
-           0x1234: "QEMU (Bochs)", 0x15AD: "VMware", 0x1013: "Cirrus Logic", 0x102B: "Matrox", 0x1A03: "ASPEED"}
-PCI_CLASSES = {0x00: "unclassified device", 0x01: "storage controller", 0x02: "network controller",
-               0x03: "display controller", 0x04: "multimedia controller", 0x05: "memory controller",
-               0x06: "bridge", 0x07: "communication controller", 0x08: "system peripheral", 0x0C: "serial bus"}
 
 # ====================================================================== the report
 
@@ -279,9 +274,7 @@ class Host:
 
 def describe_pci(ids: tuple[int, int, int]) -> str:
     """E.g. "a display controller from AMD (1002:1638)"."""
-    vendor, device, pci_class = ids
-    kind = PCI_CLASSES.get(pci_class >> 16, f"class 0x{pci_class:06x} device")
-    return f"a {kind} from {VENDORS.get(vendor, f'vendor 0x{vendor:04x}')} ({vendor:04x}:{device:04x})"
+    return pci.describe(*ids)
 
 
 class _Background:

@@ -212,6 +212,15 @@ class HostRoot:
     def pci_device(self, address: str) -> str:
         return f"{self.sys_bus_pci_devices}/{address}"
 
+    def pci_driver(self, driver: str) -> str:
+        """A PCI driver's directory (bind, unbind, new_id and a link per bound device)."""
+        return f"/sys/bus/pci/drivers/{driver}"
+
+    @property
+    def pci_drivers_probe(self) -> str:
+        """Writing an address here probes the device again (driver_override decides who takes it)."""
+        return "/sys/bus/pci/drivers_probe"
+
     def sys_module(self, module: str) -> str:
         """A module's sysfs directory: present while it is loaded (or built in with parameters)."""
         return f"/sys/module/{module}"

@@ -82,14 +82,15 @@ def gpus_rows(root: HostRoot) -> list[GpuRow]:
     active = active_devices(root)
     rows: list[GpuRow] = []
     for parent in read_parents(root):
-        found = backend_for_parent(parent.types).capacity(root, parent.name, parent.types)
+        backend = backend_for_parent(parent.types)
+        found = backend.capacity(root, parent.name, parent.types)
         capacity = found if isinstance(found, GvtCapacity) else None  # the pools are GVT-g's (the row's shape)
         rows.append({
             "parent": parent.name,
             "vendor": parent.vendor,
             "vendor_id": f"0x{parent.vendor_id:04x}" if parent.vendor_id is not None else None,
             "device_id": f"0x{parent.device_id:04x}" if parent.device_id is not None else None,
-            "platform": parent.platform,
+            "platform": backend.platform(parent.vendor_id, parent.device_id),
             "aperture_mib": aperture_mib(root, parent.name) if capacity else None,
             "pools": {p.name: {"total": p.total, "used": p.used, "free": p.free, "unit": p.unit}
                       for p in capacity.pools} if capacity else None,

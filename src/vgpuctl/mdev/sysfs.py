@@ -9,9 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from vgpuctl.host import HostRoot, facts
-
-VENDOR_NAMES = {0x8086: "Intel", 0x10DE: "NVIDIA", 0x1002: "AMD", 0x1AF4: "Red Hat (virtio)"}
+from vgpuctl.host import HostRoot, facts, pci
 
 
 @dataclass(frozen=True)
@@ -67,18 +65,7 @@ class ParentDevice:
 
     @property
     def vendor(self) -> str:
-        if self.vendor_id is None:
-            return "virtual"
-        return VENDOR_NAMES.get(self.vendor_id, f"0x{self.vendor_id:04x}")
-
-    @property
-    def platform(self) -> str | None:
-        if self.vendor_id != 0x8086 or self.device_id is None:
-            return None
-        from vgpuctl.host.platforms import platform_for  # loads the PCI id tables: only when asked
-
-        platform = platform_for(self.device_id)
-        return platform.name.split(" (")[0] if platform else None
+        return pci.vendor_name(self.vendor_id)
 
 
 _MIB_KEYS = {"low_gm_size": "low_gm_mib", "high_gm_size": "high_gm_mib", "framebuffer": "framebuffer_mib"}
