@@ -21,6 +21,7 @@ from vgpuctl.host.platforms import (
     HOST_LOW_GM_MIB,
     INTEL_VENDOR_ID,
     MAX_VGPUS_PER_GPU,
+    gvt_types,
 )
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, read_types
 
@@ -67,6 +68,28 @@ class GvtCapacity:
         return "raise the BIOS aperture size" if aperture.free < aperture.total // 2 else ""
 
 
+def pool_totals(aperture_mib: int) -> tuple[int, int, int]:
+    """(low GM MiB, high GM MiB, fences) that vGPUs may share: the GGTT split at the aperture, minus what i915
+    keeps for the host (gvt/aperture_gm.c)."""
+    return (aperture_mib - HOST_LOW_GM_MIB, DEFAULT_GGTT_MIB - aperture_mib - HOST_HIGH_GM_MIB,
+            DEFAULT_FENCES - HOST_FENCES)
+
+
+def gvt_allows(aperture_mib: int, kernel: tuple[int, int] | None, graphics_ver: int) -> list[tuple[str, int]]:
+    """The GVT-g types a fresh iGPU with this aperture registers, and how many of each fit (spec 2.1, 2.4)."""
+    version = kernel or (6, 0)
+    low, high, fences = pool_totals(aperture_mib)
+    allowed = []
+    for spec in gvt_types(version):
+        if version >= (4, 11) and low // spec.low_gm_mib < 1:
+            break  # registration stops at the first type whose low GM does not fit
+        count = min(max(low, 0) // spec.low_gm_mib, max(high, 0) // spec.high_gm_mib, fences // spec.fences)
+        if version < (4, 11):
+            count = min(count, int(spec.suffix))  # 4.10: capped by the type's max_instance
+        allowed.append((f"i915-{spec.name(graphics_ver)}", count))
+    return allowed
+
+
 def gvt_capacity(root: HostRoot, parent: str, types: list[MdevType] | None = None) -> GvtCapacity | None:
     """The GVT-g pools of parent, or None if it is not a GVT-g iGPU."""
     types = types if types is not None else read_types(root, parent)
@@ -83,10 +106,11 @@ def gvt_capacity(root: HostRoot, parent: str, types: list[MdevType] | None = Non
         high += int(f.get("high_gm_mib", 0))
         fences += int(f.get("fences", 0))
         count += 1
+    low_total, high_total, fences_total = pool_totals(aperture)
     pools = [
-        Pool("low GM (aperture)", "MiB", aperture - HOST_LOW_GM_MIB, low),
-        Pool("high GM", "MiB", DEFAULT_GGTT_MIB - aperture - HOST_HIGH_GM_MIB, high),
-        Pool("fences", "", DEFAULT_FENCES - HOST_FENCES, fences),
+        Pool("low GM (aperture)", "MiB", low_total, low),
+        Pool("high GM", "MiB", high_total, high),
+        Pool("fences", "", fences_total, fences),
         Pool("vGPU ids", "", MAX_VGPUS_PER_GPU, count),
     ]
     return GvtCapacity(parent, aperture, pools)

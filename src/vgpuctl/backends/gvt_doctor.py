@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from vgpuctl.backends.gvt import gvt_allows
 from vgpuctl.host import facts
 from vgpuctl.host.doctor import (
     Check,
@@ -19,18 +20,7 @@ from vgpuctl.host.doctor import (
     kernel_param_fix,
     see_param,
 )
-from vgpuctl.host.platforms import (
-    DEFAULT_FENCES,
-    DEFAULT_GGTT_MIB,
-    HOST_FENCES,
-    HOST_HIGH_GM_MIB,
-    HOST_LOW_GM_MIB,
-    INTEL_VENDOR_ID,
-    MAX_VGPUS_PER_GPU,
-    Platform,
-    gvt_types,
-    platform_for,
-)
+from vgpuctl.host.platforms import HOST_LOW_GM_MIB, INTEL_VENDOR_ID, MAX_VGPUS_PER_GPU, Platform, platform_for
 from vgpuctl.host.root import HostRoot
 
 IGPU = "0000:00:02.0"  # where every Intel iGPU sits (bus 0, device 2, function 0)
@@ -107,22 +97,6 @@ class GvtFacts:
     def other_mdev_parents(self) -> list[tuple[str, str]]:
         """(parent, driver) of the mdev parents that are not an Intel iGPU."""
         return [(parent, driver) for parent, vendor, driver in self.host.mdev_parents() if vendor != INTEL_VENDOR_ID]
-
-
-def gvt_allows(aperture_mib: int, kernel: tuple[int, int] | None, graphics_ver: int) -> list[tuple[str, int]]:
-    """The GVT-g types a fresh iGPU with this aperture registers, and how many of each fit (spec 2.1, 2.4)."""
-    version = kernel or (6, 0)
-    low, high, fences = (aperture_mib - HOST_LOW_GM_MIB, DEFAULT_GGTT_MIB - aperture_mib - HOST_HIGH_GM_MIB,
-                         DEFAULT_FENCES - HOST_FENCES)
-    allowed = []
-    for spec in gvt_types(version):
-        if version >= (4, 11) and low // spec.low_gm_mib < 1:
-            break  # registration stops at the first type whose low GM does not fit
-        count = min(max(low, 0) // spec.low_gm_mib, max(high, 0) // spec.high_gm_mib, fences // spec.fences)
-        if version < (4, 11):
-            count = min(count, int(spec.suffix))  # 4.10: capped by the type's max_instance
-        allowed.append((f"i915-{spec.name(graphics_ver)}", count))
-    return allowed
 
 
 def _max_vgpus(allowed: list[tuple[str, int]]) -> int:
