@@ -229,12 +229,6 @@ class ResolvedVgpu:
 
         return backend_for_type(self.type_id)
 
-    @property
-    def sysfs_path(self) -> str:
-        """The path QEMU opens (``sysfsdev=``). A QEMU argument on the real host, not a file vgpuctl reads,
-        so it is never put under the host root."""
-        return f"/sys/bus/mdev/devices/{self.uuid}"
-
     def to_json(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "parent": self.parent, "type": self.type_id,
                 "resolution": "x".join(map(str, self.resolution)) if self.resolution else None,
