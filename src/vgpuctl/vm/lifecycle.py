@@ -29,6 +29,7 @@ from typing import Any
 
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, KernelError, NotFound, VgpuError
+from vgpuctl.base.process import boot_id
 from vgpuctl.base.process import started_at as process_started_at
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
@@ -141,7 +142,7 @@ def _cached_probe(state: StateDir, file: str, qemu: str,
 
 def _probe_key(qemu: str) -> str:
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = boot_id()
         mtime = os.stat(qemu).st_mtime_ns if os.path.isabs(qemu) else 0
     except OSError:
         boot, mtime = "?", 0
@@ -159,7 +160,8 @@ def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", 
         notes.append(f"would start the defined vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start")
     binary = qemu or default_qemu()
     chosen = choose_accel(state, root, binary, notes) if accel == "auto" else accel
-    vhost = qemu_host(root).exists("/dev/vhost-net")
+    host = qemu_host(root)
+    vhost = host.exists(host.dev_vhost_net)
     command = build_command(spec, vgpu, qemu=binary, accel=chosen,
                             runtime_dir=RuntimePaths.for_vm(state, name).directory,
                             simulated=root.is_simulated, vhost_net=vhost)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import CapacityError, Conflict, NotFound
-from vgpuctl.base.process import start_time
+from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, facts
 from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
@@ -154,14 +154,6 @@ def _role(argv: list[bytes], name: str, pidfile: bytes) -> str | None:
     return "shell" if argv[:2] == [b"/bin/sh", b"-c"] and b"VGPUCTL_EXIT" in argv[2] else "qemu"
 
 
-def _argv(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:  # gone, or a kernel thread
-        return []
-
-
 def vm_processes(state: StateDir, name: str, known: list[int | None] | None = None) -> VmProcesses:
     """The VM's QEMU and wrapper shell as they run now, whatever the state files say. The pids in
     ``known`` (a run record's) and the pidfile's are looked at first; only if none is the VM's QEMU is
@@ -170,7 +162,7 @@ def vm_processes(state: StateDir, name: str, known: list[int | None] | None = No
     pidfile = os.fsencode(paths.pidfile)
     for pid in [*(known or []), read_pid(paths)]:
         found = process(pid)
-        if found is not None and _role(_argv(found.pid), name, pidfile) == "qemu":
+        if found is not None and _role(cmdline(found.pid), name, pidfile) == "qemu":
             return VmProcesses(qemu=found)
     return all_vm_processes(state).get(name, VmProcesses())
 
@@ -179,15 +171,13 @@ def all_vm_processes(state: StateDir) -> dict[str, VmProcesses]:
     """VM name -> its QEMU and shell, for every VM of this state dir with one running: one pass over /proc."""
     prefix = os.fsencode(vms_dir(state).absolute()) + b"/"
     found: dict[str, VmProcesses] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        argv = _argv(int(entry))
+    for pid in pids():
+        argv = cmdline(pid)
         for option, value in pairwise(argv):
             if option == b"-pidfile" and value.startswith(prefix) and value.endswith(b"/qemu.pid"):
                 name = os.fsdecode(value[len(prefix):-len(b"/qemu.pid")])
                 role = _role(argv, name, value)
-                alive = process(int(entry)) if role else None
+                alive = process(pid) if role else None
                 if alive is not None:
                     mine = found.setdefault(name, VmProcesses())
                     if role == "qemu":
