@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from tests.conftest import GVT_PARENT, Cli, GoldenFn, MountFn, validate_xml
 from vgpuctl.base.errors import InvalidInput
@@ -882,13 +884,38 @@ def test_a_pid_in_the_vms_files_that_now_names_another_process_is_not_its_qemu(t
 
 
 def test_a_spec_field_is_settable_everywhere_it_is_declared() -> None:
-    """The spec's fields, the fields an API or CLI create may set, and the API's model must not drift."""
+    """The spec's fields are the machine's and each device's; the fields an API or CLI create may set, the
+    API's models and the CLI's options must not drift from them."""
     from dataclasses import fields
 
+    from vgpuctl.cli.vm import NO_OPTION_FIELDS, OPTION_FIELDS, OTHER_OPTION_FIELDS, create
     from vgpuctl.service.api import VmCreate
+    from vgpuctl.vm.devices import KINDS, TABLES
+    from vgpuctl.vm.devices.base import DeviceKind
     from vgpuctl.vm.inventory import SPEC_FIELDS
-    from vgpuctl.vm.spec import VmSpec
+    from vgpuctl.vm.spec import PROFILE_NAMES, Machine, VmSpec
 
     spec_fields = {f.name for f in fields(VmSpec)} - {"name", "profile"}
+    assert all(isinstance(kind, DeviceKind) for kind in KINDS)
+    owned = [f.name for f in fields(Machine)] + [f.name for kind in KINDS for f in fields(kind.Fields)]
+    assert sorted(owned) == sorted(f.name for f in fields(VmSpec))  # each field is the machine's or one device's
     assert set(SPEC_FIELDS) == spec_fields
     assert set(VmCreate.model_fields) - {"name", "profile"} == spec_fields
+    assert typing.get_args(typing.get_args(VmCreate.model_fields["profile"].annotation)[0]) == PROFILE_NAMES
+
+    def model_in(annotation: typing.Any) -> type[BaseModel]:
+        """The pydantic model in ``X | None`` or ``list[X] | None``."""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next(model_in(a) for a in typing.get_args(annotation) if a is not type(None))
+
+    tables = {f.name: TABLES[str(f.type).removeprefix("list[").removesuffix("]")] for f in fields(VmSpec)
+              if str(f.type).removeprefix("list[").removesuffix("]") in TABLES}
+    for name, table in tables.items():
+        assert set(model_in(VmCreate.model_fields[name].annotation).model_fields) == {f.name for f in fields(table)}
+
+    cli_fields = set(OPTION_FIELDS.values()) | {path for paths in OTHER_OPTION_FIELDS.values() for path in paths}
+    table_fields = {f"{name}.{f.name}" for name, table in tables.items() if name != "disks" for f in fields(table)}
+    assert cli_fields | set(NO_OPTION_FIELDS) == (spec_fields - set(tables)) | table_fields | {"disks", "vgpu"}
+    params = {p.name for p in create.params} - {"name", "profile"}
+    assert params == set(OPTION_FIELDS) | set(OTHER_OPTION_FIELDS)

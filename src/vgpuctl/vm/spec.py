@@ -48,15 +48,10 @@ def check_name(name: str) -> str:
 
 
 @dataclass
-class _Named:
-    name: str  # first, and the one field without a default
+class Machine:
+    """The machine's settings: what is not a device's (those are in :mod:`vgpuctl.vm.devices`)."""
 
-
-@dataclass
-class VmSpec(DeviceFields, _Named):
-    """A VM as stored in <state-dir>/vms/<name>.toml: the machine's settings here, each device's in its
-    ``Fields`` (:mod:`vgpuctl.vm.devices`), all at the top level of the file."""
-
+    name: str
     profile: str | None = None
     memory_mib: int = 2048
     cpus: int = 2
@@ -74,6 +69,12 @@ class VmSpec(DeviceFields, _Named):
     append: str | None = None
     requires: list[str] = field(default_factory=list)  # host settings checked at start: "kvm.ignore_msrs=1"
     extra_args: list[str] = field(default_factory=list)  # appended to QEMU's command line as given
+
+
+@dataclass
+class VmSpec(DeviceFields, Machine):
+    """A VM as stored in <state-dir>/vms/<name>.toml: the machine's settings, then each device's ``Fields``,
+    all at the top level of the file."""
 
     # ------------------------------------------------------------------ checks
     def validate(self, where: str | None = None) -> VmSpec:
@@ -211,6 +212,62 @@ def load_each(state: StateDir) -> tuple[list[VmSpec], list[SpecProblem]]:
 
 def remove(state: StateDir, name: str) -> None:
     spec_path(state, name).unlink()
+
+
+# ---------------------------------------------------------------------- changing
+
+
+def plain_fields(value: Any) -> Any:
+    """A field's value in the spec's TOML form, None kept (for :func:`merge`: a None removes the setting)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_fields(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        return [plain_fields(v) for v in value]
+    return value
+
+
+def merge(spec: VmSpec, changes: dict[str, Any], where: str) -> VmSpec:
+    """The spec with ``changes`` (fields in their TOML form) on top: how both ``vm create/edit`` and the API
+    change a spec. A None removes a setting; a merged table (display, network) is merged into the spec's,
+    any other value replaces it. Then what follows from a change: ``kernel`` implies ``boot = "kernel"``
+    and removing it boots from disk again; a display backend without a VNC socket drops the socket;
+    no vGPU turns the vGPU display off, and no vGPU display turns ramfb off. Not validated: the caller does."""
+    known = {f.name: f for f in fields(VmSpec)}
+    unknown = [k for k in changes if k not in known or k == "name"]
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(list(known)[1:])})")
+    data = spec.to_dict()
+    for key, value in changes.items():
+        current = data.get(key)
+        if known[key].metadata.get("merge") and isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        data[key] = value
+    if changes.get("kernel") and "boot" not in changes:
+        data["boot"] = "kernel"
+    if "kernel" in changes and not changes["kernel"] and spec.boot == "kernel" and "boot" not in changes:
+        data["boot"] = "disk"
+    display = data.get("display")
+    if isinstance(display, dict) and display.get("backend") not in ("vnc", "egl-headless") \
+            and "vnc_socket" not in (changes.get("display") or {}):
+        display.pop("vnc_socket", None)
+    if "vgpu" in changes and "vgpu_display" not in changes \
+            and _read(VgpuRequest, _without_nulls(data.get("vgpu") or {}), "vgpu.").kind == "none":
+        data["vgpu_display"] = False
+    if data.get("vgpu_display") is False and "ramfb" not in changes:
+        data["ramfb"] = False
+    try:
+        merged: VmSpec = _read(VmSpec, _without_nulls(data), "")
+    except InvalidInput as e:
+        raise InvalidInput(f"{where}: {e}") from None
+    return merged
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------- reading and checking

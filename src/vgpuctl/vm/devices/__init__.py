@@ -13,13 +13,14 @@ from vgpuctl.vm.devices import cdrom, disk, display, guest_agent, network, seria
 from vgpuctl.vm.devices.base import DeviceKind
 
 
-# Every kind's fields. Their order is the order the checks run (and the spec's TOML lists them).
+# Every kind's fields, last kind first: a dataclass lists its bases' fields from the last base on, so the
+# spec (and its TOML file) lists them in KINDS' order, which is also the order their checks run in.
 @dataclass
-class DeviceFields(serial.Fields, disk.Fields, cdrom.Fields, usb.Fields, tablet.Fields, network.Fields,
-                   display.Fields, video.Fields, vgpu.Fields, guest_agent.Fields):
+class DeviceFields(guest_agent.Fields, vgpu.Fields, video.Fields, display.Fields, network.Fields, tablet.Fields,
+                   usb.Fields, cdrom.Fields, disk.Fields, serial.Fields):
     pass
 
 
 KINDS: tuple[DeviceKind, ...] = tuple(cast(DeviceKind, sys.modules[base.__module__])
-                                      for base in DeviceFields.__bases__)
+                                      for base in reversed(DeviceFields.__bases__))
 TABLES: dict[str, type[Any]] = {table.__name__: table for kind in KINDS for table in kind.TABLES}

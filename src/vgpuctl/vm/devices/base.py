@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 # Field metadata: left out of the TOML file while it has its default (files written before it stay as they are).
 OMIT_DEFAULT = {"omit_default": True}
+# Field metadata: a table a change merges into (as the API's and the CLI's edits do), not one it replaces.
+MERGED = {"merge": True}
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import absolute, one_of, parse_resolution
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value
+from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, qemu_value
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
@@ -44,7 +44,7 @@ TABLES: tuple[type[Any], ...] = (Display,)
 
 @dataclass
 class Fields:
-    display: Display = field(default_factory=Display)
+    display: Display = field(default_factory=Display, metadata=MERGED)
 
 
 def fixed_resolution(spec: VmSpec) -> tuple[int, int] | None:

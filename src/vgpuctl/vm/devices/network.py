@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import one_of
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, options
+from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, options
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -37,7 +37,7 @@ TABLES: tuple[type[Any], ...] = (Network,)
 
 @dataclass
 class Fields:
-    network: Network = field(default_factory=Network)
+    network: Network = field(default_factory=Network, metadata=MERGED)
 
 
 def default_mac(name: str) -> str:
