@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from vgpuctl.cli.app import State, print_json, reports_errors, say
+from vgpuctl.vm.devices import KINDS
 from vgpuctl.vm.spec import BACKENDS, BOOTS, FIRMWARES, MACHINES, PROFILE_NAMES
 
 if TYPE_CHECKING:
@@ -45,8 +46,11 @@ def vm() -> None:
 # apply_options; tests/test_vm_spec.py checks that every spec field has an option.
 OPTION_FIELDS = {"memory": "memory_mib", "cpus": "cpus", "cpu": "cpu", "machine": "machine", "firmware": "firmware",
                  "boot": "boot", "order": "order", "autostart": "autostart", "fast_boot": "fast_boot",
-                 "localtime": "rtc_localtime", "igd_opregion": "igd_opregion", "guest_agent": "guest_agent",
-                 "vgpu_display": "vgpu_display", "ramfb": "ramfb"}
+                 "localtime": "rtc_localtime"}
+# The options the devices declare for their own fields (their metadata's "option" and "help").
+DEVICE_OPTIONS = {f.name: click.option(f.metadata["option"], f.name, default=None, help=f.metadata["help"])
+                  for kind in KINDS for f in fields(kind.Fields) if "option" in f.metadata}
+OPTION_FIELDS.update({name: name for name in DEVICE_OPTIONS})
 # What the other options set (the spec field, or a table's field), for the same check.
 OTHER_OPTION_FIELDS = {"disks": ("disks",), "cdrom": ("cdrom",), "kernel": ("kernel",), "initrd": ("initrd",),
                        "append": ("append",), "qemu_args": ("extra_args",), "vgpu_uuid": ("vgpu.uuid",),
@@ -95,11 +99,6 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--display-option", "display_options", multiple=True, metavar="KEY=VALUE",
                  help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them); only "
                       "options that open no listener or file (gl, lossy, show-cursor, ...)."),
-    click.option("--vgpu-display/--no-vgpu-display", default=None,
-                 help="Show the vGPU's own display (QEMU display=on, -vga none)."),
-    click.option("--ramfb/--no-ramfb", default=None, help="Boot display on the vGPU's console (needs the display)."),
-    click.option("--igd-opregion/--no-igd-opregion", default=None,
-                 help="x-igd-opregion (default: on for GVT-g types)."),
     click.option("--network", metavar="MODE", help="user, none, tap, tap:IFNAME or bridge:NAME."),
     click.option("--vhost-net/--no-vhost-net", default=None, help="Use vhost-net for tap/bridge when present."),
     click.option("--mac", help="MAC address (default derived from the name)."),
@@ -107,10 +106,9 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--autostart/--no-autostart", default=None, help="Started by 'vgpuctl vm autostart' (at boot)."),
     click.option("--fast-boot/--no-fast-boot", default=None, help="No boot menu, no PXE ROM."),
     click.option("--localtime/--utc", "localtime", default=None, help="Guest RTC in local time (Windows)."),
-    click.option("--guest-agent/--no-guest-agent", default=None,
-                 help="A channel for the QEMU guest agent: vm status shows what runs inside, vm stop asks it."),
     click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
                  help="Extra QEMU argument, repeatable, e.g. --qemu-arg=-S (edit: replaces them)."),
+    *DEVICE_OPTIONS.values(),
 ]
 
 

@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 
 # Field metadata: left out of the TOML file while it has its default (files written before it stay as they are).
 OMIT_DEFAULT = {"omit_default": True}
+
+
+def option(declaration: str, help: str) -> dict[str, str]:
+    """Field metadata: the field's option of ``vgpuctl vm create/edit`` (click's declaration, its help)."""
+    return {"option": declaration, "help": help}
+
+
 # Field metadata: a table a change merges into (as the API's and the CLI's edits do), not one it replaces.
 MERGED = {"merge": True}
 

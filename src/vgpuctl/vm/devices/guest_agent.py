@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, qemu_value
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, qemu_value
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -18,7 +18,9 @@ CHANNEL = "org.qemu.guest_agent.0"  # the name QEMU's guest agent (and libvirt) 
 
 @dataclass
 class Fields:
-    guest_agent: bool = field(default=False, metadata=OMIT_DEFAULT)
+    guest_agent: bool = field(default=False, metadata=OMIT_DEFAULT | option(
+        "--guest-agent/--no-guest-agent",
+        "A channel for the QEMU guest agent: vm status shows what runs inside, vm stop asks it."))
 
 
 def check(spec: VmSpec) -> None:

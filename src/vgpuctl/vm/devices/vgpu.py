@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.mdev.definitions import canonical_uuid
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, parse_resolution, positive
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, options, xy
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, xy
 from vgpuctl.vm.devices.display import GL_BACKENDS, fixed_resolution
 
 if TYPE_CHECKING:
@@ -80,9 +80,12 @@ TABLES: tuple[type[Any], ...] = (VgpuRequest,)
 @dataclass
 class Fields:
     vgpu: VgpuRequest = field(default_factory=VgpuRequest)
-    vgpu_display: bool = False  # the vGPU is the VM's display (QEMU display=on, -vga none)
-    ramfb: bool = False  # boot display on the vGPU's console (vfio-pci-nohotplug ramfb=on)
-    igd_opregion: bool | None = None  # x-igd-opregion; None: the backend's default (on for GVT-g types)
+    vgpu_display: bool = field(default=False, metadata=option(  # QEMU display=on, -vga none
+        "--vgpu-display/--no-vgpu-display", "Show the vGPU's own display (QEMU display=on, -vga none)."))
+    ramfb: bool = field(default=False, metadata=option(  # vfio-pci-nohotplug ramfb=on
+        "--ramfb/--no-ramfb", "Boot display on the vGPU's console (needs the display)."))
+    igd_opregion: bool | None = field(default=None, metadata=option(  # None: the backend's default
+        "--igd-opregion/--no-igd-opregion", "x-igd-opregion (default: on for GVT-g types)."))
 
 
 def igd_opregion(spec: VmSpec, vgpu: ResolvedVgpu) -> bool:
