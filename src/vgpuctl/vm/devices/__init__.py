@@ -16,8 +16,18 @@ from vgpuctl.vm.devices.base import DeviceKind
 # Every kind's fields, last kind first: a dataclass lists its bases' fields from the last base on, so the
 # spec (and its TOML file) lists them in KINDS' order, which is also the order their checks run in.
 @dataclass
-class DeviceFields(guest_agent.Fields, vgpu.Fields, video.Fields, display.Fields, network.Fields, tablet.Fields,
-                   usb.Fields, cdrom.Fields, disk.Fields, serial.Fields):
+class DeviceFields(
+    guest_agent.Fields,
+    vgpu.Fields,
+    video.Fields,
+    display.Fields,
+    network.Fields,
+    tablet.Fields,
+    usb.Fields,
+    cdrom.Fields,
+    disk.Fields,
+    serial.Fields,
+):
     pass
 
 
