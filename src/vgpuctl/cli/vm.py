@@ -17,7 +17,7 @@ import click
 
 from vgpuctl.cli.app import State, print_json, reports_errors, say
 from vgpuctl.vm.devices import KINDS
-from vgpuctl.vm.spec import BACKENDS, BOOTS, FIRMWARES, MACHINES, PROFILE_NAMES
+from vgpuctl.vm.spec import BACKENDS, BOOTS, FIRMWARES, MACHINES, OS_NAMES, PROFILE_NAMES
 
 if TYPE_CHECKING:
     from vgpuctl.base.state import StateDir
@@ -44,7 +44,8 @@ def vm() -> None:
 
 # The options that set a spec field as given (click's parameter name -> the field). The others are read by
 # apply_options; tests/test_vm_spec.py checks that every spec field has an option.
-OPTION_FIELDS = {"memory": "memory_mib", "cpus": "cpus", "cpu": "cpu", "machine": "machine", "firmware": "firmware",
+OPTION_FIELDS = {"os": "os", "hyperv": "hyperv", "secure_boot": "secure_boot",
+                 "memory": "memory_mib", "cpus": "cpus", "cpu": "cpu", "machine": "machine", "firmware": "firmware",
                  "boot": "boot", "order": "order", "autostart": "autostart", "fast_boot": "fast_boot",
                  "localtime": "rtc_localtime"}
 # The options the devices declare for their own fields (their metadata's "option" and "help").
@@ -52,7 +53,8 @@ DEVICE_OPTIONS = {f.name: click.option(f.metadata["option"], f.name, default=Non
                   for kind in KINDS for f in fields(kind.Fields) if "option" in f.metadata}
 OPTION_FIELDS.update({name: name for name in DEVICE_OPTIONS})
 # What the other options set (the spec field, or a table's field), for the same check.
-OTHER_OPTION_FIELDS = {"disks": ("disks",), "cdrom": ("cdrom",), "kernel": ("kernel",), "initrd": ("initrd",),
+OTHER_OPTION_FIELDS = {"disks": ("disks",), "cdrom": ("cdrom",), "drivers_cdrom": ("drivers_cdrom",),
+                       "kernel": ("kernel",), "initrd": ("initrd",),
                        "append": ("append",), "qemu_args": ("extra_args",), "vgpu_uuid": ("vgpu.uuid",),
                        "type_id": ("vgpu.type",), "parent": ("vgpu.parent",), "resolution": ("vgpu.resolution",),
                        "min_memory": ("vgpu.min_memory_mib",), "weight": ("vgpu.weight",),
@@ -67,17 +69,27 @@ NO_OPTION_FIELDS = ("requires",)  # set by a profile (vm show lists it), not on 
 _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--profile", type=click.Choice(PROFILE_NAMES),
                  help="Start from a profile's defaults (edit: switch profile; disks, network and boot stay)."),
+    click.option("--os", type=click.Choice(OS_NAMES),
+                 help="Give the VM what this guest OS needs (the other options still override): windows10 = "
+                      "Hyper-V enlightenments and the RTC in local time; windows11 = also a TPM 2.0, Secure Boot "
+                      "(q35, OVMF) and >= 4096 MiB. Add the virtio-win ISO with --drivers-cdrom; the host "
+                      "needs kvm.ignore_msrs=1 ('vgpuctl setup')."),
     click.option("--memory", type=int, metavar="MiB", help="Guest memory in MiB."),
     click.option("--cpus", type=int, metavar="N", help="Virtual CPUs."),
     click.option("--cpu", metavar="MODEL[,FLAGS]", help="QEMU -cpu (default host under KVM, max under TCG)."),
     click.option("--machine", type=click.Choice(MACHINES), help="Machine type (default pc)."),
     click.option("--firmware", type=click.Choice(FIRMWARES), help="Firmware (default seabios)."),
+    click.option("--secure-boot/--no-secure-boot", default=None,
+                 help="UEFI Secure Boot (OVMF with Microsoft's keys; needs --machine q35 --firmware ovmf)."),
+    click.option("--hyperv/--no-hyperv", default=None, help="Hyper-V enlightenments for Windows guests."),
     click.option("--boot", type=click.Choice(BOOTS),
                  help="Boot from disk (then cdrom), cdrom (then disk), or the --kernel directly."),
     click.option("--disk", "disks", multiple=True, metavar="PATH[:SIZE[:FORMAT]]",
                  help="A disk image, repeatable (edit: replaces the list; --disk none removes all); SIZE "
                       "(e.g. 20G) creates it at start when missing; FORMAT qcow2 (default) or raw."),
     click.option("--cdrom", metavar="ISO", help="An ISO image ('none' removes it)."),
+    click.option("--drivers-cdrom", metavar="ISO",
+                 help="A second CD-ROM with drivers, e.g. virtio-win.iso for Windows ('none' removes it)."),
     click.option("--kernel", metavar="FILE", help="Boot this kernel directly (implies --boot kernel)."),
     click.option("--initrd", metavar="FILE", help="Initial ramdisk for --kernel."),
     click.option("--append", metavar="CMDLINE", help="Kernel command line for --kernel."),
@@ -148,7 +160,7 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
             disks.append(Disk(_path(path), size or None, fmt or ("raw" if path.endswith((".raw", ".img"))
                                                                   else "qcow2")))
         changes["disks"] = disks
-    for name in ("cdrom", "kernel", "initrd"):
+    for name in ("cdrom", "drivers_cdrom", "kernel", "initrd"):
         if o[name] is not None:
             changes[name] = _optional_path(o[name], None)
     if o["append"] is not None:

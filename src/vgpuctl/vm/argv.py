@@ -22,7 +22,7 @@ from pathlib import Path
 from vgpuctl.vm import machine
 from vgpuctl.vm.devices import KINDS
 from vgpuctl.vm.devices.base import QemuContext, options, qemu_value
-from vgpuctl.vm.runtime import OVMF_CODE, ResolvedVgpu, RuntimePaths
+from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths
 from vgpuctl.vm.spec import VmSpec, default_mac
 
 ACCELERATORS = ("kvm", "tcg")
@@ -67,16 +67,21 @@ def build_command(spec: VmSpec, vgpu: ResolvedVgpu | None, *, qemu: str, accel: 
     kinds = sorted(KINDS, key=lambda kind: kind.QEMU_POSITION)
 
     argv += ["-name", f"guest={spec.name},debug-threads=on"]
-    argv += ["-machine", spec.machine, "-accel", accel]
+    argv += ["-machine", spec.machine + (",smm=on" if spec.secure_boot else ""), "-accel", accel]
     cpu = machine.cpu(spec, accel)
     model, _, flags = cpu.partition(",")
     if accel == "tcg" and model == "host":
         cpu = "max" + (f",{flags}" if flags else "")
         notes.append(f"TCG has no 'host' CPU model: -cpu {cpu} instead of {spec.cpu or 'host'}")
+    if spec.hyperv and accel != "kvm":
+        notes.append("TCG: no Hyper-V enlightenments (KVM provides them)")
     argv += ["-cpu", cpu, "-m", str(spec.memory_mib), "-smp", str(spec.cpus)]
     if spec.firmware == "ovmf":
-        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_value(OVMF_CODE)}",
-                 "-drive", f"if=pflash,format=raw,unit=1,file={qemu_value(str(paths.nvram))}"]
+        code, _ = machine.ovmf(spec)
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_value(code)}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={qemu_value(str(machine.nvram(spec, paths)))}"]
+        if spec.secure_boot:  # only SMM code may write the variables: the guest cannot bypass Secure Boot
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     argv += ["-no-user-config", "-nodefaults", "-msg", "timestamp=on"]
     argv += ["-qmp", f"unix:{qemu_value(str(paths.qmp_socket))},server=on,wait=off"]
     argv += ["-pidfile", str(paths.pidfile)]

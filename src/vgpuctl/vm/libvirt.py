@@ -22,12 +22,13 @@ from vgpuctl.vm import machine
 from vgpuctl.vm.devices import KINDS
 from vgpuctl.vm.devices.base import XmlContext
 from vgpuctl.vm.devices.vgpu import HOSTDEV_ALIAS
-from vgpuctl.vm.runtime import OVMF_CODE, OVMF_VARS_TEMPLATE, ResolvedVgpu, RuntimePaths
+from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths
 from vgpuctl.vm.spec import VmSpec
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # Hyper-V CPU flags (QEMU -cpu spelling) and how libvirt says them.
-_HYPERV = {"hv_relaxed": "relaxed", "hv-relaxed": "relaxed", "hv_vapic": "vapic", "hv-vapic": "vapic"}
+_HYPERV = {f"hv{sep}{name}": name for sep in "_-" for name in ("relaxed", "vapic", "vpindex", "runtime", "synic",
+                                                                  "stimer", "frequencies")}
 
 
 def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths | None = None,
@@ -47,13 +48,15 @@ def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths |
     _text(domain, "memory", str(spec.memory_mib), unit="MiB")
     _text(domain, "vcpu", str(spec.cpus))
 
-    os_ = ET.SubElement(domain, "os")
+    os_ = ET.SubElement(domain, "os", firmware="efi") if spec.secure_boot else ET.SubElement(domain, "os")
     _text(os_, "type", "hvm", arch="x86_64", machine=spec.machine)
     if spec.firmware == "ovmf":
-        _text(os_, "loader", OVMF_CODE, readonly="yes", type="pflash")
-        nvram = ET.SubElement(os_, "nvram", template=OVMF_VARS_TEMPLATE)
+        code, template = machine.ovmf(spec)
+        secure = {"secure": "yes"} if spec.secure_boot else {}
+        _text(os_, "loader", code, readonly="yes", **secure, type="pflash")
+        nvram = ET.SubElement(os_, "nvram", template=template)
         if paths is not None:
-            nvram.text = str(paths.nvram)
+            nvram.text = str(machine.nvram(spec, paths))
     if spec.boot == "kernel" and spec.kernel:
         _text(os_, "kernel", spec.kernel)
         if spec.initrd:
@@ -91,6 +94,8 @@ def domain_xml(spec: VmSpec, vgpu: ResolvedVgpu | None, *, paths: RuntimePaths |
             ET.SubElement(hv, name, attrs)
     if hidden:
         ET.SubElement(ET.SubElement(features, "kvm"), "hidden", state="on")
+    if spec.secure_boot:
+        ET.SubElement(features, "smm", state="on")
     if model == "host":
         ET.SubElement(domain, "cpu", mode="host-passthrough")
     elif model == "max":

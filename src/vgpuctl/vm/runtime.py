@@ -28,6 +28,9 @@ SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 # Debian's OVMF (package ovmf): code read-only and shared, variables copied per VM at first start.
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS.fd"
+# Secure Boot (Windows 11): the 4 MiB build with SMM and Microsoft's keys enrolled in its variables.
+OVMF_SECURE_CODE = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
+OVMF_SECURE_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,31 @@ class RuntimePaths:
         """The VM's UEFI variables (OVMF): a copy of OVMF_VARS_TEMPLATE the lifecycle makes at first start."""
         return self.directory / "OVMF_VARS.fd"
 
+    @property
+    def secure_nvram(self) -> Path:
+        """The same with Secure Boot: a copy of OVMF_SECURE_VARS_TEMPLATE (another size: never the other's file)."""
+        return self.directory / "OVMF_VARS_4M.ms.fd"
+
+    @property
+    def swtpm_socket(self) -> Path:
+        """The TPM emulator's control socket (swtpm listens, QEMU connects)."""
+        return self.directory / "swtpm.sock"
+
+    @property
+    def tpm_state(self) -> Path:
+        """The TPM's state (swtpm's --tpmstate dir): the guest's keys, kept from start to start."""
+        return self.directory / "tpm"
+
     def socket_problems(self) -> list[str]:
         return [f"socket path {p} is longer than {SOCKET_PATH_MAX} bytes: use a shorter --state-dir or VM name"
-                for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket)
+                for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket,
+                          self.swtpm_socket)
                 if len(os.fsencode(p)) > SOCKET_PATH_MAX]
 
     def to_json(self) -> dict[str, str]:
         return {k: str(getattr(self, k)) for k in ("directory", "qmp_socket", "pidfile", "log", "serial_log",
                                                      "serial_socket", "agent_socket", "vnc_socket",
-                                                     "spice_socket", "nvram")}
+                                                     "spice_socket", "nvram", "swtpm_socket")}
 
 
 def read_pid(paths: RuntimePaths) -> int | None:
@@ -368,3 +387,20 @@ def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
             met = actual.lower() == wanted.lower() or (as_bool is not None and as_bool == facts.kstrtobool(wanted))
         statuses.append(RequirementStatus(requirement, met, actual, where))
     return statuses
+
+
+def guest_warnings(root: HostRoot, spec: VmSpec, accel: str) -> list[str]:
+    """What this host lacks for the VM's guest OS, as warnings (the start goes ahead)."""
+    if spec.os is None or accel != "kvm":
+        return []
+    # Windows reads MSRs that KVM does not emulate; KVM injects a #GP and Windows stops (a blue screen).
+    where = root.module_parameter("kvm", "ignore_msrs")
+    try:
+        ignored = facts.kstrtobool(root.read_value(where).strip())  # a bool parameter reads back Y or N
+    except OSError:
+        return []
+    if ignored is not False:
+        return []
+    return [f"{spec.os} under KVM needs kvm.ignore_msrs=1 ({where} is N: the guest may crash reading an MSR); "
+            "'vgpuctl setup' sets it, or add kvm.ignore_msrs=1 to the kernel command line "
+            f"(now: echo 1 > {where})"]

@@ -21,6 +21,7 @@ from vgpuctl.base.state import StateDir
 from vgpuctl.host.files import atomic_write
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, describe, one_of, parse_resolution, positive
 from vgpuctl.vm.devices import KINDS, TABLES, DeviceFields
+from vgpuctl.vm.devices.base import OMIT_DEFAULT
 from vgpuctl.vm.devices.disk import DISK_FORMATS, Disk
 from vgpuctl.vm.devices.display import BACKENDS, DISPLAY_OPTIONS, GL_BACKENDS, Display
 from vgpuctl.vm.devices.network import NETWORK_MODES, Network, default_mac
@@ -33,6 +34,7 @@ NAME_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
 FIRMWARES = ("seabios", "ovmf")
 MACHINES = ("pc", "q35")
 BOOTS = ("disk", "cdrom", "kernel")
+OS_NAMES = ("windows10", "windows11")  # the guest OSes vgpuctl.vm.profiles.os_settings knows
 PROFILE_NAMES = ("streaming", "gaming", "automotive")  # = vgpuctl.vm.profiles.PROFILES' keys (a test checks);
 # not imported from there: every VM start validates its spec, and importing the profiles costs it ~1 ms.
 _REQUIREMENT = r"([a-z0-9_]+)\.([a-z0-9_]+)=(\S+)"
@@ -53,11 +55,15 @@ class Machine:
 
     name: str
     profile: str | None = None
+    # The guest OS whose settings the VM was given (profiles.os_settings); the VM's preflight warns for it.
+    os: str | None = field(default=None, metadata={"choices": OS_NAMES})
     memory_mib: int = 2048
     cpus: int = 2
     cpu: str | None = None  # QEMU -cpu; default "host" under KVM, "max" under TCG
+    hyperv: bool = field(default=False, metadata=OMIT_DEFAULT)  # Hyper-V enlightenments added to the CPU
     machine: str = field(default="pc", metadata={"choices": MACHINES})  # pc (i440fx, as Intel's GVT-g guides) | q35
     firmware: str = field(default="seabios", metadata={"choices": FIRMWARES})
+    secure_boot: bool = field(default=False, metadata=OMIT_DEFAULT)  # OVMF with Secure Boot (and SMM): q35
     # disk (then cdrom) | cdrom (then disk) | kernel (direct: kernel/initrd/append)
     boot: str = field(default="disk", metadata={"choices": BOOTS})
     fast_boot: bool = False  # -boot menu=off and no option ROM on the NIC (no PXE)
@@ -228,7 +234,8 @@ def plain_fields(value: Any) -> Any:
 
 def merge(spec: VmSpec, changes: dict[str, Any], where: str) -> VmSpec:
     """The spec with ``changes`` (fields in their TOML form) on top: how both ``vm create/edit`` and the API
-    change a spec. A None removes a setting; a merged table (display, network) is merged into the spec's,
+    change a spec. A guest ``os`` first brings its settings (:func:`vgpuctl.vm.profiles.os_settings`). A None
+    removes a setting; a merged table (display, network) is merged into the spec's,
     any other value replaces it. Then what follows from a change: ``kernel`` implies ``boot = "kernel"``
     and removing it boots from disk again; a display backend without a VNC socket drops the socket;
     no vGPU turns the vGPU display off, and no vGPU display turns ramfb off. Not validated: the caller does."""
@@ -237,6 +244,10 @@ def merge(spec: VmSpec, changes: dict[str, Any], where: str) -> VmSpec:
     if unknown:
         raise InvalidInput(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(list(known)[1:])})")
     data = spec.to_dict()
+    if changes.get("os"):
+        from vgpuctl.vm.profiles import os_settings
+
+        data.update(plain_fields(os_settings(changes["os"], spec)))  # the OS's defaults, then the changes
     for key, value in changes.items():
         current = data.get(key)
         if known[key].metadata.get("merge") and isinstance(value, dict) and isinstance(current, dict):
@@ -339,6 +350,11 @@ def _check(spec: VmSpec) -> None:
         raise InvalidInput(f"cpu must be a QEMU -cpu value such as 'host' or 'host,hv_relaxed', got {spec.cpu!r}")
     one_of("machine", spec.machine, MACHINES)
     one_of("firmware", spec.firmware, FIRMWARES)
+    if spec.os is not None:
+        one_of("os", spec.os, OS_NAMES)
+    if spec.secure_boot and (spec.firmware != "ovmf" or spec.machine != "q35"):
+        raise InvalidInput("secure_boot = true needs firmware = 'ovmf' and machine = 'q35' (OVMF's Secure Boot "
+                           "build needs SMM)")
     one_of("boot", spec.boot, BOOTS)
     if spec.order is not None and (not isinstance(spec.order, int) or isinstance(spec.order, bool)
                                    or not 0 <= spec.order <= MAX_ORDER):

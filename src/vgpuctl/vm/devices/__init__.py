@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
-from vgpuctl.vm.devices import cdrom, disk, display, guest_agent, network, serial, tablet, usb, vgpu, video
+from vgpuctl.vm.devices import cdrom, disk, display, guest_agent, network, serial, tablet, tpm, usb, vgpu, video
 from vgpuctl.vm.devices.base import DeviceKind
 
 
@@ -17,6 +17,7 @@ from vgpuctl.vm.devices.base import DeviceKind
 # spec (and its TOML file) lists them in KINDS' order, which is also the order their checks run in.
 @dataclass
 class DeviceFields(
+    tpm.Fields,
     guest_agent.Fields,
     vgpu.Fields,
     video.Fields,
