@@ -983,3 +983,10 @@ def test_windows_under_kvm_warns_when_ignore_msrs_is_off(tmp_path: Path) -> None
     assert guest_warnings(root, windows, "tcg") == [] and guest_warnings(root, new_spec("linux"), "kvm") == []
     (params / "ignore_msrs").write_text("Y\n")
     assert guest_warnings(root, windows, "kvm") == []
+
+
+def test_switching_profile_keeps_what_the_guest_os_needs() -> None:
+    win11 = spec_from_fields("win11", None, {"os": "windows11"})
+    gaming = apply_profile(win11, "gaming").validate()
+    assert (gaming.profile, gaming.machine, gaming.firmware, gaming.secure_boot, gaming.memory_mib) == (
+        "gaming", "q35", "ovmf", True, 8192)

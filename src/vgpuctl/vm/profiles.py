@@ -110,11 +110,14 @@ def get(name: str) -> Profile:
 
 
 def apply_profile(spec: VmSpec, name: str | None) -> VmSpec:
-    """The spec with every profile-governed field set to profile ``name``'s value (or the base default)."""
+    """The spec with every profile-governed field set to profile ``name``'s value (or the base default), and
+    its guest OS's settings on top again (a Windows 11 VM keeps its Secure Boot machine)."""
     base = VmSpec(spec.name)
     values = {f.name: getattr(base, f.name) for f in fields(VmSpec) if f.name in PROFILE_FIELDS}
     if name is not None:
         values.update(get(name).settings())
+    if spec.os is not None:
+        values.update(os_settings(spec.os, replace(spec, **values)))
     return replace(spec, profile=name, **values)
 
 
