@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from tests.conftest import GVT_PARENT, Cli, GoldenFn, MountFn, validate_xml
 from vgpuctl.base.errors import InvalidInput
@@ -27,9 +29,17 @@ from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_argv, build_command, default_mac
+from vgpuctl.vm.inventory import spec_from_fields
 from vgpuctl.vm.libvirt import domain_xml
 from vgpuctl.vm.profiles import GAMING_CPU, PROFILES, apply_profile, new_spec
-from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths, check_requirements, is_running, vm_vgpu_uuid
+from vgpuctl.vm.runtime import (
+    ResolvedVgpu,
+    RuntimePaths,
+    check_requirements,
+    guest_warnings,
+    is_running,
+    vm_vgpu_uuid,
+)
 from vgpuctl.vm.spec import Disk, Display, Network, VgpuRequest, VmSpec
 
 UUID = "6f1b1a52-6d2a-4a4c-9a62-1fb3c7d43c1a"
@@ -461,6 +471,13 @@ XML_SPECS = {
                                      firmware="ovmf"),
     "headless": lambda: replace(new_spec("vm1"), network=Network(mode="none"), display=Display(backend="none"),
                                 cpu="Skylake-Client"),
+    # Windows on a vGPU, as 'vm create --os': a gaming Windows 10 and a streamed Windows 11.
+    "windows10": lambda: specs.merge(new_spec("vm1", "gaming"), {
+        "os": "windows10", "disks": [{"path": "/srv/win10.qcow2", "size": "64G"}], "cdrom": "/iso/Win10.iso",
+        "drivers_cdrom": "/iso/virtio-win.iso"}, "windows10"),
+    "windows11": lambda: specs.merge(new_spec("vm1", "streaming"), {
+        "os": "windows11", "disks": [{"path": "/srv/win11.qcow2", "size": "64G"}], "cdrom": "/iso/Win11.iso",
+        "drivers_cdrom": "/iso/virtio-win.iso"}, "windows11"),
 }
 
 
@@ -882,13 +899,94 @@ def test_a_pid_in_the_vms_files_that_now_names_another_process_is_not_its_qemu(t
 
 
 def test_a_spec_field_is_settable_everywhere_it_is_declared() -> None:
-    """The spec's fields, the fields an API or CLI create may set, and the API's model must not drift."""
+    """The spec's fields are the machine's and each device's; the fields an API or CLI create may set, the
+    API's models and the CLI's options must not drift from them."""
     from dataclasses import fields
 
+    from vgpuctl.cli.vm import NO_OPTION_FIELDS, OPTION_FIELDS, OTHER_OPTION_FIELDS, create
     from vgpuctl.service.api import VmCreate
+    from vgpuctl.vm.devices import KINDS, TABLES
+    from vgpuctl.vm.devices.base import DeviceKind
     from vgpuctl.vm.inventory import SPEC_FIELDS
-    from vgpuctl.vm.spec import VmSpec
+    from vgpuctl.vm.spec import PROFILE_NAMES, Machine, VmSpec
 
     spec_fields = {f.name for f in fields(VmSpec)} - {"name", "profile"}
+    assert all(isinstance(kind, DeviceKind) for kind in KINDS)
+    owned = [f.name for f in fields(Machine)] + [f.name for kind in KINDS for f in fields(kind.Fields)]
+    assert sorted(owned) == sorted(f.name for f in fields(VmSpec))  # each field is the machine's or one device's
     assert set(SPEC_FIELDS) == spec_fields
     assert set(VmCreate.model_fields) - {"name", "profile"} == spec_fields
+    assert typing.get_args(typing.get_args(VmCreate.model_fields["profile"].annotation)[0]) == PROFILE_NAMES
+
+    def model_in(annotation: typing.Any) -> type[BaseModel]:
+        """The pydantic model in ``X | None`` or ``list[X] | None``."""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next(model_in(a) for a in typing.get_args(annotation) if a is not type(None))
+
+    tables = {f.name: TABLES[str(f.type).removeprefix("list[").removesuffix("]")] for f in fields(VmSpec)
+              if str(f.type).removeprefix("list[").removesuffix("]") in TABLES}
+    for name, table in tables.items():
+        assert set(model_in(VmCreate.model_fields[name].annotation).model_fields) == {f.name for f in fields(table)}
+
+    cli_fields = set(OPTION_FIELDS.values()) | {path for paths in OTHER_OPTION_FIELDS.values() for path in paths}
+    table_fields = {f"{name}.{f.name}" for name, table in tables.items() if name != "disks" for f in fields(table)}
+    assert cli_fields | set(NO_OPTION_FIELDS) == (spec_fields - set(tables)) | table_fields | {"disks", "vgpu"}
+    params = {p.name for p in create.params} - {"name", "profile"}
+    assert params == set(OPTION_FIELDS) | set(OTHER_OPTION_FIELDS)
+
+
+# ---------------------------------------------------------------------- Windows guests
+
+
+def test_os_windows_from_the_command_line_and_the_api_alike(gvt: Cli) -> None:
+    code, _, err = gvt("vm", "create", "win11", "--os", "windows11", "--type", "i915-GVTg_V5_4", "--vgpu-display",
+                         "--drivers-cdrom", "/iso/virtio-win.iso", "--memory", "8192")
+    assert code == 0, err
+    spec = specs.load(StateDir(gvt.state), "win11")
+    assert (spec.os, spec.hyperv, spec.rtc_localtime, spec.tpm, spec.secure_boot) == ("windows11", True, True, True,
+                                                                                      True)
+    assert (spec.machine, spec.firmware, spec.memory_mib, spec.drivers_cdrom) == ("q35", "ovmf", 8192,
+                                                                                  "/iso/virtio-win.iso")
+    api = spec_from_fields("win11", None, {"os": "windows11", "vgpu": {"type": "i915-GVTg_V5_4"},
+                                           "vgpu_display": True, "drivers_cdrom": "/iso/virtio-win.iso",
+                                           "memory_mib": 8192})
+    assert replace(api, network=replace(api.network, mac=spec.network.mac)) == spec  # (a new VM's MAC is saved)
+    ten = spec_from_fields("win10", "gaming", {"os": "windows10"})
+    assert ten.hyperv and not ten.tpm and not ten.secure_boot and ten.machine == "pc"
+    code, _, _ = gvt("vm", "edit", "win11", "--no-tpm", "--drivers-cdrom", "none")
+    spec = specs.load(StateDir(gvt.state), "win11")
+    assert code == 0 and not spec.tpm and spec.drivers_cdrom is None and spec.secure_boot
+
+
+def test_secure_boot_needs_q35_and_ovmf_and_hyperv_is_kvms() -> None:
+    with pytest.raises(InvalidInput, match="secure_boot = true needs firmware = 'ovmf' and machine = 'q35'"):
+        replace(new_spec("vm1"), secure_boot=True).validate()
+    spec = replace(new_spec("vm1"), hyperv=True, cpu="host,hv_relaxed")
+    argv = command(spec).argv
+    assert argv[argv.index("-cpu") + 1] == ("host,hv_relaxed,hv_vapic,hv_spinlocks=0x1fff,hv_vpindex,"
+                                                     "hv_runtime,hv_synic,hv_stimer,hv_time,hv_frequencies")
+    tcg = command(spec, accel="tcg")
+    assert tcg.argv[tcg.argv.index("-cpu") + 1] == "max,hv_relaxed"
+    assert "TCG: no Hyper-V enlightenments (KVM provides them)" in tcg.notes
+
+
+def test_windows_under_kvm_warns_when_ignore_msrs_is_off(tmp_path: Path) -> None:
+    root = HostRoot(tmp_path)
+    params = tmp_path / "sys/module/kvm/parameters"
+    params.mkdir(parents=True)
+    windows = spec_from_fields("win", None, {"os": "windows10"})
+    assert guest_warnings(root, windows, "kvm") == []  # cannot tell: no warning
+    (params / "ignore_msrs").write_text("N\n")
+    (warning,) = guest_warnings(root, windows, "kvm")
+    assert "windows10 under KVM needs kvm.ignore_msrs=1" in warning and "'vgpuctl setup'" in warning
+    assert guest_warnings(root, windows, "tcg") == [] and guest_warnings(root, new_spec("linux"), "kvm") == []
+    (params / "ignore_msrs").write_text("Y\n")
+    assert guest_warnings(root, windows, "kvm") == []
+
+
+def test_switching_profile_keeps_what_the_guest_os_needs() -> None:
+    win11 = spec_from_fields("win11", None, {"os": "windows11"})
+    gaming = apply_profile(win11, "gaming").validate()
+    assert (gaming.profile, gaming.machine, gaming.firmware, gaming.secure_boot, gaming.memory_mib) == (
+        "gaming", "q35", "ovmf", True, 8192)

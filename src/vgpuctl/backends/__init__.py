@@ -9,6 +9,7 @@ vGPUs, the kernel's sample drivers, any other mdev vendor driver), which takes w
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vgpuctl.host import HostRoot
@@ -26,6 +27,21 @@ class Capacity(Protocol):
 
     def advice(self) -> str:
         """What else, besides removing a vGPU, makes room ("" if nothing)."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """How QEMU and libvirt attach one vGPU to a VM."""
+
+    qemu_property: tuple[str, str]  # the vfio-pci property naming it: ("sysfsdev", path); a PCI VF: ("host", BDF)
+    hostdev: dict[str, str]  # libvirt's <hostdev mode='subsystem'> attributes: type='mdev', managed, model
+    address: dict[str, str]  # its <source><address/>: uuid; a PCI VF: domain, bus, slot, function
+
+
+def mdev_attachment(uuid: str) -> Attachment:
+    """An mdev vGPU: by its device in the real host's sysfs, a path QEMU opens (never read through a host root)."""
+    return Attachment(("sysfsdev", f"{HostRoot().sys_bus_mdev_devices}/{uuid}"),
+                      {"type": "mdev", "managed": "no", "model": "vfio-pci"}, {"uuid": uuid})
 
 
 class VgpuBackend(Protocol):
@@ -47,6 +63,9 @@ class VgpuBackend(Protocol):
     # The PCI vendor whose devices are this backend's parents, None for any vendor's.
     @property
     def pci_vendor(self) -> int | None: ...
+
+    def attachment(self, uuid: str) -> Attachment:
+        """How QEMU and libvirt attach the vGPU ``uuid`` of this kind."""
 
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vgpuctl.backends import Capacity
+from vgpuctl.backends import Attachment, Capacity, mdev_attachment
 from vgpuctl.host import HostRoot
 from vgpuctl.host.platforms import (
     DEFAULT_FENCES,
@@ -128,6 +128,9 @@ class GvtG:
     without_kvm: str | None = ("GVT-g needs KVM: under TCG QEMU cannot open the vGPU (\"KVM is required to use "
                                "Intel vGPU\")")
     pci_vendor: int | None = INTEL_VENDOR_ID  # its parents are Intel iGPUs
+
+    def attachment(self, uuid: str) -> Attachment:
+        return mdev_attachment(uuid)
 
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vgpuctl.backends import Capacity
+from vgpuctl.backends import Attachment, Capacity, mdev_attachment
 from vgpuctl.host import HostRoot, facts
 from vgpuctl.mdev.sysfs import MdevType
 
@@ -23,6 +23,9 @@ class GenericMdev:
     igd_opregion: bool = False
     without_kvm: str | None = None
     pci_vendor: int | None = None  # any vendor's
+
+    def attachment(self, uuid: str) -> Attachment:
+        return mdev_attachment(uuid)
 
     def claims_type(self, type_id: str) -> bool:
         return True

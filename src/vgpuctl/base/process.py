@@ -24,6 +24,26 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def cmdline(pid: int) -> list[bytes]:
+    """A process's argv (/proc/PID/cmdline split at NULs); [] if it is gone or a kernel thread."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def pids() -> list[int]:
+    """Every process of this machine now (its /proc entries)."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def boot_id() -> str:
+    """This boot's random id: it changes at every boot, never between."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
 def identity(pid: int | None = None) -> dict[str, int]:
     """{"pid", "start"} of this (or another) process, as the journal records it."""
     pid = os.getpid() if pid is None else pid

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from vgpuctl.cli.app import State, print_json, reports_errors, say
-from vgpuctl.vm.spec import BACKENDS, PROFILE_NAMES
+from vgpuctl.vm.devices import KINDS
+from vgpuctl.vm.spec import BACKENDS, BOOTS, FIRMWARES, MACHINES, OS_NAMES, PROFILE_NAMES
 
 if TYPE_CHECKING:
     from vgpuctl.base.state import StateDir
@@ -41,20 +42,54 @@ def vm() -> None:
 
 # ---------------------------------------------------------------------- the options create and edit share
 
+# The options that set a spec field as given (click's parameter name -> the field). The others are read by
+# apply_options; tests/test_vm_spec.py checks that every spec field has an option.
+OPTION_FIELDS = {"os": "os", "hyperv": "hyperv", "secure_boot": "secure_boot",
+                 "memory": "memory_mib", "cpus": "cpus", "cpu": "cpu", "machine": "machine", "firmware": "firmware",
+                 "boot": "boot", "order": "order", "autostart": "autostart", "fast_boot": "fast_boot",
+                 "localtime": "rtc_localtime"}
+# The options the devices declare for their own fields (their metadata's "option" and "help").
+DEVICE_OPTIONS = {f.name: click.option(f.metadata["option"], f.name, default=None, help=f.metadata["help"])
+                  for kind in KINDS for f in fields(kind.Fields) if "option" in f.metadata}
+OPTION_FIELDS.update({name: name for name in DEVICE_OPTIONS})
+# What the other options set (the spec field, or a table's field), for the same check.
+OTHER_OPTION_FIELDS = {"disks": ("disks",), "cdrom": ("cdrom",), "drivers_cdrom": ("drivers_cdrom",),
+                       "kernel": ("kernel",), "initrd": ("initrd",),
+                       "append": ("append",), "qemu_args": ("extra_args",), "vgpu_uuid": ("vgpu.uuid",),
+                       "type_id": ("vgpu.type",), "parent": ("vgpu.parent",), "resolution": ("vgpu.resolution",),
+                       "min_memory": ("vgpu.min_memory_mib",), "weight": ("vgpu.weight",),
+                       "largest": ("vgpu.largest",), "keep_vgpu": ("vgpu.keep",), "no_vgpu": ("vgpu",),
+                       "backend": ("display.backend",), "vnc_socket": ("display.vnc_socket",),
+                       "rendernode": ("display.rendernode",), "screen": ("display.resolution",),
+                       "display_options": ("display.options",),
+                       "network": ("network.mode", "network.bridge", "network.ifname"),
+                       "vhost_net": ("network.vhost",), "mac": ("network.mac",)}
+NO_OPTION_FIELDS = ("requires",)  # set by a profile (vm show lists it), not on the command line
+
 _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--profile", type=click.Choice(PROFILE_NAMES),
                  help="Start from a profile's defaults (edit: switch profile; disks, network and boot stay)."),
+    click.option("--os", type=click.Choice(OS_NAMES),
+                 help="Give the VM what this guest OS needs (the other options still override): windows10 = "
+                      "Hyper-V enlightenments and the RTC in local time; windows11 = also a TPM 2.0, Secure Boot "
+                      "(q35, OVMF) and >= 4096 MiB. Add the virtio-win ISO with --drivers-cdrom; the host "
+                      "needs kvm.ignore_msrs=1 ('vgpuctl setup')."),
     click.option("--memory", type=int, metavar="MiB", help="Guest memory in MiB."),
     click.option("--cpus", type=int, metavar="N", help="Virtual CPUs."),
     click.option("--cpu", metavar="MODEL[,FLAGS]", help="QEMU -cpu (default host under KVM, max under TCG)."),
-    click.option("--machine", type=click.Choice(["pc", "q35"]), help="Machine type (default pc)."),
-    click.option("--firmware", type=click.Choice(["seabios", "ovmf"]), help="Firmware (default seabios)."),
-    click.option("--boot", type=click.Choice(["disk", "cdrom", "kernel"]),
+    click.option("--machine", type=click.Choice(MACHINES), help="Machine type (default pc)."),
+    click.option("--firmware", type=click.Choice(FIRMWARES), help="Firmware (default seabios)."),
+    click.option("--secure-boot/--no-secure-boot", default=None,
+                 help="UEFI Secure Boot (OVMF with Microsoft's keys; needs --machine q35 --firmware ovmf)."),
+    click.option("--hyperv/--no-hyperv", default=None, help="Hyper-V enlightenments for Windows guests."),
+    click.option("--boot", type=click.Choice(BOOTS),
                  help="Boot from disk (then cdrom), cdrom (then disk), or the --kernel directly."),
     click.option("--disk", "disks", multiple=True, metavar="PATH[:SIZE[:FORMAT]]",
                  help="A disk image, repeatable (edit: replaces the list; --disk none removes all); SIZE "
                       "(e.g. 20G) creates it at start when missing; FORMAT qcow2 (default) or raw."),
     click.option("--cdrom", metavar="ISO", help="An ISO image ('none' removes it)."),
+    click.option("--drivers-cdrom", metavar="ISO",
+                 help="A second CD-ROM with drivers, e.g. virtio-win.iso for Windows ('none' removes it)."),
     click.option("--kernel", metavar="FILE", help="Boot this kernel directly (implies --boot kernel)."),
     click.option("--initrd", metavar="FILE", help="Initial ramdisk for --kernel."),
     click.option("--append", metavar="CMDLINE", help="Kernel command line for --kernel."),
@@ -76,11 +111,6 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--display-option", "display_options", multiple=True, metavar="KEY=VALUE",
                  help="Extra option for the backend's QEMU argument, repeatable (edit: replaces them); only "
                       "options that open no listener or file (gl, lossy, show-cursor, ...)."),
-    click.option("--vgpu-display/--no-vgpu-display", default=None,
-                 help="Show the vGPU's own display (QEMU display=on, -vga none)."),
-    click.option("--ramfb/--no-ramfb", default=None, help="Boot display on the vGPU's console (needs the display)."),
-    click.option("--igd-opregion/--no-igd-opregion", default=None,
-                 help="x-igd-opregion (default: on for GVT-g types)."),
     click.option("--network", metavar="MODE", help="user, none, tap, tap:IFNAME or bridge:NAME."),
     click.option("--vhost-net/--no-vhost-net", default=None, help="Use vhost-net for tap/bridge when present."),
     click.option("--mac", help="MAC address (default derived from the name)."),
@@ -88,10 +118,9 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--autostart/--no-autostart", default=None, help="Started by 'vgpuctl vm autostart' (at boot)."),
     click.option("--fast-boot/--no-fast-boot", default=None, help="No boot menu, no PXE ROM."),
     click.option("--localtime/--utc", "localtime", default=None, help="Guest RTC in local time (Windows)."),
-    click.option("--guest-agent/--no-guest-agent", default=None,
-                 help="A channel for the QEMU guest agent: vm status shows what runs inside, vm stop asks it."),
     click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
                  help="Extra QEMU argument, repeatable, e.g. --qemu-arg=-S (edit: replaces them)."),
+    *DEVICE_OPTIONS.values(),
 ]
 
 
@@ -112,20 +141,15 @@ def _optional_path(text: str | None, current: str | None) -> str | None:
 
 
 def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
-    """The spec with the command line's options on top (``o`` holds click's parameters)."""
+    """The spec with the command line's options on top (``o`` holds click's parameters), merged as the API's
+    fields are (:func:`vgpuctl.vm.spec.merge`)."""
+    from vgpuctl.vm import spec as specs
     from vgpuctl.vm.profiles import apply_profile
-    from vgpuctl.vm.spec import Disk, Display, Network, VgpuRequest
+    from vgpuctl.vm.spec import NETWORK_MODES, Disk, Display, Network, VgpuRequest
 
     if o["profile"] is not None:
         spec = apply_profile(spec, o["profile"])
-    changes: dict[str, Any] = {}
-    for option, name in (("memory", "memory_mib"), ("cpus", "cpus"), ("cpu", "cpu"), ("machine", "machine"),
-                         ("firmware", "firmware"), ("order", "order"), ("autostart", "autostart"),
-                         ("fast_boot", "fast_boot"),
-                         ("localtime", "rtc_localtime"), ("igd_opregion", "igd_opregion"),
-                         ("guest_agent", "guest_agent")):
-        if o[option] is not None:
-            changes[name] = o[option]
+    changes: dict[str, Any] = {name: o[option] for option, name in OPTION_FIELDS.items() if o[option] is not None}
     if o["disks"]:
         disks = []
         for item in o["disks"]:
@@ -136,17 +160,11 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
             disks.append(Disk(_path(path), size or None, fmt or ("raw" if path.endswith((".raw", ".img"))
                                                                   else "qcow2")))
         changes["disks"] = disks
-    changes["cdrom"] = _optional_path(o["cdrom"], spec.cdrom)
-    changes["kernel"] = _optional_path(o["kernel"], spec.kernel)
-    changes["initrd"] = _optional_path(o["initrd"], spec.initrd)
+    for name in ("cdrom", "drivers_cdrom", "kernel", "initrd"):
+        if o[name] is not None:
+            changes[name] = _optional_path(o[name], None)
     if o["append"] is not None:
         changes["append"] = None if o["append"] == NONE else o["append"]
-    if o["boot"] is not None:
-        changes["boot"] = o["boot"]
-    elif o["kernel"] not in (None, NONE):
-        changes["boot"] = "kernel"
-    elif o["kernel"] == NONE and spec.boot == "kernel":
-        changes["boot"] = "disk"
 
     vgpu = spec.vgpu
     wanted = {"uuid": o["vgpu_uuid"], "type": o["type_id"], "resolution": o["resolution"],
@@ -166,23 +184,12 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         vgpu = replace(vgpu, parent=o["parent"])
     if o["keep_vgpu"] is not None:
         vgpu = replace(vgpu, keep=o["keep_vgpu"])
-    changes["vgpu"] = vgpu
-    display_on = o["vgpu_display"]
-    if display_on is None and o["no_vgpu"]:
-        display_on = False
-    if display_on is not None:
-        changes["vgpu_display"] = display_on
-    ramfb = o["ramfb"]
-    if ramfb is None and display_on is False:
-        ramfb = False  # ramfb needs the display
-    if ramfb is not None:
-        changes["ramfb"] = ramfb
+    if vgpu != spec.vgpu or o["no_vgpu"]:
+        changes["vgpu"] = vgpu
 
     display: Display = spec.display
     if o["backend"] is not None:
         display = replace(display, backend=o["backend"])
-        if o["backend"] not in ("vnc", "egl-headless"):
-            display = replace(display, vnc_socket=None)
     if o["vnc_socket"] is not None:
         display = replace(display, vnc_socket=_optional_path(o["vnc_socket"], None))
     if o["rendernode"] is not None:
@@ -197,12 +204,14 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
                 raise ValueError(f"--display-option must look like KEY=VALUE, got {item!r}")
             pairs[key] = value
         display = replace(display, options=pairs)
-    changes["display"] = display
+    if display != spec.display:
+        changes["display"] = {k: v for k, v in specs.plain_fields(display).items()
+                              if v != getattr(spec.display, k)}
 
     network: Network = spec.network
     if o["network"] is not None:
         mode, _, arg = o["network"].partition(":")
-        if mode not in ("user", "none", "tap", "bridge") or (mode == "bridge" and not arg) \
+        if mode not in NETWORK_MODES or (mode == "bridge" and not arg) \
                 or (mode in ("user", "none") and arg):
             raise ValueError(f"--network must be user, none, tap, tap:IFNAME or bridge:NAME, got {o['network']!r}")
         network = replace(network, mode=mode, bridge=arg if mode == "bridge" else None,
@@ -211,10 +220,11 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         network = replace(network, vhost=o["vhost_net"])
     if o["mac"] is not None:
         network = replace(network, mac=None if o["mac"] == NONE else o["mac"].lower())
-    changes["network"] = network
+    if network != spec.network:
+        changes["network"] = network
     if o["qemu_args"]:
         changes["extra_args"] = [a for a in o["qemu_args"] if a != NONE]
-    return replace(spec, **changes)
+    return specs.merge(spec, {k: specs.plain_fields(v) for k, v in changes.items()}, f"vm {spec.name}")
 
 
 # ---------------------------------------------------------------------- create / edit / rm

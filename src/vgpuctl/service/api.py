@@ -8,14 +8,15 @@ the CLI's ``--json`` prints (:mod:`vgpuctl.mdev.report`, :mod:`vgpuctl.vm.invent
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import tempfile
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast, get_args, get_origin, get_type_hints
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
@@ -186,50 +187,44 @@ class DefinitionChange(BaseModel):
         return self
 
 
-class DiskIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    size: str | None = None
-    format: Literal["qcow2", "raw"] = "qcow2"
-
-
-class NetworkIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["none", "user", "tap", "bridge"] | None = None
-    bridge: str | None = None
-    ifname: str | None = None
-    vhost: bool | None = None
-    mac: str | None = None
+# The VM models are derived from the spec's dataclasses (vgpuctl.vm.spec, vgpuctl.vm.devices): a field, its
+# choices (a Literal) and its tables come from there; the API only adds stricter patterns for what becomes a
+# path component under /sys and /etc.
+_API_PATTERNS: dict[tuple[str, str], Any] = {("VgpuRequest", "uuid"): Uuid, ("VgpuRequest", "parent"): ParentName,
+                                             ("VgpuRequest", "type"): TypeName}
 
 
-class VgpuRequestIn(BaseModel):
-    """One of: uuid; type (on parent); requirements (resolution, min_memory_mib, weight, largest). {} for none."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    uuid: Uuid | None = None
-    parent: ParentName | None = None
-    type: TypeName | None = None
-    resolution: str | None = None
-    min_memory_mib: int | None = None
-    weight: int | None = None
-    largest: bool | None = None
-    keep: bool | None = None
+def _api_type(owner: type[Any], f: dataclasses.Field[Any], hint: Any) -> Any:
+    """The pydantic type of a spec field: its choices as a Literal, a table as its input model."""
+    if (owner.__name__, f.name) in _API_PATTERNS:
+        return _API_PATTERNS[(owner.__name__, f.name)]
+    if "choices" in f.metadata:
+        return cast(Any, Literal)[f.metadata["choices"]]
+    if dataclasses.is_dataclass(hint):
+        return _input_model(cast(type[Any], hint), merged=True)
+    if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+        return list[_input_model(get_args(hint)[0], merged=False)]  # type: ignore[misc]
+    return hint
 
 
-class DisplayIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _input_model(cls: type[Any], *, merged: bool) -> type[BaseModel]:
+    """``<Table>In``: a spec table as the API takes it. ``merged`` (network, vgpu, display: merged into the
+    profile's): every field optional, null removes it; else (a disk) required fields stay required."""
+    hints = get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = _api_type(cls, f, hints[f.name])
+        if merged:
+            fields[f.name] = (kind | None, None)
+        elif f.default is not dataclasses.MISSING:
+            fields[f.name] = (kind, f.default)
+        else:
+            fields[f.name] = (kind, ...)
+    return create_model(f"{cls.__name__}In", __config__=ConfigDict(extra="forbid"), __doc__=cls.__doc__,
+                        **fields)
 
-    backend: Literal["vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none"] | None = None
-    vnc_socket: str | None = None
-    rendernode: str | None = None
-    resolution: str | None = None
-    options: dict[str, str] | None = None
 
-
-class VmCreate(BaseModel):
+class VmCreateBase(BaseModel):
     """A new VM: a profile's defaults (or vgpuctl's), then these fields, as in the spec's TOML file.
     ``display`` and ``network`` are merged into the profile's, ``vgpu`` replaces it, ``kernel`` implies
     ``boot: kernel``; null removes a setting. The library checks every value and says what is wrong."""
@@ -239,31 +234,22 @@ class VmCreate(BaseModel):
          "display": {"backend": "vnc"}}]})
 
     name: str = Field(pattern=VM_NAME_PATTERN)
-    profile: Literal["streaming", "gaming", "automotive"] | None = None
-    memory_mib: int | None = None
-    cpus: int | None = None
-    cpu: str | None = None
-    machine: Literal["pc", "q35"] | None = None
-    firmware: Literal["seabios", "ovmf"] | None = None
-    boot: Literal["disk", "cdrom", "kernel"] | None = None
-    fast_boot: bool | None = None
-    order: int | None = None
-    autostart: bool | None = None
-    rtc_localtime: bool | None = None
-    guest_agent: bool | None = None
-    disks: list[DiskIn] | None = None
-    cdrom: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    append: str | None = None
-    network: NetworkIn | None = None
-    vgpu: VgpuRequestIn | None = None
-    vgpu_display: bool | None = None
-    ramfb: bool | None = None
-    igd_opregion: bool | None = None
-    display: DisplayIn | None = None
-    requires: list[str] | None = None
-    extra_args: list[str] | None = None
+    profile: Literal["streaming", "gaming", "automotive"] | None = None  # = PROFILE_NAMES (a test checks)
+
+
+def _vm_create() -> type[VmCreateBase]:
+    from vgpuctl.vm.spec import VmSpec
+
+    hints = get_type_hints(VmSpec)
+    fields: dict[str, Any] = {f.name: (_api_type(VmSpec, f, hints[f.name]) | None, None)
+                              for f in dataclasses.fields(VmSpec) if f.name not in ("name", "profile")}
+    return create_model("VmCreate", __base__=VmCreateBase, __doc__=VmCreateBase.__doc__, **fields)
+
+
+if TYPE_CHECKING:
+    VmCreate = VmCreateBase
+else:
+    VmCreate = _vm_create()
 
 
 class VmStart(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from vgpuctl.base.crash import crashpoint
@@ -24,10 +25,7 @@ from vgpuctl.vm.runtime import (
 from vgpuctl.vm.spec import VmSpec
 
 # What the body of a create may set besides name and profile: VmSpec's fields as in its TOML file.
-SPEC_FIELDS = ("memory_mib", "cpus", "cpu", "machine", "firmware", "boot", "fast_boot", "order", "autostart",
-               "rtc_localtime", "guest_agent",
-               "disks", "cdrom", "kernel", "initrd", "append", "network", "vgpu", "vgpu_display", "ramfb",
-               "igd_opregion", "display", "requires", "extra_args")
+SPEC_FIELDS = tuple(f.name for f in dataclass_fields(VmSpec) if f.name not in ("name", "profile"))
 
 
 def vm_row(state: StateDir, spec: VmSpec, running: set[str] | None = None) -> dict[str, Any]:
@@ -85,11 +83,8 @@ def vm_detail(root: HostRoot, state: StateDir, name: str) -> dict[str, Any]:
 
 def spec_from_fields(name: str, profile: str | None, fields: dict[str, Any]) -> VmSpec:
     """A new VM's spec: the profile's defaults (or vgpuctl's), then ``fields`` in the spec's own TOML form
-    (``{"memory_mib": 64, "display": {"backend": "vnc"}, "vgpu": {"type": "i915-GVTg_V5_8"}}``).
-
-    As ``vgpuctl vm create`` does: ``display`` and ``network`` are merged into the profile's, ``vgpu``
-    replaces it (``{}`` for none, which also turns the vGPU display and ramfb off), ``kernel`` implies
-    ``boot = "kernel"``, and a null value removes a setting. Every field is checked as in a spec file.
+    (``{"memory_mib": 64, "display": {"backend": "vnc"}, "vgpu": {"type": "i915-GVTg_V5_8"}}``), merged as
+    ``vgpuctl vm create`` does (:func:`vgpuctl.vm.spec.merge`). Every field is checked as in a spec file.
     """
     from vgpuctl.vm.profiles import new_spec
 
@@ -97,32 +92,8 @@ def spec_from_fields(name: str, profile: str | None, fields: dict[str, Any]) -> 
     unknown = [k for k in fields if k not in SPEC_FIELDS]
     if unknown:
         raise InvalidInput(f"unknown field {unknown[0]!r} (known: {', '.join(SPEC_FIELDS)})")
-    data = new_spec(name, profile).to_dict()
-    for key, value in fields.items():
-        current = data.get(key)
-        if key in ("display", "network") and isinstance(value, dict) and isinstance(current, dict):
-            merged = {**current, **value}
-            if key == "display" and "vnc_socket" not in value and merged.get("backend") not in ("vnc", "egl-headless"):
-                merged.pop("vnc_socket", None)
-            data[key] = merged
-        else:
-            data[key] = value
-    if fields.get("kernel") and "boot" not in fields:
-        data["boot"] = "kernel"
-    if "vgpu" in fields and not fields["vgpu"]:
-        data["vgpu"] = {}
-        for flag in ("vgpu_display", "ramfb"):
-            if flag not in fields:
-                data[flag] = False
-    return VmSpec.from_dict(_without_nulls(data), f"vm {name}")
-
-
-def _without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
+    where = f"vm {name}"
+    return specs.merge(new_spec(name, profile), fields, where).validate(where)
 
 
 def create(state: StateDir, name: str, profile: str | None, fields: dict[str, Any]) -> VmSpec:

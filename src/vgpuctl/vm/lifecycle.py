@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,10 +30,12 @@ from typing import Any
 
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, KernelError, NotFound, VgpuError
+from vgpuctl.base.process import boot_id
 from vgpuctl.base.process import started_at as process_started_at
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write
+from vgpuctl.vm import machine
 from vgpuctl.vm import qmp as qmp_commands
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import QemuCommand, build_command
@@ -43,6 +46,7 @@ from vgpuctl.vm.runtime import (
     RuntimePaths,
     VmProcesses,
     check_requirements,
+    guest_warnings,
     process,
     resolve_vgpu,
     running_vms,
@@ -141,7 +145,7 @@ def _cached_probe(state: StateDir, file: str, qemu: str,
 
 def _probe_key(qemu: str) -> str:
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = boot_id()
         mtime = os.stat(qemu).st_mtime_ns if os.path.isabs(qemu) else 0
     except OSError:
         boot, mtime = "?", 0
@@ -159,11 +163,12 @@ def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", 
         notes.append(f"would start the defined vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start")
     binary = qemu or default_qemu()
     chosen = choose_accel(state, root, binary, notes) if accel == "auto" else accel
-    vhost = qemu_host(root).exists("/dev/vhost-net")
+    host = qemu_host(root)
+    vhost = host.exists(host.dev_vhost_net)
     command = build_command(spec, vgpu, qemu=binary, accel=chosen,
                             runtime_dir=RuntimePaths.for_vm(state, name).directory,
                             simulated=root.is_simulated, vhost_net=vhost)
-    return Prepared(spec, vgpu, command, chosen, notes + command.notes)
+    return Prepared(spec, vgpu, command, chosen, notes + command.notes + guest_warnings(root, spec, chosen))
 
 
 # ---------------------------------------------------------------------- QMP
@@ -268,6 +273,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         for stale in (paths.pidfile, paths.qmp_socket, *paths.directory.glob("exit-status.*")):
             stale.unlink(missing_ok=True)
         _make_disks(prepared.spec)
+        _make_nvram(prepared.spec, paths)
         argv = prepared.command.argv
         replaced = prepared.command.replaced_vgpu
         run = {"run_id": time.time_ns(), "argv": argv, "accel": prepared.accel, "vgpu": vgpu.uuid if vgpu else None,
@@ -391,6 +397,12 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
         problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
     else:
         problems += _display_problems(state, prepared.command.argv[0], prepared.spec.display.backend)
+    if prepared.spec.tpm and not paths.swtpm_socket.is_socket():
+        # vgpuctl does not run swtpm (yet): QEMU would fail on the missing socket.
+        problems.append(f"the TPM's swtpm is not listening on {paths.swtpm_socket}: start it first with "
+                        f"'mkdir -p {paths.tpm_state} && swtpm socket --tpm2 --tpmstate dir={paths.tpm_state} "
+                        f"--ctrl type=unixio,path={paths.swtpm_socket} --terminate --daemon' (apt-get install "
+                        "swtpm), or turn the TPM off with 'vgpuctl vm edit --no-tpm'")
     if problems:
         raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
 
@@ -428,6 +440,18 @@ def qemu_displays(state: StateDir, qemu: str) -> dict[str, Any] | None:
         return {"version": report.version, "available": sorted(available)}
 
     return _cached_probe(state, "qemu-probe.json", qemu, probe)
+
+
+def _make_nvram(spec: VmSpec, paths: RuntimePaths) -> None:
+    """The VM's own copy of OVMF's variables, made from the template at its first start (then the guest's)."""
+    if spec.firmware != "ovmf":
+        return
+    template, copy = machine.ovmf(spec)[1], machine.nvram(spec, paths)
+    if not copy.exists():
+        try:
+            shutil.copyfile(template, copy)
+        except OSError as e:
+            raise VmError(f"could not copy OVMF's variables {template} to {copy}: {e} (apt-get install ovmf)") from None
 
 
 def _make_disks(spec: VmSpec) -> None:

@@ -84,6 +84,24 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def os_settings(name: str, spec: VmSpec) -> dict[str, Any]:
+    """What a guest OS needs, as spec fields (``vm create/edit --os``; the API's ``os``), whatever the profile.
+
+    ``windows10``: Hyper-V enlightenments (``hyperv``: relaxed timing, virtual APIC, spinlock retries, VP
+    index, runtime, SynIC and its timers, the reference TSC clock, frequencies), the RTC in local time.
+    ``windows11``: those, and what its installer insists on: a TPM 2.0 (``tpm``, swtpm started with the VM),
+    UEFI Secure Boot (``secure_boot``: q35 with SMM, Debian's OVMF_CODE_4M.ms.fd and a copy of its
+    Microsoft-keyed variables) and at least 4096 MiB. Either way give the virtio-win driver ISO with
+    ``drivers_cdrom`` (``--drivers-cdrom``) for the virtio disk and network, and set ``kvm.ignore_msrs=1``
+    on the host (the VM's start warns when KVM has it off).
+    """
+    settings: dict[str, Any] = {"os": name, "hyperv": True, "rtc_localtime": True}
+    if name == "windows11":
+        settings |= {"machine": "q35", "firmware": "ovmf", "secure_boot": True, "tpm": True,
+                     "memory_mib": max(spec.memory_mib, 4096)}
+    return settings
+
+
 def get(name: str) -> Profile:
     try:
         return PROFILES[name]
@@ -92,11 +110,14 @@ def get(name: str) -> Profile:
 
 
 def apply_profile(spec: VmSpec, name: str | None) -> VmSpec:
-    """The spec with every profile-governed field set to profile ``name``'s value (or the base default)."""
+    """The spec with every profile-governed field set to profile ``name``'s value (or the base default), and
+    its guest OS's settings on top again (a Windows 11 VM keeps its Secure Boot machine)."""
     base = VmSpec(spec.name)
     values = {f.name: getattr(base, f.name) for f in fields(VmSpec) if f.name in PROFILE_FIELDS}
     if name is not None:
         values.update(get(name).settings())
+    if spec.os is not None:
+        values.update(os_settings(spec.os, replace(spec, **values)))
     return replace(spec, profile=name, **values)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import CapacityError, Conflict, NotFound
-from vgpuctl.base.process import start_time
+from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, facts
 from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
@@ -28,6 +28,9 @@ SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 # Debian's OVMF (package ovmf): code read-only and shared, variables copied per VM at first start.
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS.fd"
+# Secure Boot (Windows 11): the 4 MiB build with SMM and Microsoft's keys enrolled in its variables.
+OVMF_SECURE_CODE = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
+OVMF_SECURE_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,31 @@ class RuntimePaths:
         """The VM's UEFI variables (OVMF): a copy of OVMF_VARS_TEMPLATE the lifecycle makes at first start."""
         return self.directory / "OVMF_VARS.fd"
 
+    @property
+    def secure_nvram(self) -> Path:
+        """The same with Secure Boot: a copy of OVMF_SECURE_VARS_TEMPLATE (another size: never the other's file)."""
+        return self.directory / "OVMF_VARS_4M.ms.fd"
+
+    @property
+    def swtpm_socket(self) -> Path:
+        """The TPM emulator's control socket (swtpm listens, QEMU connects)."""
+        return self.directory / "swtpm.sock"
+
+    @property
+    def tpm_state(self) -> Path:
+        """The TPM's state (swtpm's --tpmstate dir): the guest's keys, kept from start to start."""
+        return self.directory / "tpm"
+
     def socket_problems(self) -> list[str]:
         return [f"socket path {p} is longer than {SOCKET_PATH_MAX} bytes: use a shorter --state-dir or VM name"
-                for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket)
+                for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket,
+                          self.swtpm_socket)
                 if len(os.fsencode(p)) > SOCKET_PATH_MAX]
 
     def to_json(self) -> dict[str, str]:
         return {k: str(getattr(self, k)) for k in ("directory", "qmp_socket", "pidfile", "log", "serial_log",
                                                      "serial_socket", "agent_socket", "vnc_socket",
-                                                     "spice_socket", "nvram")}
+                                                     "spice_socket", "nvram", "swtpm_socket")}
 
 
 def read_pid(paths: RuntimePaths) -> int | None:
@@ -154,14 +173,6 @@ def _role(argv: list[bytes], name: str, pidfile: bytes) -> str | None:
     return "shell" if argv[:2] == [b"/bin/sh", b"-c"] and b"VGPUCTL_EXIT" in argv[2] else "qemu"
 
 
-def _argv(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:  # gone, or a kernel thread
-        return []
-
-
 def vm_processes(state: StateDir, name: str, known: list[int | None] | None = None) -> VmProcesses:
     """The VM's QEMU and wrapper shell as they run now, whatever the state files say. The pids in
     ``known`` (a run record's) and the pidfile's are looked at first; only if none is the VM's QEMU is
@@ -170,7 +181,7 @@ def vm_processes(state: StateDir, name: str, known: list[int | None] | None = No
     pidfile = os.fsencode(paths.pidfile)
     for pid in [*(known or []), read_pid(paths)]:
         found = process(pid)
-        if found is not None and _role(_argv(found.pid), name, pidfile) == "qemu":
+        if found is not None and _role(cmdline(found.pid), name, pidfile) == "qemu":
             return VmProcesses(qemu=found)
     return all_vm_processes(state).get(name, VmProcesses())
 
@@ -179,15 +190,13 @@ def all_vm_processes(state: StateDir) -> dict[str, VmProcesses]:
     """VM name -> its QEMU and shell, for every VM of this state dir with one running: one pass over /proc."""
     prefix = os.fsencode(vms_dir(state).absolute()) + b"/"
     found: dict[str, VmProcesses] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        argv = _argv(int(entry))
+    for pid in pids():
+        argv = cmdline(pid)
         for option, value in pairwise(argv):
             if option == b"-pidfile" and value.startswith(prefix) and value.endswith(b"/qemu.pid"):
                 name = os.fsdecode(value[len(prefix):-len(b"/qemu.pid")])
                 role = _role(argv, name, value)
-                alive = process(int(entry)) if role else None
+                alive = process(pid) if role else None
                 if alive is not None:
                     mine = found.setdefault(name, VmProcesses())
                     if role == "qemu":
@@ -228,12 +237,6 @@ class ResolvedVgpu:
         from vgpuctl.backends import backend_for_type
 
         return backend_for_type(self.type_id)
-
-    @property
-    def sysfs_path(self) -> str:
-        """The path QEMU opens (``sysfsdev=``). A QEMU argument on the real host, not a file vgpuctl reads,
-        so it is never put under the host root."""
-        return f"/sys/bus/mdev/devices/{self.uuid}"
 
     def to_json(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "parent": self.parent, "type": self.type_id,
@@ -384,3 +387,20 @@ def check_requirements(root: HostRoot, spec: VmSpec) -> list[RequirementStatus]:
             met = actual.lower() == wanted.lower() or (as_bool is not None and as_bool == facts.kstrtobool(wanted))
         statuses.append(RequirementStatus(requirement, met, actual, where))
     return statuses
+
+
+def guest_warnings(root: HostRoot, spec: VmSpec, accel: str) -> list[str]:
+    """What this host lacks for the VM's guest OS, as warnings (the start goes ahead)."""
+    if spec.os is None or accel != "kvm":
+        return []
+    # Windows reads MSRs that KVM does not emulate; KVM injects a #GP and Windows stops (a blue screen).
+    where = root.module_parameter("kvm", "ignore_msrs")
+    try:
+        ignored = facts.kstrtobool(root.read_value(where).strip())  # a bool parameter reads back Y or N
+    except OSError:
+        return []
+    if ignored is not False:
+        return []
+    return [f"{spec.os} under KVM needs kvm.ignore_msrs=1 ({where} is N: the guest may crash reading an MSR); "
+            "'vgpuctl setup' sets it, or add kvm.ignore_msrs=1 to the kernel command line "
+            f"(now: echo 1 > {where})"]

@@ -12,42 +12,34 @@ Unknown fields are refused too, so that a typo never silently does nothing.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
 from vgpuctl.base.state import StateDir
 from vgpuctl.host.files import atomic_write
-from vgpuctl.mdev.definitions import canonical_uuid
+from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, describe, one_of, parse_resolution, positive
+from vgpuctl.vm.devices import KINDS, TABLES, DeviceFields
+from vgpuctl.vm.devices.base import OMIT_DEFAULT
+from vgpuctl.vm.devices.disk import DISK_FORMATS, Disk
+from vgpuctl.vm.devices.display import BACKENDS, DISPLAY_OPTIONS, GL_BACKENDS, Display
+from vgpuctl.vm.devices.network import NETWORK_MODES, Network, default_mac
+from vgpuctl.vm.devices.vgpu import VgpuRequest
+
+__all__ = ["BACKENDS", "DISK_FORMATS", "DISPLAY_OPTIONS", "GL_BACKENDS", "MAX_MEMORY_MIB", "NETWORK_MODES",
+           "Disk", "Display", "Network", "VgpuRequest", "VmSpec", "default_mac", "parse_resolution"]
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
 FIRMWARES = ("seabios", "ovmf")
 MACHINES = ("pc", "q35")
 BOOTS = ("disk", "cdrom", "kernel")
-NETWORK_MODES = ("none", "user", "tap", "bridge")
-DISK_FORMATS = ("qcow2", "raw")
+OS_NAMES = ("windows10", "windows11")  # the guest OSes vgpuctl.vm.profiles.os_settings knows
 PROFILE_NAMES = ("streaming", "gaming", "automotive")  # = vgpuctl.vm.profiles.PROFILES' keys (a test checks);
 # not imported from there: every VM start validates its spec, and importing the profiles costs it ~1 ms.
-BACKENDS = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl", "none")
-# Backends that can show a vGPU's dma-buf display: each runs (or, for vnc, is paired with) an
-# OpenGL UI. "none" cannot: QEMU fails with "vfio-display-dmabuf: opengl not available".
-GL_BACKENDS = ("vnc", "spice", "egl-headless", "dbus", "gtk", "sdl")
-# QEMU's -drive/-device option syntax doubles commas inside values; these never may contain one.
-# Plain patterns, compiled (and cached by re) on first use: a start pays only for the ones its spec needs.
-_SIZE = r"[1-9][0-9]*[KMGT]?"
-_MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
-_IFNAME = r"[A-Za-z0-9_.-]{1,15}"  # Linux IFNAMSIZ - 1
 _REQUIREMENT = r"([a-z0-9_]+)\.([a-z0-9_]+)=(\S+)"
-MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: more than any host QEMU runs on; also bounds graphics memory
 MAX_CPUS = 255
 MAX_ORDER = 9999
-# display.options that only tune the backend QEMU already runs. Anything else could open a listener or a
-# file (vnc websocket=/to=, spice port=/tls-port=/addr=, dbus addr=, ...): not settable through a spec.
-DISPLAY_OPTIONS = ("gl", "p2p", "lossy", "non-adaptive", "key-delay-ms", "image-compression",
-                   "jpeg-wan-compression", "zlib-glz-wan-compression", "playback-compression", "streaming-video",
-                   "agent-mouse", "seamless-migration", "full-screen", "zoom-to-fit", "grab-on-hover",
-                   "show-tabs", "show-cursor", "show-menubar", "window-close")
 
 
 def check_name(name: str) -> str:
@@ -58,110 +50,37 @@ def check_name(name: str) -> str:
 
 
 @dataclass
-class Disk:
-    """A disk image of the VM."""
-
-    path: str
-    size: str | None = None  # qemu-img size (e.g. "20G"); used only to create a missing image at start
-    format: str = "qcow2"
-
-
-@dataclass
-class Network:
-    """The VM's one network interface."""
-
-    mode: str = "user"  # none | user | tap | bridge
-    bridge: str | None = None  # mode bridge: the host bridge (through qemu-bridge-helper)
-    ifname: str | None = None  # mode tap: an existing tap device; QEMU makes one when unset
-    vhost: bool = True  # tap/bridge: use vhost-net when the host has /dev/vhost-net
-    mac: str | None = None  # default: 52:54:00 + 3 bytes derived from the VM name (stable, distinct)
-
-
-@dataclass
-class VgpuRequest:
-    """Which vGPU the VM gets: one of a UUID, a type (on a parent), requirements for the chooser, or none."""
-
-    uuid: str | None = None  # an existing vGPU or mdevctl definition
-    parent: str | None = None  # with uuid: disambiguates; with type or requirements: restricts
-    type: str | None = None
-    resolution: str | None = None  # "1920x1200": at least this resolution
-    min_memory_mib: int | None = None
-    weight: int | None = None
-    largest: bool = False  # the largest type that still fits (most graphics memory)
-    keep: bool = True  # keep the vGPU vgpuctl made when QEMU ends, for the next start (GVT-g fragments its
-    # graphics memory when vGPUs come and go); false: remove it whenever QEMU ends (stop, power-off, crash)
-
-    @property
-    def kind(self) -> str:
-        """'uuid', 'type', 'requirements' or 'none'."""
-        if self.uuid:
-            return "uuid"
-        if self.type:
-            return "type"
-        if self.resolution or self.min_memory_mib or self.weight or self.largest:
-            return "requirements"
-        return "none"
-
-    def describe(self) -> str:
-        on = f" on {self.parent}" if self.parent else ""
-        if self.kind == "uuid":
-            return f"vGPU {self.uuid}{on}"
-        if self.kind == "type":
-            return f"a new {self.type}{on}"
-        if self.kind == "requirements":
-            parts = ["the largest type that fits"] if self.largest else []
-            if self.resolution:
-                parts.append(f">= {self.resolution}")
-            if self.min_memory_mib:
-                parts.append(f">= {self.min_memory_mib} MiB")
-            if self.weight:
-                parts.append(f"weight >= {self.weight}")
-            return f"a new vGPU{on}: {', '.join(parts)}"
-        return "none"
-
-
-@dataclass
-class Display:
-    """Where the VM's picture goes: the display backend and its options."""
-
-    backend: str = "vnc"  # vnc | spice | egl-headless | dbus | gtk | sdl | none
-    vnc_socket: str | None = None  # vnc and egl-headless; default <state-dir>/vms/<name>/vnc.sock
-    rendernode: str | None = None  # DRM render node for OpenGL (egl-headless, spice, dbus)
-    resolution: str | None = None  # fixed resolution: EDID xres/yres of the vGPU, or of the emulated VGA
-    options: dict[str, str] = field(default_factory=dict)  # appended to the backend's QEMU option
-
-
-@dataclass
-class VmSpec:
-    """A VM as stored in <state-dir>/vms/<name>.toml."""
+class Machine:
+    """The machine's settings: what is not a device's (those are in :mod:`vgpuctl.vm.devices`)."""
 
     name: str
     profile: str | None = None
+    # The guest OS whose settings the VM was given (profiles.os_settings); the VM's preflight warns for it.
+    os: str | None = field(default=None, metadata={"choices": OS_NAMES})
     memory_mib: int = 2048
     cpus: int = 2
     cpu: str | None = None  # QEMU -cpu; default "host" under KVM, "max" under TCG
-    machine: str = "pc"  # pc (i440fx, as Intel's GVT-g guides) | q35
-    firmware: str = "seabios"
-    boot: str = "disk"  # disk (then cdrom) | cdrom (then disk) | kernel (direct: kernel/initrd/append)
+    hyperv: bool = field(default=False, metadata=OMIT_DEFAULT)  # Hyper-V enlightenments added to the CPU
+    machine: str = field(default="pc", metadata={"choices": MACHINES})  # pc (i440fx, as Intel's GVT-g guides) | q35
+    firmware: str = field(default="seabios", metadata={"choices": FIRMWARES})
+    secure_boot: bool = field(default=False, metadata=OMIT_DEFAULT)  # OVMF with Secure Boot (and SMM): q35
+    # disk (then cdrom) | cdrom (then disk) | kernel (direct: kernel/initrd/append)
+    boot: str = field(default="disk", metadata={"choices": BOOTS})
     fast_boot: bool = False  # -boot menu=off and no option ROM on the NIC (no PXE)
     order: int | None = None  # start order among VMs (lower first); None: unordered
     autostart: bool = False  # started by 'vgpuctl vm autostart' (e.g. at boot), in 'order'
     rtc_localtime: bool = False  # Windows guests keep the RTC in local time
-    disks: list[Disk] = field(default_factory=list)
-    cdrom: str | None = None
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
-    network: Network = field(default_factory=Network)
-    vgpu: VgpuRequest = field(default_factory=VgpuRequest)
-    vgpu_display: bool = False  # the vGPU is the VM's display (QEMU display=on, -vga none)
-    ramfb: bool = False  # boot display on the vGPU's console (vfio-pci-nohotplug ramfb=on)
-    igd_opregion: bool | None = None  # x-igd-opregion; None: on for GVT-g types
-    display: Display = field(default_factory=Display)
-    guest_agent: bool = False  # a virtio-serial channel org.qemu.guest_agent.0 (<vm dir>/qga.sock) for the QEMU
-    # guest agent in the guest
     requires: list[str] = field(default_factory=list)  # host settings checked at start: "kvm.ignore_msrs=1"
     extra_args: list[str] = field(default_factory=list)  # appended to QEMU's command line as given
+
+
+@dataclass
+class VmSpec(DeviceFields, Machine):
+    """A VM as stored in <state-dir>/vms/<name>.toml: the machine's settings, then each device's ``Fields``,
+    all at the top level of the file."""
 
     # ------------------------------------------------------------------ checks
     def validate(self, where: str | None = None) -> VmSpec:
@@ -242,14 +161,6 @@ def load(state: StateDir, name: str) -> VmSpec:
     return spec
 
 
-def default_mac(name: str) -> str:
-    """52:54:00 (QEMU's prefix) and three bytes of the name's hash: stable per VM, distinct between VMs."""
-    import hashlib  # loads OpenSSL (~2 ms): only when a MAC is made, not at every start
-
-    digest = hashlib.sha256(f"vgpuctl:{name}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
-
-
 def save(state: StateDir, spec: VmSpec, *, new: bool = False) -> Path:
     """Write the spec atomically (validated first); ``new`` refuses to replace an existing VM.
 
@@ -309,11 +220,68 @@ def remove(state: StateDir, name: str) -> None:
     spec_path(state, name).unlink()
 
 
+# ---------------------------------------------------------------------- changing
+
+
+def plain_fields(value: Any) -> Any:
+    """A field's value in the spec's TOML form, None kept (for :func:`merge`: a None removes the setting)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_fields(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        return [plain_fields(v) for v in value]
+    return value
+
+
+def merge(spec: VmSpec, changes: dict[str, Any], where: str) -> VmSpec:
+    """The spec with ``changes`` (fields in their TOML form) on top: how both ``vm create/edit`` and the API
+    change a spec. A guest ``os`` first brings its settings (:func:`vgpuctl.vm.profiles.os_settings`). A None
+    removes a setting; a merged table (display, network) is merged into the spec's,
+    any other value replaces it. Then what follows from a change: ``kernel`` implies ``boot = "kernel"``
+    and removing it boots from disk again; a display backend without a VNC socket drops the socket;
+    no vGPU turns the vGPU display off, and no vGPU display turns ramfb off. Not validated: the caller does."""
+    known = {f.name: f for f in fields(VmSpec)}
+    unknown = [k for k in changes if k not in known or k == "name"]
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(list(known)[1:])})")
+    data = spec.to_dict()
+    if changes.get("os"):
+        from vgpuctl.vm.profiles import os_settings
+
+        data.update(plain_fields(os_settings(changes["os"], spec)))  # the OS's defaults, then the changes
+    for key, value in changes.items():
+        current = data.get(key)
+        if known[key].metadata.get("merge") and isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        data[key] = value
+    if changes.get("kernel") and "boot" not in changes:
+        data["boot"] = "kernel"
+    if "kernel" in changes and not changes["kernel"] and spec.boot == "kernel" and "boot" not in changes:
+        data["boot"] = "disk"
+    display = data.get("display")
+    if isinstance(display, dict) and display.get("backend") not in ("vnc", "egl-headless") \
+            and "vnc_socket" not in (changes.get("display") or {}):
+        display.pop("vnc_socket", None)
+    if "vgpu" in changes and "vgpu_display" not in changes \
+            and _read(VgpuRequest, _without_nulls(data.get("vgpu") or {}), "vgpu.").kind == "none":
+        data["vgpu_display"] = False
+    if data.get("vgpu_display") is False and "ramfb" not in changes:
+        data["ramfb"] = False
+    try:
+        merged: VmSpec = _read(VmSpec, _without_nulls(data), "")
+    except InvalidInput as e:
+        raise InvalidInput(f"{where}: {e}") from None
+    return merged
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 # ---------------------------------------------------------------------- reading and checking
-
-
-def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _read(cls: type[Any], data: Any, prefix: str) -> Any:
@@ -327,49 +295,43 @@ def _read(cls: type[Any], data: Any, prefix: str) -> Any:
     values: dict[str, Any] = {}
     for name, f in known.items():
         if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise InvalidInput(f"{prefix}{name} is missing")
             continue
         value, label, kind = data[name], prefix + name, str(f.type)
-        if kind in ("Network", "VgpuRequest", "Display"):
-            values[name] = _read({"Network": Network, "VgpuRequest": VgpuRequest, "Display": Display}[kind],
-                                 value, label + ".")
-        elif kind == "list[Disk]":
+        item = kind[len("list["):-1] if kind.startswith("list[") else None
+        if kind in TABLES:
+            values[name] = _read(TABLES[kind], value, label + ".")
+        elif item in TABLES:
             if not isinstance(value, list):
-                raise InvalidInput(f"{label} must be a list of tables (path, size, format)")
-            values[name] = [_read(Disk, item, f"{label}[{i}].") for i, item in enumerate(value)]
+                names = ", ".join(g.name for g in fields(TABLES[item]))
+                raise InvalidInput(f"{label} must be a list of tables ({names})")
+            values[name] = [_read(TABLES[item], v, f"{label}[{i}].") for i, v in enumerate(value)]
         elif kind == "list[str]":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InvalidInput(f"{label} must be a list of strings, got {_describe(value)}")
+                raise InvalidInput(f"{label} must be a list of strings, got {describe(value)}")
             values[name] = list(value)
         elif kind == "dict[str, str]":
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                raise InvalidInput(f"{label} must be a table of strings, got {_describe(value)}")
+                raise InvalidInput(f"{label} must be a table of strings, got {describe(value)}")
             values[name] = dict(value)
         elif kind.startswith("bool"):
             if not isinstance(value, bool):
-                raise InvalidInput(f"{label} must be true or false, got {_describe(value)}")
+                raise InvalidInput(f"{label} must be true or false, got {describe(value)}")
             values[name] = value
         elif kind.startswith("int"):
             values[name] = value  # checked with its unit and range by _check
         else:  # str or str | None
             if not isinstance(value, str):
-                raise InvalidInput(f"{label} must be a string, got {_describe(value)}")
+                raise InvalidInput(f"{label} must be a string, got {describe(value)}")
             values[name] = value
-    if cls is VmSpec and "name" not in values:
-        raise InvalidInput("name is missing")
-    if cls is Disk and "path" not in values:
-        raise InvalidInput(f"{prefix}path is missing")
     return cls(**values)
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (VmSpec, Disk, Network, VgpuRequest, Display)):
-        data = {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-        if isinstance(value, VgpuRequest) and not value.largest:
-            del data["largest"]
-        if isinstance(value, VgpuRequest) and value.keep:
-            del data["keep"]  # the default: files written before it existed stay as they are
-        if isinstance(value, VmSpec) and not value.guest_agent:
-            del data["guest_agent"]  # the default: files written before it existed stay as they are
+    if is_dataclass(value) and not isinstance(value, type):
+        data = {f.name: _plain(getattr(value, f.name)) for f in fields(value)
+                if not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)}
         return {k: v for k, v in data.items() if v is not None and v != {}}
     if isinstance(value, list):
         return [_plain(v) for v in value]
@@ -378,127 +340,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _one_of(label: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InvalidInput(f"{label} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _positive(label: str, value: Any, unit: str = "", maximum: int | None = None) -> None:
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    if not integer or value < 1 or (maximum and value > maximum):
-        limit = f" up to {maximum}" if maximum and (unit == "" or (integer and value > maximum)) else ""
-        raise InvalidInput(f"{label} must be a positive integer{f' ({unit})' if unit else ''}{limit}, "
-                           f"got {_describe(value)}")
-
-
-def _absolute(label: str, value: str | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise InvalidInput(f"{label} must be an absolute path, got {_describe(value)}")
-
-
-def parse_resolution(label: str, value: str) -> tuple[int, int]:
-    match = re.fullmatch(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})", value) if isinstance(value, str) else None
-    if not match:
-        raise InvalidInput(f"{label} must look like 1920x1200, got {_describe(value)}")
-    return int(match[1]), int(match[2])
-
-
 def _check(spec: VmSpec) -> None:
     check_name(spec.name)
     if spec.profile is not None:
-        _one_of("profile", spec.profile, PROFILE_NAMES)
-    _positive("memory_mib", spec.memory_mib, "MiB", maximum=MAX_MEMORY_MIB)
-    _positive("cpus", spec.cpus, maximum=MAX_CPUS)
+        one_of("profile", spec.profile, PROFILE_NAMES)
+    positive("memory_mib", spec.memory_mib, "MiB", maximum=MAX_MEMORY_MIB)
+    positive("cpus", spec.cpus, maximum=MAX_CPUS)
     if spec.cpu is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*", spec.cpu):
         raise InvalidInput(f"cpu must be a QEMU -cpu value such as 'host' or 'host,hv_relaxed', got {spec.cpu!r}")
-    _one_of("machine", spec.machine, MACHINES)
-    _one_of("firmware", spec.firmware, FIRMWARES)
-    _one_of("boot", spec.boot, BOOTS)
+    one_of("machine", spec.machine, MACHINES)
+    one_of("firmware", spec.firmware, FIRMWARES)
+    if spec.os is not None:
+        one_of("os", spec.os, OS_NAMES)
+    if spec.secure_boot and (spec.firmware != "ovmf" or spec.machine != "q35"):
+        raise InvalidInput("secure_boot = true needs firmware = 'ovmf' and machine = 'q35' (OVMF's Secure Boot "
+                           "build needs SMM)")
+    one_of("boot", spec.boot, BOOTS)
     if spec.order is not None and (not isinstance(spec.order, int) or isinstance(spec.order, bool)
                                    or not 0 <= spec.order <= MAX_ORDER):
-        raise InvalidInput(f"order must be an integer from 0 to {MAX_ORDER}, got {_describe(spec.order)}")
-    for i, disk in enumerate(spec.disks):
-        _absolute(f"disks[{i}].path", disk.path)
-        _one_of(f"disks[{i}].format", disk.format, DISK_FORMATS)
-        if disk.size is not None and not re.fullmatch(_SIZE, disk.size):
-            raise InvalidInput(f"disks[{i}].size must be a size such as 20G or 512M, got {disk.size!r}")
-    paths = [d.path for d in spec.disks]
-    duplicate = next((p for p in paths if paths.count(p) > 1), None)
-    if duplicate:
-        raise InvalidInput(f"disks: {duplicate} is given twice")
-    for label in ("cdrom", "kernel", "initrd"):
-        _absolute(label, getattr(spec, label))
+        raise InvalidInput(f"order must be an integer from 0 to {MAX_ORDER}, got {describe(spec.order)}")
+    for kind in KINDS:
+        kind.check(spec)
+    for label in ("kernel", "initrd"):
+        absolute(label, getattr(spec, label))
     if spec.boot == "kernel" and not spec.kernel:
         raise InvalidInput("boot = 'kernel' needs kernel (a kernel image path)")
     if spec.boot == "cdrom" and not spec.cdrom:
         raise InvalidInput("boot = 'cdrom' needs cdrom (an ISO path)")
     if (spec.initrd or spec.append) and not spec.kernel:
         raise InvalidInput("initrd and append need kernel (direct kernel boot)")
-
-    net = spec.network
-    _one_of("network.mode", net.mode, NETWORK_MODES)
-    if net.mode == "bridge" and not net.bridge:
-        raise InvalidInput("network.mode = 'bridge' needs network.bridge (the host bridge, e.g. br0)")
-    if net.bridge is not None and (net.mode != "bridge" or not re.fullmatch(_IFNAME, net.bridge)):
-        raise InvalidInput(f"network.bridge must be an interface name and needs network.mode = 'bridge', "
-                           f"got {net.bridge!r}")
-    if net.ifname is not None and (net.mode != "tap" or not re.fullmatch(_IFNAME, net.ifname)):
-        raise InvalidInput(f"network.ifname must be an interface name and needs network.mode = 'tap', "
-                           f"got {net.ifname!r}")
-    if net.mac is not None and not re.fullmatch(_MAC, net.mac):
-        raise InvalidInput(f"network.mac must look like 52:54:00:12:34:56 (lower case), got {net.mac!r}")
-
-    vgpu = spec.vgpu
-    if vgpu.uuid is not None:
-        try:
-            canonical = canonical_uuid(vgpu.uuid)
-        except InvalidInput:
-            raise InvalidInput(f"vgpu.uuid must be a UUID, got {vgpu.uuid!r}") from None
-        if canonical != vgpu.uuid:
-            raise InvalidInput(f"vgpu.uuid must be written in lower case with hyphens: {canonical}")
-    requirements = [k for k in ("resolution", "min_memory_mib", "weight") if getattr(vgpu, k) is not None]
-    requirements += ["largest"] if vgpu.largest else []
-    if vgpu.uuid and (vgpu.type or requirements):
-        others = ", ".join((["type"] if vgpu.type else []) + requirements)
-        raise InvalidInput(f"vgpu: give either uuid, or type, or requirements (resolution/min_memory_mib/weight/"
-                           f"largest), not uuid with {others}")
-    if vgpu.type and requirements:
-        raise InvalidInput(f"vgpu: give either type or requirements, not type with {', '.join(requirements)}")
-    if vgpu.resolution is not None:
-        parse_resolution("vgpu.resolution", vgpu.resolution)
-    if vgpu.min_memory_mib is not None:
-        _positive("vgpu.min_memory_mib", vgpu.min_memory_mib, "MiB", maximum=MAX_MEMORY_MIB)
-    if vgpu.weight is not None:
-        _positive("vgpu.weight", vgpu.weight, maximum=16)
-    if vgpu.parent is not None and vgpu.kind == "none":
-        raise InvalidInput("vgpu.parent alone says nothing: add vgpu.type, vgpu.uuid or requirements")
-
-    display = spec.display
-    _one_of("display.backend", display.backend, BACKENDS)
-    _absolute("display.vnc_socket", display.vnc_socket)
-    _absolute("display.rendernode", display.rendernode)
-    if display.vnc_socket is not None and display.backend not in ("vnc", "egl-headless"):
-        raise InvalidInput(f"display.vnc_socket needs display.backend vnc or egl-headless, not {display.backend!r}")
-    if display.vnc_socket is not None and "," in display.vnc_socket:
-        raise InvalidInput("display.vnc_socket must not contain ','")
-    if display.resolution is not None:
-        parse_resolution("display.resolution", display.resolution)
-    for key, value in display.options.items():
-        if key not in DISPLAY_OPTIONS:
-            raise InvalidInput(f"display.options.{key} is not allowed (only options that cannot open a listener "
-                               f"or a file: {', '.join(DISPLAY_OPTIONS)}); listeners are vgpuctl's to set up")
-        if "," in value:
-            raise InvalidInput(f"display.options.{key} must be a value without ',', got {value!r}")
-    if spec.vgpu_display and vgpu.kind == "none":
-        raise InvalidInput("vgpu_display = true needs a vGPU (vgpu.uuid, vgpu.type or requirements such as "
-                           "vgpu.resolution)")
-    if spec.vgpu_display and display.backend not in GL_BACKENDS:
-        raise InvalidInput(f"vgpu_display = true needs an OpenGL display backend ({', '.join(GL_BACKENDS)}); "
-                           f"display.backend {display.backend!r} cannot show a vGPU")
-    if spec.ramfb and not spec.vgpu_display:
-        raise InvalidInput("ramfb = true needs vgpu_display = true (QEMU: \"ramfb=on requires display=on\")")
     for i, requirement in enumerate(spec.requires):
         if not re.fullmatch(_REQUIREMENT, requirement):
             raise InvalidInput(f"requires[{i}] must look like MODULE.PARAMETER=VALUE (e.g. kvm.ignore_msrs=1), "

@@ -1,0 +1,103 @@
+"""What every device kind is: the protocol its module fulfils, and what the renderers hand it.
+
+A device kind is a module of this package with ``Fields`` (a dataclass of its VmSpec fields, a base of
+VmSpec; empty for a device every VM has), ``TABLES`` (the dataclasses its fields read from TOML tables),
+``check(spec)`` (its validation, naming the field), ``qemu_args(ctx)`` and ``xml(ctx)``; the positions put
+its output where QEMU's command line and libvirt's ``<devices>`` have it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
+
+    from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths
+    from vgpuctl.vm.spec import VmSpec
+
+# Field metadata: left out of the TOML file while it has its default (files written before it stay as they are).
+OMIT_DEFAULT = {"omit_default": True}
+
+
+def option(declaration: str, help: str) -> dict[str, str]:
+    """Field metadata: the field's option of ``vgpuctl vm create/edit`` (click's declaration, its help)."""
+    return {"option": declaration, "help": help}
+
+
+# Field metadata: a table a change merges into (as the API's and the CLI's edits do), not one it replaces.
+MERGED = {"merge": True}
+
+
+@dataclass
+class QemuContext:
+    """What a device's QEMU arguments depend on besides the spec; notes collect what the user should see."""
+
+    spec: VmSpec
+    vgpu: ResolvedVgpu | None
+    accel: str
+    paths: RuntimePaths
+    simulated: bool
+    vhost_net: bool
+    notes: list[str] = field(default_factory=list)
+    replaced_vgpu: tuple[int, int] | None = None  # simulated host: the vGPU's emulated stand-in, at this size
+
+    @property
+    def gl(self) -> bool:
+        """OpenGL in QEMU's UI: the vGPU is the display (dma-bufs) and a real GPU is there to import them."""
+        return self.spec.vgpu_display and not self.simulated
+
+
+@dataclass
+class XmlContext:
+    """Where a device puts its libvirt elements, and what libvirt has no element for."""
+
+    spec: VmSpec
+    vgpu: ResolvedVgpu | None
+    paths: RuntimePaths | None
+    devices: Element
+    commandline: list[str] = field(default_factory=list)  # <qemu:commandline> arguments
+    overrides: list[tuple[str, str, str]] = field(default_factory=list)  # the vGPU's (name, type, value) properties
+
+    def add(self, parent: Element, tag: str, text: str | None = None, **attrs: str) -> Element:
+        from xml.etree.ElementTree import SubElement
+
+        element = SubElement(parent, tag, attrs)
+        if text is not None:
+            element.text = text
+        return element
+
+    def comment(self, parent: Element, text: str) -> None:
+        from xml.etree.ElementTree import Comment
+
+        parent.append(Comment(text))
+
+
+@runtime_checkable
+class DeviceKind(Protocol):
+    QEMU_POSITION: int  # where its arguments go on QEMU's command line (the serial console before the boot order)
+    XML_POSITION: int  # where its elements go in <devices>
+    TABLES: tuple[type[Any], ...]
+    Fields: type[Any]
+
+    def check(self, spec: VmSpec) -> None: ...
+
+    def qemu_args(self, ctx: QemuContext) -> list[str]: ...
+
+    def xml(self, ctx: XmlContext) -> None: ...
+
+
+def qemu_value(text: str) -> str:
+    """A value inside QEMU's key=value,... option syntax (a comma is written twice)."""
+    return text.replace(",", ",,")
+
+
+def options(first: str, **props: str | None) -> str:
+    """``first,k=v,...`` with None values left out."""
+    return ",".join([first] + [f"{k}={v}" for k, v in props.items() if v is not None])
+
+
+def xy(size: tuple[int, int] | None) -> dict[str, str | None]:
+    """QEMU's EDID properties for a size."""
+    return {"xres": str(size[0]), "yres": str(size[1])} if size else {}
