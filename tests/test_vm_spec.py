@@ -674,7 +674,7 @@ def test_vm_argv_resolves_the_vgpu_and_marks_the_simulated_replacement(gvt: Cli)
     lines = out.splitlines()
     uuid = vm_vgpu_uuid("s1")
     assert lines[0] == (f"# would create vGPU {uuid} (i915-GVTg_V5_4 on {GVT_PARENT}) at start: the smallest type "
-                        "that gives 1920x1200 (640 MiB graphics memory); 5 can be created there now; also possible: "
+                        "that gives >= 1920x1200 (640 MiB graphics memory); 5 can be created there now; also possible: "
                         f"{GVT_PARENT} i915-GVTg_V5_1, {GVT_PARENT} i915-GVTg_V5_2")
     assert any(line.startswith("# simulated host: QEMU cannot open the simulated vGPU") for line in lines)
     command_line = lines[-1]

@@ -23,7 +23,7 @@ class Request:
     def describe(self) -> str:
         parts = []
         if self.resolution:
-            parts.append(f"{self.resolution[0]}x{self.resolution[1]}")
+            parts.append(f">= {self.resolution[0]}x{self.resolution[1]}")
         if self.min_memory_mib:
             parts.append(f">= {self.min_memory_mib} MiB")
         if self.weight:

@@ -19,7 +19,7 @@ from vgpuctl.base.errors import CapacityError, Conflict, NotFound
 from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, facts
-from vgpuctl.vm.spec import VmSpec, check_name, parse_resolution, vms_dir
+from vgpuctl.vm.spec import VmSpec, check_name, vms_dir
 
 if TYPE_CHECKING:
     from vgpuctl.backends import VgpuBackend
@@ -262,7 +262,7 @@ def vm_vgpu_uuid(name: str) -> str:
 def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
     """Which vGPU the VM gets, read-only: nothing is created, reserved or started here."""
     from vgpuctl.mdev import definitions
-    from vgpuctl.mdev.choose import Request, choose, mismatch
+    from vgpuctl.mdev.choose import choose, mismatch
     from vgpuctl.mdev.sysfs import active_device, parent_names, read_type, read_types
 
     request = spec.vgpu
@@ -292,8 +292,7 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
                             "defined, not active: started when the VM starts")
 
     uuid = vm_vgpu_uuid(spec.name)
-    requirements = Request(parse_resolution("vgpu.resolution", request.resolution) if request.resolution else None,
-                           request.min_memory_mib, request.weight)
+    requirements = request.requirements()
 
     # The VM's own vGPU may still exist (a QEMU that died, a VM stopped, the usual restart): reuse it.
     # Only its own type is read then: a restart stays cheap however many types the host has.

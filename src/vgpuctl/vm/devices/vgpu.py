@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
+from vgpuctl.mdev.choose import Request
 from vgpuctl.mdev.definitions import canonical_uuid
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, parse_resolution, positive
 from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, xy
@@ -64,14 +65,15 @@ class VgpuRequest:
             return f"a new {self.type}{on}"
         if self.kind == "requirements":
             parts = ["the largest type that fits"] if self.largest else []
-            if self.resolution:
-                parts.append(f">= {self.resolution}")
-            if self.min_memory_mib:
-                parts.append(f">= {self.min_memory_mib} MiB")
-            if self.weight:
-                parts.append(f"weight >= {self.weight}")
+            if self.resolution or self.min_memory_mib or self.weight:
+                parts.append(self.requirements().describe())
             return f"a new vGPU{on}: {', '.join(parts)}"
         return "none"
+
+    def requirements(self) -> Request:
+        """What the chooser is asked for (the resolution checked and parsed)."""
+        resolution = parse_resolution("vgpu.resolution", self.resolution) if self.resolution else None
+        return Request(resolution, self.min_memory_mib, self.weight)
 
 
 TABLES: tuple[type[Any], ...] = (VgpuRequest,)
