@@ -64,9 +64,11 @@ def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) ->
         return
     hint = next((n for n in names if n.lower() == parent.lower()), None)
     if hint:
-        raise NotFound(f"no parent device {parent!r}; did you mean {hint!r}?")
+        raise NotFound("no parent device {parent!r}; did you mean {hint!r}?", what="parent", parent=parent,
+                       choices=names, hint=hint)
     listed = ", ".join(names) if names else "none (is the vendor driver, e.g. kvmgt, loaded? try 'vgpuctl doctor')"
-    raise NotFound(f"no parent device {parent!r}; mdev parents on this host: {listed}")
+    raise NotFound("no parent device {parent!r}; mdev parents on this host: {listed}", what="parent", parent=parent,
+                   choices=names, hint=None, listed=listed)
 
 
 def gpus_rows(root: HostRoot) -> list[GpuRow]:

@@ -75,7 +75,9 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
 
 
 def _kind(error: BaseException) -> str:
-    """NotFound -> not_found, CapacityError -> capacity_error, VmError -> vm_error."""
+    """NotFound -> not_found, CapacityError -> capacity_error, VmError -> vm_error (a VgpuError says its kind)."""
+    if isinstance(error, VgpuError):
+        return error.kind
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
 
 
