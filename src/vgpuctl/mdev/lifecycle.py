@@ -25,7 +25,7 @@ from vgpuctl.mdev.errors import (
     NotOwned,
     VgpuError,
 )
-from vgpuctl.mdev.report import check_parent, object_exists
+from vgpuctl.mdev.report import check_parent, check_type, object_exists
 from vgpuctl.mdev.state import Journal, Kind, Ownership, definition_key
 from vgpuctl.mdev.sysfs import (
     ActiveDevice,
@@ -67,11 +67,7 @@ class Manager:
         check_parent(self.root, parent, self.parents())
 
     def check_type(self, parent: str, type_id: str) -> None:
-        self.check_parent(parent)
-        types = [t.type_id for t in read_types(self.root, parent)]
-        if type_id not in types:
-            raise NotFound("{parent} has no type {type_id!r}; its types: {listed}", what="type", parent=parent,
-                           type_id=type_id, choices=types, listed=", ".join(types) or "none")
+        check_type(self.root, parent, type_id, self.parents())
 
     @property
     def journal(self) -> Journal:

@@ -71,6 +71,18 @@ def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) ->
                    choices=names, hint=None, listed=listed)
 
 
+def check_type(root: HostRoot, parent: str, type_id: str, names: list[str] | None = None) -> MdevType:
+    """The type ``type_id`` of ``parent``; NotFound (the parent's types as ``choices``) when it has none such."""
+    check_parent(root, parent, names)
+    types = read_types(root, parent)
+    found = next((t for t in types if t.type_id == type_id), None)
+    if found is None:
+        listed = [t.type_id for t in types]
+        raise NotFound("{parent} has no type {type_id!r}; its types: {listed}", what="type", parent=parent,
+                       type_id=type_id, choices=listed, listed=", ".join(listed) or "none")
+    return found
+
+
 def gpus_rows(root: HostRoot) -> list[GpuRow]:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
     from vgpuctl.backends import backend_for_parent  # GVT-g's platform tables are not needed by `list`
