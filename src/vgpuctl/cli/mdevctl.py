@@ -100,6 +100,10 @@ def in_mdevctl_words(error: VgpuError) -> MdevctlError:
     return MdevctlError(str(error))
 
 
+def _said(error: MdevctlError | VgpuError) -> MdevctlError:
+    return in_mdevctl_words(error) if isinstance(error, VgpuError) else error
+
+
 def _config_words(data: dict[str, Any]) -> str:
     """serde's and mdevctl's load_from_json's words for a config the core could not read."""
     problem = data["problem"]
@@ -276,6 +280,7 @@ class Mdevctl:
                     journal.forget("definition", key)
             if uuid in owned.devices and sysfs.active_device(self.root, uuid) is None:
                 journal.forget("device", uuid)
+
     # -------------------------------------------------------------- the commands
     def cmd_list(self, args: argparse.Namespace) -> int:
         listing = (self.list_defined if args.defined else self.list_active)(args.uuid, args.parent)
@@ -400,7 +405,7 @@ class Mdevctl:
                 try:
                     self.create(device)
                 except (MdevctlError, VgpuError) as e:
-                    said = in_mdevctl_words(e) if isinstance(e, VgpuError) else e
+                    said = _said(e)
                     _warn(str(said))
                     if said.cause:
                         _warn(said.cause)
@@ -622,7 +627,7 @@ def run_as_mdevctl(argv: list[str], root: HostRoot | None = None, state_dir: str
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except (MdevctlError, VgpuError) as e:
-        said = in_mdevctl_words(e) if isinstance(e, VgpuError) else e
+        said = _said(e)
         sys.stderr.write(f"Error: {said}\n" + (f"\nCaused by:\n    {said.cause}\n" if said.cause else ""))
     except OSError as e:  # the host refused a read: mdevctl says the io::Error
         sys.stderr.write(f"Error: {_io(e.errno, str(e))}\n")

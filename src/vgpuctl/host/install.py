@@ -209,18 +209,19 @@ class Record:
     def backup(self, host_path: str) -> Path:
         return self.directory / "backup" / host_path.lstrip("/")
 
-    def claim(self, root: HostRoot, host_path: str, role: str, written: str | None, mode: int = 0o644) -> None:
+    def claim(self, root: HostRoot, host_path: str, role: str, written: str | None) -> None:
         """Record, before ``host_path`` changes, what is there now (the first time only: the original
         stays the one from before vgpuctl) and the fingerprint of what vgpuctl will put there."""
         entry = self.files.get(host_path)
         if entry is None:
             local = root.path(host_path)
             original = fingerprint(local)
+            mode = None
             if original is not None and not original.startswith("symlink:"):
                 atomic_write(self.backup(host_path), local.read_bytes(), 0o600)
-            entry = self.files[host_path] = {
-                "existed": original is not None, "mode": mode if original is not None else None,
-                "original_sha256": original, "role": role}
+                mode = local.stat().st_mode & 0o7777
+            entry = self.files[host_path] = {"existed": original is not None, "mode": mode,
+                                             "original_sha256": original, "role": role}
         entry["written_sha256"] = written
 
     def adopt(self, root: HostRoot, host_path: str, role: str) -> None:

@@ -808,7 +808,7 @@ def apply(plan: Plan, setup_dir: Path, tools: Tools) -> list[Step]:
         return []
     record.check_root(plan.root, "revert it")
     for edit in plan.edits:  # record the originals before touching anything
-        record.claim(plan.root, edit.host_path, edit.role, sha256(edit.new), edit.mode)
+        record.claim(plan.root, edit.host_path, edit.role, sha256(edit.new))
     if any(e.role == "boot" for e in plan.edits):
         record.data["regenerate"] = [list(c.argv) for c in plan.boot.regenerate]
     record.save()
