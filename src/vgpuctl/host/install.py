@@ -14,6 +14,7 @@ reported as a :class:`Step`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -240,7 +241,11 @@ class Record:
         if self.empty:
             self.file.unlink(missing_ok=True)
             return
-        atomic_write(self.file, json.dumps(self.data, indent=2, sort_keys=True).encode() + b"\n", 0o600)
+        data = json.dumps(self.data, indent=2, sort_keys=True).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            if self.file.read_bytes() == data:
+                return  # a run that changed nothing leaves the record as it was
+        atomic_write(self.file, data, 0o600)
 
     def forget(self, host_path: str) -> None:
         self.files.pop(host_path, None)
