@@ -268,6 +268,14 @@ def test_no_json_body_makes_a_server_error(host: HostRoot, state: StateDir) -> N
     assert (state.path / "vms").is_file()
 
 
+def test_an_infinite_number_echoed_back_is_still_json(host: HostRoot, state: StateDir) -> None:
+    """Python's JSON reads Infinity; a validation error echoing it (FastAPI's detail) must still be JSON."""
+    with TestClient(create_app(host, state, token=TOKEN), base_url=BASE, headers=AUTH) as client:
+        response = client.post(f"{API}/vgpus", content=b'{"parent": Infinity, "type": "x"}',
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["input"] == "inf"
+
+
 def fuzz_body(client: TestClient, method: str, url: str, fields: list[str]) -> None:
     keys = st.sampled_from(fields) | st.text(max_size=6) if fields else st.text(max_size=6)
 

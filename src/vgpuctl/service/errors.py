@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import re
 from typing import Any
 
@@ -131,6 +132,17 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float (an input echoed back, which JSON cannot hold) as its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into the JSON body above."""
 
@@ -147,7 +159,7 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = list(exc.errors())
         return error_response(422, "invalid_input", _validation_message(errors),
-                              detail=jsonable_encoder(errors, custom_encoder={Exception: str}))
+                              detail=_finite(jsonable_encoder(errors, custom_encoder={Exception: str})))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
