@@ -24,11 +24,15 @@ from click.testing import CliRunner
 
 from tests.conftest import GVT_PARENT, MountFn
 from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
+from vgpuctl.base.state import StateDir
+from vgpuctl.cli import units as cli_units
 from vgpuctl.cli.app import cli as app
 from vgpuctl.host import HostRoot
+from vgpuctl.host.install import Command, Step, Tools
 from vgpuctl.mdev import units
 from vgpuctl.sim.host import SIM_CONTROL, SIM_UEVENTS, SimHost
 from vgpuctl.sim.presets import HostSpec, preset
+from vgpuctl.vm.units import VM_UNIT_NAME, render_vm_unit
 
 PROGRAM = "/usr/local/bin/vgpuctl"
 VGPUCTL_BIN = Path(sys.executable).parent / "vgpuctl"  # the console script pip installed in this venv
@@ -75,6 +79,12 @@ RUN+="/usr/bin/flock -w 120 /run/vgpuctl-autostart.lock /usr/local/bin/vgpuctl a
 """
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vgpuctl's record of what it installed, outside the host root (the tests compare the root's files)."""
+    monkeypatch.setenv("VGPUCTL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 def cli(*args: str, code: int = 0) -> str:
     """vgpuctl in-process; returns stdout (and stderr after it, when it must fail)."""
     result = CliRunner().invoke(app, list(args))
@@ -82,30 +92,40 @@ def cli(*args: str, code: int = 0) -> str:
     return result.stdout if code == 0 else result.stdout + result.stderr
 
 
-class FakeSystem:
-    """systemctl and udevadm as recorded calls; 'systemctl enable/disable' do what the real ones do."""
+def install(root: HostRoot, program: str, force: bool = False, tools: Tools | None = None) -> list[Step]:
+    return cli_units.install(root, StateDir.from_env(), program, force, tools)
 
-    def __init__(self, root: HostRoot, tools: tuple[str, ...] = ("systemctl", "udevadm")) -> None:
-        self.root, self.tools = root, tools
-        self.calls: list[str] = []
 
-    def which(self, name: str) -> str | None:
-        return f"/usr/bin/{name}" if name in self.tools else None
+def uninstall(root: HostRoot, force: bool = False, tools: Tools | None = None) -> list[Step]:
+    return cli_units.uninstall(root, StateDir.from_env(), force, tools)
 
-    def run(self, command: list[str]) -> tuple[int, str]:
-        self.calls.append(" ".join(command))
-        if command[1:2] in (["enable"], ["disable"]) and command[2] in (units.UNIT_NAME, units.VM_UNIT_NAME):
-            name = command[2]
-            link = self.root.path(f"/etc/systemd/system/multi-user.target.wants/{name}")
-            if command[1] == "enable":
+
+@dataclass(frozen=True)
+class FakeTools(Tools):
+    """systemctl and udevadm as recorded calls on 'this machine'; 'systemctl enable/disable' do what the real
+    ones do."""
+
+    names: tuple[str, ...] = ("systemctl", "udevadm")
+    calls: list[str] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return True
+
+    def find(self, name: str) -> str | None:
+        return f"/usr/bin/{name}" if name in self.names else None
+
+    def run(self, command: Command) -> tuple[int, str, str]:
+        argv = list(command.argv)
+        self.calls.append(" ".join(argv))
+        if argv[1:2] in (["enable"], ["disable"]) and argv[2] in (units.UNIT_NAME, VM_UNIT_NAME):
+            link = self.root.path(f"/etc/systemd/system/multi-user.target.wants/{argv[2]}")
+            if argv[1] == "enable":
                 link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(f"/etc/systemd/system/{name}")
+                link.symlink_to(f"/etc/systemd/system/{argv[2]}")
             else:
                 link.unlink(missing_ok=True)
-        return 0, ""
-
-    def system(self) -> units.System:
-        return units.System(which=self.which, run=self.run)
+        return 0, "", ""
 
 
 # ------------------------------------------------------------------------------ the files
@@ -137,8 +157,8 @@ def test_unit_and_rule_text() -> None:
     root = HostRoot(Path("/"))
     assert units.render_unit(root, PROGRAM) == EXPECTED_UNIT
     assert units.render_rules(root, PROGRAM) == EXPECTED_RULES
-    assert units.render_vm_unit(root, PROGRAM) == EXPECTED_VM_UNIT
-    assert [f.host_path for f in units.unit_files(root, PROGRAM)] == [UNIT, RULES, VM_UNIT]
+    assert render_vm_unit(PROGRAM) == EXPECTED_VM_UNIT
+    assert [f.host_path for f in cli_units.unit_files(root, PROGRAM)] == [UNIT, RULES, VM_UNIT]
 
 
 def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: Path) -> None:
@@ -168,10 +188,10 @@ def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: 
 
 def test_install_updates_its_own_files_but_not_others(tmp_path: Path) -> None:
     root = HostRoot(tmp_path)
-    units.install(root, PROGRAM)
+    install(root, PROGRAM)
     # Its own file with other contents (an older program path): replaced.
     root.path(UNIT).write_text(EXPECTED_UNIT.replace(PROGRAM, "/opt/old/vgpuctl"))
-    steps = units.install(root, PROGRAM)
+    steps = install(root, PROGRAM)
     assert [s.action for s in steps][:2] == ["updated", "unchanged"]
     assert root.path(UNIT).read_text() == EXPECTED_UNIT
 
@@ -179,18 +199,18 @@ def test_install_updates_its_own_files_but_not_others(tmp_path: Path) -> None:
     root.path(RULES).write_text('ACTION=="add", RUN+="/bin/true"\n')
     root.path(UNIT).write_text(EXPECTED_UNIT.replace(PROGRAM, "/opt/old/vgpuctl"))
     with pytest.raises(Conflict, match="was not written by vgpuctl"):
-        units.install(root, PROGRAM)
+        install(root, PROGRAM)
     assert "/opt/old/vgpuctl" in root.path(UNIT).read_text()
     assert "not written by vgpuctl" in cli("--root", str(tmp_path), "install-units", "--program", PROGRAM, code=1)
 
-    steps = units.install(root, PROGRAM, force=True)
+    steps = install(root, PROGRAM, force=True)
     assert [s.action for s in steps][:2] == ["updated", "updated"]
     assert root.path(RULES).read_text() == EXPECTED_RULES
 
 
 def test_uninstall_removes_only_what_vgpuctl_wrote(tmp_path: Path) -> None:
     root = HostRoot(tmp_path)
-    units.install(root, PROGRAM)
+    install(root, PROGRAM)
     foreign = '# my own rule\nACTION=="add", RUN+="/bin/true"\n'
     root.path(RULES).write_text(foreign)
 
@@ -213,13 +233,55 @@ def test_uninstall_removes_only_what_vgpuctl_wrote(tmp_path: Path) -> None:
 
 def test_uninstall_keeps_a_foreign_unit_enabled(tmp_path: Path) -> None:
     root = HostRoot(tmp_path)
-    units.install(root, PROGRAM)
+    install(root, PROGRAM)
     root.path(UNIT).write_text("[Service]\nExecStart=/bin/true\n")
-    steps = units.uninstall(root)
+    steps = uninstall(root)
     assert [(s.action, s.target) for s in steps] == [
         ("removed", f"{tmp_path}{VM_WANTS}"),  # the VM unit is ours: disabled, then removed
         ("kept", f"{tmp_path}{UNIT}"), ("removed", f"{tmp_path}{RULES}"), ("removed", f"{tmp_path}{VM_UNIT}")]
     assert os.readlink(root.path(WANTS)) == UNIT  # its enablement is not ours to undo
+
+
+def old_installation(root: HostRoot) -> None:
+    """What install-units left before it kept a record (commit 15080c8): the files with the header, the links."""
+    for unit in cli_units.unit_files(root, PROGRAM):
+        root.path(unit.host_path).parent.mkdir(parents=True, exist_ok=True)
+        root.path(unit.host_path).write_text(unit.text)
+    for link, target in ((WANTS, UNIT), (VM_WANTS, VM_UNIT)):
+        root.path(link).parent.mkdir(parents=True, exist_ok=True)
+        root.path(link).symlink_to(target)
+
+
+def test_a_host_set_up_by_an_earlier_vgpuctl_uninstalls_cleanly(tmp_path: Path) -> None:
+    root = HostRoot(tmp_path)
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    old_installation(root)
+    assert cli("--root", str(tmp_path), "uninstall-units").splitlines() == [
+        f"removed    {tmp_path}{WANTS}", f"removed    {tmp_path}{VM_WANTS}",
+        f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}"]
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+
+    # Installed again over it by this version: nothing to change, and the old files are now recorded.
+    old_installation(root)
+    assert [s.action for s in install(root, PROGRAM)] == ["unchanged"] * 5 + ["skipped"]
+    assert [s.action for s in uninstall(root)] == ["removed"] * 5
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+
+
+def test_forced_over_a_file_of_someone_else_uninstall_puts_it_back(tmp_path: Path) -> None:
+    root = HostRoot(tmp_path)
+    theirs = '# my own rule\nACTION=="add", RUN+="/bin/true"\n'
+    root.path(RULES).parent.mkdir(parents=True)
+    root.path(RULES).write_text(theirs)
+    root.path(WANTS).parent.mkdir(parents=True)
+    root.path(WANTS).symlink_to("/etc/systemd/system/elsewhere.service")  # a link of theirs, replaced
+    install(root, PROGRAM, force=True)
+    assert root.path(RULES).read_text() == EXPECTED_RULES and os.readlink(root.path(WANTS)) == UNIT
+    assert [s.line() for s in uninstall(root)] == [
+        f"restored   {tmp_path}{WANTS}", f"removed    {tmp_path}{VM_WANTS}",
+        f"removed    {tmp_path}{UNIT}", f"restored   {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}"]
+    assert root.path(RULES).read_text() == theirs
+    assert os.readlink(root.path(WANTS)) == "/etc/systemd/system/elsewhere.service"
 
 
 def test_print_shows_the_files_and_writes_nothing(tmp_path: Path) -> None:
@@ -233,11 +295,11 @@ def test_the_program_is_the_installed_console_script(tmp_path: Path) -> None:
     if not VGPUCTL_BIN.is_file():
         pytest.fail(f"{VGPUCTL_BIN} is missing: install vgpuctl into the venv (make deps)")
     real = str(VGPUCTL_BIN.resolve())
-    assert units.find_program(str(VGPUCTL_BIN)) == real
+    assert cli_units.find_program(str(VGPUCTL_BIN)) == real
     # Run as "python -m vgpuctl": the one on PATH; none there: say how to give it.
-    assert units.find_program("/x/vgpuctl/__main__.py", which=lambda name: str(VGPUCTL_BIN)) == real
+    assert cli_units.find_program("/x/vgpuctl/__main__.py", which=lambda name: str(VGPUCTL_BIN)) == real
     with pytest.raises(NotFound, match="--program"):
-        units.find_program("/x/vgpuctl/__main__.py", which=lambda name: None)
+        cli_units.find_program("/x/vgpuctl/__main__.py", which=lambda name: None)
 
     done = subprocess.run([str(VGPUCTL_BIN), "--root", str(tmp_path), "install-units"], capture_output=True,
                           text=True, env={**os.environ, "PATH": "/usr/bin:/bin"}, timeout=60)
@@ -252,7 +314,7 @@ def test_systemd_accepts_the_unit_and_enabling_links_as_systemctl_does(tmp_path:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not found: install Debian's systemd (mdevctl, which 'make test' installs, needs it)")
     ours, theirs = HostRoot(tmp_path / "ours"), HostRoot(tmp_path / "theirs")
-    units.install(ours, str(VGPUCTL_BIN.resolve()))
+    install(ours, str(VGPUCTL_BIN.resolve()))
     theirs.path(UNIT).parent.mkdir(parents=True)
     shutil.copy(ours.path(UNIT), theirs.path(UNIT))
     done = subprocess.run(["systemctl", f"--root={theirs.root}", "enable", units.UNIT_NAME], capture_output=True,
@@ -262,38 +324,38 @@ def test_systemd_accepts_the_unit_and_enabling_links_as_systemctl_does(tmp_path:
     checked = subprocess.run(["systemd-analyze", "verify", str(ours.path(UNIT)), str(ours.path(VM_UNIT))],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
-    assert units.UNIT_NAME not in checked.stderr and units.VM_UNIT_NAME not in checked.stderr, checked.stderr
+    assert units.UNIT_NAME not in checked.stderr and VM_UNIT_NAME not in checked.stderr, checked.stderr
 
 
 @pytest.mark.parametrize("program", ["vgpuctl", "bin/vgpuctl", "/opt/my tools/vgpuctl", "/opt/100%/vgpuctl",
                                      "/opt/$HOME/vgpuctl", '/opt/"x"/vgpuctl'])
 def test_program_paths_udev_or_systemd_would_mangle_are_refused(tmp_path: Path, program: str) -> None:
     with pytest.raises(InvalidInput):
-        units.install(HostRoot(tmp_path), program)
+        install(HostRoot(tmp_path), program)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The machine's own root, played by tmp_path: nothing here touches the real /etc.
-    monkeypatch.setattr(units, "is_running_system", lambda root: True)
+    monkeypatch.setattr(HostRoot, "is_this_machine", property(lambda self: True))
     root = HostRoot(tmp_path)
     root.path("/run/systemd/system").mkdir(parents=True)  # systemd is the running init
     program = str(VGPUCTL_BIN.resolve())
-    fake = FakeSystem(root)
+    fake = FakeTools(root)
 
-    steps = units.install(root, program, system=fake.system())
+    steps = install(root, program, tools=fake)
     assert [s.line() for s in steps][3:] == ["ran        systemctl daemon-reload",
                                              "enabled    systemctl enable vgpuctl-autostart.service",
                                              "enabled    systemctl enable vgpuctl-vms.service",
                                              "ran        udevadm control --reload"]
-    assert fake.calls == ["/usr/bin/systemctl daemon-reload", "/usr/bin/systemctl enable vgpuctl-autostart.service",
-                          "/usr/bin/systemctl enable vgpuctl-vms.service", "/usr/bin/udevadm control --reload"]
+    assert fake.calls == ["systemctl daemon-reload", "systemctl enable vgpuctl-autostart.service",
+                          "systemctl enable vgpuctl-vms.service", "udevadm control --reload"]
     fake.calls.clear()
-    assert [s.action for s in units.install(root, program, system=fake.system())] == ["unchanged"] * 5
+    assert [s.action for s in install(root, program, tools=fake)] == ["unchanged"] * 5
     assert fake.calls == []  # nothing changed: nothing to reload or enable
 
-    assert [s.line() for s in units.uninstall(root, system=fake.system())] == [
+    assert [s.line() for s in uninstall(root, tools=fake)] == [
         "ran        systemctl disable vgpuctl-autostart.service",
         "ran        systemctl disable vgpuctl-vms.service",
         f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}",
@@ -302,8 +364,8 @@ def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
     assert not os.path.lexists(root.path(WANTS))
 
     # Neither tool installed (or systemd not running): enabled by the link, and said so.
-    bare = FakeSystem(root, tools=())
-    steps = units.install(root, program, system=bare.system())
+    bare = FakeTools(root, names=())
+    steps = install(root, program, tools=bare)
     assert [s.line() for s in steps][3:] == [
         f"enabled    {tmp_path}{WANTS} -> {UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
         f"enabled    {tmp_path}{VM_WANTS} -> {VM_UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
@@ -311,10 +373,10 @@ def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
     ]
     assert bare.calls == [] and os.readlink(root.path(WANTS)) == UNIT
     with pytest.raises(InvalidInput, match="not an executable"):
-        units.install(root, "/nonexistent/vgpuctl", system=bare.system())
+        install(root, "/nonexistent/vgpuctl", tools=bare)
     monkeypatch.setattr(units, "FLOCK", "/nonexistent/flock")
     with pytest.raises(NotFound, match="install util-linux"):
-        units.install(root, program, system=bare.system())
+        install(root, program, tools=bare)
 
 
 # ------------------------------------------------------------------------------ the simulator: reboot, modules

@@ -319,6 +319,38 @@ def test_generated_uuids(mount_host: MountFn, tmp_path: Path) -> None:
     ) + "\n"
 
 
+# Configs mdevctl 1.2.0 cannot read (it panics on a non-string mdev_type or attribute value, and serde's words
+# for a misspelt literal are its own: not compared).
+BAD_CONFIGS: list[str | bytes] = [
+    '{"mdev_type": "i915-GVTg_V5_4",\n  ', '{"mdev_type": x}', '{"mdev_type": "i915-GVTg_V5_4", "start": "auto"} x',
+    '{"mdev_type": "i915-GVTg_V5_4"}', '{"mdev_type": "i915-GVTg_V5_4", "start": null}',
+    '{"mdev_type": "i915-GVTg_V5_4", "start": "auto", "attrs": {}}',
+    '{"mdev_type": "i915-GVTg_V5_4", "start": "auto", "attrs": [1]}',
+    '{"mdev_type": "i915-GVTg_V5_4", "start": "auto", "attrs": [{"a": "1", "b": "2"}]}', "",
+    b'{"mdev_type": "\xff"}',
+]
+
+
+def test_bad_configs_are_said_as_mdevctl_says_them(mount_host: MountFn, tmp_path: Path) -> None:
+    """The core's errors for a config it cannot read, in mdevctl's words: a definition file that fails
+    every listing, and the same text given with --jsonfile."""
+    theirs, mine = mount_host("coffeelake", aperture_mib=1024), mount_host("coffeelake", aperture_mib=1024)
+    jsonfile = tmp_path / "config.json"
+    commands = [["list", "-d"], ["list", "-d", "-u", U2], ["list"], ["start", "-u", U1],
+                ["define", "-u", U2, "-p", GVT_PARENT, "--jsonfile", str(jsonfile)],
+                ["start", "-u", U2, "-p", GVT_PARENT, "--jsonfile", str(jsonfile)],
+                ["start", "-u", U2, "--jsonfile", str(jsonfile)]]
+    for text in BAD_CONFIGS:
+        data = text.encode() if isinstance(text, str) else text
+        jsonfile.write_bytes(data)
+        for host in (theirs, mine):
+            host.path(f"/etc/mdevctl.d/{GVT_PARENT}").mkdir(parents=True, exist_ok=True)
+            host.path(f"/etc/mdevctl.d/{GVT_PARENT}/{U1}").write_bytes(data)
+        for argv, want in zip(commands, real(theirs, commands, tmp_path), strict=True):
+            assert normal(ours(mine, argv, tmp_path / "state")) == normal(want), (text, argv)
+        assert snapshot(mine) == snapshot(theirs), text
+
+
 # ------------------------------------------------------------------------------ one writes, the other reads
 
 

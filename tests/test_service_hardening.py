@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from tests.conftest import API, AUTH, BASE, GVT_PARENT, TOKEN, MountFn, error_of, free_port, serving
+from vgpuctl.base import errors as base_errors
 from vgpuctl.base.errors import VgpuError
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli
@@ -268,6 +269,14 @@ def test_no_json_body_makes_a_server_error(host: HostRoot, state: StateDir) -> N
     assert (state.path / "vms").is_file()
 
 
+def test_an_infinite_number_echoed_back_is_still_json(host: HostRoot, state: StateDir) -> None:
+    """Python's JSON reads Infinity; a validation error echoing it (FastAPI's detail) must still be JSON."""
+    with TestClient(create_app(host, state, token=TOKEN), base_url=BASE, headers=AUTH) as client:
+        response = client.post(f"{API}/vgpus", content=b'{"parent": Infinity, "type": "x"}',
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["input"] == "inf"
+
+
 def fuzz_body(client: TestClient, method: str, url: str, fields: list[str]) -> None:
     keys = st.sampled_from(fields) | st.text(max_size=6) if fields else st.text(max_size=6)
 
@@ -497,29 +506,29 @@ def test_the_error_event_reaches_every_subscriber() -> None:
 def test_an_unusable_token_file_is_one_line_that_says_what_to_do(state: StateDir, tmp_path: Path) -> None:
     path = token_path(state)
     path.mkdir(parents=True)
-    with pytest.raises(ValueError, match="is a directory: remove it and restart"):
+    with pytest.raises(base_errors.StateDamaged, match="is a directory: remove it and restart"):
         load_or_create_token(state)
     result = CliRunner().invoke(cli, ["--state-dir", str(state.path), "serve", "--port", str(free_port())])
     assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
     assert "is a directory: remove it" in result.stderr and "Traceback" not in result.stderr
     path.rmdir()
     os.mkfifo(path)  # must not hang
-    with pytest.raises(ValueError, match="not a regular file"):
+    with pytest.raises(base_errors.StateDamaged, match="not a regular file"):
         load_or_create_token(state)
     path.unlink()
     path.symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match="symbolic link"):
+    with pytest.raises(base_errors.StateDamaged, match="symbolic link"):
         load_or_create_token(state)
     path.unlink()
     path.write_bytes(b"\xff\xfe not text \xff" * 4)
-    with pytest.raises(ValueError, match="holds no usable token"):
+    with pytest.raises(base_errors.StateDamaged, match="holds no usable token"):
         load_or_create_token(state)
     path.write_text("")
-    with pytest.raises(ValueError, match="holds no usable token"):
+    with pytest.raises(base_errors.StateDamaged, match="holds no usable token"):
         load_or_create_token(state)
     blocked = StateDir(tmp_path / "a-file")
     blocked.path.write_text("not a directory")
-    with pytest.raises(ValueError, match="must be a directory"):
+    with pytest.raises(base_errors.StateDamaged, match="must be a directory"):
         load_or_create_token(blocked)
 
 
@@ -548,14 +557,14 @@ def test_every_vgpuerror_is_json_with_a_message() -> None:
     assert service_errors.classify(Unforeseen("x")) == (409, "unforeseen")
     assert service_errors.classify(Declared("x")) == (423, "declared")
     assert service_errors.classify(StateDamaged("/var/lib/vgpuctl/x")) == (503, "state_damaged")
-    assert service_errors.classify(RuntimeError("/s/owned.json is damaged: move it away")) == (503, "state_damaged")
-    assert service_errors.classify(RuntimeError("a bug")) == (500, "internal")
+    assert service_errors.classify(RuntimeError("/s/owned.json is damaged: move it away")) == (500, "internal")
+    assert service_errors.classify(ValueError("a bug")) == (500, "internal")  # only vgpuctl's errors are not bugs
 
     from fastapi import FastAPI
 
     app = FastAPI()
     service_errors.install(app)
-    raised: list[Exception] = [Unforeseen("what to do next"), Declared("locked"), RuntimeError("/s/f is damaged"),
+    raised: list[Exception] = [Unforeseen("what to do next"), Declared("locked"), StateDamaged("/s/f is damaged"),
                                RuntimeError("a bug, with a secret")]
 
     @app.get("/boom/{i}")

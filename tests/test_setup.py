@@ -9,6 +9,7 @@ list a line; grubby's and kernelstub's stubs also keep the state the real tools 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -690,3 +691,47 @@ def test_systemd_boot_round_trip_on_a_mounted_simulated_host(mount_host: MountFn
     assert "nothing to do" in setup("apply")
     setup("revert")
     assert setup.read("/boot/loader/entries/arch.conf") == ENTRY
+
+
+def test_a_host_set_up_by_an_earlier_vgpuctl_reverts_cleanly(tmp_path: Path) -> None:
+    """The record exactly as vgpuctl wrote it before setup and install-units shared one installer (commit
+    15080c8: its manifest.json and backup/), on a host it changed: revert puts the host back byte for byte."""
+    root, state = HostRoot(tmp_path / "root"), tmp_path / "state"
+    setup = Setup(root, state, tmp_path / "bin")
+    stub(tmp_path / "bin", "update-grub")
+    original = 'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet"\nGRUB_CMDLINE_LINUX=""\n'
+    written = original.replace('"quiet"', f'"quiet {GVT}"')
+    setup.write("/etc/os-release", "ID=debian\n")
+    setup.write("/etc/default/grub", written)
+    setup.write("/etc/modules-load.d/vgpuctl.conf", MODULES)
+    setup.write("/etc/modprobe.d/vgpuctl.conf", OPTIONS)
+    (state / "setup/backup/etc/default").mkdir(parents=True)
+    (state / "setup/backup/etc/default/grub").write_text(original)
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def created(text: str, role: str) -> dict[str, object]:
+        return {"existed": False, "mode": None, "original_sha256": None, "role": role,
+                "written_sha256": digest(text)}
+
+    (state / "setup/manifest.json").write_text(json.dumps({
+        "files": {
+            "/etc/default/grub": {"existed": True, "mode": 420, "original_sha256": digest(original), "role": "boot",
+                                  "written_sha256": digest(written)},
+            "/etc/modprobe.d/vgpuctl.conf": created(OPTIONS, "options"),
+            "/etc/modules-load.d/vgpuctl.conf": created(MODULES, "modules"),
+        },
+        "pending": [], "regenerate": [["update-grub"]], "root": str(root.root.resolve()), "undo": [], "version": 1,
+    }, indent=2, sort_keys=True) + "\n")
+
+    assert setup("revert") == """\
+restored   /etc/default/grub
+removed    /etc/modprobe.d/vgpuctl.conf  (vgpuctl created it)
+removed    /etc/modules-load.d/vgpuctl.conf  (vgpuctl created it)
+ran        update-grub
+""" + REVERTED
+    assert setup.root.path("/etc/default/grub").read_bytes() == original.encode()
+    assert sorted(str(p.relative_to(root.root)) for p in root.root.rglob("*") if p.is_file()) == [
+        "etc/default/grub", "etc/os-release"]
+    assert [p for p in (state / "setup").rglob("*")] == []

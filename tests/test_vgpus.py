@@ -300,3 +300,24 @@ def test_human_output_of_list_gpus_and_types(mount_host: MountFn, tmp_path: Path
     row = next(line for line in types.splitlines() if "i915-GVTg_V5_2" in line).split("│")
     name = "GVTg_V5_2" if kernel == "6.8.0" else "-"
     assert [c.strip() for c in row[1:6]] == [GVT_PARENT, "i915-GVTg_V5_2", name, "2", "1280 MiB"]
+
+
+def test_only_vgpuctl_errors_are_the_users_anything_else_is_said_to_be_a_bug(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from vgpuctl.cli.app import cli
+    from vgpuctl.mdev import report
+
+    def broken(root: object) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(report, "gpus_rows", broken)
+    result = CliRunner().invoke(cli, ["--root", str(tmp_path), "--state-dir", str(tmp_path / "s"), "gpus", "--json"])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.endswith("error: internal error, a bug in vgpuctl (ValueError: boom); please report it with "
+                                  "the traceback above\n")
+    result = CliRunner().invoke(cli, ["--root", str(tmp_path), "--state-dir", str(tmp_path / "s"), "create", "-p",
+                                      "x", "-t", "y", "--resolution", "1x1"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: give either") and "Traceback" not in result.stderr

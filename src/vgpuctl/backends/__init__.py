@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 class Capacity(Protocol):
     """How a parent's shared resources are used, beyond the kernel's per-type available_instances."""
 
-    def shortfalls(self, wanted: MdevType) -> list[str]:
-        """Which resources cannot hold one more vGPU of this type, in words."""
+    def shortfalls(self, wanted: MdevType) -> dict[str, str]:
+        """The resources (pools) that cannot hold one more vGPU of this type: name -> why, in words."""
 
     def advice(self) -> str:
         """What else, besides removing a vGPU, makes room ("" if nothing)."""

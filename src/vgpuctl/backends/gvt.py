@@ -50,17 +50,17 @@ class GvtCapacity:
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
 
-    def shortfalls(self, gvt_type: MdevType) -> list[str]:
-        """Which pools cannot hold one more vGPU of this type, in words."""
+    def shortfalls(self, gvt_type: MdevType) -> dict[str, str]:
+        """The pools that cannot hold one more vGPU of this type: name -> why, in words."""
         f = gvt_type.fields
         need = {"low GM (aperture)": f.get("low_gm_mib", 0), "high GM": f.get("high_gm_mib", 0),
                 "fences": f.get("fences", 0), "vGPU ids": 1}
-        short = []
+        short = {}
         for pool in self.pools:
             wanted = int(need.get(pool.name, 0))
             if pool.free < wanted:
                 unit = f" {pool.unit}" if pool.unit else ""
-                short.append(f"{pool.name}: {pool.free}{unit} free, {gvt_type.type_id} needs {wanted}")
+                short[pool.name] = f"{pool.name}: {pool.free}{unit} free, {gvt_type.type_id} needs {wanted}"
         return short
 
     def advice(self) -> str:

@@ -49,15 +49,26 @@ def print_json(data: Any) -> None:
 
 
 def reports_errors(command: F) -> F:
-    """Turn vgpuctl's errors into one clear line on stderr and exit status 1."""
+    """Turn vgpuctl's errors (and the host's refusals, OSError) into one clear line on stderr and exit status 1.
+    Any other exception is a bug in vgpuctl, shown as one: its traceback, and a line that says so."""
     from vgpuctl.base.errors import VgpuError
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (VgpuError, ValueError, RuntimeError) as e:
+        except VgpuError as e:
             die(str(e))
+        except OSError as e:  # the host or the state directory refused (not root, read-only ...), as the API says
+            die(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: usage errors, ctx.exit()
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            die(f"internal error, a bug in vgpuctl ({type(e).__name__}: {e}); please report it with the traceback "
+                "above")
 
     return wrapper  # type: ignore[return-value]
 

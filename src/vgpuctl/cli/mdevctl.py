@@ -7,9 +7,13 @@ for ``list`` and ``types`` (text and ``--dumpjson``, with 1.2.0's extra trailing
 config files, and exit status 0, 1 (``Error: <message>`` on stderr, anyhow's ``Caused by:`` when
 there is a cause) or 2 (usage errors, ``error: ...``).
 
-It stands in for mdevctl: vgpuctl's ownership rule does not apply and what it creates is not
-recorded as vgpuctl's. Mutations take vgpuctl's per-parent lock, so the two never interleave.
-Not supported: mdevctl's callout scripts.
+The work is the core's: sysfs reads and writes (:mod:`vgpuctl.mdev.sysfs`), the checks of parents and
+types (:mod:`vgpuctl.mdev.report`), the definition files (:mod:`vgpuctl.mdev.definitions`). This module
+keeps mdevctl's order of checks and says the core's errors in mdevctl's words, from their data
+(:func:`in_mdevctl_words`). It stands in for mdevctl: it uses the functions below vgpuctl's Manager,
+so vgpuctl's ownership rule does not apply and nothing it makes is recorded as vgpuctl's; what vgpuctl
+had made and it removes is forgotten. Mutations take vgpuctl's per-parent lock, so the two never
+interleave. Not supported: mdevctl's callout scripts.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from vgpuctl.base.errors import VgpuError
+from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, VgpuError
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
+from vgpuctl.host.root import path_name, relative_path
 from vgpuctl.mdev import definitions, sysfs
 from vgpuctl.mdev.definitions import Definition
+from vgpuctl.mdev.report import check_parent, check_type
 from vgpuctl.mdev.state import Journal
-from vgpuctl.mdev.sysfs import MdevType
+from vgpuctl.mdev.sysfs import ActiveDevice, MdevType
 
 VERSION = "1.2.0"
 _HEX = "[0-9a-fA-F]"
@@ -52,9 +58,65 @@ class MdevctlError(Exception):
         self.cause = cause
 
 
-def _io(error: OSError) -> str:
+def _io(errno: int | None, fallback: str = "") -> str:
     """An OS error as Rust's std::io::Error displays it."""
-    return f"{os.strerror(error.errno)} (os error {error.errno})" if error.errno else str(error)
+    return f"{os.strerror(errno)} (os error {errno})" if errno else fallback
+
+
+# serde_json's words for what Python's json decoder says
+_SERDE = {"Expecting value": "expected value", "Extra data": "trailing characters"}
+
+
+def in_mdevctl_words(error: VgpuError) -> MdevctlError:
+    """What mdevctl 1.2.0 says (message, cause) for one of the core's errors, from its data."""
+    data, cause = error.data, _io(error.errno) or None
+    if isinstance(error, Conflict) and isinstance(error.holder, ActiveDevice):  # MDev::start's own checks
+        holder = error.holder
+        if holder.parent != error.parent:
+            return MdevctlError("Device exists under different parent")
+        if holder.type_id != error.type_id:
+            return MdevctlError("Device exists with different type")
+        return MdevctlError("Device already exists")
+    if isinstance(error, NotFound) and error.what == "parent":
+        hint = data.get("hint")
+        return MdevctlError(f"Unable to find parent device '{error.parent}'" + (f". Did you mean '{hint}'?" if hint
+                                                                                 else ""))
+    if isinstance(error, NotFound) and error.what == "type":
+        return MdevctlError(f"Parent {error.parent} does not support mdev type {error.type_id}")
+    if isinstance(error, KernelError) and error.what == "device":
+        if data.get("action") == "create":
+            return MdevctlError(f"Failed to create mdev {error.uuid}, type {error.type_id} on {error.parent}", cause)
+        return MdevctlError(f"Error removing device {error.uuid}", cause)
+    if isinstance(error, KernelError) and error.what == "attribute":
+        return MdevctlError(f"Failed to write {data['value']} to attribute {data['attribute']}", cause)
+    if isinstance(error, InvalidInput) and error.what == "attribute":
+        return MdevctlError(f"Invalid attribute '{data.get('attribute', data.get('value'))}'")
+    if isinstance(error, InvalidInput) and error.what == "parent":  # not one name: mdevctl would join it to a path
+        return MdevctlError(f"Invalid parent '{data['value']}': a device name, not a path")
+    if isinstance(error, KernelError) and error.what == "definition":
+        return MdevctlError(f"Failed to write config for device {error.uuid}", cause)
+    if isinstance(error, InvalidInput) and error.what == "definition":
+        return MdevctlError(_config_words(data))
+    return MdevctlError(str(error))
+
+
+def _said(error: MdevctlError | VgpuError) -> MdevctlError:
+    return in_mdevctl_words(error) if isinstance(error, VgpuError) else error
+
+
+def _config_words(data: dict[str, Any]) -> str:
+    """serde's and mdevctl's load_from_json's words for a config the core could not read."""
+    problem = data["problem"]
+    if problem == "json" and data["input_end"] is not None:  # serde reports running out where the input ends
+        return "EOF while parsing a value at line {} column {}".format(*data["input_end"])
+    if problem == "json":
+        return f"{_SERDE.get(data['json_error'], data['json_error'])} at line {data['line']} column {data['column']}"
+    if problem == "attr_value":
+        return (f"invalid JSON format for attribute {{{_json(data['key'])}, {_json(data['value'])}}}: "
+                "value must be of type str")
+    return {"attrs": "attributes field is not an array", "attr": "invalid JSON format for attribute: not an object",
+            "attr_fields": "invalid JSON format for attribute: too many fields",
+            "utf-8": "stream did not contain valid UTF-8"}.get(problem, "invalid json")
 
 
 def _warn(message: str, module: str = "mdevctl") -> None:
@@ -68,47 +130,19 @@ def _json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False)
 
 
-def _parse_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        if not text[e.pos:].strip():  # serde reports running out of input where the input ends
-            lines = text.split("\n")
-            raise MdevctlError(f"EOF while parsing a value at line {len(lines)} column {len(lines[-1])}") from None
-        message = {"Expecting value": "expected value", "Extra data": "trailing characters"}.get(e.msg, e.msg)
-        raise MdevctlError(f"{message} at line {e.lineno} column {e.colno}") from None
-
-
-def _config(raw: Any, uuid: str, parent: str) -> Definition:
-    """mdevctl's load_from_json: mdev_type and start required, any start but "auto" is manual."""
-    if not isinstance(raw, dict) or raw.get("mdev_type") is None or raw.get("start") is None:
-        raise MdevctlError("invalid json")
-    if not isinstance(raw["mdev_type"], str):
-        raise MdevctlError("invalid json")  # mdevctl 1.2.0 panics here
-    attrs = raw.get("attrs")
-    if attrs is not None and not isinstance(attrs, list):
-        raise MdevctlError("attributes field is not an array")
-    pairs = []
-    for item in attrs or []:
-        if not isinstance(item, dict):
-            raise MdevctlError("invalid JSON format for attribute: not an object")
-        if len(item) != 1:
-            raise MdevctlError("invalid JSON format for attribute: too many fields")
-        ((key, value),) = item.items()
-        if not isinstance(value, str):  # mdevctl 1.2.0 panics here
-            raise MdevctlError(f"invalid JSON format for attribute {{{_json(key)}, {_json(value)}}}: "
-                               "value must be of type str")
-        pairs.append((key, value))
-    return Definition(uuid, parent, raw["mdev_type"], "auto" if raw["start"] == "auto" else "manual", pairs)
-
-
-def _read_jsonfile(path: str) -> Any:
+def _read_jsonfile(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
-        raise MdevctlError(f"Unable to read jsonfile {_json(path)}", _io(e)) from None
-    return _parse_json(text)
+        raise MdevctlError(f"Unable to read jsonfile {_json(path)}", _io(e.errno, str(e))) from None
+    except UnicodeDecodeError:
+        raise MdevctlError(f"Unable to read jsonfile {_json(path)}", "stream did not contain valid UTF-8") from None
+
+
+def _config(text: str, uuid: str, parent: str, where: str) -> Definition:
+    """A config as mdevctl's load_from_json reads it: any start but "auto" is manual."""
+    return definitions.parse_config(text, uuid, parent, where, strict=False)
 
 
 def _line(device: Definition, marker: str, verbose: bool) -> str:
@@ -153,23 +187,16 @@ class Mdevctl:
     # -------------------------------------------------------------- what is there
     def defined(self, uuid: str | None = None, parent: str | None = None) -> dict[str, list[Definition]]:
         """mdevctl's defined_devices: every config, of one UUID or parent; one bad file fails it all."""
-        base = self.root.path(self.root.etc_mdevctl_d)
         found: dict[str, list[Definition]] = {}
-        for name in sorted(os.listdir(base)) if base.is_dir() else []:
-            if (parent is not None and name != parent) or not (base / name).is_dir():
+        for name, child in definitions.files(self.root):
+            if parent is not None and name != parent:
                 continue
-            children = []
-            for child in sorted(os.listdir(base / name)):
-                if not (base / name / child).is_file():
-                    continue
-                if not definitions.is_uuid(child):  # mdevctl cannot list non-canonical names either
-                    if not UUID_FORMS.fullmatch(child):
-                        _warn(f"Can't determine uuid for file '{child}'")
-                    continue
-                if uuid is None or child == uuid:
-                    children.append(_config(_parse_json((base / name / child).read_text()), child, name))
-            if children:
-                found[name] = children
+            if not definitions.is_uuid(child):  # mdevctl cannot list non-canonical names either
+                if not UUID_FORMS.fullmatch(child):
+                    _warn(f"Can't determine uuid for file '{child}'")
+                continue
+            if uuid is None or child == uuid:
+                found.setdefault(name, []).append(definitions.read(self.root, name, child, strict=False))
         return found
 
     def is_defined(self, parent: str, uuid: str) -> bool:
@@ -186,14 +213,14 @@ class Mdevctl:
             if (uuid is not None and u != uuid) or (parent is not None and device.parent != parent):
                 continue
             shown = Definition(u, device.parent, device.type_id)
-            path = self.root.path(definitions.definition_path(self.root, device.parent, u))
-            with contextlib.suppress(MdevctlError, OSError, ValueError):  # mdevctl ignores a bad definition here
-                config = _config(_parse_json(path.read_text()), u, device.parent)
+            with contextlib.suppress(VgpuError, OSError):  # mdevctl ignores a bad definition here
+                config = definitions.read(self.root, device.parent, u, strict=False)
                 if config.mdev_type != device.type_id:
                     _warn(f"Overwriting mdev type for mdev {u}: {device.type_id} => {config.mdev_type}",
                           "mdevctl::mdev")
                 shown = config
-            found.setdefault(device.parent, []).append((shown, " (defined)" if path.exists() else ""))
+            found.setdefault(device.parent, []).append((shown, " (defined)" if self.is_defined(device.parent, u)
+                                                        else ""))
         return found
 
     def list_defined(self, uuid: str | None, parent: str | None) -> Listing:
@@ -224,54 +251,24 @@ class Mdevctl:
         """mdevctl's MDev::start: its checks in its order, create, then the attributes in order;
         when one cannot be written the device is removed again."""
         uuid, parent, type_id = device.uuid, device.parent, device.mdev_type
-        existing = sysfs.active_device(self.root, uuid)
-        if existing is not None:
-            if existing.parent != parent:
-                raise MdevctlError("Device exists under different parent")
-            if existing.type_id != type_id:
-                raise MdevctlError("Device exists with different type")
-            raise MdevctlError("Device already exists")
-        if not self.root.path(f"{self.root.sys_class_mdev_bus}/{parent}").is_dir():
-            hint = next((p for p in sysfs.parent_names(self.root) if p.lower() == parent.lower()), None)
-            did_you_mean = f". Did you mean '{hint}'?" if hint else ""
-            raise MdevctlError(f"Unable to find parent device '{parent}'{did_you_mean}")
+        sysfs.check_free(self.root, uuid, parent, type_id)
+        check_parent(self.root, parent)
         if not self.root.path(self.root.mdev_types_dir(parent)).is_dir():
             raise MdevctlError(f"Parent {parent} is not currently registered for mdev support")
-        type_dir = self.root.mdev_type_dir(parent, type_id)
-        if not self.root.path(type_dir).is_dir():
-            raise MdevctlError(f"Parent {parent} does not support mdev type {type_id}")
-        if int(self.root.read_text(f"{type_dir}/available_instances").strip()) == 0:
+        if check_type(self.root, parent, type_id).available_instances == 0:
             raise MdevctlError(f"No available instances of {type_id} on {parent}")
         with self.lock(parent):
+            sysfs.create_device(self.root, parent, type_id, uuid)
             try:
-                self.root.write_text(f"{type_dir}/create", uuid)
-            except OSError as e:
-                raise MdevctlError(f"Failed to create mdev {uuid}, type {type_id} on {parent}", _io(e)) from None
-            for name, value in device.attrs:
-                attr = f"{self.root.mdev_device_dir(uuid)}/{name}"
-                if not _is_path_below(name, nested=True) or not self.root.path(attr).exists():
-                    error = MdevctlError(f"Invalid attribute '{name}'")
-                else:
-                    try:
-                        self.root.write_text(attr, value)
-                        continue
-                    except OSError as e:
-                        error = MdevctlError(f"Failed to write {value} to attribute {name}", _io(e))
-                self.remove(uuid)
-                raise error
-
-    def remove(self, uuid: str) -> None:
-        try:
-            self.root.write_text(f"{self.root.mdev_device_dir(uuid)}/remove", "1")
-        except OSError as e:
-            raise MdevctlError(f"Error removing device {uuid}", _io(e)) from None
+                for name, value in device.attrs:
+                    sysfs.write_attribute(self.root, uuid, name, value)
+            except VgpuError:
+                sysfs.remove_device(self.root, uuid)
+                raise
 
     def write(self, device: Definition) -> None:
         with self.lock(device.parent):
-            try:
-                definitions.write(self.root, device)
-            except OSError as e:
-                raise MdevctlError(f"Failed to write config for device {device.uuid}", _io(e)) from None
+            definitions.write(self.root, device)
 
     def forget_if_gone(self, uuid: str) -> None:
         """If vgpuctl had made this vGPU or definition and it is gone now, vgpuctl's record goes too."""
@@ -317,7 +314,7 @@ class Mdevctl:
                 raise MdevctlError(f"Parent device required to define device via {_json(args.jsonfile)}")
             if self.defined(uuid, args.parent):
                 raise MdevctlError(f"Cowardly refusing to overwrite existing config for {args.parent}/{uuid}")
-            device = _config(_read_jsonfile(args.jsonfile), uuid, args.parent)
+            device = _config(_read_jsonfile(args.jsonfile), uuid, args.parent, args.jsonfile)
         else:
             parent, type_id = args.parent, args.mdev_type
             active = sysfs.active_device(self.root, uuid) if args.uuid else None
@@ -343,7 +340,7 @@ class Mdevctl:
         if not found:
             raise MdevctlError("No devices match the specified uuid")
         for parent, devices in found.items():
-            with self.lock(parent), contextlib.suppress(OSError):  # 1.2.0 ignores a failed removal
+            with self.lock(parent), contextlib.suppress(KernelError):  # 1.2.0 ignores a failed removal
                 for device in devices:
                     definitions.delete(self.root, device)
         self.forget_if_gone(args.uuid)
@@ -370,10 +367,15 @@ class Mdevctl:
     def cmd_start(self, args: argparse.Namespace) -> int:
         uuid = args.uuid or str(uuidlib.uuid4())
         if args.jsonfile is not None:
-            raw = _read_jsonfile(args.jsonfile)
-            if args.parent is None:
+            text = _read_jsonfile(args.jsonfile)
+            if args.parent is None:  # 1.2.0 parses the JSON before it wants a parent, and checks the fields after
+                try:
+                    _config(text, uuid, "", args.jsonfile)
+                except InvalidInput as e:
+                    if e.data["problem"] == "json":
+                        raise
                 raise MdevctlError("Parent device required to start device via json file")
-            device = _config(raw, uuid, args.parent)
+            device = _config(text, uuid, args.parent, args.jsonfile)
         else:
             found = [d for ds in self.defined(args.uuid, args.parent).values() for d in ds] if args.uuid else []
             if len(found) > 1:
@@ -392,7 +394,7 @@ class Mdevctl:
         return 0
 
     def cmd_stop(self, args: argparse.Namespace) -> int:
-        self.remove(args.uuid)
+        sysfs.remove_device(self.root, args.uuid)
         self.forget_if_gone(args.uuid)
         return 0
 
@@ -402,10 +404,11 @@ class Mdevctl:
             if device.start == "auto":
                 try:
                     self.create(device)
-                except MdevctlError as e:
-                    _warn(str(e))
-                    if e.cause:
-                        _warn(e.cause)
+                except (MdevctlError, VgpuError) as e:
+                    said = _said(e)
+                    _warn(str(said))
+                    if said.cause:
+                        _warn(said.cause)
         return 0
 
 
@@ -574,15 +577,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "modify" and "addattr" in given and "value" not in given:
         parser.error(f"The following required arguments were not provided:\n    {_SHOWN['value']}")
     # Joined into paths: a parent is one name, an attribute a path below its device; never '..'.
-    if isinstance(getattr(args, "parent", None), str) and not _is_path_below(args.parent, nested=False):
-        raise MdevctlError(f"Invalid parent '{args.parent}': a device name, not a path")
-    if isinstance(getattr(args, "addattr", None), str) and not _is_path_below(args.addattr, nested=True):
-        raise MdevctlError(f"Invalid attribute '{args.addattr}': a name below the device, without '..'")
-
-
-def _is_path_below(text: str, nested: bool) -> bool:
-    parts = text.split("/") if nested else [text]
-    return all(p not in ("", ".", "..") and "/" not in p and "\0" not in p for p in parts)
+    if isinstance(getattr(args, "parent", None), str):
+        path_name(args.parent, "parent")
+    if isinstance(getattr(args, "addattr", None), str):
+        relative_path(args.addattr, "attribute")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -628,12 +626,15 @@ def run_as_mdevctl(argv: list[str], root: HostRoot | None = None, state_dir: str
         return status
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    except MdevctlError as e:
-        sys.stderr.write(f"Error: {e}\n" + (f"\nCaused by:\n    {e.cause}\n" if e.cause else ""))
-    except VgpuError as e:  # vgpuctl's own (a damaged state file, a path that would leave the root)
-        sys.stderr.write(f"Error: {e}\n")
-    except OSError as e:
-        sys.stderr.write(f"Error: {_io(e)}\n")
-    except ValueError as e:  # e.g. a sysfs value that is no number, a file that is no UTF-8
-        sys.stderr.write(f"Error: {e}\n")
+    except (MdevctlError, VgpuError) as e:
+        said = _said(e)
+        sys.stderr.write(f"Error: {said}\n" + (f"\nCaused by:\n    {said.cause}\n" if said.cause else ""))
+    except OSError as e:  # the host refused a read: mdevctl says the io::Error
+        sys.stderr.write(f"Error: {_io(e.errno, str(e))}\n")
+    except Exception as e:  # anything else is a bug in vgpuctl, and is said to be one
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write(f"Error: internal error, a bug in vgpuctl's mdevctl ({type(e).__name__}: {e}); "
+                         "please report it with the traceback above\n")
     return 1

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from vgpuctl.base.errors import InvalidInput
 from vgpuctl.cli.app import State, die, reports_errors, say
 
 if TYPE_CHECKING:
@@ -30,11 +31,12 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(host: str, tls_cert: str | None, tls_key: str | None) -> None:
     if (tls_cert is None) != (tls_key is None):
-        raise ValueError("TLS needs both --tls-cert FILE and --tls-key FILE")
+        raise InvalidInput("TLS needs both --tls-cert FILE and --tls-key FILE")
     if tls_cert is None and not is_loopback(host):
-        raise ValueError(f"refusing to serve on {host} without TLS: the token and the session cookie would cross "
-                         "the network in clear text. Give --tls-cert FILE --tls-key FILE, or keep the default "
-                         "--host 127.0.0.1 and reach it through an SSH tunnel (ssh -L 8470:127.0.0.1:8470 HOST)")
+        raise InvalidInput("refusing to serve on {host} without TLS: the token and the session cookie would cross "
+                           "the network in clear text. Give --tls-cert FILE --tls-key FILE, or keep the default "
+                           "--host 127.0.0.1 and reach it through an SSH tunnel (ssh -L 8470:127.0.0.1:8470 HOST)",
+                           what="host", host=host)
 
 
 def bind(host: str, port: int) -> socket.socket:

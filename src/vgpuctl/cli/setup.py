@@ -33,11 +33,11 @@ tools_option = click.option(
 def setup_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from vgpuctl.host.setup import SetupError
+        from vgpuctl.base.errors import VgpuError
 
         try:
             return command(*args, **kwargs)
-        except (SetupError, OSError) as e:
+        except (VgpuError, OSError) as e:  # the host refused a write (not root ...): said, not a bug
             die(str(e))
 
     return wrapper  # type: ignore[return-value]
@@ -60,9 +60,9 @@ def _tools(tools_dir: Path | None) -> Tools:
 
 
 def _plan(boot: str, tools: Tools) -> Plan:
-    from vgpuctl.host.setup import Manifest, make_plan
+    from vgpuctl.host.setup import make_plan, pending_commands
 
-    return make_plan(State.root, tools, boot, pending=Manifest(_setup_dir()).pending)
+    return make_plan(State.root, tools, boot, pending=pending_commands(_setup_dir()))
 
 
 def _epilogue(plan: Plan) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from vgpuctl.base.errors import InvalidInput
 from vgpuctl.cli.app import State, out, print_json, reports_errors, say
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def parse_attrs(items: tuple[str, ...]) -> list[tuple[str, str]]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ValueError(f"attribute must look like NAME=VALUE, got {item!r}")
+            raise InvalidInput("attribute must look like NAME=VALUE, got {value!r}", what="attribute", value=item)
         attrs.append((name, value))
     return attrs
 
@@ -157,9 +158,9 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
 
     choosing = resolution is not None or min_memory is not None or weight is not None
     if choosing and (parent or type_id):
-        raise ValueError("give either -p/-t or a request (--resolution/--min-memory/--weight), not both")
+        raise InvalidInput("give either -p/-t or a request (--resolution/--min-memory/--weight), not both")
     if not choosing and not (parent and type_id):
-        raise ValueError("say what to create: -p PARENT -t TYPE, or --resolution WxH [--min-memory MiB]")
+        raise InvalidInput("say what to create: -p PARENT -t TYPE, or --resolution WxH [--min-memory MiB]")
     reason = None
     if choosing:
         request = Request(parse_resolution(resolution) if resolution else None, min_memory, weight)
@@ -172,7 +173,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
                 print_json({"parent": parent, "type": type_id, "reason": reason, "rejected": choice.rejected})
             return
     elif dry_run:
-        raise ValueError("--dry-run only applies when vgpuctl chooses (--resolution/--min-memory/--weight)")
+        raise InvalidInput("--dry-run only applies when vgpuctl chooses (--resolution/--min-memory/--weight)")
     assert parent and type_id
     new = manager().create(parent, type_id, uuid, parse_attrs(attr))
     if json_output:
@@ -233,11 +234,11 @@ def modify(uuid: str, parent: str | None, type_id: str | None, auto: bool, manua
            value: str | None, delattr: bool, index: int | None, force: bool) -> None:
     """Change a definition: type, start mode, attributes (mdevctl's semantics)."""
     if auto and manual:
-        raise ValueError("--auto and --manual are mutually exclusive")
+        raise InvalidInput("--auto and --manual are mutually exclusive")
     if addattr is not None and value is None:
-        raise ValueError("--addattr needs --value")
+        raise InvalidInput("--addattr needs --value")
     if not (auto or manual or addattr or delattr or type_id):
-        raise ValueError("nothing to modify: give -t, --auto/--manual, --addattr/--value or --delattr")
+        raise InvalidInput("nothing to modify: give -t, --auto/--manual, --addattr/--value or --delattr")
     manager(force).modify(uuid, parent, type_id, "auto" if auto else "manual" if manual else None,
                           (addattr, value) if addattr is not None and value is not None else None, delattr, index)
 

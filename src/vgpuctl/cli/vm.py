@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from vgpuctl.base.errors import InvalidInput
 from vgpuctl.cli.app import State, print_json, reports_errors, say
 from vgpuctl.vm.devices import KINDS
 from vgpuctl.vm.spec import BACKENDS, BOOTS, FIRMWARES, MACHINES, OS_NAMES, PROFILE_NAMES
@@ -171,8 +172,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
               "min_memory_mib": o["min_memory"], "weight": o["weight"], "largest": True if o["largest"] else None}
     if o["no_vgpu"]:
         if any(v is not None for v in wanted.values()):
-            raise ValueError("--no-vgpu cannot be combined with --vgpu/--type/--resolution/--min-memory/"
-                             "--weight/--largest")
+            raise InvalidInput("--no-vgpu cannot be combined with --vgpu/--type/--resolution/--min-memory/"
+                               "--weight/--largest")
         vgpu = VgpuRequest()
     elif any(v is not None for v in wanted.values()):
         if o["vgpu_uuid"]:
@@ -201,7 +202,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         for item in o["display_options"]:
             key, sep, value = item.partition("=")
             if not sep or not key:
-                raise ValueError(f"--display-option must look like KEY=VALUE, got {item!r}")
+                raise InvalidInput("--display-option must look like KEY=VALUE, got {value!r}", what="display-option",
+                                   value=item)
             pairs[key] = value
         display = replace(display, options=pairs)
     if display != spec.display:
@@ -213,7 +215,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         mode, _, arg = o["network"].partition(":")
         if mode not in NETWORK_MODES or (mode == "bridge" and not arg) \
                 or (mode in ("user", "none") and arg):
-            raise ValueError(f"--network must be user, none, tap, tap:IFNAME or bridge:NAME, got {o['network']!r}")
+            raise InvalidInput("--network must be user, none, tap, tap:IFNAME or bridge:NAME, got {value!r}",
+                               what="network", value=o["network"])
         network = replace(network, mode=mode, bridge=arg if mode == "bridge" else None,
                           ifname=(arg or None) if mode == "tap" else None)
     if o["vhost_net"] is not None:
@@ -602,11 +605,12 @@ def console(name: str, attach: bool) -> None:
 
     status = lifecycle.status(State.root, state_dir(), name)
     if not status.console:
-        raise ValueError(f"VM {name} is {status.state}: nothing to connect to")
+        raise InvalidInput("VM {name} is {state}: nothing to connect to", what="vm", name=name, state=status.state)
     if attach:
         serial = status.console.get("serial")
         if serial is None:
-            raise ValueError(f"VM {name} has no serial console socket (started before vgpuctl had one: restart it)")
+            raise InvalidInput("VM {name} has no serial console socket (started before vgpuctl had one: restart it)",
+                               what="vm", name=name)
         _attach(serial.removeprefix("unix:"))
         return
     for kind, where in status.console.items():

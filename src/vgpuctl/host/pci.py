@@ -137,8 +137,9 @@ def _within(timeout_s: float, action: Callable[[], T], what: str) -> T:
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise KernelError(f"{what} did not return within {timeout_s:g} s: the kernel holds the device lock, "
-                          "usually because a disable waits for a VM to release one of its VFs", errnos.ETIMEDOUT)
+        raise KernelError("{action} did not return within {timeout_s:g} s: the kernel holds the device lock, "
+                          "usually because a disable waits for a VM to release one of its VFs", what="PCI device",
+                          action=what, timeout_s=timeout_s, errno=errnos.ETIMEDOUT)
     if failure:
         raise failure[0]
     return result[0]
@@ -215,8 +216,9 @@ def _write(root: HostRoot, host_path: str, value: str, timeout_s: float) -> None
     try:
         _within(timeout_s, attempt, f"writing {value.strip()!r} to {host_path}")
     except OSError as e:
-        raise KernelError(f"{host_path}: the kernel refused {value.strip()!r}: {e.strerror} (errno "
-                          f"{errnos.errorcode.get(e.errno or 0, e.errno)})", e.errno) from e
+        raise KernelError("{path}: the kernel refused {value!r}: {strerror} ({code})", what="PCI device",
+                          path=host_path, value=value.strip(), errno=e.errno,
+                          code=errnos.errorcode.get(e.errno or 0, e.errno)) from e
 
 
 def set_num_vfs(root: HostRoot, pf: str, count: int, timeout_s: float = NUMVFS_TIMEOUT_S) -> None:

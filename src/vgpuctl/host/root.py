@@ -25,7 +25,8 @@ SIM_MARKER = "/.vgpuctl-sim"
 def path_name(name: str, what: str) -> str:
     """``name`` if it is one path component (a parent, a type, an attribute as the user typed it), else an error."""
     if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise InvalidInput(f"{what} {name!r} is not a name: it may not be empty, '.' or '..', or hold '/'")
+        raise InvalidInput("{what} {value!r} is not a name: it may not be empty, '.' or '..', or hold '/'",
+                           what=what, value=name)
     return name
 
 
@@ -33,7 +34,8 @@ def relative_path(text: str, what: str) -> str:
     """``text`` if it is a path below a directory (an attribute such as ``intel_vgpu/vgpu_id``), else an error."""
     for part in text.split("/"):
         if not part or part in (".", "..") or "\0" in part:
-            raise InvalidInput(f"{what} {text!r} must stay inside its directory: no '..', '.' or empty parts")
+            raise InvalidInput("{what} {value!r} must stay inside its directory: no '..', '.' or empty parts",
+                               what=what, value=text)
     return text
 
 
@@ -57,7 +59,8 @@ class HostRoot:
         # Confinement: names from user input (parents, attributes, UUIDs) are joined into host paths, and a
         # '..' among them would climb out of the directory meant (and out of the root). No caller needs one.
         if ("/.." in text and ".." in text.split("/")) or "\0" in text:
-            raise InvalidInput(f"{text!r} climbs out of its directory: a name may not be '..' or hold '/'")
+            raise InvalidInput("{path!r} climbs out of its directory: a name may not be '..' or hold '/'",
+                               what="path", path=text)
         return self.root / text.lstrip("/")
 
     # Small conveniences: sysfs and procfs values are short text files ending in "\n".

@@ -28,22 +28,22 @@ are replaced; ``i915.enable_guc`` values that request GuC submission (bit 0: 1, 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import re
-import shlex
-import shutil
-import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.errors import VgpuError
 from vgpuctl.host import facts
-from vgpuctl.host.files import atomic_write, clean_temp_files, fsync_dir
+from vgpuctl.host.files import atomic_write
+from vgpuctl.host.install import Command, Record, Step, Tools, remove, sha256, undo
 from vgpuctl.host.root import HostRoot
+
+__all__ = ["Command", "Step", "Tools"]  # the installer's, used here and by callers of setup
 
 # ---------------------------------------------------------------- places (as on the host)
 
@@ -53,7 +53,6 @@ GRUB_CONFIGS = ("/boot/grub2/grub.cfg", "/boot/grub/grub.cfg")
 KERNELSTUB_CONFIG = "/etc/kernelstub/configuration"
 KERNEL_CMDLINE = "/etc/kernel/cmdline"  # kernel-install's command line for new systemd-boot entries
 LOADER_BASES = ("/efi", "/boot", "/boot/efi")  # where systemd-boot's ESP / XBOOTLDR are mounted
-TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 IGNORE_MSRS = "/sys/module/kvm/parameters/ignore_msrs"
 I915_ENABLE_GVT = "/sys/module/i915/parameters/enable_gvt"
 PROC_MODULES = "/proc/modules"
@@ -74,7 +73,7 @@ OPTIONS_HEADER = ("# Written by 'vgpuctl setup apply': module options for Intel 
                   "# 'vgpuctl setup revert' puts back what was here before.\n")
 
 
-class SetupError(RuntimeError):
+class SetupError(VgpuError):
     """The host cannot be set up automatically; the message says what to do by hand."""
 
 
@@ -191,10 +190,6 @@ def needed_change(tokens: Sequence[str]) -> CmdlineChange:
 # ---------------------------------------------------------------- edits, commands, tools
 
 
-def sha256(data: bytes | None) -> str | None:
-    return hashlib.sha256(data).hexdigest() if data is not None else None
-
-
 @dataclass(frozen=True)
 class FileEdit:
     """One file's change: ``old``/``new`` are its bytes, None when absent (``new`` None: delete it)."""
@@ -224,65 +219,6 @@ def unified_diff(old: bytes | str | None, new: bytes | str | None, from_label: s
     for line in difflib.unified_diff(lines(old), lines(new), from_label, to_label):
         out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     return "".join(out)
-
-
-@dataclass(frozen=True)
-class Command:
-    """A program to run on the host, by name (found on PATH or in the tools directory)."""
-
-    argv: tuple[str, ...]
-
-    def __str__(self) -> str:
-        return shlex.join(self.argv)
-
-
-@dataclass(frozen=True)
-class Tools:
-    """Where the boot tools are, and whether vgpuctl may run them.
-
-    On the machine's own root they are found on PATH (and in the sbin directories) and run. With
-    ``directory`` they are taken from there only, and run whatever the root (tests put stubs that
-    record their arguments there). Under any other root they are looked for in the root's own bin
-    directories, to say which one the host has, but never run.
-    """
-
-    root: HostRoot
-    directory: Path | None = None
-
-    @property
-    def runnable(self) -> bool:
-        return self.directory is not None or self.root.is_this_machine
-
-    def why_not(self) -> str:
-        return (f"{self.root.root} is not this machine's root: run it on that host "
-                "(vgpuctl runs commands only on its own root, or from --tools-dir)")
-
-    def find(self, name: str) -> str | None:
-        if self.directory is not None:
-            candidate = self.directory / name
-            return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
-        if self.root.is_this_machine:
-            return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *TOOL_DIRS]))
-        for directory in TOOL_DIRS:
-            if os.path.isfile(self.root.path(f"{directory}/{name}")):
-                return f"{directory}/{name}"
-        return None
-
-    def run(self, command: Command) -> tuple[int, str, str]:
-        """(exit status, stdout, stderr); 127 when the program is missing or cannot start."""
-        if not self.runnable:
-            raise RuntimeError(f"not running {command}: {self.why_not()}")
-        program = self.find(command.argv[0])
-        if program is None:
-            return 127, "", f"{command.argv[0]}: not found"
-        env = dict(os.environ)
-        if self.directory is not None:
-            env["PATH"] = os.pathsep.join([str(self.directory), env.get("PATH", "")])
-        try:
-            done = subprocess.run([program, *command.argv[1:]], capture_output=True, text=True, timeout=600, env=env)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return 127, "", str(e)
-        return done.returncode, done.stdout, done.stderr
 
 
 # ---------------------------------------------------------------- reading the host
@@ -844,219 +780,118 @@ def immediate_steps(root: HostRoot, release: str | None, rebooting: bool) -> lis
 # ---------------------------------------------------------------- backups, apply, revert
 
 
-@dataclass(frozen=True)
-class Step:
-    """One thing apply or revert did (or did not do), for the report."""
-
-    action: str  # created, updated, removed, restored, unchanged, refused, ran, failed, not run
-    target: str
-    note: str = ""
-
-    def line(self) -> str:
-        return f"{self.action:10} {self.target}" + (f"  ({self.note})" if self.note else "")
+def setup_record(setup_dir: Path) -> Record:
+    """The installer's record of what apply changed, with setup's own keys: the commands that regenerate the
+    boot configuration, what grubby/kernelstub runs added and removed, the commands still to run."""
+    record = Record(setup_dir)
+    for key in ("regenerate", "undo", "pending"):
+        record.data.setdefault(key, [])
+    return record
 
 
-class Manifest:
-    """What apply changed: each file's original (a copy under backup/) and the hash of what it wrote."""
-
-    VERSION = 1
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.file = directory / "manifest.json"
-        try:
-            data = json.loads(self.file.read_text())
-            if data.get("version") != self.VERSION or not isinstance(data.get("files"), dict):
-                raise ValueError
-        except FileNotFoundError:
-            data = {"version": self.VERSION, "root": None, "files": {}, "regenerate": [], "undo": [], "pending": []}
-        except (ValueError, AttributeError):
-            raise SetupError(f"{self.file} is damaged: vgpuctl cannot tell what it changed; the originals are "
-                             f"in {directory / 'backup'}") from None
-        self.data: dict[str, Any] = data
-
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        files: dict[str, dict[str, Any]] = self.data["files"]
-        return files
-
-    @property
-    def pending(self) -> list[Command]:
-        return [Command(tuple(argv)) for argv in self.data.get("pending", [])]
-
-    @property
-    def empty(self) -> bool:
-        return not self.files and not self.data.get("undo") and not self.data.get("pending")
-
-    def check_root(self, root: HostRoot) -> None:
-        recorded, ours = self.data.get("root"), str(root.root.resolve())
-        if recorded and recorded != ours and not self.empty:
-            raise SetupError(f"{self.directory} holds the setup of root {recorded}, not {ours}: revert it with "
-                             f"--root {recorded}, or use another --state-dir")
-        self.data["root"] = ours
-
-    def backup(self, host_path: str) -> Path:
-        return self.directory / "backup" / host_path.lstrip("/")
-
-    def save(self) -> None:
-        if self.empty:
-            self.file.unlink(missing_ok=True)
-            return
-        atomic_write(self.file, json.dumps(self.data, indent=2, sort_keys=True).encode() + b"\n", 0o600)
-
-    def forget(self, host_path: str) -> None:
-        self.files.pop(host_path, None)
-        backup = self.backup(host_path)
-        backup.unlink(missing_ok=True)
-        for directory in backup.parents:  # the now empty directories, up to and with backup/
-            if directory == self.directory:
-                break
-            try:
-                directory.rmdir()
-            except OSError:
-                break
+def pending_commands(setup_dir: Path) -> list[Command]:
+    """The commands that failed at the last apply, to run again."""
+    return [Command(tuple(argv)) for argv in setup_record(setup_dir).data["pending"]]
 
 
 def _write(root: HostRoot, edit: FileEdit) -> None:
-    local = root.path(edit.host_path)
     if edit.new is None:
-        local.unlink(missing_ok=True)
-        clean_temp_files(local)
-        fsync_dir(local.parent)
+        remove(root.path(edit.host_path))
     else:
-        atomic_write(local, edit.new, edit.mode)
-
-
-def _run(tools: Tools, command: Command) -> Step:
-    code, out, err = tools.run(command)
-    if code == 0:
-        return Step("ran", str(command))
-    last = (err or out).strip().splitlines()
-    return Step("failed", str(command), last[-1] if last else f"exit status {code}")
+        atomic_write(root.path(edit.host_path), edit.new, edit.mode)
 
 
 def apply(plan: Plan, setup_dir: Path, tools: Tools) -> list[Step]:
-    """Make the plan's changes: backups first, then atomic writes, then the commands."""
-    manifest = Manifest(setup_dir)
+    """Make the plan's changes: the originals recorded first, then atomic writes, then the commands."""
+    record = setup_record(setup_dir)
     if plan.nothing_to_do:
         return []
-    manifest.check_root(plan.root)
+    record.check_root(plan.root, "revert it")
     for edit in plan.edits:  # record the originals before touching anything
-        entry = manifest.files.get(edit.host_path)
-        if entry is None:
-            if edit.old is not None:
-                atomic_write(manifest.backup(edit.host_path), edit.old, 0o600)
-            entry = manifest.files[edit.host_path] = {
-                "existed": edit.old is not None, "mode": edit.mode if edit.old is not None else None,
-                "original_sha256": sha256(edit.old), "role": edit.role}
-        entry["written_sha256"] = sha256(edit.new)
+        record.claim(plan.root, edit.host_path, edit.role, sha256(edit.new))
     if any(e.role == "boot" for e in plan.edits):
-        manifest.data["regenerate"] = [list(c.argv) for c in plan.boot.regenerate]
-    manifest.save()
+        record.data["regenerate"] = [list(c.argv) for c in plan.boot.regenerate]
+    record.save()
     steps = []
     for edit in plan.edits:
         crashpoint("setup-apply:before-write")
         _write(plan.root, edit)
         steps.append(Step({"create": "created", "modify": "updated", "delete": "removed"}[edit.action],
                           edit.host_path))
-        if sha256(edit.new) == manifest.files[edit.host_path]["original_sha256"]:
-            manifest.forget(edit.host_path)  # back as it was before vgpuctl: nothing to revert
+        if sha256(edit.new) == record.files[edit.host_path]["original_sha256"]:
+            record.forget(edit.host_path)  # back as it was before vgpuctl: nothing to revert
     pending: list[Command] = []
     crashpoint("setup-apply:before-commands")
     for command in plan.boot.commands:
-        if not tools.runnable:
-            steps.append(Step("not run", str(command), tools.why_not()))
-            continue
-        step = _run(tools, command)
+        step = tools.step(command)
         steps.append(step)
         if step.action == "ran" and plan.boot.undo:
-            _record_undo(manifest, plan.boot.undo, command)
+            _record_undo(record, plan.boot.undo, command)
     for command in [*plan.boot.after, *(c for c in plan.pending if c not in plan.boot.after)]:
-        if not tools.runnable:
-            steps.append(Step("not run", str(command), tools.why_not()))
-            continue
-        step = _run(tools, command)
+        step = tools.step(command)
         steps.append(step)
-        if step.action != "ran":
+        if step.action == "failed":
             pending.append(command)
-    manifest.data["pending"] = [list(c.argv) for c in pending]
-    manifest.save()
+    record.data["pending"] = [list(c.argv) for c in pending]
+    record.save()
     return steps
 
 
-def _record_undo(manifest: Manifest, undo: dict[str, Any], command: Command) -> None:
+def _record_undo(record: Record, undo: dict[str, Any], command: Command) -> None:
     """Remember what a grubby/kernelstub command changed (kernelstub: -a adds, -d removes)."""
-    records: list[dict[str, Any]] = manifest.data.setdefault("undo", [])
-    record = next((r for r in records if r["tool"] == undo["tool"]), None)
-    if record is None:
-        record = {"tool": undo["tool"], "added": [], "removed": []}
-        records.append(record)
+    records: list[dict[str, Any]] = record.data["undo"]
+    found = next((r for r in records if r["tool"] == undo["tool"]), None)
+    if found is None:
+        found = {"tool": undo["tool"], "added": [], "removed": []}
+        records.append(found)
     if undo["tool"] == "kernelstub":
         key, tokens = ("added", undo["added"]) if command.argv[1] == "-a" else ("removed", undo["removed"])
-        record[key] = _unique([*record[key], *tokens])
+        found[key] = _unique([*found[key], *tokens])
     else:
-        record["added"] = _unique([*record["added"], *undo["added"]])
-        record["removed"] = _unique([*record["removed"], *undo["removed"]])
+        found["added"] = _unique([*found["added"], *undo["added"]])
+        found["removed"] = _unique([*found["removed"], *undo["removed"]])
+
+
+REVERTED_NOTES = {"unchanged": "already as it was before vgpuctl", "removed": "vgpuctl created it",
+                  "refused": "changed since vgpuctl wrote it; --force puts back the original anyway, losing those "
+                             "changes"}
 
 
 def revert(root: HostRoot, setup_dir: Path, tools: Tools, force: bool = False) -> tuple[list[Step], list[str]]:
     """Put back what apply changed; returns the steps and why a reboot is needed."""
-    manifest = Manifest(setup_dir)
-    if manifest.empty:
+    record = setup_record(setup_dir)
+    if record.empty:
         return [], []
-    manifest.check_root(root)
+    record.check_root(root, "revert it")
     steps, reboot = [], []
     boot_restored = False
-    for host_path, entry in sorted(manifest.files.items()):
-        local = root.path(host_path)
-        current = None if local.is_symlink() else _read(root, host_path)
-        state = sha256(current) if not local.is_symlink() else "a symbolic link"
-        if state == entry["original_sha256"]:
-            manifest.forget(host_path)
-            steps.append(Step("unchanged", host_path, "already as it was before vgpuctl"))
+    for host_path, entry in sorted(record.files.items()):
+        written = record.owns(root, host_path)
+        outcome = undo(root, record, host_path, force)
+        note = REVERTED_NOTES.get(outcome, "forced" if outcome == "restored" and not written else "")
+        if outcome == "refused" and not os.path.lexists(root.path(host_path)):
+            note = note.replace("changed", "was removed", 1)
+        steps.append(Step(outcome, host_path, note))
+        if outcome in ("unchanged", "refused"):
             continue
-        if state != entry["written_sha256"] and not force:
-            what = "was removed" if current is None and not local.is_symlink() else "changed"
-            steps.append(Step("refused", host_path, f"{what} since vgpuctl wrote it; --force puts back the original "
-                                                    "anyway, losing those changes"))
-            continue
-        if entry["existed"]:
-            original = manifest.backup(host_path).read_bytes()
-            if local.is_symlink():
-                local.unlink()
-            atomic_write(local, original, entry.get("mode") or 0o644)
-            steps.append(Step("restored", host_path, "forced" if state != entry["written_sha256"] else ""))
-        else:
-            local.unlink(missing_ok=True)
-            clean_temp_files(local)
-            fsync_dir(local.parent)
-            steps.append(Step("removed", host_path, "vgpuctl created it"))
-        manifest.forget(host_path)
         if entry["role"] == "boot":
             boot_restored = True
         if entry["role"] == "options":
             reboot.append("i915 reads its options only when it loads, at boot")
     if boot_restored:
         reboot.insert(0, "the kernel command line is back as before, from the next boot")
-        for argv in manifest.data.get("regenerate", []):
-            command = Command(tuple(argv))
-            steps.append(_run(tools, command) if tools.runnable else Step("not run", str(command), tools.why_not()))
+        steps += [tools.step(Command(tuple(argv))) for argv in record.data["regenerate"]]
     remaining = []
-    for undo in manifest.data.get("undo", []):
-        commands = undo_commands(undo)
-        if not tools.runnable:
-            steps += [Step("not run", str(c), tools.why_not()) for c in commands]
-            remaining.append(undo)
-            continue
-        results = [_run(tools, c) for c in commands]
+    for recorded in record.data["undo"]:
+        results = [tools.step(c) for c in undo_commands(recorded)]
         steps += results
         if all(r.action == "ran" for r in results):
             reboot.insert(0, "the kernel command line is back as before, from the next boot")
         else:
-            remaining.append(undo)
-    manifest.data["undo"] = remaining
-    if not manifest.files:
-        manifest.data["pending"] = []
-        manifest.data["regenerate"] = []
-    manifest.save()
+            remaining.append(recorded)
+    record.data["undo"] = remaining
+    if not record.files:
+        record.data["pending"] = []
+        record.data["regenerate"] = []
+    record.save()
     return steps, _unique(reboot)

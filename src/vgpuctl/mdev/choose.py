@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vgpuctl.base.errors import CapacityError, NotFound
+from vgpuctl.base.errors import CapacityError, InvalidInput, NotFound
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.sysfs import MdevType
 
@@ -41,7 +41,7 @@ class Choice:
 def parse_resolution(text: str) -> tuple[int, int]:
     width, sep, height = text.lower().partition("x")
     if not sep or not width.isdigit() or not height.isdigit():
-        raise ValueError(f"resolution must look like 1920x1200, got {text!r}")
+        raise InvalidInput("resolution must look like 1920x1200, got {value!r}", what="resolution", value=text)
     return int(width), int(height)
 
 
@@ -76,10 +76,11 @@ def choose(types: list[MdevType], request: Request) -> Choice:
             suitable.append(t)
     if not suitable:
         if full:
-            raise CapacityError(f"every type that gives {request.describe()} is full ({', '.join(full)}); "
-                                "remove a vGPU or ask for less")
-        raise NotFound(f"no vGPU type on this host gives {request.describe()}"
-                       + (f" ({'; '.join(rejected)})" if rejected else " (no mdev types at all: see 'vgpuctl doctor')"))
+            raise CapacityError("every type that gives {request} is full ({listed}); remove a vGPU or ask for less",
+                                what="type", request=request.describe(), choices=full, listed=", ".join(full))
+        raise NotFound("no vGPU type on this host gives {request} ({why})", what="type", request=request.describe(),
+                       rejected=rejected,
+                       why="; ".join(rejected) if rejected else "no mdev types at all: see 'vgpuctl doctor'")
 
     def cost(t: MdevType) -> tuple[int, int, int]:
         weight = t.fields.get("weight")

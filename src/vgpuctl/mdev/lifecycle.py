@@ -25,9 +25,19 @@ from vgpuctl.host import HostRoot
 from vgpuctl.host.root import relative_path
 from vgpuctl.mdev import definitions
 from vgpuctl.mdev.definitions import Definition, canonical_uuid, new_uuid
-from vgpuctl.mdev.report import check_parent, object_exists
+from vgpuctl.mdev.report import check_parent, check_type, object_exists
 from vgpuctl.mdev.state import Journal, Kind, Ownership, definition_key
-from vgpuctl.mdev.sysfs import ActiveDevice, active_device, active_devices, parent_names, read_types
+from vgpuctl.mdev.sysfs import (
+    ActiveDevice,
+    active_device,
+    active_devices,
+    check_free,
+    create_device,
+    parent_names,
+    read_types,
+    remove_device,
+    write_attribute,
+)
 
 
 @dataclass
@@ -57,10 +67,7 @@ class Manager:
         check_parent(self.root, parent, self.parents())
 
     def check_type(self, parent: str, type_id: str) -> None:
-        self.check_parent(parent)
-        types = [t.type_id for t in read_types(self.root, parent)]
-        if type_id not in types:
-            raise NotFound(f"{parent} has no type {type_id!r}; its types: {', '.join(types) or 'none'}")
+        check_type(self.root, parent, type_id, self.parents())
 
     @property
     def journal(self) -> Journal:
@@ -80,15 +87,17 @@ class Manager:
         if (self.force or owned.owns_device(device.uuid, device.parent, device.type_id)
                 or owned.owns_definition(device.parent, device.uuid)):
             return
-        raise NotOwned(f"vGPU {device.uuid} was not created by vgpuctl (mdevctl, libvirt or another tool "
-                       "made it); leave it alone, or add --force if you are sure")
+        raise NotOwned("vGPU {uuid} was not created by vgpuctl (mdevctl, libvirt or another tool made it); leave "
+                       "it alone, or add --force if you are sure", what="device", uuid=device.uuid,
+                       parent=device.parent, type_id=device.type_id)
 
     def require_owned_definition(self, definition: Definition) -> None:
         if self.force or self.ownership().owns_definition(definition.parent, definition.uuid):
             return
-        raise NotOwned(f"the definition of {definition.uuid} on {definition.parent} was not created by vgpuctl "
-                       "(mdevctl, libvirt or another tool made it; starting or stopping it does not make it "
-                       "vgpuctl's); leave it alone, or add --force if you are sure")
+        raise NotOwned("the definition of {uuid} on {parent} was not created by vgpuctl (mdevctl, libvirt or "
+                       "another tool made it; starting or stopping it does not make it vgpuctl's); leave it "
+                       "alone, or add --force if you are sure", what="definition", uuid=definition.uuid,
+                       parent=definition.parent, type_id=definition.mdev_type)
 
     # ------------------------------------------------------------------ transient devices
     def create(self, parent: str, type_id: str, uuid: str | None = None,
@@ -100,71 +109,59 @@ class Manager:
             relative_path(name, "attribute")
         self.ownership()  # settles what a killed command left, and fails here, before any change, if damaged
         with self.state.lock(f"parent-{parent}"):
-            existing = active_device(self.root, uuid)
-            if existing:
-                raise Conflict(f"vGPU {uuid} is already active on {existing.parent} (type {existing.type_id}); "
-                               "choose another UUID or remove it first")
-            create_path = f"{self.root.mdev_type_dir(parent, type_id)}/create"
+            check_free(self.root, uuid, parent, type_id)
             with self.journal.claiming("device", uuid, {"parent": parent, "type": type_id}):
                 crashpoint("create:before-write")
                 try:
-                    self.root.write_text(create_path, uuid)
-                except OSError as e:
-                    raise self._explain_create_error(e, parent, type_id, uuid) from None
+                    create_device(self.root, parent, type_id, uuid)
+                except KernelError as e:
+                    raise self._explain_create_error(e) from None
                 crashpoint("create:after-write")
                 try:
-                    self._write_attrs(uuid, attrs or [])
-                except VgpuError:
+                    for name, value in attrs or []:
+                        write_attribute(self.root, uuid, name, value)
+                except VgpuError as e:
                     self._remove_device(uuid)
-                    raise
+                    raise type(e)(e.template + "; the device was removed again", **e.data) from None
         return uuid
 
-    def _write_attrs(self, uuid: str, attrs: list[tuple[str, str]]) -> None:
-        device_dir = self.root.mdev_device_dir(uuid)
-        for name, value in attrs:
-            # Only attributes the device has: the kernel's files, never a new file beside them.
-            if not self.root.path(f"{device_dir}/{relative_path(name, 'attribute')}").is_file():
-                known = [n for n in self.root.listdir(device_dir) if self.root.path(f"{device_dir}/{n}").is_file()]
-                raise InvalidInput(f"{uuid} has no attribute {name!r} (it has: {', '.join(known) or 'none'}); "
-                                   "the device was removed again")
-            try:
-                self.root.write_text(f"{device_dir}/{name}", value)
-            except OSError as e:
-                raise KernelError(f"failed to write {value!r} to attribute {name!r} of {uuid} "
-                                  f"({e.strerror}); the device was removed again", e.errno) from None
-
-    def _explain_create_error(self, error: OSError, parent: str, type_id: str, uuid: str) -> VgpuError:
+    def _explain_create_error(self, error: KernelError) -> VgpuError:
+        """The kernel's refusal to create, in words that say what to do (the same data)."""
+        data = error.data
         if error.errno == errno.EEXIST:
-            holder = active_device(self.root, uuid)
+            holder = active_device(self.root, data["uuid"])
             where = f" on {holder.parent}" if holder else ""
-            return Conflict(f"UUID {uuid} is already in use{where}; choose another UUID")
+            return Conflict("UUID {uuid} is already in use{where}; choose another UUID", **data, holder=holder,
+                            where=where)
         if error.errno in (errno.ENOSPC, errno.EUSERS, errno.ENOMEM):
-            return CapacityError(self.capacity_message(parent, type_id))
+            return self.capacity_error(**data)
         if error.errno == errno.EINVAL:
-            return InvalidInput(f"the kernel rejected UUID {uuid!r} (EINVAL)")
+            return InvalidInput("the kernel rejected UUID {uuid!r} (EINVAL)", **data)
         if error.errno in (errno.EACCES, errno.EPERM):
-            return KernelError(f"permission denied writing {parent}/{type_id}/create: run as root", error.errno)
-        return KernelError(f"creating {type_id} on {parent} failed: {error.strerror}", error.errno)
+            return KernelError("permission denied writing {parent}/{type_id}/create: run as root", **data)
+        return error
 
-    def capacity_message(self, parent: str, type_id: str) -> str:
+    def capacity_error(self, parent: str, type_id: str, **data: object) -> CapacityError:
+        """No room for ``type_id`` on ``parent``: the pools that fall short, the types that still fit, what to do."""
         types = read_types(self.root, parent)
         fits = [f"{t.type_id} ({t.available_instances})" for t in types if t.available_instances > 0]
-        reasons = ""
         capacity = backend_for_parent(types).capacity(self.root, parent, types)
         wanted = next((t for t in types if t.type_id == type_id), None)
-        if capacity and wanted:
-            short = capacity.shortfalls(wanted)
-            reasons = " (" + "; ".join(short) + ")" if short else ""
-        still = f"types that still fit: {', '.join(fits)}" if fits else "no type fits any more"
+        short = capacity.shortfalls(wanted) if capacity and wanted else {}
         more = capacity.advice() if capacity else ""
-        advice = "; remove a vGPU" + (f" or {more}" if more else "")
-        return f"no room for {type_id} on {parent}{reasons}; {still}{advice} to make room"
+        return CapacityError(
+            "no room for {type_id} on {parent}{reasons}; {still}; remove a vGPU{more} to make room",
+            **{**data, "what": "device", "parent": parent, "type_id": type_id}, pool=next(iter(short), None),
+            shortfalls=list(short.values()), fits=fits, advice=more,
+            reasons=" (" + "; ".join(short.values()) + ")" if short else "",
+            still=f"types that still fit: {', '.join(fits)}" if fits else "no type fits any more",
+            more=f" or {more}" if more else "")
 
     def remove(self, uuid: str) -> None:
         uuid = canonical_uuid(uuid)
         device = active_device(self.root, uuid)
         if device is None:
-            raise NotFound(f"no active vGPU {uuid}; 'vgpuctl list' shows the active ones")
+            raise NotFound("no active vGPU {uuid}; 'vgpuctl list' shows the active ones", what="device", uuid=uuid)
         self.require_owned_device(device)
         with self.state.lock(f"parent-{device.parent}"), self.journal.releasing("device", uuid):
             crashpoint("remove:before-write")
@@ -172,13 +169,13 @@ class Manager:
 
     def _remove_device(self, uuid: str) -> None:
         try:
-            self.root.write_text(f"{self.root.mdev_device_dir(uuid)}/remove", "1")
-        except FileNotFoundError:
-            return  # already gone: the goal is reached
-        except OSError as e:
+            remove_device(self.root, uuid)
+        except KernelError as e:
+            if e.errno == errno.ENOENT:
+                return  # already gone: the goal is reached
             if e.errno == errno.EBUSY:
-                raise Conflict(f"vGPU {uuid} is in use by a VM; shut the VM down first") from None
-            raise KernelError(f"removing {uuid} failed: {e.strerror}", e.errno) from None
+                raise Conflict("vGPU {uuid} is in use by a VM; shut the VM down first", **e.data) from None
+            raise
 
     # ------------------------------------------------------------------ persistent definitions
     def define(self, uuid: str | None, parent: str | None, type_id: str | None, auto: bool = False,
@@ -189,16 +186,18 @@ class Manager:
         if active and parent in (None, active.parent) and type_id in (None, active.type_id):
             parent, type_id = active.parent, active.type_id
         if parent is None:
-            raise InvalidInput("no parent given: use -p PARENT (see 'vgpuctl gpus')")
+            raise InvalidInput("no parent given: use -p PARENT (see 'vgpuctl gpus')", what="parent", uuid=uuid)
         if type_id is None:
-            raise InvalidInput("no type given: use -t TYPE (see 'vgpuctl types')")
+            raise InvalidInput("no type given: use -t TYPE (see 'vgpuctl types')", what="type", uuid=uuid,
+                               parent=parent)
         self.check_type(parent, type_id)
         for name, _ in attrs or []:
             relative_path(name, "attribute")
         self.ownership()
         with self.state.lock(f"parent-{parent}"):
             if self.root.exists(definitions.definition_path(self.root, parent, uuid)):
-                raise Conflict(f"vGPU {uuid} on {parent} is already defined; use 'vgpuctl modify'")
+                raise Conflict("vGPU {uuid} on {parent} is already defined; use 'vgpuctl modify'",
+                               what="definition", uuid=uuid, parent=parent, type_id=type_id)
             definition = Definition(uuid, parent, type_id, "auto" if auto else "manual", list(attrs or []))
             with self.journal.claiming("definition", definition_key(parent, uuid), {"parent": parent, "uuid": uuid,
                                                                                  "type": type_id}):
@@ -210,18 +209,19 @@ class Manager:
     def one_definition(self, uuid: str, parent: str | None) -> Definition:
         found = definitions.find(self.root, uuid, parent)
         if not found:
-            where = f" on {parent}" if parent else ""
-            raise NotFound(f"vGPU {uuid}{where} is not defined; 'vgpuctl list -d' shows definitions")
+            raise NotFound("vGPU {uuid}{where} is not defined; 'vgpuctl list -d' shows definitions",
+                           what="definition", uuid=uuid, parent=parent, where=f" on {parent}" if parent else "")
         if len(found) > 1:
-            raise Conflict(f"{uuid} is defined on several parents ({', '.join(d.parent for d in found)}); "
-                           "say which with -p")
+            raise Conflict("{uuid} is defined on several parents ({listed}); say which with -p", what="definition",
+                           uuid=uuid, choices=[d.parent for d in found], listed=", ".join(d.parent for d in found))
         return found[0]
 
     def undefine(self, uuid: str, parent: str | None = None) -> list[Definition]:
         uuid = canonical_uuid(uuid)
         found = definitions.find(self.root, uuid, parent)
         if not found:
-            raise NotFound(f"no definition of {uuid}; 'vgpuctl list -d' shows definitions")
+            raise NotFound("no definition of {uuid}; 'vgpuctl list -d' shows definitions", what="definition",
+                           uuid=uuid, parent=parent)
         for definition in found:
             self.require_owned_definition(definition)
         for definition in found:
@@ -247,14 +247,16 @@ class Manager:
             if add_attr is not None:
                 position = len(definition.attrs) if index is None else index
                 if not 0 <= position <= len(definition.attrs):
-                    raise InvalidInput(f"attribute index {position} is invalid: use 0..{len(definition.attrs)}")
+                    raise InvalidInput("attribute index {index} is invalid: use 0..{last}", what="index",
+                                       uuid=uuid, index=position, last=len(definition.attrs))
                 definition.attrs.insert(position, add_attr)
             if del_attr:
                 if not definition.attrs:
-                    raise InvalidInput(f"{uuid} has no attributes to delete")
+                    raise InvalidInput("{uuid} has no attributes to delete", what="attribute", uuid=uuid)
                 position = len(definition.attrs) - 1 if index is None else index
                 if not 0 <= position < len(definition.attrs):
-                    raise InvalidInput(f"attribute index {position} is invalid: use 0..{len(definition.attrs) - 1}")
+                    raise InvalidInput("attribute index {index} is invalid: use 0..{last}", what="index",
+                                       uuid=uuid, index=position, last=len(definition.attrs) - 1)
                 del definition.attrs[position]
             crashpoint("modify:before-write")
             definitions.write(self.root, definition)
@@ -266,16 +268,19 @@ class Manager:
             uuid = canonical_uuid(uuid)
             found = definitions.find(self.root, uuid, parent)
             if len(found) > 1:
-                raise Conflict(f"{uuid} is defined on several parents; say which with -p")
+                raise Conflict("{uuid} is defined on several parents; say which with -p", what="definition",
+                               uuid=uuid, choices=[d.parent for d in found])
             if found:
                 definition = found[0]
                 if type_id is not None and type_id != definition.mdev_type:
-                    raise Conflict(f"vGPU {uuid} is defined on {definition.parent} with type "
-                                   f"{definition.mdev_type}, not {type_id}")
+                    raise Conflict("vGPU {uuid} is defined on {parent} with type {holder.mdev_type}, not {type_id}",
+                                   what="definition", uuid=uuid, parent=definition.parent, type_id=type_id,
+                                   holder=definition)
                 return self.create(definition.parent, definition.mdev_type, uuid, definition.attrs)
         if parent is None or type_id is None:
-            what = "a defined vGPU's -u" if uuid is None else f"-p and -t ({uuid} is not defined)"
-            raise InvalidInput(f"not enough to start a vGPU: give {what}")
+            needed = "a defined vGPU's -u" if uuid is None else f"-p and -t ({uuid} is not defined)"
+            raise InvalidInput("not enough to start a vGPU: give {needed}", what="device", uuid=uuid, parent=parent,
+                               type_id=type_id, needed=needed)
         return self.create(parent, type_id, uuid)
 
     def stop(self, uuid: str) -> None:

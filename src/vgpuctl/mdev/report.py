@@ -69,9 +69,23 @@ def check_parent(root: HostRoot, parent: str, names: list[str] | None = None) ->
         return
     hint = next((n for n in names if n.lower() == parent.lower()), None)
     if hint:
-        raise NotFound(f"no parent device {parent!r}; did you mean {hint!r}?")
+        raise NotFound("no parent device {parent!r}; did you mean {hint!r}?", what="parent", parent=parent,
+                       choices=names, hint=hint)
     listed = ", ".join(names) if names else "none (is the vendor driver, e.g. kvmgt, loaded? try 'vgpuctl doctor')"
-    raise NotFound(f"no parent device {parent!r}; mdev parents on this host: {listed}")
+    raise NotFound("no parent device {parent!r}; mdev parents on this host: {listed}", what="parent", parent=parent,
+                   choices=names, hint=None, listed=listed)
+
+
+def check_type(root: HostRoot, parent: str, type_id: str, names: list[str] | None = None) -> MdevType:
+    """The type ``type_id`` of ``parent``; NotFound (the parent's types as ``choices``) when it has none such."""
+    check_parent(root, parent, names)
+    types = read_types(root, parent)
+    found = next((t for t in types if t.type_id == type_id), None)
+    if found is None:
+        listed = [t.type_id for t in types]
+        raise NotFound("{parent} has no type {type_id!r}; its types: {listed}", what="type", parent=parent,
+                       type_id=type_id, choices=listed, listed=", ".join(listed) or "none")
+    return found
 
 
 def gpus_rows(root: HostRoot) -> list[GpuRow]:

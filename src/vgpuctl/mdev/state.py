@@ -116,9 +116,9 @@ class Journal:
             raise self._damaged(f"{type(e).__name__}: {e}") from None
 
     def _damaged(self, why: str) -> StateDamaged:
-        return StateDamaged(f"{self.file} is damaged ({why}); vgpuctl changes nothing until it is repaired "
-                            "or moved away (vgpuctl then owns nothing, and needs --force for what it made)",
-                            str(self.file))
+        return StateDamaged("{path} is damaged ({why}); vgpuctl changes nothing until it is repaired or moved away "
+                            "(vgpuctl then owns nothing, and needs --force for what it made)",
+                            what="state", path=str(self.file), why=why)
 
     def owns_device(self, uuid: str) -> bool:
         return self.ownership().owns_device(uuid)

@@ -9,7 +9,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from vgpuctl.base.errors import Conflict, InvalidInput, KernelError
 from vgpuctl.host import HostRoot, facts, pci
+from vgpuctl.host.root import relative_path
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,55 @@ def active_devices(root: HostRoot) -> list[ActiveDevice]:
 
 def active_device(root: HostRoot, uuid: str) -> ActiveDevice | None:
     return next((d for d in active_devices(root) if d.uuid == uuid), None)
+
+
+# ---------------------------------------------------------------- changing devices (callers hold the parent's lock)
+# vgpuctl's Manager (which records what it owns) and the mdevctl stand-in (which owns nothing) both use these.
+
+
+def check_free(root: HostRoot, uuid: str, parent: str, type_id: str) -> None:
+    """Conflict (``holder``: the ActiveDevice) when a device of ``uuid`` is active already."""
+    holder = active_device(root, uuid)
+    if holder is not None:
+        raise Conflict("vGPU {uuid} is already active on {holder.parent} (type {holder.type_id}); choose another "
+                       "UUID or remove it first", what="device", uuid=uuid, parent=parent, type_id=type_id,
+                       holder=holder)
+
+
+def create_device(root: HostRoot, parent: str, type_id: str, uuid: str) -> None:
+    """Write ``uuid`` to the type's ``create``: the kernel makes the device, or refuses (KernelError, its errno)."""
+    path = f"{root.mdev_type_dir(parent, type_id)}/create"
+    try:
+        root.write_text(path, uuid)
+    except OSError as e:
+        raise KernelError("creating {type_id} on {parent} failed: {strerror}", what="device", action="create",
+                          errno=e.errno, path=path, parent=parent, type_id=type_id, uuid=uuid) from None
+
+
+def write_attribute(root: HostRoot, uuid: str, name: str, value: str) -> None:
+    """Write one of the device's attributes (a path below it, never a new file: InvalidInput if it has none)."""
+    device_dir = root.mdev_device_dir(uuid)
+    path = f"{device_dir}/{relative_path(name, 'attribute')}"
+    if not root.path(path).exists():
+        known = [n for n in root.listdir(device_dir) if root.path(f"{device_dir}/{n}").is_file()]
+        raise InvalidInput("{uuid} has no attribute {attribute!r} (it has: {known})", what="attribute", uuid=uuid,
+                           attribute=name, choices=known, known=", ".join(known) or "none")
+    try:
+        root.write_text(path, value)
+    except OSError as e:
+        raise KernelError("failed to write {value!r} to attribute {attribute!r} of {uuid} ({strerror})",
+                          what="attribute", action="write", errno=e.errno, path=path, uuid=uuid, attribute=name,
+                          value=value) from None
+
+
+def remove_device(root: HostRoot, uuid: str) -> None:
+    """Write ``remove`` of the device (KernelError with ENOENT when it is gone, EBUSY when a VM holds it)."""
+    path = f"{root.mdev_device_dir(uuid)}/remove"
+    try:
+        root.write_text(path, "1")
+    except OSError as e:
+        raise KernelError("removing {uuid} failed: {strerror}", what="device", action="remove", errno=e.errno,
+                          path=path, uuid=uuid) from None
 
 
 def aperture_mib(root: HostRoot, parent: str) -> int | None:

@@ -57,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.status import WS_1008_POLICY_VIOLATION
 
+from vgpuctl.base.errors import StateDamaged
 from vgpuctl.base.state import StateDir
 
 log = logging.getLogger("vgpuctl.service")
@@ -100,21 +101,23 @@ def token_path(state: StateDir) -> Path:
 def load_or_create_token(state: StateDir) -> str:
     """The service's token, made at the first start (``<state-dir>/token``, mode 0600).
 
-    Raises ValueError, saying what to do, when the state directory or the token file is unusable (not a
+    Raises StateDamaged, saying what to do, when the state directory or the token file is unusable (not a
     directory, not a regular file, unreadable, empty)."""
     path = token_path(state)
     try:
         state.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot use the state directory {state.path} ({e.strerror or e}): it must be a directory "
-                         "vgpuctl can write (choose another with --state-dir)") from None
+        raise StateDamaged("cannot use the state directory {path} ({why}): it must be a directory vgpuctl can "
+                           "write (choose another with --state-dir)", what="state", path=str(state.path),
+                           why=e.strerror or str(e)) from None
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         return _read_token(path)
     except OSError as e:
-        raise ValueError(f"cannot make the token file {path} ({e.strerror or e}): the state directory "
-                         f"{state.path} must be writable by vgpuctl") from None
+        raise StateDamaged("cannot make the token file {path} ({why}): the state directory {state} must be "
+                           "writable by vgpuctl", what="token", path=str(path), why=e.strerror or str(e),
+                           state=str(state.path)) from None
     token = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
@@ -130,19 +133,21 @@ def _read_token(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         reason = "a symbolic link" if e.errno == errno.ELOOP else e.strerror or str(e)
-        raise ValueError(f"cannot read the token file {path} ({reason}); it must be a regular file: {remedy}") \
-            from None
+        raise StateDamaged("cannot read the token file {path} ({why}); it must be a regular file: {remedy}",
+                           what="token", path=str(path), why=reason, remedy=remedy) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise ValueError(f"the token file {path} is {kind}: {remedy}")
+            raise StateDamaged("the token file {path} is {kind}: {remedy}", what="token", path=str(path), kind=kind,
+                               remedy=remedy)
         if mode & 0o077:
             os.fchmod(fd, 0o600)
             log.warning("%s was readable by others: made it 0600; consider a new token (remove the file)", path)
         data = os.read(fd, 4096)
     except OSError as e:
-        raise ValueError(f"cannot read the token file {path} ({e.strerror or e}): {remedy}") from None
+        raise StateDamaged("cannot read the token file {path} ({why}): {remedy}", what="token", path=str(path),
+                           why=e.strerror or str(e), remedy=remedy) from None
     finally:
         os.close(fd)
     try:
@@ -150,7 +155,8 @@ def _read_token(path: Path) -> str:
     except UnicodeDecodeError:
         token = ""
     if len(token) < 16 or any(c.isspace() for c in token):
-        raise ValueError(f"the token file {path} holds no usable token: {remedy}")
+        raise StateDamaged("the token file {path} holds no usable token: {remedy}", what="token", path=str(path),
+                           remedy=remedy)
     return token
 
 

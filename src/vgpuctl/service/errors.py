@@ -11,19 +11,20 @@ NotOwned                  409     ``not_owned`` (vgpuctl did not create it: add 
 CapacityError             409     ``capacity_error``: the request conflicts with the host's current
                                   state (a full GVT-g pool) and succeeds once a vGPU is removed —
                                   not 507, which is a 5xx: a full GPU is no server fault
-InvalidInput, ValueError  422     ``invalid_input`` (as request validation errors, which also carry
+InvalidInput              422     ``invalid_input`` (as request validation errors, which also carry
                                   ``detail``: FastAPI's list of what is wrong where)
 KernelError               409     ``kernel_error``; 403 ``permission_denied`` for EACCES/EPERM
 VmError                   409     ``vm_error`` (a VM that cannot start or be reached)
 other VgpuError           409     its class name in snake case (or the class's ``http_status``)
-a damaged state file      503     ``state_damaged``: a RuntimeError or VgpuError that says a file of
-                                  vgpuctl's own is damaged (``owned.json`` ...); the message names the
-                                  file and what to do. The service cannot serve that until someone
-                                  fixes the file: no client fault, no bug either.
+a damaged state file      503     ``state_damaged``: a VgpuError that says a file of vgpuctl's own is
+                                  damaged (``owned.json`` ...); the message names the file and what to
+                                  do. The service cannot serve that until someone fixes the file: no
+                                  client fault, no bug either.
 OSError                   409     ``host_error`` (404 for a missing file, 403 for permissions)
 ========================  ======  ==================================================================
 
-Bad input is a 4xx, never a 500; only a bug (an unexpected exception) is a 500, with
+Bad input is a 4xx, never a 500; only a bug (any other exception: a bare ValueError or RuntimeError too) is
+a 500, with
 ``{"error": "internal", ...}`` and the traceback in the server's log, never in the response.
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import re
 from typing import Any
 
@@ -75,19 +77,20 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
 
 
 def _kind(error: BaseException) -> str:
-    """NotFound -> not_found, CapacityError -> capacity_error, VmError -> vm_error."""
+    """NotFound -> not_found, CapacityError -> capacity_error, VmError -> vm_error (a VgpuError says its kind)."""
+    if isinstance(error, VgpuError):
+        return error.kind
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
 
 
 def _damaged_state(error: Exception) -> bool:
-    """A RuntimeError (or an error of no more specific kind) saying one of vgpuctl's files is damaged, as
-    ``StateDir.owned()`` raises for a broken ``owned.json``."""
+    """A VgpuError of no more specific kind saying one of vgpuctl's files is damaged."""
     return "Damaged" in type(error).__name__ or "Corrupt" in type(error).__name__ or bool(_DAMAGED.search(str(error)))
 
 
 def classify(error: Exception) -> tuple[int, str]:
-    """The HTTP status and error kind of one of vgpuctl's errors, a ValueError, an OSError or a RuntimeError
-    for a damaged state file; 500 ``internal`` for anything else (a bug)."""
+    """The HTTP status and error kind of one of vgpuctl's errors or an OSError; 500 ``internal`` for anything
+    else (a bug)."""
     if isinstance(error, VgpuError):
         declared = getattr(error, "http_status", None)  # a VgpuError subclass may say what it is over HTTP
         if isinstance(declared, int) and 400 <= declared <= 599:
@@ -104,10 +107,6 @@ def classify(error: Exception) -> tuple[int, str]:
         return 409, "kernel_error"
     if isinstance(error, VgpuError):
         return (503, "state_damaged") if _damaged_state(error) else (409, _kind(error))
-    if isinstance(error, RuntimeError) and _damaged_state(error):
-        return 503, "state_damaged"
-    if isinstance(error, ValueError):
-        return 422, "invalid_input"
     if isinstance(error, FileNotFoundError):
         return 404, "not_found"
     if isinstance(error, PermissionError):
@@ -133,6 +132,17 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float (an input echoed back, which JSON cannot hold) as its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into the JSON body above."""
 
@@ -149,7 +159,7 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = list(exc.errors())
         return error_response(422, "invalid_input", _validation_message(errors),
-                              detail=jsonable_encoder(errors, custom_encoder={Exception: str}))
+                              detail=_finite(jsonable_encoder(errors, custom_encoder={Exception: str})))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -161,7 +171,7 @@ def install(app: FastAPI) -> None:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal", "internal error: see the server's log")
 
-    for error in (VgpuError, ValueError, OSError, RuntimeError):
+    for error in (VgpuError, OSError):
         app.add_exception_handler(error, vgpuctl_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
