@@ -35,6 +35,16 @@ def wait_for(condition: object, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def accepts(path: Path) -> bool:
+    """Whether a unix socket takes connections (QEMU binds, then listens: a connect in between is refused)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 @pytest.fixture
 def qemu() -> Iterator[Qemu]:
     if shutil.which(QEMU) is None:
@@ -45,7 +55,7 @@ def qemu() -> Iterator[Qemu]:
                                  "-nodefaults", "-qmp", f"unix:{path},server=on,wait=off"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_for(lambda: path.exists() or proc.poll() is not None)
+            wait_for(lambda: accepts(path) or proc.poll() is not None)  # bound is not yet listening
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             yield Qemu(proc, path)
         finally:
