@@ -26,6 +26,7 @@ from typing import Any
 from vgpuctl.host import facts
 from vgpuctl.host.platforms import INTEL_VENDOR_ID, platform_for
 from vgpuctl.host.root import SIM_MARKER
+from vgpuctl.sim import sriov_vendors
 from vgpuctl.sim.kernel import Kernel
 from vgpuctl.sim.presets import DEFERRABLE_MODULES, READY_CMDLINE_FLAGS, HostSpec, check_deferrable, preset
 from vgpuctl.sim.vendors import (
@@ -48,7 +49,8 @@ AMD_VENDOR_ID = 0x1002
 SIM_CONTROL = "/.vgpuctl-sim-control"
 SIM_UEVENTS = "/.vgpuctl-sim-uevents"
 MAX_UEVENTS = 4096  # the oldest are dropped beyond this; SEQNUM shows the gap
-CONTROL_USAGE = "reboot [defer=MODULE,...] | load MODULE | unload MODULE | trigger [add|change]"
+CONTROL_USAGE = ("reboot [defer=MODULE,...] | load MODULE | unload MODULE | trigger [add|change] | open VF | close VF"
+                 " | dcgm on|off")
 SYNTH_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
 
 
@@ -360,6 +362,7 @@ class SimHost:
             fs.mkdirs("/sys/bus/mdev/devices")
             fs.mkdirs("/sys/bus/mdev/drivers")
         iommu_on = self.cmdline_param("intel_iommu") == "on" and "CONFIG_INTEL_IOMMU" in self.kconfig
+        self.iommu_on = iommu_on
         if iommu_on:
             fs.mkdirs("/sys/class/iommu/dmar0")
         self._add_pci_device("0000:00:00.0", "/sys/devices/pci0000:00/0000:00:00.0", 0x8086, 0x3E0F,
@@ -371,10 +374,14 @@ class SimHost:
         for sample in self.spec.samples:
             if self.loaded(sample):
                 self._build_sample(sample)
+        # SR-IOV: VFs are runtime state; a boot starts with none (sriov.md 3.2, 8).
+        self.pci = sriov_vendors.build(self, self.spec.sriov) if self.spec.sriov is not None else None
 
     def _marker(self) -> str:
         data = {"preset": self.preset_name, "kernel": self.spec.kernel, "boot": self.boots,
                 "defer": list(self.defer), "not_loaded": sorted(self.unloaded), **self.marker_extra}
+        if self.pci is not None:
+            data["open_vfs"] = self.pci.open_vfs()
         return json.dumps(data) + "\n"
 
     def _show_uevents(self) -> str:
@@ -700,6 +707,10 @@ class SimHost:
                             self.unload_module(module)
                         case ["trigger"] | ["trigger", "add" | "change"]:
                             self.trigger(words[1] if len(words) > 1 else "add")
+                        case ["open" | "close", address] if self.pci is not None:
+                            (self.pci.open_vf if words[0] == "open" else self.pci.close_vf)(address)
+                        case ["dcgm", "on" | "off"] if self.pci is not None:
+                            self.pci.hold(words[1] == "on")
                         case _:
                             raise fail(errno.EINVAL, f"unknown command {line!r}; commands: {CONTROL_USAGE}")
                 except ValueError as e:
