@@ -254,6 +254,8 @@ class PciBus:
         self.fs.drop(f"{function.path}/driver")
         self.fs.drop(f"/sys/bus/pci/drivers/{driver.name}/{function.address}")
         function.driver = None
+        if function.address in self.pfs:  # pci_iov_remove(): back to the hardware's TotalVFs
+            self.pfs[function.address].driver_limit = None
         self._set_uevent_driver(function, None)
         self.host._emit("unbind", function.path)
 
