@@ -500,3 +500,17 @@ def test_rebinding_an_nvidia_vf_breaks_it_until_sriov_is_cycled(mount_host: Moun
     assert sriov_manage(root, "-d", "ALL").returncode == 0
     assert sriov_manage(root, "-e", "ALL").returncode == 0
     assert driver_of(root, vf) == "nvidia" and read(nv(root, 0) / "current_vgpu_type") == "0"
+
+
+def test_modprobe_d_in_name_order_later_wins_and_a_dev_null_link_masks(mount_host: MountFn) -> None:
+    root = mount_host("adl-sriov-nomaxvfs")
+    conf = root.path("/etc/modprobe.d")
+    (conf / "a-sriov.conf").write_text("options i915 max_vfs=2\n")
+    (conf / "b-sriov.conf").write_text("options i915 max_vfs=5\n")
+    (conf / "c-notes.txt").write_text("options i915 max_vfs=1\n")  # not a .conf: not read
+    control(root, "reboot")
+    assert read(dev(root) / "sriov_totalvfs") == "5"
+    (conf / "b-sriov.conf").unlink()
+    (conf / "b-sriov.conf").symlink_to("/dev/null")
+    control(root, "reboot")
+    assert read(dev(root) / "sriov_totalvfs") == "2"
