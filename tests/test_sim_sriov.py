@@ -514,3 +514,85 @@ def test_modprobe_d_in_name_order_later_wins_and_a_dev_null_link_masks(mount_hos
     (conf / "b-sriov.conf").symlink_to("/dev/null")
     control(root, "reboot")
     assert read(dev(root) / "sriov_totalvfs") == "2"
+
+
+# ---------------------------------------------------------------- Intel xe (2.2-2.4.4, 7.3)
+
+XE_PF = "0000:03:00.0"
+DRI = "/sys/kernel/debug/dri/0"
+
+
+@pytest.mark.parametrize(("count", "shares"), [
+    (1, (2048 * MIB, 32768, 128)), (2, (1024 * MIB, 16384, 64)), (3, (1024 * MIB, 16384, 64)),
+    (4, (512 * MIB, 8192, 32)), (7, (512 * MIB, 8192, 32)),
+])
+def test_xe_fair_provisioning_in_debugfs(mount_host: MountFn, count: int, shares: tuple[int, int, int]) -> None:
+    root = mount_host("b60-xe")
+    assert read(dev(root, XE_PF) / "sriov_totalvfs") == "24"
+    assert read(root.path("/sys/module/xe/parameters/max_vfs")) == "4294967295"
+    assert echo(str(count), dev(root, XE_PF) / "sriov_numvfs").returncode == 0
+    for vf in (1, count):
+        gt = root.path(f"{DRI}/gt0/vf{vf}")  # the compat link into sriov/vfN/tile0/gt0
+        assert tuple(int(read(gt / f"{n}_quota")) for n in ("ggtt", "contexts", "doorbells")) == shares
+    assert read(root.path(f"{DRI}/gt0/vf{count + 1}/ggtt_quota")) == "0"
+    assert echo("0", dev(root, XE_PF) / "sriov_numvfs").returncode == 0
+    assert read(root.path(f"{DRI}/gt0/vf1/ggtt_quota")) == "0"  # auto mode: released
+
+
+def test_xe_sriov_admin_and_xe_vfio_pci(mount_host: MountFn) -> None:
+    root = mount_host("b60-xe")
+    admin = dev(root, XE_PF) / "sriov_admin"
+    assert "vf24" in os.listdir(admin) and ".bulk_profile" in os.listdir(admin)
+    assert shell("sh", f"ls {admin}").stdout.split() == sorted(["pf", *[f"vf{n}" for n in range(1, 25)]])
+    assert read(admin / "pf" / "profile" / "sched_priority") == "[low] normal high"
+    assert read(admin / "vf1" / "profile" / "sched_priority") == "[low] normal"
+    assert stat.S_IMODE((admin / "vf1" / "profile" / "sched_priority").stat().st_mode) == 0o444
+    assert write_errno(admin / ".bulk_profile" / "sched_priority", "high") == errno.EINVAL
+    assert write_errno(admin / "pf" / "profile" / "sched_priority", "normal") == 0
+    assert read(admin / "vf1" / "profile" / "sched_priority") == "low [normal]"
+    assert write_errno(admin / "vf2" / "profile" / "exec_quantum_ms", "999999") == 0
+    assert read(admin / "vf2" / "profile" / "exec_quantum_ms") == "100000"  # silently clamped
+    assert write_errno(admin / ".bulk_profile" / "preempt_timeout_us", "x") == errno.EINVAL
+    assert not os.path.lexists(admin / "vf1" / "device")
+    configfs = root.path(f"/sys/kernel/config/xe/{XE_PF}/sriov/max_vfs")
+    assert (read(configfs), write_errno(configfs, "2")) == ("unlimited", errno.EBUSY)  # bound: EBUSY
+    assert write_errno(dev(root, XE_PF) / "sriov_drivers_autoprobe", "0") == 0
+    assert echo("2", dev(root, XE_PF) / "sriov_numvfs").returncode == 0
+    vf = "0000:03:00.1"
+    assert os.path.realpath(admin / "vf1" / "device") == os.path.realpath(dev(root, vf))
+    assert driver_of(root, vf) is None
+    assert write_errno(dev(root, vf) / "driver_override", "xe-vfio-pci") == 0
+    assert write_errno(root.path("/sys/bus/pci/drivers_probe"), vf) == 0
+    assert driver_of(root, vf) == "xe-vfio-pci"
+    assert os.listdir(dev(root, vf) / "vfio-dev")
+
+
+def test_xe_kernel_eras(mount_host: MountFn) -> None:
+    old = mount_host("b60-xe", kernel="6.18.0")  # PF by default, but no sriov_admin before 6.19
+    assert read(dev(old, XE_PF) / "sriov_totalvfs") == "24"
+    assert not (dev(old, XE_PF) / "sriov_admin").exists()
+    assert old.path(f"{DRI}/gt0/vf1/ggtt_quota").exists()
+    older = mount_host("b60-xe", kernel="6.16.0")  # BMG not a PF before 6.17
+    assert read(dev(older, XE_PF) / "sriov_totalvfs") == "0"
+    new = mount_host("b60-xe", kernel="7.0.0")
+    assert (dev(new, XE_PF) / "sriov_admin" / "vf1" / "profile" / "vram_quota").exists()
+
+
+def test_xe_custom_provisioning_is_kept_over_a_disable(mount_host: MountFn) -> None:
+    root = mount_host("b60-xe")
+    quota = root.path(f"{DRI}/gt0/vf1/ggtt_quota")
+    assert write_errno(quota, str(256 * MIB)) == 0  # by hand: custom mode, no auto-provisioning
+    assert echo("1", dev(root, XE_PF) / "sriov_numvfs").returncode == 0
+    assert read(quota) == str(256 * MIB)
+    assert read(root.path(f"{DRI}/gt0/vf1/contexts_quota")) == "0"
+    assert echo("0", dev(root, XE_PF) / "sriov_numvfs").returncode == 0
+    assert read(quota) == str(256 * MIB)
+
+
+def test_xe_platforms_without_sriov(mount_host: MountFn) -> None:
+    b580 = mount_host("b580-xe")  # no SR-IOV capability at all
+    assert driver_of(b580, XE_PF) == "xe"
+    assert not any(name.startswith("sriov_") for name in os.listdir(dev(b580, XE_PF)))
+    mtl = mount_host("mtl-xe")  # capability, but xe's platform lacks has_sriov
+    assert read(dev(mtl, INTEL_PF) / "sriov_totalvfs") == "0"
+    assert write_errno(dev(mtl, INTEL_PF) / "sriov_numvfs", "1") == errno.ERANGE

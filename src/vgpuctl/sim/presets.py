@@ -37,7 +37,7 @@ class SriovSpec:
     (the same hardware under mainline i915: no sriov_configure), "nvidia" (vendor-specific VFIO, e.g. L40S).
     """
 
-    kind: str
+    kind: str  # (and "xe": the upstream xe driver on a dGPU, e.g. Arc Pro B60)
     address: str = "0000:00:02.0"
     device_id: int = 0  # 0: the iGPU's (HostSpec.gpu)
     vf_device_id: int = 0  # 0: the PF's (Intel VFs carry the PF's device id)
@@ -52,6 +52,7 @@ class SriovSpec:
     numvfs_errno: int = errno.EPERM  # nvidia: a raw sriov_numvfs write without the unbind lock [U]
     release_delay_s: float = 0.3  # nvidia: current_vgpu_type=0 stays EPERM this long after the VF closes
     model: str = ""  # nvidia: the vGPU type catalogue ("L40S", "H200")
+    xe_has_sriov: bool = True  # xe: the platform's has_sriov (MTL/LNL: no)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,14 @@ def _nvidia_vfio(device_id: int, model: str, description: str) -> HostSpec:
                                     pci_class=0x030200, vf_class=0x030200, total_vfs=32, offset=4, model=model))
 
 
+def _xe(device_id: int, description: str, kernel: str = "6.19.0", total_vfs: int = 24, has_sriov: bool = True,
+        address: str = "0000:03:00.0") -> HostSpec:
+    modules = ("xe", *SRIOV_MODULES, "xe_vfio_pci")
+    return HostSpec(description, kernel=kernel, gpu=None, cmdline=SRIOV_CMDLINE, modules=modules,
+                    sriov=SriovSpec("xe", address=address, device_id=device_id, total_vfs=total_vfs,
+                                    ggtt_free_mib=4032, xe_has_sriov=has_sriov))
+
+
 PRESETS: dict[str, HostSpec] = {
     "coffeelake": _intel(0x3E92, "Coffee Lake UHD 630 (8086:3e92), 256 MiB aperture, GVT-g ready"),
     "coffeelake-1g": _intel(0x3E92, "Coffee Lake UHD 630, 1 GiB aperture: room for 7 small vGPUs", 1024),
@@ -233,6 +242,11 @@ PRESETS: dict[str, HostSpec] = {
     "n100-sriov": _i915_sriov(0x46D0, "Alder Lake-N (N100, 8086:46d0) with i915-sriov-dkms: 7 VFs"),
     "l40s-vfio": _nvidia_vfio(0x26B9, "L40S", "NVIDIA L40S (10de:26b9) on vendor-specific VFIO: 32 VFs, sriov-manage"),
     "h200-vfio": _nvidia_vfio(0x2335, "H200", "NVIDIA H200 (10de:2335) on vendor-specific VFIO: 32 VFs, sriov-manage"),
+    "b60-xe": _xe(0xE211, "Intel Arc Pro B60 (8086:e211) under xe on 6.19: 24 VFs [U], sriov_admin, xe-vfio-pci"),
+    "b580-xe": _xe(0xE20B, "Intel Arc B580 (8086:e20b) under xe: no SR-IOV capability, no sriov_* files",
+                   total_vfs=0),
+    "mtl-xe": _xe(0x7D55, "Meteor Lake (8086:7d55) under xe: 'Support for SR-IOV is not available', totalvfs 0",
+                  total_vfs=7, has_sriov=False, address="0000:00:02.0"),
 }
 DEFAULT_PRESET = "coffeelake"
 

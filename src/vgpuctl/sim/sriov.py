@@ -183,8 +183,9 @@ class VfioPci(PfDriver):
 class XeVfioPci(PfDriver):
     name = "xe-vfio-pci"  # drivers/vfio/pci/xe: PCI_DRIVER_OVERRIDE_DEVICE_VFIO, binds only by driver_override
 
-    def matches(self, function: Function) -> bool:
-        return function.pf is not None and function.pf.function.driver == "xe" and function.override == self.name
+    def probe(self, function: Function) -> None:
+        if function.pf is None or function.pf.function.driver != "xe":
+            raise fail(errno.ENODEV)  # a VF of an xe PF only
 
 
 class PciBus:

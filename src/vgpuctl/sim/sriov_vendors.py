@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from vgpuctl.host import facts
 from vgpuctl.sim.presets import SriovSpec
-from vgpuctl.sim.sriov import Function, PciBus, Pf, PfDriver, VfioPci, kstrtobool, kstrtou
+from vgpuctl.sim.sriov import Function, PciBus, Pf, PfDriver, VfioPci, XeVfioPci, kstrtobool, kstrtou
 from vgpuctl.sim.vfs import Attr, Blob, CharDev, Link, const, fail
 
 if TYPE_CHECKING:
@@ -59,6 +59,27 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
             bus.add_driver(nvidia)
             bus.attach(function, nvidia)
         host.vfs.put(SRIOV_MANAGE, Blob(data=bytearray(SRIOV_MANAGE_SCRIPT.encode()), mode=0o755))
+    elif spec.kind == "xe":
+        port = "" if spec.address.startswith("0000:00:") else "0000:00:01.0/"  # a dGPU behind a root port
+        path = f"/sys/devices/pci0000:00/{port}{spec.address}"
+        function = Function(spec.address, path, 0x8086, spec.device_id, spec.pci_class, express_type=0)
+        host._add_pci_device(spec.address, path, 0x8086, spec.device_id, spec.pci_class, None, host.iommu_on)
+        xe_pf = None
+        if spec.total_vfs:  # B580: no SR-IOV capability, no sriov_* files
+            xe_pf = Pf(function, spec.total_vfs, spec.offset, spec.stride, spec.vf_device_id or spec.device_id,
+                       spec.vf_class)
+            bus.add_pf(xe_pf)
+        else:
+            bus.add_function(function)
+        if host.loaded("xe_vfio_pci"):
+            bus.add_driver(XeVfioPci(bus))
+        if host.loaded("xe"):
+            xe = Xe(bus, host, spec, xe_pf)
+            bus.add_driver(xe)
+            bus.attach(function, xe)
+            for name, minor in (("card0", 0), ("renderD128", 128)):
+                host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
+                host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
     else:
         raise ValueError(f"unknown SR-IOV kind {spec.kind!r}")
     return bus
@@ -471,7 +492,7 @@ class Nvidia(PfDriver):
             state.params.append(text.strip())
 
 
-def _show_attr(state: VfState, name: str) -> str:
+def _show_attr(state: object, name: str) -> str:
     return f"{getattr(state, name)}\n"
 
 
@@ -511,3 +532,227 @@ for gpu in $gpus; do
 done
 exit $rc
 """
+
+
+# ---------------------------------------------------------------- Intel xe (2.2, 2.3, 2.4.2-2.4.4, 7.3)
+
+XE_UNLIMITED = 4294967295  # xe.max_vfs default ~0, as a uint
+XE_GGTT_PROFILE = 3584 * MIB  # 0xFEE00000 aligned down to 512 MiB
+XE_CLAMPS = {"exec_quantum_ms": 100000, "preempt_timeout_us": 100000000}  # "GuC will silently clamp"
+PRIORITIES = ("low", "normal", "high")
+
+
+def _pow2_floor(value: int) -> int:
+    return 1 << (value.bit_length() - 1) if value > 0 else 0
+
+
+@dataclass
+class XeVf:
+    ggtt: int = 0
+    contexts: int = 0
+    doorbells: int = 0
+    vram: int = 0
+    profile: dict[str, int] = field(default_factory=lambda: {"exec_quantum_ms": 0, "preempt_timeout_us": 0})
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ggtt or self.contexts or self.doorbells or self.vram)
+
+
+class Xe(PfDriver):
+    """The upstream xe driver on a Battlemage (Arc Pro B60) PF, or on a platform without has_sriov."""
+
+    name = "xe"
+
+    def __init__(self, bus: PciBus, host: SimHost, spec: SriovSpec, pf: Pf | None) -> None:
+        super().__init__(bus)
+        self.host, self.spec, self.pf = host, spec, pf
+        self.configure = self._configure
+        param = facts.as_int(host.module_param("xe", "max_vfs"))
+        self.max_vfs = XE_UNLIMITED if param is None else param
+        host.vfs.put("/sys/module/xe/parameters/max_vfs", Attr(show=const(f"{self.max_vfs}\n"), mode=0o400))
+        self.configfs_max_vfs: int | None = None  # None: "unlimited"
+        self.custom = False  # provisioning mode: auto until a quota is written by hand
+        self.vfs = [XeVf() for _ in range(pf.hw_total if pf else 0)]
+        self.pf_priority = "low"
+
+    @property
+    def is_pf(self) -> bool:
+        """xe_sriov_pf_readiness: has_sriov (and for BMG a 6.17+ kernel), max_vfs > 0."""
+        limit = self.max_vfs if self.configfs_max_vfs is None else self.configfs_max_vfs
+        return self.pf is not None and self.spec.xe_has_sriov and self.host.kernel.at_least(6, 17) and limit > 0
+
+    @property
+    def base(self) -> str:
+        assert self.pf is not None
+        return self.pf.function.path
+
+    def matches(self, function: Function) -> bool:
+        return function.vendor == 0x8086 and function.device == self.spec.device_id  # PF and (same id) VFs
+
+    def probe_pf(self) -> None:
+        """xe's probe of the PF (at boot, or a bind after an unbind): PF mode, or totalvfs 0."""
+        if self.pf is None:
+            return
+        fs = self.host.vfs
+        fs.put(f"/sys/kernel/config/xe/{self.pf.function.address}/sriov/max_vfs",
+               Attr(show=self._configfs_show, store=self._configfs_store))
+        if not self.is_pf:
+            self.pf.driver_limit = 0  # "Support for SR-IOV is not available" / "all VFs disabled"
+            return
+        limit = self.max_vfs if self.configfs_max_vfs is None else self.configfs_max_vfs
+        self.pf.driver_limit = min(limit, self.pf.hw_total)
+        if self.host.kernel.at_least(6, 19):
+            self._build_sriov_admin()
+        self._build_debugfs()
+
+    def bound(self, function: Function) -> None:
+        if function is (self.pf.function if self.pf else None):
+            self.probe_pf()
+
+    def unbound(self, function: Function) -> None:
+        if self.pf is not None and function is self.pf.function:
+            self.host.vfs.drop(f"{self.base}/sriov_admin")
+            self.host.vfs.drop(f"/sys/kernel/debug/dri/{function.address}")
+            self.host.vfs.drop("/sys/kernel/debug/dri/0")
+
+    def _configfs_show(self) -> str:
+        return "unlimited\n" if self.configfs_max_vfs is None else f"{self.configfs_max_vfs}\n"
+
+    def _configfs_store(self, text: str) -> None:
+        """xe_configfs.c: a number or "unlimited", read at probe only; EBUSY while the device is bound."""
+        with self.host.lock:
+            assert self.pf is not None
+            if self.pf.function.driver == self.name:
+                raise fail(errno.EBUSY)
+            self.configfs_max_vfs = None if text.strip() == "unlimited" else kstrtou(text, 32)
+
+    # ---- enable / disable (xe_pci_sriov_configure, xe_sriov_pf_provision.c)
+    def _configure(self, pf: Pf, count: int) -> None:
+        if not self.is_pf:
+            raise fail(errno.ENODEV)
+        if count == 0:
+            self.bus.disable(pf)
+            for index in range(1, pf.total + 1):
+                self.host.vfs.drop(f"{self.base}/sriov_admin/vf{index}/device")
+            if not self.custom:
+                for vf in self.vfs:
+                    vf.ggtt = vf.contexts = vf.doorbells = vf.vram = 0
+            return
+        chosen = self.vfs[:count]
+        if not self.custom:
+            if not all(vf.empty for vf in chosen):
+                raise fail(errno.EUCLEAN, "VFs are already provisioned")
+            ggtt, contexts, doorbells = self.fair_shares(count)
+            if not ggtt:
+                raise fail(errno.ENOSPC)
+            for vf in chosen:
+                vf.ggtt, vf.contexts, vf.doorbells = ggtt, contexts, doorbells
+        try:
+            self.bus.enable(pf, count)
+        except OSError:
+            if not self.custom:
+                for vf in chosen:
+                    vf.ggtt = vf.contexts = vf.doorbells = 0
+            raise
+        if self.host.kernel.at_least(6, 19):
+            for vf_function in pf.vfs:
+                self.host.vfs.put(f"{self.base}/sriov_admin/vf{vf_function.index + 1}/device",
+                                  Link(target=vf_function.path))
+
+    def fair_shares(self, count: int) -> tuple[int, int, int]:
+        """2.4.4: min(estimate, profile) for GGTT (64 KiB aligned on this dGPU), contexts and doorbells."""
+        profile = 56 * MIB if count > 56 else _pow2_floor(XE_GGTT_PROFILE // count // MIB) * MIB
+        estimate = max(self.spec.ggtt_free_mib * MIB - GGTT_SPARE, 0) // count // 65536 * 65536
+        contexts = min(_pow2_floor(65535 // count), (GUC_CONTEXTS - CONTEXTS_SPARE) // count)
+        doorbells = min(_pow2_floor(GUC_DOORBELLS // (count + 1)), GUC_DOORBELLS // count)
+        return min(estimate, profile), contexts, doorbells
+
+    # ---- sysfs sriov_admin (6.19+, xe_sriov_pf_sysfs.c)
+    def _build_sriov_admin(self) -> None:
+        assert self.pf is not None
+        fs, admin = self.host.vfs, f"{self.base}/sriov_admin"
+        vram = self.host.kernel.at_least(7, 0)
+        bulk = f"{admin}/.bulk_profile"
+        for name in XE_CLAMPS:
+            fs.put(f"{bulk}/{name}", Attr(store=partial(self._bulk_store, name)))
+        fs.put(f"{bulk}/sched_priority", Attr(store=self._bulk_priority_store))
+        if vram:
+            fs.put(f"{bulk}/vram_quota", Attr(store=partial(self._bulk_store, "vram_quota")))
+        fs.put(f"{admin}/pf/device", Link(target=self.base))
+        pf_profile = {"exec_quantum_ms": 0, "preempt_timeout_us": 0}
+        for name in XE_CLAMPS:
+            fs.put(f"{admin}/pf/profile/{name}", self._profile_attr(pf_profile, name))
+        fs.put(f"{admin}/pf/profile/sched_priority", Attr(show=lambda: _priorities(self.pf_priority, 3),
+                                                          store=self._pf_priority_store))
+        for index, vf in enumerate(self.vfs[: self.pf.total], start=1):
+            base = f"{admin}/vf{index}"
+            fs.put(f"{base}/stop", Attr(store=self._stop_store))
+            for name in XE_CLAMPS:
+                fs.put(f"{base}/profile/{name}", self._profile_attr(vf.profile, name))
+            fs.put(f"{base}/profile/sched_priority", Attr(show=lambda: _priorities(self.pf_priority, 2)))
+            if vram:
+                fs.put(f"{base}/profile/vram_quota", Attr(show=partial(_show_attr, vf, "vram"),
+                                                          store=partial(self._quota_store, vf, "vram", 64)))
+
+    def _profile_attr(self, values: dict[str, int], name: str) -> Attr:
+        def store(text: str) -> None:
+            with self.host.lock:
+                values[name] = min(kstrtou(text, 32), XE_CLAMPS[name])
+
+        return Attr(show=lambda: f"{values[name]}\n", store=store)
+
+    def _bulk_store(self, name: str, text: str) -> None:
+        with self.host.lock:
+            if name == "vram_quota":
+                value = kstrtou(text, 64)
+                for vf in self.vfs:
+                    vf.vram = value
+                self.custom = True
+                return
+            value = min(kstrtou(text, 32), XE_CLAMPS[name])
+            for vf in self.vfs:
+                vf.profile[name] = value
+
+    def _bulk_priority_store(self, text: str) -> None:
+        if text.strip() not in PRIORITIES[:2]:  # "high" is for the PF alone
+            raise fail(errno.EINVAL)
+        self.pf_priority = text.strip()
+
+    def _pf_priority_store(self, text: str) -> None:
+        if text.strip() not in PRIORITIES:
+            raise fail(errno.EINVAL)
+        self.pf_priority = text.strip()
+
+    def _stop_store(self, text: str) -> None:
+        if not kstrtobool(text):
+            raise fail(errno.EINVAL)  # [U] only "stop" is an action
+
+    def _quota_store(self, vf: XeVf, attr: str, bits: int, text: str) -> None:
+        with self.host.lock:
+            setattr(vf, attr, kstrtou(text, bits))
+            self.custom = True  # an admin provisions by hand: custom mode, nothing released on disable
+
+    # ---- debugfs (xe_gt_sriov_pf_debugfs.c, xe_tile_sriov_pf_debugfs.c): /sys/kernel/debug/dri/<BDF>
+    def _build_debugfs(self) -> None:
+        assert self.pf is not None
+        fs = self.host.vfs
+        dri = f"/sys/kernel/debug/dri/{self.pf.function.address}"
+        fs.put("/sys/kernel/debug/dri/0", Link(target=dri))  # [U] which one is the link
+        fs.put(f"{dri}/sriov/pf/tile0/ggtt_spare", Attr(show=const(f"{GGTT_SPARE}\n")))
+        fs.put(f"{dri}/sriov/pf/tile0/gt0/contexts_spare", Attr(show=const(f"{CONTEXTS_SPARE}\n")))
+        fs.put(f"{dri}/gt0/pf", Link(target=f"{dri}/sriov/pf/tile0/gt0"))
+        for index, vf in enumerate(self.vfs[: self.pf.total], start=1):
+            tile = f"{dri}/sriov/vf{index}/tile0"
+            for attr, path, bits in (("ggtt", f"{tile}/ggtt_quota", 64), ("vram", f"{tile}/vram_quota", 64),
+                                     ("contexts", f"{tile}/gt0/contexts_quota", 32),
+                                     ("doorbells", f"{tile}/gt0/doorbells_quota", 32)):
+                fs.put(path, Attr(show=partial(_show_attr, vf, attr), store=partial(self._quota_store, vf, attr, bits),
+                                  mode=0o644))
+            fs.put(f"{tile}/gt0/ggtt_quota", Link(target=f"{tile}/ggtt_quota"))
+            fs.put(f"{tile}/gt0/lmem_quota", Link(target=f"{tile}/vram_quota"))
+            fs.put(f"{dri}/gt0/vf{index}", Link(target=f"{tile}/gt0"))
+
+
+def _priorities(current: str, allowed: int) -> str:
+    return " ".join(f"[{p}]" if p == current else p for p in PRIORITIES[:allowed]) + "\n"
