@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -88,6 +89,10 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
 # ---------------------------------------------------------------- Intel i915-sriov-dkms
 
 
+THRESHOLDS = ("cat_error_count", "engine_reset_count", "page_fault_count", "h2g_time_us", "irq_time_us",
+              "doorbell_time_us")
+
+
 @dataclass
 class VfConfig:
     """One VF's provisioning on gt0 (prelim_iov/vfN/gt0)."""
@@ -97,7 +102,7 @@ class VfConfig:
     doorbells: int = 0
     exec_quantum_ms: int = 0
     preempt_timeout_us: int = 0
-    thresholds: dict[str, int] = field(default_factory=dict)
+    thresholds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THRESHOLDS, 0))
 
     @property
     def empty(self) -> bool:
@@ -112,8 +117,6 @@ GUC_CONTEXTS = 65536
 GUC_DOORBELLS = 256
 GGTT_SPARE = 64 * MIB
 CONTEXTS_SPARE = 256
-THRESHOLDS = ("cat_error_count", "engine_reset_count", "page_fault_count", "h2g_time_us", "irq_time_us",
-              "doorbell_time_us")
 
 
 class I915(PfDriver):
@@ -253,7 +256,7 @@ class I915(PfDriver):
         fs.put(f"{base}/pf/device", Link(target=self.pf.function.path))
         gt = f"{base}/pf/gt0"
         for name in self.pf_values:
-            fs.put(f"{gt}/{name}", self._number(partial(self.pf_values.get, name, 0),
+            fs.put(f"{gt}/{name}", self._number(partial(self.pf_values.__getitem__, name),
                                                 partial(self.pf_values.__setitem__, name), 32))
         fs.put(f"{gt}/ggtt_spare", self._number(lambda: self.ggtt_spare, self._ggtt_spare_store, 64))
         fs.put(f"{gt}/contexts_spare", self._number(lambda: self.contexts_spare, self._contexts_spare_store, 16))
@@ -278,11 +281,11 @@ class I915(PfDriver):
             fs.put(f"{vf}/gt0/state", Attr(show=const("\0" * 4096), store=lambda text: None, mode=0o600,
                                            binary=True))
             for name in THRESHOLDS:
-                fs.put(f"{vf}/gt0/threshold/{name}", self._number(partial(config.thresholds.get, name, 0),
+                fs.put(f"{vf}/gt0/threshold/{name}", self._number(partial(config.thresholds.__getitem__, name),
                                                                   partial(config.thresholds.__setitem__, name), 32))
 
-    def _number(self, get: partial[int] | object, set_: object, bits: int) -> Attr:
-        assert callable(get) and callable(set_)
+    def _number(self, get: Callable[[], int], set_: Callable[[int], None], bits: int) -> Attr:
+        """A decimal attribute parsed as kstrtou<bits> (EINVAL, ERANGE), then checked by set_."""
 
         def store(text: str) -> None:
             with self.host.lock:
