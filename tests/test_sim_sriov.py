@@ -596,3 +596,58 @@ def test_xe_platforms_without_sriov(mount_host: MountFn) -> None:
     mtl = mount_host("mtl-xe")  # capability, but xe's platform lacks has_sriov
     assert read(dev(mtl, INTEL_PF) / "sriov_totalvfs") == "0"
     assert write_errno(dev(mtl, INTEL_PF) / "sriov_numvfs", "1") == errno.ERANGE
+
+
+# ---------------------------------------------------------------- the kernel log and legacy assignment
+
+
+def dmesg(root: HostRoot) -> list[str]:
+    return root.path("/.vgpuctl-sim-dmesg").read_text().splitlines()
+
+
+def test_the_kernel_log_of_enable_disable_and_a_blocked_disable(mount_host: MountFn) -> None:
+    root = mount_host("adl-sriov")
+    assert dmesg(root) == ["i915 0000:00:02.0: 7 VFs could be associated with this PF"]
+    _vfio_vf(root)
+    assert write_errno(dev(root) / "sriov_numvfs", "3") == errno.EBUSY
+    control(root, f"open {INTEL_VFS[0]}")
+    disable = subprocess.Popen(["sh", "-c", f"echo 0 > {dev(root) / 'sriov_numvfs'}"])
+    time.sleep(0.2)
+    control(root, f"close {INTEL_VFS[0]}")
+    assert disable.wait(10) == 0
+    assert dmesg(root)[1:] == [
+        "i915 0000:00:02.0: Enabled 2 VFs",
+        "i915 0000:00:02.0: 2 VFs already enabled. Disable before enabling 3 VFs",
+        "i915 0000:00:02.0: VF1 FLR",
+        "vfio-pci 0000:00:02.1: Relaying device request to user (#0)",
+        "i915 0000:00:02.0: Disabled 2 VFs",
+    ]
+    control(root, "reboot")
+    assert dmesg(root) == ["i915 0000:00:02.0: 7 VFs could be associated with this PF"]  # a new boot's log
+
+
+def test_failures_in_the_kernel_log(mount_host: MountFn) -> None:
+    root = mount_host("adl-sriov", sriov={"ggtt_free_mib": 64})
+    assert write_errno(dev(root) / "sriov_numvfs", "7") == errno.ENOSPC
+    assert dmesg(root)[-1] == "i915 0000:00:02.0: Failed to enable 7 VFs (-ENOSPC)"
+    assert write_errno(root.path("/sys/bus/pci/drivers/i915/unbind"), INTEL_PF) == 0
+    assert write_errno(dev(root) / "sriov_numvfs", "1") == errno.ENOENT
+    assert dmesg(root)[-1] == "pci 0000:00:02.0: no driver bound to device; cannot configure SR-IOV"
+    old = mount_host("adl-stock-i915", kernel="5.15.0")
+    assert write_errno(dev(old) / "sriov_numvfs", "1") == errno.ENOENT
+    assert dmesg(old)[-1] == "i915 0000:00:02.0: Driver does not support SRIOV configuration via sysfs"
+    xe = mount_host("b60-xe")
+    assert echo("2", dev(xe, XE_PF) / "sriov_numvfs").returncode == 0
+    assert dmesg(xe) == ["xe 0000:03:00.0: Running in SR-IOV PF mode", "xe 0000:03:00.0: Enabled 2 of 24 VFs"]
+    assert dmesg(mount_host("mtl-xe")) == ["xe 0000:00:02.0: Support for SR-IOV is not available"]
+
+
+def test_i915_refuses_to_disable_assigned_vfs(mount_host: MountFn) -> None:
+    root = mount_host("adl-sriov")
+    assert echo("2", dev(root) / "sriov_numvfs").returncode == 0
+    control(root, f"assign {INTEL_VFS[1]}")
+    assert shell("bash", f"echo 0 > {dev(root) / 'sriov_numvfs'}").stderr.endswith(
+        "write error: Operation not permitted\n")
+    assert dmesg(root)[-1] == "i915 0000:00:02.0: Can't disable 2 VFs, 1 are still assigned"
+    control(root, f"unassign {INTEL_VFS[1]}")
+    assert write_errno(dev(root) / "sriov_numvfs", "0") == 0

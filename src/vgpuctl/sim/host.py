@@ -50,7 +50,7 @@ SIM_CONTROL = "/.vgpuctl-sim-control"
 SIM_UEVENTS = "/.vgpuctl-sim-uevents"
 MAX_UEVENTS = 4096  # the oldest are dropped beyond this; SEQNUM shows the gap
 CONTROL_USAGE = ("reboot [defer=MODULE,...] | load MODULE | unload MODULE | trigger [add|change] | open VF | close VF"
-                 " | dcgm on|off")
+                 " | assign VF | unassign VF | dcgm on|off")
 HOST_PATHS = HostRoot()  # only for the well-known paths it names
 SYNTH_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
 
@@ -722,6 +722,8 @@ class SimHost:
                             (self.pci.open_vf if words[0] == "open" else self.pci.close_vf)(address)
                         case ["dcgm", "on" | "off"] if self.pci is not None:
                             self.pci.hold(words[1] == "on")
+                        case ["assign" | "unassign", address] if self.pci is not None:
+                            self.pci.assign(address, words[0] == "assign")
                         case _:
                             raise fail(errno.EINVAL, f"unknown command {line!r}; commands: {CONTROL_USAGE}")
                 except ValueError as e:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 VFIO_DRIVERS = ("vfio-pci", "xe-vfio-pci", "nvidia")  # drivers that give a VF a /dev/vfio node
 VFIO_CDEV_MAJOR = 510  # /dev/vfio/devices/vfioN (dynamic, as commonly seen)
 VFIO_GROUP_MAJOR = 511
+SIM_DMESG = "/.vgpuctl-sim-dmesg"  # the kernel log of this boot, one dev_printk() line each
 CONFIG_SIZE = 4096  # PCI Express: lspci reads the extended space only from a 4096-byte config
 SRIOV_CAP = 0x100
 PAGE_SIZE = 4096
@@ -115,6 +116,7 @@ class Function:
     vfio_minor: int | None = None
     open_count: int = 0
     closed_at: float = 0.0  # monotonic time of the last close
+    assigned: bool = False  # PCI_DEV_FLAGS_ASSIGNED (legacy KVM/Xen assignment): pci_vfs_assigned() counts it
     express_type: int = 9  # PCI Express device/port type: 0 endpoint, 9 root complex integrated endpoint
 
 
@@ -167,6 +169,9 @@ class PfDriver:
     def unbound(self, function: Function) -> None:
         """After an unbind: drop what ``bound`` added."""
 
+    def vf_opened(self, function: Function) -> None:
+        """As the PF's driver: a VM opened one of its VFs (vfio-pci resets it: a VF FLR)."""
+
     def vf_rebind(self, function: Function, driver: PfDriver) -> None:
         """As the PF's driver: veto another driver's probe of one of its VFs (raise its errno)."""
 
@@ -202,6 +207,12 @@ class PciBus:
         self.drivers: dict[str, PfDriver] = {}
         self.next_vfio_minor = 0
         self.held = False  # a client (NVIDIA: DCGM) holds the GPU: a PF driver's unbind lock cannot be had
+        self.kmsg: list[str] = []
+        self.fs.put(SIM_DMESG, Attr(show=lambda: "".join(line + "\n" for line in self.kmsg)))
+
+    def log(self, function: Function, text: str) -> None:
+        """dev_printk(): "<driver or bus> <BDF>: <text>"."""
+        self.kmsg.append(f"{function.driver or 'pci'} {function.address}: {text}")
 
     def hold(self, on: bool) -> None:
         with self.host.lock:
@@ -412,9 +423,14 @@ class PciBus:
                     return
                 driver = self.drivers.get(pf.function.driver or "")
                 if driver is None or driver.configure is None:
-                    raise fail(errno.ENOENT, "Driver does not support SRIOV configuration via sysfs")
+                    # One message for both up to ~6.2; later kernels name the unbound case [U: the version].
+                    unbound = driver is None and self.host.kernel.at_least(6, 3)
+                    self.log(pf.function, "no driver bound to device; cannot configure SR-IOV" if unbound
+                             else "Driver does not support SRIOV configuration via sysfs")
+                    raise fail(errno.ENOENT)
                 if count and pf.vfs:
-                    raise fail(errno.EBUSY, f"{len(pf.vfs)} VFs already enabled. Disable before enabling {count} VFs")
+                    self.log(pf.function, f"{len(pf.vfs)} VFs already enabled. Disable before enabling {count} VFs")
+                    raise fail(errno.EBUSY)
                 driver.configure(pf, count)
             finally:
                 pf.busy = False
@@ -423,7 +439,8 @@ class PciBus:
     def enable(self, pf: Pf, count: int) -> None:
         """pci_enable_sriov(): the VFs, their links and IOMMU groups; each probed if it may be."""
         if not self.mmio_ok:
-            raise fail(errno.ENOMEM, "not enough MMIO resources for SR-IOV")
+            self.log(pf.function, "not enough MMIO resources for SR-IOV")
+            raise fail(errno.ENOMEM)
         parent = posixpath.dirname(pf.function.path)
         for index in range(count):
             address = pf.vf_address(index)
@@ -443,6 +460,9 @@ class PciBus:
 
     def disable(self, pf: Pf) -> None:
         """pci_disable_sriov(): every VF removed; an open VF blocks it until closed."""
+        for vf in pf.vfs:
+            if vf.open_count:  # vfio_pci_core_request(): the VM is asked to let go
+                self.log(vf, "Relaying device request to user (#0)")
         self._wait(lambda: all(vf.open_count == 0 for vf in pf.vfs))
         for vf in reversed(pf.vfs):
             self.detach(vf)
@@ -484,6 +504,9 @@ class PciBus:
             if function.driver not in VFIO_DRIVERS:
                 raise fail(errno.EINVAL, f"{address} is not bound to a VFIO driver ({function.driver})")
             function.open_count += 1
+            pf_driver = self.drivers.get(function.pf.function.driver or "")
+            if pf_driver is not None:
+                pf_driver.vf_opened(function)
             self.changed.notify_all()
 
     def close_vf(self, address: str) -> None:
@@ -494,6 +517,13 @@ class PciBus:
             function.open_count -= 1
             function.closed_at = time.monotonic()
             self.changed.notify_all()
+
+    def assign(self, address: str, on: bool) -> None:
+        with self.host.lock:
+            function = self.functions.get(address)
+            if function is None or function.pf is None:
+                raise fail(errno.ENODEV, f"no VF {address}")
+            function.assigned = on
 
     def open_vfs(self) -> list[str]:
         return sorted(f.address for f in self.functions.values() if f.open_count)

@@ -159,6 +159,7 @@ class I915(PfDriver):
             self.pf.driver_limit = 0
             return
         self.pf.driver_limit = min(self.max_vfs, self.pf.hw_total)
+        self.bus.log(function, f"{self.pf.driver_limit} VFs could be associated with this PF")
         self._build_prelim_iov()
 
     def probe(self, function: Function) -> None:
@@ -176,6 +177,9 @@ class I915(PfDriver):
             self.host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{function.path}/drm/{name}"))
             self.host.vfs.put(f"/dev/dri/{name}", CharDev(major=226, minor=minor, mode=0o660 if minor < 128 else 0o666))
 
+    def vf_opened(self, function: Function) -> None:
+        self.bus.log(self.pf.function, f"VF{function.index + 1} FLR")
+
     def unbound(self, function: Function) -> None:
         if function.pf is None:
             return
@@ -189,7 +193,13 @@ class I915(PfDriver):
         if not self.pf_mode:
             raise fail(errno.ENODEV)
         if count == 0:
+            assigned = sum(vf.assigned for vf in pf.vfs)
+            if assigned:
+                self.bus.log(pf.function, f"Can't disable {len(pf.vfs)} VFs, {assigned} are still assigned")
+                raise fail(errno.EPERM)
+            enabled = len(pf.vfs)
             self.bus.disable(pf)
+            self.bus.log(pf.function, f"Disabled {enabled} VFs")
             for index in range(1, pf.total + 1):
                 self.host.vfs.drop(f"{self.prelim}/vf{index}/device")
             if self.auto_applied:  # what auto-provisioning gave is released
@@ -197,6 +207,14 @@ class I915(PfDriver):
                     config.ggtt = config.contexts = config.doorbells = 0
                 self.auto_applied = False
             return
+        try:
+            self._enable(pf, count)
+        except OSError as e:
+            self.bus.log(pf.function, f"Failed to enable {count} VFs (-{errno.errorcode.get(e.errno or 0, e.errno)})")
+            raise
+        self.bus.log(pf.function, f"Enabled {count} VFs")
+
+    def _enable(self, pf: Pf, count: int) -> None:
         configs = self.vf_configs[:count]
         if self.auto:
             if not all(c.empty for c in configs):
@@ -601,8 +619,11 @@ class Xe(PfDriver):
         fs.put(f"/sys/kernel/config/xe/{self.pf.function.address}/sriov/max_vfs",
                Attr(show=self._configfs_show, store=self._configfs_store))
         if not self.is_pf:
-            self.pf.driver_limit = 0  # "Support for SR-IOV is not available" / "all VFs disabled"
+            self.pf.driver_limit = 0
+            self.bus.log(self.pf.function, "Support for SR-IOV is not available" if not self.spec.xe_has_sriov
+                         else "all VFs disabled")
             return
+        self.bus.log(self.pf.function, "Running in SR-IOV PF mode")
         limit = self.max_vfs if self.configfs_max_vfs is None else self.configfs_max_vfs
         self.pf.driver_limit = min(limit, self.pf.hw_total)
         if self.host.kernel.at_least(6, 19):
@@ -635,13 +656,24 @@ class Xe(PfDriver):
         if not self.is_pf:
             raise fail(errno.ENODEV)
         if count == 0:
+            enabled = len(pf.vfs)
             self.bus.disable(pf)
+            self.bus.log(pf.function, f"Disabled {enabled} VF{'s' if enabled > 1 else ''}")
             for index in range(1, pf.total + 1):
                 self.host.vfs.drop(f"{self.base}/sriov_admin/vf{index}/device")
             if not self.custom:
                 for vf in self.vfs:
                     vf.ggtt = vf.contexts = vf.doorbells = vf.vram = 0
             return
+        try:
+            self._enable(pf, count)
+        except OSError as e:
+            plural = "s" if count > 1 else ""
+            self.bus.log(pf.function, f"Failed to enable {count} VF{plural} (-{errno.errorcode.get(e.errno or 0)})")
+            raise
+        self.bus.log(pf.function, f"Enabled {count} of {pf.total} VF{'s' if count > 1 else ''}")
+
+    def _enable(self, pf: Pf, count: int) -> None:
         chosen = self.vfs[:count]
         if not self.custom:
             if not all(vf.empty for vf in chosen):
