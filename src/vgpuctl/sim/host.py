@@ -25,7 +25,8 @@ from typing import Any
 
 from vgpuctl.host import facts
 from vgpuctl.host.platforms import INTEL_VENDOR_ID, platform_for
-from vgpuctl.host.root import SIM_MARKER
+from vgpuctl.host.root import SIM_MARKER, HostRoot
+from vgpuctl.sim import sriov_vendors
 from vgpuctl.sim.kernel import Kernel
 from vgpuctl.sim.presets import DEFERRABLE_MODULES, READY_CMDLINE_FLAGS, HostSpec, check_deferrable, preset
 from vgpuctl.sim.vendors import (
@@ -48,7 +49,9 @@ AMD_VENDOR_ID = 0x1002
 SIM_CONTROL = "/.vgpuctl-sim-control"
 SIM_UEVENTS = "/.vgpuctl-sim-uevents"
 MAX_UEVENTS = 4096  # the oldest are dropped beyond this; SEQNUM shows the gap
-CONTROL_USAGE = "reboot [defer=MODULE,...] | load MODULE | unload MODULE | trigger [add|change]"
+CONTROL_USAGE = ("reboot [defer=MODULE,...] | load MODULE | unload MODULE | trigger [add|change] | open VF | close VF"
+                 " | assign VF | unassign VF | dcgm on|off")
+HOST_PATHS = HostRoot()  # only for the well-known paths it names
 SYNTH_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
 
 
@@ -154,22 +157,32 @@ class SimHost:
         if on_cmdline is not None:
             return on_cmdline
         found = None
-        for text in self._etc_conf("/etc/modprobe.d"):
+        for text in self._conf_texts(HOST_PATHS.modprobe_dirs):
             for option_module, option_name, value in facts.parse_modprobe_options(text):
                 if (option_module, option_name) == (module, name):
                     found = value
         return found
 
-    def _etc_conf(self, directory: str) -> list[str]:
-        """The texts of the ``*.conf`` files of an /etc directory, in file-name order."""
-        try:
-            names = sorted(n for n in self.vfs.listdir(directory) if n.endswith(".conf"))
-        except OSError:
-            return []
-        texts = []
-        for name in names:
+    def _conf_texts(self, directories: tuple[str, ...]) -> list[str]:
+        """The texts of the ``*.conf`` files in effect, chosen as :func:`vgpuctl.host.facts.conf_files` chooses
+        them (kmod's and systemd's rule: the first directory wins a file name, a link to /dev/null masks it,
+        file-name order), over the simulator's tree; the directories are HostRoot's."""
+        chosen: dict[str, str] = {}
+        for directory in directories:
             try:
-                texts.append(self.vfs.read(f"{directory}/{name}").decode(errors="replace"))
+                names = self.vfs.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                if name.endswith(".conf") and name not in chosen:
+                    chosen[name] = f"{directory}/{name}"
+        texts = []
+        for _, path in sorted(chosen.items()):
+            node = self.vfs.node(path)
+            if isinstance(node, Link) and self.vfs.readlink(path) == HOST_PATHS.dev_null:
+                continue
+            try:
+                texts.append(self.vfs.read(path).decode(errors="replace"))
             except OSError:
                 continue
         return texts
@@ -295,7 +308,7 @@ class SimHost:
         """What systemd-modules-load adds at boot from /etc/modules-load.d, with the modules each needs;
         kvmgt only where it loads (up to 5.18 it refuses when i915 did not start GVT-g)."""
         modules: list[str] = []
-        for text in self._etc_conf("/etc/modules-load.d"):
+        for text in self._conf_texts(HOST_PATHS.modules_load_dirs):
             for module in facts.parse_modules_load(text):
                 if module == "kvmgt":
                     if not self.is_intel or (not self.gvt_initialises and not self.kernel.gvt_in_kvmgt):
@@ -360,6 +373,7 @@ class SimHost:
             fs.mkdirs("/sys/bus/mdev/devices")
             fs.mkdirs("/sys/bus/mdev/drivers")
         iommu_on = self.cmdline_param("intel_iommu") == "on" and "CONFIG_INTEL_IOMMU" in self.kconfig
+        self.iommu_on = iommu_on
         if iommu_on:
             fs.mkdirs("/sys/class/iommu/dmar0")
         self._add_pci_device("0000:00:00.0", "/sys/devices/pci0000:00/0000:00:00.0", 0x8086, 0x3E0F,
@@ -371,10 +385,14 @@ class SimHost:
         for sample in self.spec.samples:
             if self.loaded(sample):
                 self._build_sample(sample)
+        # SR-IOV: VFs are runtime state; a boot starts with none (sriov.md 3.2, 8).
+        self.pci = sriov_vendors.build(self, self.spec.sriov) if self.spec.sriov is not None else None
 
     def _marker(self) -> str:
         data = {"preset": self.preset_name, "kernel": self.spec.kernel, "boot": self.boots,
                 "defer": list(self.defer), "not_loaded": sorted(self.unloaded), **self.marker_extra}
+        if self.pci is not None:
+            data["open_vfs"] = self.pci.open_vfs()
         return json.dumps(data) + "\n"
 
     def _show_uevents(self) -> str:
@@ -700,6 +718,12 @@ class SimHost:
                             self.unload_module(module)
                         case ["trigger"] | ["trigger", "add" | "change"]:
                             self.trigger(words[1] if len(words) > 1 else "add")
+                        case ["open" | "close", address] if self.pci is not None:
+                            (self.pci.open_vf if words[0] == "open" else self.pci.close_vf)(address)
+                        case ["dcgm", "on" | "off"] if self.pci is not None:
+                            self.pci.hold(words[1] == "on")
+                        case ["assign" | "unassign", address] if self.pci is not None:
+                            self.pci.assign(address, words[0] == "assign")
                         case _:
                             raise fail(errno.EINVAL, f"unknown command {line!r}; commands: {CONTROL_USAGE}")
                 except ValueError as e:

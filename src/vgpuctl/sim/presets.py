@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -29,6 +30,32 @@ class GpuSpec:
 
 
 @dataclass(frozen=True)
+class SriovSpec:
+    """An SR-IOV capable GPU and the [U] behaviours of its simulation (sriov.md 7).
+
+    ``kind``: "i915" (i915-sriov-dkms on the iGPU: the PF is ``HostSpec.gpu`` at 0000:00:02.0), "i915-stock"
+    (the same hardware under mainline i915: no sriov_configure), "nvidia" (vendor-specific VFIO, e.g. L40S).
+    """
+
+    kind: str  # (and "xe": the upstream xe driver on a dGPU, e.g. Arc Pro B60)
+    address: str = "0000:00:02.0"
+    device_id: int = 0  # 0: the iGPU's (HostSpec.gpu)
+    vf_device_id: int = 0  # 0: the PF's (Intel VFs carry the PF's device id)
+    pci_class: int = 0x030000
+    vf_class: int = 0x038000  # "Display controller" [U: VF class codes]
+    total_vfs: int = 7
+    offset: int = 1
+    stride: int = 1
+    mmio_ok: bool = True  # False: pci_enable_sriov() fails ENOMEM "not enough MMIO resources for SR-IOV"
+    block_timeout_s: float = 10.0  # a disable blocked by an open VF gives up with EINTR after this
+    ggtt_free_mib: int = 3328  # i915: largest free GGTT hole before the 64 MiB spare (Intel's iGPU figure)
+    numvfs_errno: int = errno.EPERM  # nvidia: a raw sriov_numvfs write without the unbind lock [U]
+    release_delay_s: float = 0.3  # nvidia: current_vgpu_type=0 stays EPERM this long after the VF closes
+    model: str = ""  # nvidia: the vGPU type catalogue ("L40S", "H200")
+    xe_has_sriov: bool = True  # xe: the platform's has_sriov (MTL/LNL: no)
+
+
+@dataclass(frozen=True)
 class HostSpec:
     """Everything a simulated host is derived from. ``None`` fields are derived from the rest."""
 
@@ -48,6 +75,7 @@ class HostSpec:
     # Where the kernel configuration can be read: "boot" (/boot/config-<release>, Debian),
     # "proc" (/proc/config.gz, CONFIG_IKCONFIG_PROC) or "none" (only /lib/modules/<release>/modules.*).
     kconfig_file: str = "boot"
+    sriov: SriovSpec | None = None
 
     def with_overrides(
         self,
@@ -60,8 +88,13 @@ class HostSpec:
         defer: list[str] | None = None,
         virt: bool | None = None,
         kconfig_file: str | None = None,
+        sriov: dict[str, Any] | None = None,
     ) -> HostSpec:
         spec = self
+        if sriov:
+            if spec.sriov is None:
+                raise ValueError("this host has no SR-IOV GPU to override")
+            spec = replace(spec, sriov=replace(spec.sriov, **sriov))
         if kernel is not None:
             spec = replace(spec, kernel=kernel)
         if pci_id is not None or aperture_mib is not None:
@@ -114,6 +147,7 @@ class HostSpec:
             defer=tuple(raw.get("defer", ())),
             virt=raw.get("virt", True),
             kconfig_file=raw.get("kconfig_file", "boot"),
+            sriov=SriovSpec(**raw["sriov"]) if raw.get("sriov") else None,
         )
 
 
@@ -140,6 +174,31 @@ def parse_pci_id(text: str) -> tuple[int, int]:
 
 def _intel(device_id: int, description: str, aperture_mib: int = 256) -> HostSpec:
     return HostSpec(description, gpu=GpuSpec(device_id=device_id, aperture_mib=aperture_mib))
+
+
+SRIOV_CMDLINE = "BOOT_IMAGE=/boot/vmlinuz-{release} root=/dev/sda1 ro quiet intel_iommu=on"
+I915_SRIOV_FLAGS = "i915.enable_guc=3 i915.max_vfs=7 module_blacklist=xe"  # i915-sriov-dkms's README
+SRIOV_MODULES = ("kvm", "kvm_intel", "vfio", "vfio_iommu_type1", "vfio_pci")
+
+
+def _i915_sriov(device_id: int, description: str, kind: str = "i915", flags: str = I915_SRIOV_FLAGS) -> HostSpec:
+    return HostSpec(description, gpu=GpuSpec(device_id=device_id), cmdline=f"{SRIOV_CMDLINE} {flags}",
+                    modules=("i915", *SRIOV_MODULES), sriov=SriovSpec(kind))
+
+
+def _nvidia_vfio(device_id: int, model: str, description: str) -> HostSpec:
+    modules = (*SRIOV_MODULES, "nvidia", "nvidia_vgpu_vfio")
+    return HostSpec(description, gpu=None, cmdline=SRIOV_CMDLINE, modules=modules,
+                    sriov=SriovSpec("nvidia", address="0000:41:00.0", device_id=device_id, vf_device_id=device_id,
+                                    pci_class=0x030200, vf_class=0x030200, total_vfs=32, offset=4, model=model))
+
+
+def _xe(device_id: int, description: str, kernel: str = "6.19.0", total_vfs: int = 24, has_sriov: bool = True,
+        address: str = "0000:03:00.0") -> HostSpec:
+    modules = ("xe", *SRIOV_MODULES, "xe_vfio_pci")
+    return HostSpec(description, kernel=kernel, gpu=None, cmdline=SRIOV_CMDLINE, modules=modules,
+                    sriov=SriovSpec("xe", address=address, device_id=device_id, total_vfs=total_vfs,
+                                    ggtt_free_mib=4032, xe_has_sriov=has_sriov))
 
 
 PRESETS: dict[str, HostSpec] = {
@@ -173,6 +232,21 @@ PRESETS: dict[str, HostSpec] = {
         gpu=GpuSpec(device_id=0x3E92, aperture_mib=1024),
         nvidia_gpus=8,
     ),
+    "adl-sriov": _i915_sriov(0x4680, "Alder Lake-S UHD 770 (8086:4680) with i915-sriov-dkms: 7 VFs (00:02.1-7)"),
+    "adl-sriov-noguc": _i915_sriov(0x4680, "Alder Lake-S with i915-sriov-dkms but no GuC submission: totalvfs 0",
+                                   flags="i915.max_vfs=7 module_blacklist=xe"),
+    "adl-sriov-nomaxvfs": _i915_sriov(0x4680, "Alder Lake-S with i915-sriov-dkms, i915.max_vfs unset: totalvfs 0",
+                                      flags="i915.enable_guc=3 module_blacklist=xe"),
+    "adl-stock-i915": _i915_sriov(0x4680, "Alder Lake-S under mainline i915: totalvfs 7, every write ENOENT",
+                                  kind="i915-stock", flags="i915.enable_guc=3"),
+    "n100-sriov": _i915_sriov(0x46D0, "Alder Lake-N (N100, 8086:46d0) with i915-sriov-dkms: 7 VFs"),
+    "l40s-vfio": _nvidia_vfio(0x26B9, "L40S", "NVIDIA L40S (10de:26b9) on vendor-specific VFIO: 32 VFs, sriov-manage"),
+    "h200-vfio": _nvidia_vfio(0x2335, "H200", "NVIDIA H200 (10de:2335) on vendor-specific VFIO: 32 VFs, sriov-manage"),
+    "b60-xe": _xe(0xE211, "Intel Arc Pro B60 (8086:e211) under xe on 6.19: 24 VFs [U], sriov_admin, xe-vfio-pci"),
+    "b580-xe": _xe(0xE20B, "Intel Arc B580 (8086:e20b) under xe: no SR-IOV capability, no sriov_* files",
+                   total_vfs=0),
+    "mtl-xe": _xe(0x7D55, "Meteor Lake (8086:7d55) under xe: 'Support for SR-IOV is not available', totalvfs 0",
+                  total_vfs=7, has_sriov=False, address="0000:00:02.0"),
 }
 DEFAULT_PRESET = "coffeelake"
 

@@ -235,7 +235,7 @@ class Vfs:
         node = self.check_open(path, read=True, write=False)
         if isinstance(node, Attr):
             assert node.show is not None
-            data = node.show().encode()
+            data = node.show().encode("latin-1" if node.binary else "utf-8")  # binary: one char a byte
         elif isinstance(node, Blob):
             data = bytes(node.data)
         else:
