@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from vgpuctl.host.platforms import worked_examples
+from vgpuctl.backends.gvt_platforms import worked_examples
 from vgpuctl.sim.host import SimHost
 
 TYPES = "/sys/class/mdev_bus/0000:00:02.0/mdev_supported_types"

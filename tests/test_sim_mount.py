@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.backends.gvt_platforms import worked_examples
 from vgpuctl.host import HostRoot
-from vgpuctl.host.platforms import worked_examples
 from vgpuctl.sim import mount as sim_mount
 from vgpuctl.sim.presets import preset
 

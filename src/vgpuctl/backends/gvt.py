@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vgpuctl.backends import Attachment, Capacity, mdev_attachment
-from vgpuctl.host import HostRoot
-from vgpuctl.host.platforms import (
+from vgpuctl.backends.gvt_platforms import (
     DEFAULT_FENCES,
     DEFAULT_GGTT_MIB,
     HOST_FENCES,
@@ -23,6 +22,7 @@ from vgpuctl.host.platforms import (
     MAX_VGPUS_PER_GPU,
     gvt_types,
 )
+from vgpuctl.host import HostRoot
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, read_types
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class GvtG:
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         if vendor_id != self.pci_vendor or device_id is None:
             return None
-        from vgpuctl.host.platforms import platform_for  # loads the PCI id tables: only when asked
+        from vgpuctl.backends.gvt_platforms import platform_for  # loads the PCI id tables: only when asked
 
         found = platform_for(device_id)
         return found.name.split(" (")[0] if found else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from vgpuctl.backends.gvt import gvt_allows
+from vgpuctl.backends.gvt_platforms import HOST_LOW_GM_MIB, INTEL_VENDOR_ID, MAX_VGPUS_PER_GPU, Platform, platform_for
 from vgpuctl.host import facts
 from vgpuctl.host.doctor import (
     Check,
@@ -20,7 +21,6 @@ from vgpuctl.host.doctor import (
     kernel_param_fix,
     see_param,
 )
-from vgpuctl.host.platforms import HOST_LOW_GM_MIB, INTEL_VENDOR_ID, MAX_VGPUS_PER_GPU, Platform, platform_for
 from vgpuctl.host.root import HostRoot
 
 IGPU = "0000:00:02.0"  # where every Intel iGPU sits (bus 0, device 2, function 0)

@@ -196,6 +196,31 @@ class HostRoot:
         return "/etc/default/grub"
 
     @property
+    def etc_default_grub_d(self) -> str:
+        """Debian/Ubuntu: sourced after /etc/default/grub."""
+        return "/etc/default/grub.d"
+
+    @property
+    def grub_configs(self) -> tuple[str, ...]:
+        """What grub2-mkconfig and update-grub write (Fedora family, Debian family)."""
+        return ("/boot/grub2/grub.cfg", "/boot/grub/grub.cfg")
+
+    @property
+    def etc_kernelstub_configuration(self) -> str:
+        """Pop!_OS's boot configuration."""
+        return "/etc/kernelstub/configuration"
+
+    @property
+    def etc_kernel_cmdline(self) -> str:
+        """kernel-install's command line for new systemd-boot entries."""
+        return "/etc/kernel/cmdline"
+
+    @property
+    def boot_loader_bases(self) -> tuple[str, ...]:
+        """Where systemd-boot's ESP / XBOOTLDR are mounted."""
+        return ("/efi", "/boot", "/boot/efi")
+
+    @property
     def dev_null(self) -> str:
         """What a configuration file is linked to to mask it (modprobe.d, modules-load.d, units)."""
         return "/dev/null"

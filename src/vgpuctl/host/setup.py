@@ -47,15 +47,16 @@ __all__ = ["Command", "Step", "Tools"]  # the installer's, used here and by call
 
 # ---------------------------------------------------------------- places (as on the host)
 
-DEFAULT_GRUB = "/etc/default/grub"
-DEFAULT_GRUB_D = "/etc/default/grub.d"  # Debian/Ubuntu: sourced after /etc/default/grub
-GRUB_CONFIGS = ("/boot/grub2/grub.cfg", "/boot/grub/grub.cfg")
-KERNELSTUB_CONFIG = "/etc/kernelstub/configuration"
-KERNEL_CMDLINE = "/etc/kernel/cmdline"  # kernel-install's command line for new systemd-boot entries
-LOADER_BASES = ("/efi", "/boot", "/boot/efi")  # where systemd-boot's ESP / XBOOTLDR are mounted
-IGNORE_MSRS = "/sys/module/kvm/parameters/ignore_msrs"
-I915_ENABLE_GVT = "/sys/module/i915/parameters/enable_gvt"
-PROC_MODULES = "/proc/modules"
+_HOST = HostRoot()  # the places are the same under every root: HostRoot spells them
+DEFAULT_GRUB = _HOST.etc_default_grub
+DEFAULT_GRUB_D = _HOST.etc_default_grub_d
+GRUB_CONFIGS = _HOST.grub_configs
+KERNELSTUB_CONFIG = _HOST.etc_kernelstub_configuration
+KERNEL_CMDLINE = _HOST.etc_kernel_cmdline
+LOADER_BASES = _HOST.boot_loader_bases
+IGNORE_MSRS = _HOST.module_parameter("kvm", "ignore_msrs")
+I915_ENABLE_GVT = _HOST.module_parameter("i915", "enable_gvt")
+PROC_MODULES = _HOST.proc_modules
 OUR_FILE = "vgpuctl.conf"
 
 MECHANISMS = ("grub", "grubby", "systemd-boot", "kernelstub", "none")
@@ -205,8 +206,9 @@ class FileEdit:
         return "create" if self.old is None else "delete" if self.new is None else "modify"
 
     def diff(self) -> str:
-        return unified_diff(self.old, self.new, f"a{self.host_path}" if self.old is not None else "/dev/null",
-                            f"b{self.host_path}" if self.new is not None else "/dev/null")
+        absent = _HOST.dev_null  # diff's name for the side where the file does not exist
+        return unified_diff(self.old, self.new, f"a{self.host_path}" if self.old is not None else absent,
+                            f"b{self.host_path}" if self.new is not None else absent)
 
 
 def unified_diff(old: bytes | str | None, new: bytes | str | None, from_label: str, to_label: str) -> str:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from vgpuctl.backends.gvt_platforms import INTEL_VENDOR_ID, platform_for
 from vgpuctl.host import facts
-from vgpuctl.host.platforms import INTEL_VENDOR_ID, platform_for
 from vgpuctl.host.root import SIM_MARKER, HostRoot
 from vgpuctl.sim import sriov_vendors
 from vgpuctl.sim.kernel import Kernel

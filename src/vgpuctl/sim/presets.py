@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from vgpuctl.host.platforms import DEFAULT_FENCES, DEFAULT_GGTT_MIB, INTEL_VENDOR_ID
+from vgpuctl.backends.gvt_platforms import DEFAULT_FENCES, DEFAULT_GGTT_MIB, INTEL_VENDOR_ID
 from vgpuctl.sim.kernel import DEFAULT_KERNEL
 
 APERTURES_MIB = (128, 256, 512, 1024, 2048)  # common BIOS "Aperture Size" options

@@ -11,7 +11,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from vgpuctl.host.platforms import (
+from vgpuctl.backends.gvt_platforms import (
     HOST_FENCES,
     HOST_HIGH_GM_MIB,
     HOST_LOW_GM_MIB,
