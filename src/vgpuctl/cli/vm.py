@@ -307,7 +307,7 @@ def list_command(json_output: bool) -> None:
     A spec file that cannot be read is listed with its error (in --json as {"name", "file", "error"});
     the others are listed all the same, and the exit status stays 0."""
     from vgpuctl.vm import spec as specs
-    from vgpuctl.vm.inventory import vm_row
+    from vgpuctl.vm.inventory import bad_spec_row, vm_row
     from vgpuctl.vm.runtime import running_vms
 
     state = state_dir()
@@ -316,7 +316,7 @@ def list_command(json_output: bool) -> None:
     rows: list[dict[str, Any]] = [{**vm_row(state, spec, running), "_vgpu": _vgpu_summary(spec)} for spec in good]
     if json_output:
         listed = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-        print_json(sorted(listed + [p.to_json() for p in problems], key=lambda r: str(r["name"])))
+        print_json(sorted(listed + [bad_spec_row(p) for p in problems], key=lambda r: str(r["name"])))
         return
     if not rows and not problems:
         say("no VMs; 'vgpuctl vm create NAME --profile streaming|gaming|automotive' makes one")
@@ -332,7 +332,7 @@ def list_command(json_output: bool) -> None:
                       f"{r['memory_mib']} MiB", str(r["cpus"]), escape(r["_vgpu"]), r["display"],
                       "-" if r["order"] is None else str(r["order"]))
     for p in problems:
-        table.add_row(escape(p.name), "-", "bad spec", "-", "-", "-", "-", "-")
+        table.add_row(escape(p.owner), "-", "bad spec", "-", "-", "-", "-", "-")
     out().print(table)
     for p in problems:
         click.echo(f"error: {p.error}", err=True)

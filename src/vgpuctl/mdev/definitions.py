@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vgpuctl.base.errors import InvalidInput, KernelError
+from vgpuctl.base.problems import UnreadableFile
 from vgpuctl.host import HostRoot
 from vgpuctl.host.files import atomic_write as atomic_write  # re-exported: it lived here first
 from vgpuctl.host.files import fsync_dir as fsync_dir
@@ -109,18 +110,6 @@ def definition_path(root: HostRoot, parent: str, uuid: str) -> str:
     return f"{root.etc_mdevctl_d}/{parent}/{uuid}"
 
 
-@dataclass(frozen=True)
-class BadFile:
-    """A definition file that cannot be read: reported with its path, while every other definition works."""
-
-    path: str
-    parent: str
-    error: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"path": self.path, "parent": self.parent, "error": self.error}
-
-
 def files(root: HostRoot) -> list[tuple[str, str]]:
     """(parent, name) of every regular file in /etc/mdevctl.d/<parent>/, by parent then name: what mdevctl
     reads as definitions (names that are no UUID too: it warns about those)."""
@@ -146,7 +135,7 @@ def read(root: HostRoot, parent: str, uuid: str, strict: bool = True) -> Definit
     return parse_config(text, uuid, parent, str(local), strict)
 
 
-def scan(root: HostRoot) -> tuple[list[Definition], list[BadFile]]:
+def scan(root: HostRoot) -> tuple[list[Definition], list[UnreadableFile]]:
     """Every definition, sorted by parent then UUID, and the files that could not be read.
 
     Unlike mdevctl, where one bad file fails every listing and the boot's autostart, a bad file
@@ -160,7 +149,8 @@ def scan(root: HostRoot) -> tuple[list[Definition], list[BadFile]]:
             found.append(read(root, parent, name))
         except (InvalidInput, OSError) as e:
             local = root.path(definition_path(root, parent, name))
-            bad.append(BadFile(definition_path(root, parent, name), parent, str(e).removeprefix(f"{local}: ")))
+            bad.append(UnreadableFile("definition", definition_path(root, parent, name),
+                                      str(e).removeprefix(f"{local}: "), parent))
     return found, bad
 
 

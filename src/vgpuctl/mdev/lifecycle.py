@@ -293,8 +293,8 @@ class Manager:
         active = {d.uuid: d for d in active_devices(self.root)}
         found, problems = definitions.scan(self.root)
         # A file that cannot be read is reported, and every other definition still starts (this runs at boot).
-        results += [AutostartResult("-", p.parent, "-", "failed", f"{p.path}: {p.error}") for p in problems
-                    if parent is None or p.parent == parent]
+        results += [AutostartResult("-", p.owner, "-", "failed", f"{p.path}: {p.error}") for p in problems
+                    if parent is None or p.owner == parent]
         for definition in found:
             if definition.start != "auto" or (parent is not None and definition.parent != parent):
                 continue

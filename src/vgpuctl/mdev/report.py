@@ -10,10 +10,10 @@ from typing import Literal, cast
 from typing_extensions import TypedDict
 
 from vgpuctl.base.errors import NotFound
+from vgpuctl.base.problems import UnreadableFile
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev import definitions
-from vgpuctl.mdev.definitions import BadFile
 from vgpuctl.mdev.state import Journal
 from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, parent_names, read_parents, read_types
 
@@ -149,9 +149,9 @@ def vgpu_rows(root: HostRoot, state: StateDir, *, defined_only: bool = False, ac
 
 
 def vgpu_listing(root: HostRoot, state: StateDir, *, defined_only: bool = False, active_only: bool = False,
-                 parent: str | None = None, uuid: str | None = None) -> tuple[list[VgpuRow], list[BadFile]]:
+                 parent: str | None = None, uuid: str | None = None) -> tuple[list[VgpuRow], list[UnreadableFile]]:
     """:func:`vgpu_rows` and the definition files that could not be read (each reported, none hiding the rest)."""
-    problems: list[BadFile] = []
+    problems: list[UnreadableFile] = []
     owned = Journal(state).reconcile(lambda kind, key: object_exists(root, kind, key))
     rows: dict[tuple[str, str], VgpuRow] = {}
     if not defined_only:
@@ -182,4 +182,4 @@ def vgpu_listing(root: HostRoot, state: StateDir, *, defined_only: bool = False,
         row["owner"] = "vgpuctl" if ours else "other"
     return [r for _, r in sorted(rows.items())
             if (parent is None or r["parent"] == parent) and (uuid is None or r["uuid"] == uuid)], \
-        [p for p in problems if parent is None or p.parent == parent]
+        [p for p in problems if parent is None or p.owner == parent]

@@ -12,6 +12,4 @@ def unreadable_files(root: HostRoot, state: StateDir) -> list[dict[str, str]]:
     from vgpuctl.mdev import definitions
     from vgpuctl.vm import spec as specs
 
-    found = [{"kind": "definition", "path": bad.path, "error": bad.error} for bad in definitions.scan(root)[1]]
-    found += [{"kind": "vm_spec", "path": bad.file, "error": bad.error} for bad in specs.load_each(state)[1]]
-    return found
+    return [bad.to_json() for bad in [*definitions.scan(root)[1], *specs.load_each(state)[1]]]

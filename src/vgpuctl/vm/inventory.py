@@ -11,6 +11,7 @@ from typing import Any
 
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, InvalidInput, NotOwned
+from vgpuctl.base.problems import UnreadableFile
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.vm import spec as specs
@@ -42,7 +43,7 @@ def vm_rows(state: StateDir) -> list[dict[str, Any]]:
     cannot be read, in name order."""
     good, problems = specs.load_each(state)
     running = running_vms(state)
-    rows = [vm_row(state, spec, running) for spec in good] + [p.to_json() for p in problems]
+    rows = [vm_row(state, spec, running) for spec in good] + [bad_spec_row(p) for p in problems]
     return sorted(rows, key=lambda row: str(row["name"]))
 
 
@@ -67,7 +68,7 @@ def vm_overviews(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
     good, problems = specs.load_each(state)
     processes = all_vm_processes(state)  # one pass over /proc for all VMs (the service asks twice a second)
     rows = [vm_overview(root, state, spec, processes) for spec in good]
-    rows += [{**p.to_json(), "state": "error", "detail": p.error} for p in problems]
+    rows += [{**bad_spec_row(p), "state": "error", "detail": p.error} for p in problems]
     return sorted(rows, key=lambda row: str(row["name"]))
 
 
@@ -126,3 +127,8 @@ def remove(root: HostRoot, state: StateDir, name: str) -> list[str]:
         crashpoint("vm-rm:runtime-removed")
         specs.remove(state, name)
     return [d.path for d in spec.disks]
+
+
+def bad_spec_row(problem: UnreadableFile) -> dict[str, Any]:
+    """A VM listing's row for a spec file that is not a VM: its name, its file and why."""
+    return {"name": problem.owner, "file": problem.path, "error": problem.error}

@@ -329,7 +329,7 @@ def _autostart_specs(state: StateDir) -> tuple[list[VmSpec], list[AutostartResul
     failure for each spec file that cannot be read (one broken file must not keep the others down)."""
     good, problems = specs.load_each(state)
     chosen = [spec for spec in good if spec.autostart]
-    unreadable = [AutostartResult(problem.name, "failed", problem.error) for problem in problems]
+    unreadable = [AutostartResult(problem.owner, "failed", problem.error) for problem in problems]
     chosen.sort(key=lambda spec: (spec.order is None, spec.order or 0, spec.name))
     return chosen, unreadable
 

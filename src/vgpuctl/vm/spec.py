@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
+from vgpuctl.base.problems import UnreadableFile
 from vgpuctl.base.state import StateDir
 from vgpuctl.host.files import atomic_write
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, describe, one_of, parse_resolution, positive
@@ -184,35 +185,23 @@ def names(state: StateDir) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.toml") if re.fullmatch(NAME_PATTERN, p.stem))
 
 
-@dataclass(frozen=True)
-class SpecProblem:
-    """A file in the VMs' directory that is not a VM: listings report it and carry on with the others."""
-
-    name: str
-    file: str
-    error: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "file": self.file, "error": self.error}
-
-
-def load_each(state: StateDir) -> tuple[list[VmSpec], list[SpecProblem]]:
+def load_each(state: StateDir) -> tuple[list[VmSpec], list[UnreadableFile]]:
     """Every VM, and a problem for each ``*.toml`` that is not one (bad TOML or field, a directory, a
     name that is not a VM name): one bad file never hides the others."""
     directory = vms_dir(state)
     good: list[VmSpec] = []
-    problems: list[SpecProblem] = []
+    problems: list[UnreadableFile] = []
     if not directory.is_dir():
         return good, problems
     for path in sorted(directory.glob("*.toml")):
         if not re.fullmatch(NAME_PATTERN, path.stem):
-            problems.append(SpecProblem(path.stem, str(path), f"{path}: {path.stem!r} is not a VM name "
-                                        "(a-z, 0-9 and '-'); rename or remove the file"))
+            problems.append(UnreadableFile("vm_spec", str(path), f"{path}: {path.stem!r} is not a VM name "
+                                                "(a-z, 0-9 and '-'); rename or remove the file", path.stem))
             continue
         try:
             good.append(load(state, path.stem))
         except (InvalidInput, NotFound) as e:
-            problems.append(SpecProblem(path.stem, str(path), str(e)))
+            problems.append(UnreadableFile("vm_spec", str(path), str(e), path.stem))
     return good, problems
 
 
