@@ -474,7 +474,9 @@ def _tpm_emulator(state: StateDir, name: str, spec: VmSpec) -> Iterator[None]:
     if not spec.tpm:
         yield
         return
-    end_swtpm(state, name)  # one a killed start left: its lock on the state dir would refuse a second swtpm
+    # One a killed start left (its lock on the state dir would refuse a second swtpm), or the last QEMU's,
+    # given a moment to finish writing the TPM's state after that QEMU's end.
+    end_swtpm(state, name, grace_s=1.0)
     _start_swtpm(RuntimePaths.for_vm(state, name))
     crashpoint("vm-start:swtpm-started")
     try:
