@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Debian's own interpreter (built with PGO+LTO: every command starts ~10% faster than on a plain source
 # build), not whichever python3 comes first in PATH.
 SYSTEM_PYTHON ?= /usr/bin/python3
-DEB_PACKAGES := python3 python3-venv fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium novnc iproute2 busybox-static xorriso isolinux syslinux-common pciutils
+DEB_PACKAGES := python3 python3-venv fuse3 libfuse3-3 mdevctl util-linux qemu-system-x86 qemu-utils gcc binutils libvirt-clients libxml2-utils chromium novnc iproute2 busybox-static xorriso isolinux syslinux-common pciutils swtpm swtpm-tools
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PY := $(VENV)/.py-installed
 

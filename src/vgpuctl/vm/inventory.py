@@ -123,7 +123,8 @@ def remove(root: HostRoot, state: StateDir, name: str) -> list[str]:
         with contextlib.suppress(NotOwned):
             if lifecycle.release_vgpu_locked(root, state, name):
                 crashpoint("vm-rm:vgpu-released")
-        shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)
+        lifecycle.end_swtpm(state, name)  # one a killed start left, found by its command line
+        shutil.rmtree(RuntimePaths.for_vm(state, name).directory, ignore_errors=True)  # the TPM's state too
         crashpoint("vm-rm:runtime-removed")
         specs.remove(state, name)
     return [d.path for d in spec.disks]

@@ -50,11 +50,13 @@ from vgpuctl.vm.runtime import (
     process,
     resolve_vgpu,
     running_vms,
+    swtpm_processes,
     vm_processes,
 )
 from vgpuctl.vm.spec import VmSpec
 
 START_TIMEOUT_S = 30.0
+SWTPM_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 15
 
@@ -274,41 +276,42 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
             stale.unlink(missing_ok=True)
         _make_disks(prepared.spec)
         _make_nvram(prepared.spec, paths)
-        argv = prepared.command.argv
-        replaced = prepared.command.replaced_vgpu
-        run = {"run_id": time.time_ns(), "argv": argv, "accel": prepared.accel, "vgpu": vgpu.uuid if vgpu else None,
-               "simulated_display": f"emulated VGA {replaced[0]}x{replaced[1]}" if replaced else None,
-               "notes": prepared.notes, "started": time.time()}
-        exit_file = _exit_file(paths, run)
-        listener = listen_qmp(paths.qmp_socket)
-        try:
-            run["argv"] = argv = preopened_qmp_argv(argv, listener)
-            # Recorded before QEMU exists: from here on a killed start leaves a record (QEMU itself is
-            # found by its command line all the same).
+        with _tpm_emulator(state, name, prepared.spec):
+            argv = prepared.command.argv
+            replaced = prepared.command.replaced_vgpu
+            run = {"run_id": time.time_ns(), "argv": argv, "accel": prepared.accel, "vgpu": vgpu.uuid if vgpu else None,
+                   "simulated_display": f"emulated VGA {replaced[0]}x{replaced[1]}" if replaced else None,
+                   "notes": prepared.notes, "started": time.time()}
+            exit_file = _exit_file(paths, run)
+            listener = listen_qmp(paths.qmp_socket)
+            try:
+                run["argv"] = argv = preopened_qmp_argv(argv, listener)
+                # Recorded before QEMU exists: from here on a killed start leaves a record (QEMU itself is
+                # found by its command line all the same).
+                atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+                crashpoint("vm-start:recorded")
+                with open(paths.log, "w") as log:
+                    # The shell waits for QEMU and keeps its exit status for later status calls; with
+                    # vgpu.keep = false it then removes the vGPU, however QEMU ended (stop, power-off, crash).
+                    shell = subprocess.Popen(["/bin/sh", "-c", WRAPPER, "sh", *argv],
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             pass_fds=(listener,), start_new_session=True,
+                                             env={**os.environ, "VGPUCTL_EXIT": str(exit_file),
+                                                  **_release_env(root, state, prepared)})
+            finally:
+                os.close(listener)
+            crashpoint("vm-start:spawned")
+            shell_process = process(shell.pid)
+            run["shell"] = shell_process.to_json() if shell_process else None
             atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
-            crashpoint("vm-start:recorded")
-            with open(paths.log, "w") as log:
-                # The shell waits for QEMU and keeps its exit status for later status calls; with
-                # vgpu.keep = false it then removes the vGPU, however QEMU ended (stop, power-off, crash).
-                shell = subprocess.Popen(["/bin/sh", "-c", WRAPPER, "sh", *argv],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         pass_fds=(listener,), start_new_session=True,
-                                         env={**os.environ, "VGPUCTL_EXIT": str(exit_file),
-                                              **_release_env(root, state, prepared)})
-        finally:
-            os.close(listener)
-        crashpoint("vm-start:spawned")
-        shell_process = process(shell.pid)
-        run["shell"] = shell_process.to_json() if shell_process else None
-        atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
-        crashpoint("vm-start:recorded-shell")
-        wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
-                     f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
-        crashpoint("vm-start:running")
-        qemu_process = vm_processes(state, name).qemu
-        run["qemu"] = qemu_process.to_json() if qemu_process else None
-        atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
-        crashpoint("vm-start:recorded-qemu")
+            crashpoint("vm-start:recorded-shell")
+            wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
+                         f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
+            crashpoint("vm-start:running")
+            qemu_process = vm_processes(state, name).qemu
+            run["qemu"] = qemu_process.to_json() if qemu_process else None
+            atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+            crashpoint("vm-start:recorded-qemu")
     return status(root, state, name, qmp_status="running")
 
 
@@ -397,12 +400,8 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
         problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
     else:
         problems += _display_problems(state, prepared.command.argv[0], prepared.spec.display.backend)
-    if prepared.spec.tpm and not paths.swtpm_socket.is_socket():
-        # vgpuctl does not run swtpm (yet): QEMU would fail on the missing socket.
-        problems.append(f"the TPM's swtpm is not listening on {paths.swtpm_socket}: start it first with "
-                        f"'mkdir -p {paths.tpm_state} && swtpm socket --tpm2 --tpmstate dir={paths.tpm_state} "
-                        f"--ctrl type=unixio,path={paths.swtpm_socket} --terminate --daemon' (apt-get install "
-                        "swtpm), or turn the TPM off with 'vgpuctl vm edit --no-tpm'")
+    if prepared.spec.tpm and shutil.which("swtpm") is None:
+        problems.append(SWTPM_MISSING)
     if problems:
         raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
 
@@ -462,6 +461,86 @@ def _make_disks(spec: VmSpec) -> None:
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise VmError(f"could not create disk {disk.path}: {done.stderr.strip()} (apt-get install qemu-utils)")
+
+
+SWTPM_MISSING = ("the TPM needs swtpm, which is not installed: apt-get install swtpm swtpm-tools; or turn the "
+                 "TPM off with 'vgpuctl vm edit --no-tpm' (Windows 11's installer then needs its TPM check bypassed)")
+
+
+@contextlib.contextmanager
+def _tpm_emulator(state: StateDir, name: str, spec: VmSpec) -> Iterator[None]:
+    """The VM's swtpm, started for the QEMU launched inside; ended again if the start fails before a QEMU
+    runs (with ``--terminate`` swtpm ends when QEMU closes its connection, but only once QEMU has made one)."""
+    if not spec.tpm:
+        yield
+        return
+    # One a killed start left (its lock on the state dir would refuse a second swtpm), or the last QEMU's,
+    # given a moment to finish writing the TPM's state after that QEMU's end.
+    end_swtpm(state, name, grace_s=1.0)
+    _start_swtpm(RuntimePaths.for_vm(state, name))
+    crashpoint("vm-start:swtpm-started")
+    try:
+        yield
+    except BaseException:
+        if vm_processes(state, name).qemu is None:
+            end_swtpm(state, name)
+        raise
+
+
+def swtpm_argv(binary: str, paths: RuntimePaths) -> list[str]:
+    """swtpm as libvirt runs it for QEMU's emulator backend (man swtpm; QEMU's docs/specs/tpm.rst): the
+    control channel only (QEMU passes the data channel over it), ``--terminate`` so that it ends with
+    QEMU's connection, ``--daemon`` so that the command returns once the socket listens, and its pidfile
+    and log in the VM's runtime directory (the pidfile's path is how vgpuctl finds it in /proc)."""
+    return [binary, "socket", "--tpm2",
+            "--tpmstate", f"dir={paths.tpm_state},mode=0600",
+            "--ctrl", f"type=unixio,path={paths.swtpm_socket},mode=0600",
+            "--pid", f"file={paths.swtpm_pidfile}", "--log", f"file={paths.swtpm_log}",
+            "--terminate", "--daemon"]
+
+
+def _start_swtpm(paths: RuntimePaths) -> None:
+    """Start the VM's swtpm and return once its control socket listens."""
+    binary = shutil.which("swtpm")
+    if binary is None:
+        raise VmError(SWTPM_MISSING)
+    if "," in str(paths.directory):  # swtpm's options are comma-separated, without an escape
+        raise VmError(f"swtpm cannot take the path {paths.directory} (a comma): use another --state-dir")
+    paths.tpm_state.mkdir(mode=0o700, exist_ok=True)  # the guest's keys (BitLocker, Windows Hello): kept
+    for stale in (paths.swtpm_socket, paths.swtpm_pidfile):
+        stale.unlink(missing_ok=True)
+    # With --daemon the command we run exits after swtpm has bound and listens on the control socket (the
+    # daemon carries on): its exit is the condition to wait for, not the socket file's appearance.
+    try:
+        done = subprocess.run(swtpm_argv(binary, paths), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=SWTPM_TIMEOUT_S, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise VmError(f"swtpm did not start within {SWTPM_TIMEOUT_S:g} s; see {paths.swtpm_log}") from None
+    if done.returncode != 0 or not paths.swtpm_socket.is_socket():
+        said = (done.stderr or done.stdout).strip() or _swtpm_log_tail(paths) or f"exit status {done.returncode}"
+        raise VmError(f"swtpm did not start: {said} (see {paths.swtpm_log})")
+
+
+def _swtpm_log_tail(paths: RuntimePaths) -> str:
+    try:
+        return " / ".join(paths.swtpm_log.read_text(errors="replace").splitlines()[-3:])
+    except OSError:
+        return ""
+
+
+def end_swtpm(state: StateDir, name: str, grace_s: float = 0.0) -> int:
+    """End the VM's swtpm processes (found in /proc by their pidfile's path: whatever the state files say),
+    after ``grace_s`` for them to end by themselves (QEMU gone: ``--terminate``). Returns how many were killed."""
+    found = swtpm_processes(state, name)
+    deadline = time.monotonic() + grace_s
+    while found and time.monotonic() < deadline:
+        time.sleep(0.01)
+        found = [p for p in found if p.alive()]
+    for swtpm in found:
+        _kill(swtpm)
+    for swtpm in found:
+        _wait_gone(swtpm, 5.0)
+    return len(found)
 
 
 def listen_qmp(path: Path) -> int:
@@ -630,7 +709,7 @@ def stop(root: HostRoot, state: StateDir, name: str, *, timeout_s: float = STOP_
         crashpoint("vm-stop:locked")
         current, qemu = _settled(root, state, name)
         if qemu is None:
-            raise Conflict(f"VM {name} is not running ({current.state})")
+            return _not_running(state, name, current)
         if current.state == "running":
             if not _agent_shutdown(state, name, paths):  # the guest agent, else the ACPI power button
                 _try_qmp(qmp_commands.system_powerdown, paths)
@@ -652,11 +731,18 @@ def kill(root: HostRoot, state: StateDir, name: str) -> VmStatus:
         crashpoint("vm-kill:locked")
         current, qemu = _settled(root, state, name)
         if qemu is None:
-            raise Conflict(f"VM {name} is not running ({current.state})")
+            return _not_running(state, name, current)
         _kill(qemu)
         crashpoint("vm-kill:killed")
         _wait_gone(qemu, 5.0)
         return _finish(state, name, "killed", "kill")
+
+
+def _not_running(state: StateDir, name: str, current: VmStatus) -> VmStatus:
+    """A stop or kill of a VM without QEMU: it still ends a swtpm that a killed start left; else Conflict."""
+    if end_swtpm(state, name):
+        return VmStatus(name, current.state, detail="QEMU was not running: ended the swtpm a start left")
+    raise Conflict(f"VM {name} is not running ({current.state})")
 
 
 def _settled(root: HostRoot, state: StateDir, name: str, timeout_s: float = 5.0) -> tuple[VmStatus, Process | None]:
@@ -719,6 +805,7 @@ def _finish(state: StateDir, name: str, how: str, command: str) -> VmStatus:
     deadline = time.monotonic() + 5.0
     while vm_processes(state, name).any and time.monotonic() < deadline:
         time.sleep(0.01)
+    end_swtpm(state, name, grace_s=1.0)  # it ends by itself once QEMU's connection closes (--terminate)
     crashpoint(f"vm-{command}:gone")
     _run_file(paths).unlink(missing_ok=True)
     paths.pidfile.unlink(missing_ok=True)

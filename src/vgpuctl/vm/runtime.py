@@ -99,6 +99,15 @@ class RuntimePaths:
         """The TPM's state (swtpm's --tpmstate dir): the guest's keys, kept from start to start."""
         return self.directory / "tpm"
 
+    @property
+    def swtpm_pidfile(self) -> Path:
+        """swtpm's --pid file: also how any later command finds the VM's swtpm in /proc (its command line)."""
+        return self.directory / "swtpm.pid"
+
+    @property
+    def swtpm_log(self) -> Path:
+        return self.directory / "swtpm.log"
+
     def socket_problems(self) -> list[str]:
         return [f"socket path {p} is longer than {SOCKET_PATH_MAX} bytes: use a shorter --state-dir or VM name"
                 for p in (self.qmp_socket, self.serial_socket, self.vnc_socket, self.spice_socket,
@@ -204,6 +213,20 @@ def all_vm_processes(state: StateDir) -> dict[str, VmProcesses]:
                     else:
                         mine.shells.append(alive)
                 break
+    return found
+
+
+def swtpm_processes(state: StateDir, name: str) -> list[Process]:
+    """The VM's swtpm processes as they run now: those whose command line has ``--pid file=<the VM's
+    swtpm pidfile>`` (one pass over /proc). Found whatever the state files say, as QEMU is."""
+    wanted = b"file=" + os.fsencode(RuntimePaths.for_vm(state, name).swtpm_pidfile)
+    found = []
+    for pid in pids():
+        argv = cmdline(pid)
+        if argv and os.path.basename(argv[0]) == b"swtpm" and (b"--pid", wanted) in set(pairwise(argv)):
+            alive = process(pid)
+            if alive is not None:
+                found.append(alive)
     return found
 
 
