@@ -11,9 +11,9 @@ chosen by kmod's and systemd's precedence (the first directory wins a file name;
 from __future__ import annotations
 
 import gzip
-import os
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 from vgpuctl.host.root import HostRoot
 
@@ -176,20 +176,35 @@ def kernel_config(root: HostRoot, release: str | None) -> tuple[str, dict[str, s
 # ---------------------------------------------------------------- modprobe.d and modules-load.d
 
 
-def conf_files(root: HostRoot, directories: Sequence[str], suffix: str = ".conf") -> list[str]:
+class ConfTree(Protocol):
+    """What conf_files needs of a host: a HostRoot, or the simulator's own tree (it boots from /etc the same
+    way)."""
+
+    def listdir(self, host_path: str, /) -> list[str]: ...
+
+    def readlink(self, host_path: str, /) -> str: ...
+
+
+def conf_files(root: ConfTree, directories: Sequence[str], suffix: str = ".conf") -> list[str]:
     """The files in effect, by name across directories (the first directory wins a name, a link to
     /dev/null masks it), in file-name order."""
     chosen: dict[str, str] = {}
     for directory in directories:
         try:
-            names = os.listdir(root.path(directory))
+            names = root.listdir(directory)
         except OSError:
             continue
         for name in names:
             if name.endswith(suffix) and name not in chosen:
                 chosen[name] = f"{directory}/{name}"
-    return [path for name, path in sorted(chosen.items())
-            if not (root.path(path).is_symlink() and os.readlink(root.path(path)) == root.dev_null)]
+    return [path for _, path in sorted(chosen.items()) if not _masked(root, path)]
+
+
+def _masked(root: ConfTree, path: str) -> bool:
+    try:
+        return root.readlink(path) == HostRoot().dev_null
+    except OSError:  # not a link
+        return False
 
 
 def _text(root: HostRoot, host_path: str) -> str:

@@ -167,20 +167,8 @@ class SimHost:
         """The texts of the ``*.conf`` files in effect, chosen as :func:`vgpuctl.host.facts.conf_files` chooses
         them (kmod's and systemd's rule: the first directory wins a file name, a link to /dev/null masks it,
         file-name order), over the simulator's tree; the directories are HostRoot's."""
-        chosen: dict[str, str] = {}
-        for directory in directories:
-            try:
-                names = self.vfs.listdir(directory)
-            except OSError:
-                continue
-            for name in names:
-                if name.endswith(".conf") and name not in chosen:
-                    chosen[name] = f"{directory}/{name}"
         texts = []
-        for _, path in sorted(chosen.items()):
-            node = self.vfs.node(path)
-            if isinstance(node, Link) and self.vfs.readlink(path) == HOST_PATHS.dev_null:
-                continue
+        for path in facts.conf_files(self.vfs, directories):
             try:
                 texts.append(self.vfs.read(path).decode(errors="replace"))
             except OSError:
