@@ -18,6 +18,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from tests.conftest import MountFn
+from vgpuctl.backends.gvt_setup import GVT_SETUP
 from vgpuctl.cli.app import cli as app
 from vgpuctl.cli.setup import BOOT_CHOICES
 from vgpuctl.host import HostRoot
@@ -624,13 +625,13 @@ boot: kernelstub: the user kernel_options in /etc/kernelstub/configuration (/etc
 
 def test_immediate_steps_are_offered_on_a_real_host_only(mount_host: MountFn, tmp_path: Path) -> None:
     bare = mount_host("coffeelake-bare")
-    steps = make_plan(bare, Tools(bare), real_host=True).now
+    steps = make_plan(bare, Tools(bare), GVT_SETUP, real_host=True).now
     assert steps == ["echo 1 > /sys/module/kvm/parameters/ignore_msrs   # kvm.ignore_msrs at once, until the next "
                      "boot"]  # a reboot is needed anyway, which loads the modules
-    assert make_plan(bare, Tools(bare)).now == []  # under --root: nothing is offered
+    assert make_plan(bare, Tools(bare), GVT_SETUP).now == []  # under --root: nothing is offered
     # Command line ready, but the modules not loaded: no reboot needed, load them now.
     ready = mount_host("coffeelake", modules=["i915", "kvm", "kvm_intel", "vfio"])
-    plan = make_plan(ready, Tools(ready), real_host=True)
+    plan = make_plan(ready, Tools(ready), GVT_SETUP, real_host=True)
     assert plan.reboot == []
     assert plan.now == ["modprobe -a kvmgt vfio-iommu-type1 mdev   # load the modules now instead of at the next "
                         "boot"]
@@ -639,18 +640,22 @@ def test_immediate_steps_are_offered_on_a_real_host_only(mount_host: MountFn, tm
 # ---------------------------------------------------------------- the pieces
 
 
+def gvt_change(tokens: list[str]) -> CmdlineChange:
+    return needed_change(tokens, GVT_SETUP)
+
+
 def test_needed_change_keeps_good_values_and_fixes_bad_ones() -> None:
-    assert not needed_change(["i915.enable_gvt=Y", "kvm.ignore_msrs", "intel_iommu=on,sm_on", "i915.enable_guc=2"])
-    assert needed_change(["i915.enable-gvt=0", "kvm.ignore_msrs=N", "intel_iommu=igfx_off"]) == CmdlineChange(
+    assert not gvt_change(["i915.enable_gvt=Y", "kvm.ignore_msrs", "intel_iommu=on,sm_on", "i915.enable_guc=2"])
+    assert gvt_change(["i915.enable-gvt=0", "kvm.ignore_msrs=N", "intel_iommu=igfx_off"]) == CmdlineChange(
         add=("intel_iommu=on",), replace=(("i915.enable-gvt=0", "i915.enable-gvt=1"),
                                           ("kvm.ignore_msrs=N", "kvm.ignore_msrs=1")))
     # only the last value counts in the kernel; the others that work against it go
-    assert needed_change(["i915.enable_gvt=0", "i915.enable_gvt=1", "i915.enable_gvt=n", *GVT.split()[1:]]) == \
+    assert gvt_change(["i915.enable_gvt=0", "i915.enable_gvt=1", "i915.enable_gvt=n", *GVT.split()[1:]]) == \
         CmdlineChange(remove=("i915.enable_gvt=0", "i915.enable_gvt=n"))
-    assert needed_change([*GVT.split(), "i915.enable_guc=1", "i915.enable_guc=-1", "i915.enable_guc_submission=1"]) \
+    assert gvt_change([*GVT.split(), "i915.enable_guc=1", "i915.enable_guc=-1", "i915.enable_guc_submission=1"]) \
         == CmdlineChange(replace=(("i915.enable_guc=1", "i915.enable_guc=0"),
                                   ("i915.enable_guc_submission=1", "i915.enable_guc_submission=0")))
-    change = needed_change(split_cmdline('quiet  i915.enable_gvt=0 root="LABEL=my disk"'))
+    change = gvt_change(split_cmdline('quiet  i915.enable_gvt=0 root="LABEL=my disk"'))
     assert change.apply('  quiet  i915.enable_gvt=0 root="LABEL=my disk"  ') == \
         '  quiet  i915.enable_gvt=1 root="LABEL=my disk" kvm.ignore_msrs=1 intel_iommu=on  '
     assert CmdlineChange(remove=("b",)).apply("a b c") == "a c"

@@ -17,6 +17,7 @@ from vgpuctl.mdev.sysfs import MdevType
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
+    from vgpuctl.host.setup import SetupWants
 
 
 class Capacity(Protocol):
@@ -79,6 +80,9 @@ class VgpuBackend(Protocol):
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
         """What the doctor checks for this kind of vGPU, in order (each says "not needed" on hosts without it)."""
 
+    def setup_wants(self) -> SetupWants | None:
+        """What ``vgpuctl setup`` makes of the host's boot configuration for this kind of vGPU (None: nothing)."""
+
 
 def _backends() -> tuple[VgpuBackend, ...]:
     from vgpuctl.backends import gvt, mdev
@@ -93,3 +97,8 @@ def backend_for_type(type_id: str) -> VgpuBackend:
 def backend_for_parent(types: Sequence[MdevType]) -> VgpuBackend:
     """The backend of a parent, judged by its types (a parent with no types is generic mdev)."""
     return backend_for_type(types[0].type_id) if types else _backends()[-1]
+
+
+def setup_wants() -> SetupWants:
+    """What ``vgpuctl setup`` plans: the first backend's with boot needs (GVT-g's, until SR-IOV brings its own)."""
+    return next(wants for b in _backends() if (wants := b.setup_wants()) is not None)

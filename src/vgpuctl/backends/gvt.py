@@ -27,6 +27,7 @@ from vgpuctl.mdev.sysfs import MdevType, active_devices, aperture_mib, read_type
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
+    from vgpuctl.host.setup import SetupWants
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,11 @@ class GvtG:
         from vgpuctl.backends.gvt_doctor import CHECKS
 
         return CHECKS
+
+    def setup_wants(self) -> SetupWants | None:
+        from vgpuctl.backends.gvt_setup import GVT_SETUP
+
+        return GVT_SETUP
 
 
 BACKEND = GvtG()

@@ -14,6 +14,7 @@ from vgpuctl.mdev.sysfs import MdevType
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import Check, CheckSpec, Context, Host
+    from vgpuctl.host.setup import SetupWants
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class GenericMdev:
         from vgpuctl.host.doctor import CheckSpec
 
         return (CheckSpec("mdev-parents", "Other mdev parents (NVIDIA vGPU, sample drivers)", check_mdev_parents),)
+
+    def setup_wants(self) -> SetupWants | None:
+        return None  # the vendor's driver sets itself up
 
 
 BACKEND = GenericMdev()

@@ -60,9 +60,10 @@ def _tools(tools_dir: Path | None) -> Tools:
 
 
 def _plan(boot: str, tools: Tools) -> Plan:
+    from vgpuctl.backends import setup_wants
     from vgpuctl.host.setup import make_plan, pending_commands
 
-    return make_plan(State.root, tools, boot, pending=pending_commands(_setup_dir()))
+    return make_plan(State.root, tools, setup_wants(), boot, pending=pending_commands(_setup_dir()))
 
 
 def _epilogue(plan: Plan) -> None:

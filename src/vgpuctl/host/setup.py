@@ -1,4 +1,5 @@
-"""Making a host ready for Intel GVT-g: kernel command line, modules at boot, module options.
+"""Making a host ready for a kind of vGPU: kernel command line, modules at boot, module options. What each kind
+needs comes from its backend (:class:`SetupWants`; GVT-g's is vgpuctl.backends.gvt_setup).
 
 Three steps, as ``vgpuctl setup plan`` / ``apply`` / ``revert``:
 
@@ -19,10 +20,9 @@ The kernel command line goes through the distribution's own mechanism (:data:`ME
 only on the machine's own root, or from an explicit tools directory (tests put stubs there);
 under another root they are shown, not run.
 
-Parameters (spec 4.3): ``i915.enable_gvt=1``, ``kvm.ignore_msrs=1``, ``intel_iommu=on`` are
-added unless already in effect; ``i915.enable_gvt=0``/``kvm.ignore_msrs=0``/``intel_iommu=off``
-are replaced; ``i915.enable_guc`` values that request GuC submission (bit 0: 1, 3) lose that bit
-(1 -> 0, 3 -> 2: HuC loading stays), as does ``i915.enable_guc_submission`` (<= 4.15).
+A wanted parameter is added unless already in effect, and replaced in place where the command line
+sets it against the wish (``i915.enable_gvt=0`` -> ``=1``, ``intel_iommu=off`` -> ``on``); tokens the
+backend says work against it are changed as it says.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import VgpuError
@@ -55,27 +55,58 @@ KERNELSTUB_CONFIG = _HOST.etc_kernelstub_configuration
 KERNEL_CMDLINE = _HOST.etc_kernel_cmdline
 LOADER_BASES = _HOST.boot_loader_bases
 IGNORE_MSRS = _HOST.module_parameter("kvm", "ignore_msrs")
-I915_ENABLE_GVT = _HOST.module_parameter("i915", "enable_gvt")
 PROC_MODULES = _HOST.proc_modules
 OUR_FILE = "vgpuctl.conf"
 
 MECHANISMS = ("grub", "grubby", "systemd-boot", "kernelstub", "none")
-WANTED_PARAMS = ("i915.enable_gvt=1", "kvm.ignore_msrs=1", "intel_iommu=on")
-BASE_MODULES = ("kvmgt", "vfio-iommu-type1", "mdev")
-OLD_KERNEL_MODULES = ("vfio_mdev",)  # its own module up to 5.13 (spec 4.2)
-MODULE_OPTIONS = (("i915", "enable_gvt", "CONFIG_DRM_I915"), ("kvm", "ignore_msrs", "CONFIG_KVM"))
 FEDORA_FAMILY = frozenset({"fedora", "rhel", "centos", "rocky", "almalinux", "ol", "amzn"})
 DEBIAN_FAMILY = frozenset({"debian", "ubuntu"})
 SUSE_FAMILY = frozenset({"suse", "opensuse", "sles"})
 
-MODULES_HEADER = ("# Written by 'vgpuctl setup apply': modules Intel GVT-g (KVMGT) vGPUs need, loaded at boot.\n"
-                  "# 'vgpuctl setup revert' puts back what was here before.\n")
-OPTIONS_HEADER = ("# Written by 'vgpuctl setup apply': module options for Intel GVT-g (KVMGT).\n"
-                  "# 'vgpuctl setup revert' puts back what was here before.\n")
+def modules_header(wants: SetupWants) -> str:
+    return (f"# Written by 'vgpuctl setup apply': modules {wants.subject} vGPUs need, loaded at boot.\n"
+            "# 'vgpuctl setup revert' puts back what was here before.\n")
+
+
+def options_header(wants: SetupWants) -> str:
+    return (f"# Written by 'vgpuctl setup apply': module options for {wants.subject}.\n"
+            "# 'vgpuctl setup revert' puts back what was here before.\n")
 
 
 class SetupError(VgpuError):
     """The host cannot be set up automatically; the message says what to do by hand."""
+
+
+class SetupWants(Protocol):
+    """What one kind of vGPU needs of the host's boot configuration. Its backend says it (GVT-g's:
+    vgpuctl.backends.gvt_setup); this module plans it and applies it on the one installer."""
+
+    @property
+    def subject(self) -> str:
+        """What the files vgpuctl writes are for, in their header (e.g. "Intel GVT-g (KVMGT)")."""
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Kernel parameters that must be in effect (``name=value`` or a bare flag)."""
+
+    @property
+    def module_options(self) -> tuple[tuple[str, str, str], ...]:
+        """(module, parameter, the module's Kconfig symbol): parameters modprobe.d sets to 1."""
+
+    def modules(self, kernel: tuple[int, int] | None) -> list[str]:
+        """Modules loaded at boot on this kernel version (None: unknown)."""
+
+    def cmdline_fix(self, token: str) -> str | None:
+        """A command-line token that works against this kind of vGPU, changed so that it does not (None: fine)."""
+
+    def option_note(self, path: str, module: str, param: str, value: str) -> str | None:
+        """What to say of someone else's ``options`` line that works against it (None: nothing)."""
+
+    def reboot_reasons(self, root: HostRoot, edits: Sequence[FileEdit], running: str | None) -> list[str]:
+        """Why the planned edits need a reboot, beyond a changed command line."""
+
+    def cmdline_notes(self, running: str) -> list[str]:
+        """What to say of the running kernel's command line (e.g. a parameter that keeps the GPU's driver off)."""
 
 
 # ---------------------------------------------------------------- the kernel command line
@@ -163,12 +194,12 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def needed_change(tokens: Sequence[str]) -> CmdlineChange:
-    """What makes a command line right for GVT-g (empty when it already is)."""
+def needed_change(tokens: Sequence[str], wants: SetupWants) -> CmdlineChange:
+    """What makes a command line right for this kind of vGPU (empty when it already is)."""
     add: list[str] = []
     replace: dict[str, str] = {}
     remove: list[str] = []
-    for want in WANTED_PARAMS:
+    for want in wants.params:
         found = [t for t in tokens if facts.param_key(t) == facts.param_key(want)]
         good = [t for t in found if _judge(want, t) is True]
         bad = _unique(t for t in found if _judge(want, t) is False)
@@ -180,11 +211,9 @@ def needed_change(tokens: Sequence[str]) -> CmdlineChange:
         else:
             add.append(want)
     for token in _unique(tokens):
-        key, number = facts.param_key(token), facts.as_int(facts.param_value(token))
-        if key == "i915.enable_guc" and number is not None and number > 0 and number & 1:
-            replace[token] = f"{token.partition('=')[0]}={number & ~1}"  # keep HuC loading (bit 1)
-        elif key == "i915.enable_guc_submission" and (number or 0) > 0:
-            replace[token] = f"{token.partition('=')[0]}=0"
+        fixed = wants.cmdline_fix(token)
+        if fixed is not None:
+            replace[token] = fixed
     return CmdlineChange(tuple(add), tuple(replace.items()), tuple(_unique(remove)))
 
 
@@ -282,7 +311,7 @@ class BootPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def detect_mechanism(root: HostRoot, tools: Tools) -> tuple[str, str]:
+def detect_mechanism(root: HostRoot, tools: Tools, wants: SetupWants) -> tuple[str, str]:
     """(mechanism, why) from the files under the root and the tools the host has."""
     ids = distro_ids(root)
     if root.exists(KERNELSTUB_CONFIG):
@@ -299,18 +328,21 @@ def detect_mechanism(root: HostRoot, tools: Tools) -> tuple[str, str]:
         return "systemd-boot", "boot loader entries exist"
     raise SetupError("cannot tell how this host sets its kernel command line (no kernelstub configuration, "
                      f"grubby, systemd-boot loader.conf or {DEFAULT_GRUB}); name it with --boot, or use "
-                     f"--boot none and add by hand: {' '.join(WANTED_PARAMS)}")
+                     f"--boot none and add by hand: {' '.join(wants.params)}")
 
 
-def plan_boot(root: HostRoot, tools: Tools, mechanism: str = "auto") -> BootPlan:
+def plan_boot(root: HostRoot, tools: Tools, wants: SetupWants, mechanism: str = "auto") -> BootPlan:
     detected = "chosen with --boot"
     if mechanism == "auto":
-        mechanism, detected = detect_mechanism(root, tools)
+        mechanism, detected = detect_mechanism(root, tools, wants)
     if mechanism not in MECHANISMS:
         raise SetupError(f"unknown boot mechanism {mechanism!r}; one of: {', '.join(MECHANISMS)}")
     planners = {"grub": _plan_grub, "grubby": _plan_grubby, "systemd-boot": _plan_systemd_boot,
                 "kernelstub": _plan_kernelstub}
-    plan = BootPlan("none", "left alone (--boot none)") if mechanism == "none" else planners[mechanism](root, tools)
+    if mechanism == "none":
+        plan = BootPlan("none", "left alone (--boot none)")
+    else:
+        plan = planners[mechanism](root, tools, wants)
     plan.detected = detected
     return plan
 
@@ -392,7 +424,7 @@ def grub_regenerate(root: HostRoot, tools: Tools) -> Command:
     return Command((name, "-o", config))
 
 
-def _plan_grub(root: HostRoot, tools: Tools) -> BootPlan:
+def _plan_grub(root: HostRoot, tools: Tools, wants: SetupWants) -> BootPlan:
     regenerate = grub_regenerate(root, tools)
     plan = BootPlan("grub", f"GRUB: {DEFAULT_GRUB}, then {regenerate}", regenerate=[regenerate])
     if tools.runnable and tools.find(regenerate.argv[0]) is None:
@@ -419,7 +451,7 @@ def _plan_grub(root: HostRoot, tools: Tools) -> BootPlan:
     if target is None and linux is not None and distro_ids(root) & (FEDORA_FAMILY | SUSE_FAMILY):
         target = linux  # these distributions put the whole command line there
     tokens = [t for a in (linux, default) if a is not None for t in facts.split_cmdline(a.value)]
-    change = needed_change(tokens)
+    change = needed_change(tokens, wants)
     plan.change = change
     if not change:
         for a in (linux, default):
@@ -466,12 +498,12 @@ def _loader_entries(root: HostRoot) -> list[str]:
 OPTIONS_LINE = re.compile(r"^(?P<key>[ \t]*options)(?P<sep>[ \t]+|(?=\r?\n?$))(?P<value>.*?)(?P<end>\r?\n?)$")
 
 
-def _plan_systemd_boot(root: HostRoot, tools: Tools) -> BootPlan:
+def _plan_systemd_boot(root: HostRoot, tools: Tools, wants: SetupWants) -> BootPlan:
     plan = BootPlan("systemd-boot", "systemd-boot: the loader entries' options lines")
     entries = _loader_entries(root)
     if not entries:
         raise SetupError("no systemd-boot entries in " + ", ".join(f"{b}/loader/entries" for b in LOADER_BASES)
-                         + f": add by hand to the entry's options line: {' '.join(WANTED_PARAMS)}")
+                         + f": add by hand to the entry's options line: {' '.join(wants.params)}")
     for path in entries:
         text = _text(path, _read(root, path, editing=True) or b"")
         lines = text.splitlines(keepends=True)
@@ -482,7 +514,7 @@ def _plan_systemd_boot(root: HostRoot, tools: Tools) -> BootPlan:
         matches = {i: m for i, line in enumerate(lines) if (m := OPTIONS_LINE.match(line))}
         indexes = list(matches)
         tokens = [t for m in matches.values() for t in facts.split_cmdline(m["value"])]
-        change = needed_change(tokens)
+        change = needed_change(tokens, wants)
         if not change:
             continue
         plan.change = plan.change.union(change)
@@ -497,7 +529,7 @@ def _plan_systemd_boot(root: HostRoot, tools: Tools) -> BootPlan:
     data = _read(root, KERNEL_CMDLINE, editing=True)
     if data is not None:
         text = _text(KERNEL_CMDLINE, data)
-        change = needed_change(facts.split_cmdline(text))
+        change = needed_change(facts.split_cmdline(text), wants)
         if change:
             plan.change = plan.change.union(change)
             plan.edits.append(FileEdit(KERNEL_CMDLINE, data, change.apply(text).encode(),
@@ -528,7 +560,7 @@ def parse_grubby_info(output: str) -> list[tuple[str, str]]:
     return kernels
 
 
-def _plan_grubby(root: HostRoot, tools: Tools) -> BootPlan:
+def _plan_grubby(root: HostRoot, tools: Tools, wants: SetupWants) -> BootPlan:
     plan = BootPlan("grubby", "grubby: --update-kernel=ALL on every boot entry")
     if tools.runnable:
         code, out, err = tools.run(Command(("grubby", "--info=ALL")))
@@ -538,7 +570,7 @@ def _plan_grubby(root: HostRoot, tools: Tools) -> BootPlan:
         source = "grubby --info=ALL"
         if not kernels:
             raise SetupError("'grubby --info=ALL' lists no kernel with arguments; add by hand: grubby "
-                             f"--update-kernel=ALL --args='{' '.join(WANTED_PARAMS)}'")
+                             f"--update-kernel=ALL --args='{' '.join(wants.params)}'")
     else:
         current = running_cmdline(root)
         if current is None:
@@ -550,7 +582,7 @@ def _plan_grubby(root: HostRoot, tools: Tools) -> BootPlan:
                           f"{root.proc_cmdline}'s")
     before, after = [], []
     for kernel, args in kernels:
-        change = needed_change(facts.split_cmdline(args))
+        change = needed_change(facts.split_cmdline(args), wants)
         plan.change = plan.change.union(change)
         before.append(f'kernel="{kernel}"\nargs="{args}"\n')
         after.append(f'kernel="{kernel}"\nargs="{change.as_remove_and_add().apply(args)}"\n')
@@ -570,7 +602,7 @@ def _plan_grubby(root: HostRoot, tools: Tools) -> BootPlan:
 # ---- kernelstub (Pop!_OS)
 
 
-def _plan_kernelstub(root: HostRoot, tools: Tools) -> BootPlan:
+def _plan_kernelstub(root: HostRoot, tools: Tools, wants: SetupWants) -> BootPlan:
     plan = BootPlan("kernelstub", f"kernelstub: the user kernel_options in {KERNELSTUB_CONFIG}")
     data = _read(root, KERNELSTUB_CONFIG)
     try:
@@ -580,8 +612,8 @@ def _plan_kernelstub(root: HostRoot, tools: Tools) -> BootPlan:
             raise TypeError
     except (ValueError, KeyError, TypeError):
         raise SetupError(f"cannot read the user kernel_options of {KERNELSTUB_CONFIG}, so vgpuctl will not change "
-                         f"them; by hand: kernelstub -a '{' '.join(WANTED_PARAMS)}'") from None
-    change = needed_change(options)
+                         f"them; by hand: kernelstub -a '{' '.join(wants.params)}'") from None
+    change = needed_change(options, wants)
     plan.change = change
     if not change:
         return plan
@@ -617,9 +649,8 @@ def undo_commands(undo: dict[str, Any]) -> list[Command]:
 # ---------------------------------------------------------------- modules and their options
 
 
-def wanted_modules(release: str | None) -> list[str]:
-    version = facts.kernel_version(release)
-    return [*BASE_MODULES, *(OLD_KERNEL_MODULES if version is not None and version < (5, 14) else ())]
+def wanted_modules(release: str | None, wants: SetupWants) -> list[str]:
+    return wants.modules(facts.kernel_version(release))
 
 
 def modules_loaded_elsewhere(root: HostRoot, ours: str) -> dict[str, str]:
@@ -644,23 +675,23 @@ def _our_file(root: HostRoot, host_path: str, lines: list[str], header: str, rol
     return FileEdit(host_path, old, new, _mode(root, host_path), role)
 
 
-def plan_modules(root: HostRoot, release: str | None, notes: list[str]) -> FileEdit | None:
+def plan_modules(root: HostRoot, release: str | None, notes: list[str], wants: SetupWants) -> FileEdit | None:
     path = f"{root.etc_modules_load_d}/{OUR_FILE}"
     elsewhere = modules_loaded_elsewhere(root, path)
     if release is None:
         notes.append(f"kernel release unknown ({root.proc_osrelease} unreadable): vfio_mdev (kernels < 5.14) is "
                      "not listed")
-    return _our_file(root, path, [m for m in wanted_modules(release) if facts.module_name(m) not in elsewhere],
-                     MODULES_HEADER, "modules")
+    return _our_file(root, path, [m for m in wanted_modules(release, wants) if facts.module_name(m) not in elsewhere],
+                     modules_header(wants), "modules")
 
 
-def plan_options(root: HostRoot, release: str | None, notes: list[str]) -> FileEdit | None:
+def plan_options(root: HostRoot, release: str | None, notes: list[str], wants: SetupWants) -> FileEdit | None:
     path = f"{root.etc_modprobe_d}/{OUR_FILE}"
     found = facts.kernel_config(root, release)
     config = found[1] if found else None
     elsewhere = module_options_elsewhere(root, path)
     lines = []
-    for module, param, symbol in MODULE_OPTIONS:
+    for module, param, symbol in wants.module_options:
         if config is not None and config.get(symbol) == "y":
             notes.append(f"{module} is built into this kernel ({symbol}=y): modprobe options do not reach it, "
                          "the kernel command line sets it")
@@ -669,16 +700,12 @@ def plan_options(root: HostRoot, release: str | None, notes: list[str]) -> FileE
         good = [f for f, v in values if facts.param_bool(v or None) is True]
         bad = [(f, v) for f, v in values if facts.param_bool(v or None) is not True]
         for f, v in bad:
-            notes.append(f"{f} has 'options {module} {param}={v}', which works against GVT-g: remove it by hand")
+            notes.append(f"{f} has 'options {module} {param}={v}', which works against {wants.subject}: remove it "
+                         "by hand")
         if not good or bad:
             lines.append(f"options {module} {param}=1")
-    for f, m, p, v in elsewhere:
-        number = facts.as_int(v)
-        if m == "i915" and p in ("enable_guc", "enable_guc_submission") and number is not None and number > 0 \
-                and (number & 1 or p == "enable_guc_submission"):
-            notes.append(f"{f} has 'options i915 {p}={v}', which asks for GuC submission: GVT-g then does not "
-                         "start; remove it by hand")
-    return _our_file(root, path, lines, OPTIONS_HEADER, "options")
+    notes += [note for f, m, p, v in elsewhere if (note := wants.option_note(f, m, p, v)) is not None]
+    return _our_file(root, path, lines, options_header(wants), "options")
 
 
 # ---------------------------------------------------------------- the plan
@@ -720,46 +747,32 @@ class Plan:
         }
 
 
-def make_plan(root: HostRoot, tools: Tools, mechanism: str = "auto", pending: Sequence[Command] = (),
+def make_plan(root: HostRoot, tools: Tools, wants: SetupWants, mechanism: str = "auto", pending: Sequence[Command] = (),
               real_host: bool | None = None) -> Plan:
     """Everything that would make the host ready; raises SetupError before anything could be written."""
-    boot = plan_boot(root, tools, mechanism)
+    boot = plan_boot(root, tools, wants, mechanism)
     notes = list(boot.notes)
     release = facts.kernel_release(root)
     edits = list(boot.edits)
-    for edit in (plan_modules(root, release, notes), plan_options(root, release, notes)):
+    for edit in (plan_modules(root, release, notes, wants), plan_options(root, release, notes, wants)):
         if edit is not None:
             edits.append(edit)
     reboot = []
     if boot.change:
         reboot.append("the kernel command line changes, which takes effect at the next boot")
     running = running_cmdline(root)
-    if any(e.role == "options" and b"i915" in (e.old or b"") + (e.new or b"") for e in edits) \
-            and not _gvt_enabled_now(root, running):
-        reboot.append("i915 reads enable_gvt only when it loads, at boot")
+    reboot += wants.reboot_reasons(root, edits, running)
     if not reboot and boot.mechanism != "none" and running is not None:
-        missing = needed_change(facts.split_cmdline(running))
+        missing = needed_change(facts.split_cmdline(running), wants)
         if missing:
             reboot.append(f"this kernel was booted without the new command line ({missing.words()})")
     real = root.is_this_machine if real_host is None else real_host
-    now = immediate_steps(root, release, bool(reboot)) if real else []
-    running = running or ""
-    if facts.cmdline_param(running, "nomodeset") is not None or facts.cmdline_param(running, "i915.modeset") == "0":
-        notes.append("the running kernel has nomodeset or i915.modeset=0: i915 then does not drive the GPU and "
-                     "GVT-g cannot start; remove it by hand if nothing needs it")
+    now = immediate_steps(root, release, bool(reboot), wants) if real else []
+    notes += wants.cmdline_notes(running or "")
     return Plan(root, boot, edits, list(pending), reboot, notes, now, tools.runnable)
 
 
-def _gvt_enabled_now(root: HostRoot, running: str | None) -> bool:
-    """Whether the running i915 was loaded with enable_gvt on (its parameter is root-only: else the cmdline)."""
-    try:
-        return facts.param_bool(root.read_value(I915_ENABLE_GVT)) is True
-    except OSError:
-        value = facts.cmdline_param(running or "", "i915.enable_gvt")
-        return value is not None and facts.param_bool(value or None) is True
-
-
-def immediate_steps(root: HostRoot, release: str | None, rebooting: bool) -> list[str]:
+def immediate_steps(root: HostRoot, release: str | None, rebooting: bool, wants: SetupWants) -> list[str]:
     """What can take effect before a reboot, for the administrator to run now."""
     steps = []
     try:
@@ -773,7 +786,7 @@ def immediate_steps(root: HostRoot, release: str | None, rebooting: bool) -> lis
             loaded = {line.split()[0] for line in root.read_text(PROC_MODULES).splitlines() if line.strip()}
         except OSError:
             loaded = set()
-        missing = [m for m in wanted_modules(release) if facts.module_name(m) not in loaded]
+        missing = [m for m in wanted_modules(release, wants) if facts.module_name(m) not in loaded]
         if missing:
             steps.append(f"modprobe -a {' '.join(missing)}   # load the modules now instead of at the next boot")
     return steps
