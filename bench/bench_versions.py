@@ -8,9 +8,12 @@ commands slower. This runs both trees' code, interleaved round by round, as whol
   doctor --json   python -m vgpuctl doctor --json --no-guest       (every check; QEMU probed)
   vm start        python -m vgpuctl vm start car --accel tcg        (until QMP says running; then killed)
 
-Each tree gets its own state directory and its own VM, made by its own ``vm create`` (so each writes the
-spec format it knows); both use one mounted Coffee Lake host and this tree's bare-metal test guest. The
-accelerator is TCG (pinned), as everywhere on this KVM-PVM machine.
+Each tree gets its own state directory and its own VM (``car-before``, ``car-after``: their own vGPUs),
+made by its own ``vm create`` (so each writes the spec format it knows); both use one mounted Coffee Lake
+host and this tree's bare-metal test guest. Both trees are byte-compiled first (``compileall``), as an
+installed package is: with PYTHONDONTWRITEBYTECODE set (as on this machine) each run would otherwise
+compile every module from source, and the tree with more source would pay for it. The accelerator is TCG
+(pinned), as everywhere on this KVM-PVM machine.
 
 Run (as root: FUSE): ``git worktree add /tmp/before <commit>`` then
 ``.venv/bin/python bench/bench_versions.py --before /tmp/before/src [--runs 15]``.
@@ -43,6 +46,13 @@ class Tree:
         self.env = {**os.environ, "PYTHONPATH": str(src), "VGPUCTL_ROOT": str(root),
                     "VGPUCTL_STATE_DIR": str(self.state)}
 
+    @property
+    def vm(self) -> str:
+        return f"car-{self.label}"
+
+    def compile(self) -> None:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(self.src)], check=True)
+
     def run(self, *args: str, check: bool = True) -> float:
         started = time.perf_counter()
         done = subprocess.run([sys.executable, *args], env=self.env, capture_output=True, text=True)
@@ -68,22 +78,23 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {(t.label, m): [] for t in trees for m in measures}
     try:
         for tree in trees:
-            tree.vgpuctl("vm", "create", "car", "--profile", "automotive", "--kernel", str(guest), "--boot", "kernel",
+            tree.compile()
+            tree.vgpuctl("vm", "create", tree.vm, "--profile", "automotive", "--kernel", str(guest), "--boot", "kernel",
                          "--memory", "64", "--cpus", "1", "--display", "vnc")
-            tree.vgpuctl("vm", "start", "car", "--accel", "tcg")  # warm-up; the vGPU exists from now on
-            tree.vgpuctl("vm", "kill", "car")
+            tree.vgpuctl("vm", "start", tree.vm, "--accel", "tcg")  # warm-up; the vGPU exists from now on
+            tree.vgpuctl("vm", "kill", tree.vm)
         for _ in range(options.runs):
             for tree in trees:
                 times[(tree.label, "import")].append(tree.run("-c", "import vgpuctl.cli.app"))
                 times[(tree.label, "list --json")].append(tree.vgpuctl("list", "--json"))
                 times[(tree.label, "doctor --json")].append(tree.vgpuctl("doctor", "--json", "--no-guest",
                                                                          check=False))
-                times[(tree.label, "vm start")].append(tree.vgpuctl("vm", "start", "car", "--accel", "tcg"))
-                tree.vgpuctl("vm", "kill", "car")
+                times[(tree.label, "vm start")].append(tree.vgpuctl("vm", "start", tree.vm, "--accel", "tcg"))
+                tree.vgpuctl("vm", "kill", tree.vm)
     finally:
         for tree in trees:
-            tree.vgpuctl("vm", "kill", "car", check=False)
-            tree.vgpuctl("vm", "rm", "car", check=False)
+            tree.vgpuctl("vm", "kill", tree.vm, check=False)
+            tree.vgpuctl("vm", "rm", tree.vm, check=False)
         mount.umount(directory, lazy=True)
         directory.rmdir()
     print(f"before: {options.before}  after: {AFTER_SRC}  ({options.runs} interleaved rounds, TCG, "

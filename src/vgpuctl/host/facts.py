@@ -10,7 +10,6 @@ chosen by kmod's and systemd's precedence (the first directory wins a file name;
 
 from __future__ import annotations
 
-import gzip
 import re
 from collections.abc import Sequence
 from typing import Protocol
@@ -166,6 +165,8 @@ def kernel_config(root: HostRoot, release: str | None) -> tuple[str, dict[str, s
             pass
         except OSError:
             return None
+    import gzip  # only on kernels without /boot/config-*: gzip pulls in zlib and more
+
     try:
         with open(root.path(root.proc_config_gz), "rb") as f:
             return root.proc_config_gz, parse_kconfig(gzip.decompress(f.read()).decode(errors="replace"))

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError
-from vgpuctl.host import HostRoot, facts, pci
+from vgpuctl.host import HostRoot
 from vgpuctl.host.root import relative_path
 
 
@@ -67,7 +67,9 @@ class ParentDevice:
 
     @property
     def vendor(self) -> str:
-        return pci.vendor_name(self.vendor_id)
+        from vgpuctl.host.pci import vendor_name  # the listings that show vendors only
+
+        return vendor_name(self.vendor_id)
 
 
 _MIB_KEYS = {"low_gm_size": "low_gm_mib", "high_gm_size": "high_gm_mib", "framebuffer": "framebuffer_mib"}
@@ -228,4 +230,6 @@ def remove_device(root: HostRoot, uuid: str) -> None:
 def aperture_mib(root: HostRoot, parent: str) -> int | None:
     """BIOS aperture = size of BAR2 (GMADR) of the parent's PCI device."""
     text = _read_optional(root, f"{root.sys_class_mdev_bus}/{parent}/resource")
-    return facts.parse_bar_size_mib(text, 2) if text else None
+    from vgpuctl.host.facts import parse_bar_size_mib
+
+    return parse_bar_size_mib(text, 2) if text else None

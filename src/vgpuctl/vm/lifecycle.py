@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -400,7 +399,7 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
         problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
     else:
         problems += _display_problems(state, prepared.command.argv[0], prepared.spec.display.backend)
-    if prepared.spec.tpm and shutil.which("swtpm") is None:
+    if prepared.spec.tpm and _which("swtpm") is None:
         problems.append(SWTPM_MISSING)
     if problems:
         raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
@@ -448,6 +447,8 @@ def _make_nvram(spec: VmSpec, paths: RuntimePaths) -> None:
     template, copy = machine.ovmf(spec)[1], machine.nvram(spec, paths)
     if not copy.exists():
         try:
+            import shutil  # shutil imports bz2 and lzma: only for a VM that needs it
+
             shutil.copyfile(template, copy)
         except OSError as e:
             raise VmError(f"could not copy OVMF's variables {template} to {copy}: {e} (apt-get install ovmf)") from None
@@ -501,7 +502,7 @@ def swtpm_argv(binary: str, paths: RuntimePaths) -> list[str]:
 
 def _start_swtpm(paths: RuntimePaths) -> None:
     """Start the VM's swtpm and return once its control socket listens."""
-    binary = shutil.which("swtpm")
+    binary = _which("swtpm")
     if binary is None:
         raise VmError(SWTPM_MISSING)
     if "," in str(paths.directory):  # swtpm's options are comma-separated, without an escape
@@ -844,3 +845,9 @@ def screenshot(root: HostRoot, state: StateDir, name: str, target: Path) -> Path
     except QmpError as e:
         raise KernelError(f"screendump failed: {e.desc}") from None
     return target
+
+
+def _which(program: str) -> str | None:
+    import shutil  # shutil imports bz2 and lzma: only for a VM that needs it
+
+    return shutil.which(program)

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
-from vgpuctl.mdev.choose import Request
-from vgpuctl.mdev.definitions import canonical_uuid
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, parse_resolution, positive
 from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, xy
 from vgpuctl.vm.devices.display import GL_BACKENDS, fixed_resolution
 
 if TYPE_CHECKING:
+    from vgpuctl.mdev.choose import Request
     from vgpuctl.vm.runtime import ResolvedVgpu
     from vgpuctl.vm.spec import VmSpec
 
@@ -72,6 +71,8 @@ class VgpuRequest:
 
     def requirements(self) -> Request:
         """What the chooser is asked for (the resolution checked and parsed)."""
+        from vgpuctl.mdev.choose import Request  # the chooser (and sysfs) only when a VM's vGPU is resolved
+
         resolution = parse_resolution("vgpu.resolution", self.resolution) if self.resolution else None
         return Request(resolution, self.min_memory_mib, self.weight)
 
@@ -98,6 +99,8 @@ def check(spec: VmSpec) -> None:
     vgpu = spec.vgpu
     if vgpu.uuid is not None:
         try:
+            from vgpuctl.mdev.definitions import canonical_uuid
+
             canonical = canonical_uuid(vgpu.uuid)
         except InvalidInput:
             raise InvalidInput(f"vgpu.uuid must be a UUID, got {vgpu.uuid!r}") from None
