@@ -2,7 +2,7 @@
 
 A backend answers for the parents and types that are its kind — how their capacity is counted and
 explained, and what a VM attaching one of its vGPUs needs — so that no other module tests a vendor or a
-type-name prefix. Now: Intel GVT-g (:mod:`.gvt`) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced
+type-name prefix. Now: Intel GVT-g (:mod:`.gvt`), Intel SR-IOV VFs (:mod:`.sriov_intel`) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced
 vGPUs, the kernel's sample drivers, any other mdev vendor driver), which takes whatever no other claims.
 """
 
@@ -81,9 +81,9 @@ class VgpuBackend(Protocol):
 
 
 def _backends() -> tuple[VgpuBackend, ...]:
-    from vgpuctl.backends import gvt, mdev
+    from vgpuctl.backends import gvt, mdev, sriov_intel
 
-    return (gvt.BACKEND, mdev.BACKEND)  # the generic one last: it claims every type
+    return (gvt.BACKEND, sriov_intel.BACKEND, mdev.BACKEND)  # the generic one last: it claims every type
 
 
 def backend_for_type(type_id: str) -> VgpuBackend:

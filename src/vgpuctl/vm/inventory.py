@@ -126,3 +126,15 @@ def remove(root: HostRoot, state: StateDir, name: str) -> list[str]:
         crashpoint("vm-rm:runtime-removed")
         specs.remove(state, name)
     return [d.path for d in spec.disks]
+
+
+def vf_holders(root: HostRoot, state: StateDir) -> dict[str, str]:
+    """SR-IOV VF address -> the name of the running VM vgpuctl gave it (from the VMs' run records)."""
+    from vgpuctl.host.pci import check_address
+    from vgpuctl.vm.lifecycle import _running_vgpus
+
+    found = {}
+    for vgpu, name in _running_vgpus(state, "").items():
+        with contextlib.suppress(InvalidInput):
+            found[check_address(vgpu)] = name
+    return found
