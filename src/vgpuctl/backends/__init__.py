@@ -2,8 +2,9 @@
 
 A backend answers for the parents and types that are its kind — how their capacity is counted and
 explained, and what a VM attaching one of its vGPUs needs — so that no other module tests a vendor or a
-type-name prefix. Now: Intel GVT-g (:mod:`.gvt`), Intel SR-IOV VFs (:mod:`.sriov_intel`) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced
-vGPUs, the kernel's sample drivers, any other mdev vendor driver), which takes whatever no other claims.
+type-name prefix. Now: Intel GVT-g (:mod:`.gvt`), Intel SR-IOV VFs (:mod:`.sriov_intel`: whole PCI functions,
+attached by address) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced vGPUs, the kernel's sample drivers,
+any other mdev vendor driver), which takes whatever no other claims.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, N
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
 from vgpuctl.host.platforms import INTEL_VENDOR_ID
-from vgpuctl.mdev.state import Journal
+from vgpuctl.mdev.state import Journal, Kind
 from vgpuctl.mdev.sysfs import MdevType
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ PF_DRIVERS = ("i915", "xe")  # the Intel drivers with a sriov_configure (i915 on
 # Battlemage (e2xx) and Panther Lake (b08x/b09x) VFs go to the VFIO variant driver xe-vfio-pci (sriov.md 0.1).
 XE_VFIO_DEVICES = (range(0xE200, 0xE300), range(0xB080, 0xB0A0))
 SETUP_FLAGS = "i915.max_vfs=7 i915.enable_guc=3"
-KIND = "vfs"  # the journal's records of the VF configurations vgpuctl made, by PF address
+KIND: Kind = "vfs"  # the journal's records of the VF configurations vgpuctl made, by PF address
 
 
 def vfio_driver(device: int | None) -> str:
@@ -194,11 +194,10 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
     pf = intel_pf(root, address)
     if count < 1:
         raise InvalidInput("give at least 1 VF (vgpuctl vfs disable turns them off)", what="count", count=count)
-    if pf.problem and (pf.pf.total_vfs == 0 or pf.driver not in PF_DRIVERS or "stock" in pf.problem):
-        raise KernelError("cannot enable {count} VFs on {parent}: {why}", what="PF", parent=pf.address,
-                          errno=errnos.ERANGE if pf.pf.total_vfs == 0 else errnos.ENOENT, why=pf.problem,
-                          count=count, driver=pf.driver)
-    if count > pf.pf.total_vfs:
+    if pf.driver not in PF_DRIVERS:
+        raise Conflict("cannot enable VFs on {parent}: {why}", what="PF", parent=pf.address, why=pf.problem,
+                       driver=pf.driver)
+    if 0 < pf.pf.total_vfs < count:  # with 0 the kernel's ERANGE is explained (max_vfs, GuC)
         raise InvalidInput("{parent} allows at most {total} VFs (sriov_totalvfs), not {count}", what="count",
                            parent=pf.address, total=pf.pf.total_vfs, count=count)
     journal = Journal(state)
