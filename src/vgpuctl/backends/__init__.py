@@ -61,12 +61,21 @@ class VgpuBackend(Protocol):
     @property
     def without_kvm(self) -> str | None: ...
 
+    # Whether its vGPUs are whole PCI functions (SR-IOV VFs) named by their address, made per PF beforehand
+    # (never created or removed for a VM), rather than mdev devices named by UUID.
+    @property
+    def pci_function(self) -> bool: ...
+
+    # Why its vGPUs have no display of their own (QEMU display=on would fail), None if they have one.
+    @property
+    def no_display(self) -> str | None: ...
+
     # The PCI vendor whose devices are this backend's parents, None for any vendor's.
     @property
     def pci_vendor(self) -> int | None: ...
 
     def attachment(self, uuid: str) -> Attachment:
-        """How QEMU and libvirt attach the vGPU ``uuid`` of this kind."""
+        """How QEMU and libvirt attach the vGPU ``uuid`` of this kind (a PCI function's: its address)."""
 
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""

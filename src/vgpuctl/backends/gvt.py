@@ -127,6 +127,8 @@ class GvtG:
     # kvmgt attaches a vGPU to its VM through KVM (i915's gvt/kvmgt.c): no KVM, no vGPU.
     without_kvm: str | None = ("GVT-g needs KVM: under TCG QEMU cannot open the vGPU (\"KVM is required to use "
                                "Intel vGPU\")")
+    pci_function: bool = False  # mdev devices, by UUID
+    no_display: str | None = None
     pci_vendor: int | None = INTEL_VENDOR_ID  # its parents are Intel iGPUs
 
     def attachment(self, uuid: str) -> Attachment:

@@ -22,6 +22,8 @@ class GenericMdev:
     guest_sleep: bool = True
     igd_opregion: bool = False
     without_kvm: str | None = None
+    pci_function: bool = False  # mdev devices, by UUID
+    no_display: str | None = None
     pci_vendor: int | None = None  # any vendor's
 
     def attachment(self, uuid: str) -> Attachment:

@@ -27,6 +27,7 @@ from vgpuctl.mdev.sysfs import MdevType
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
 
+VFIO_DRIVERS = ("vfio-pci", "xe-vfio-pci")  # what a VF a VM may open is bound to
 PF_DRIVERS = ("i915", "xe")  # the Intel drivers with a sriov_configure (i915 only as i915-sriov-dkms)
 # Battlemage (e2xx) and Panther Lake (b08x/b09x) VFs go to the VFIO variant driver xe-vfio-pci (sriov.md 0.1).
 XE_VFIO_DEVICES = (range(0xE200, 0xE300), range(0xB080, 0xB0A0))
@@ -154,12 +155,12 @@ def vf_openers(root: HostRoot, vfs: list[pci.PciFunction]) -> dict[str, str]:
     nodes: dict[str, str] = {}
     for vf in vfs:
         if vf.iommu_group:
-            nodes[f"/dev/vfio/{vf.iommu_group}"] = vf.address
+            nodes[root.dev_vfio_group(vf.iommu_group)] = vf.address
         base = f"{root.pci_device(vf.address)}/vfio-dev"
         for name in (root.listdir(base) if root.exists(base) else []):
-            nodes[f"/dev/vfio/devices/{name}"] = vf.address
+            nodes[root.dev_vfio_device(name)] = vf.address
     found: dict[str, str] = {}
-    proc = root.path("/proc")
+    proc = root.path(root.proc)
     for pid in (p for p in _listdir(proc) if p.isdigit()):
         for fd in _listdir(proc / pid / "fd"):
             try:
@@ -261,6 +262,11 @@ class IntelSriov:
     guest_sleep: bool = False  # a VF has no PM capability (xe holds a runtime-PM reference for the VFs)
     igd_opregion: bool = False  # a VF has no OpRegion of its own
     without_kvm: str | None = None  # plain vfio-pci: QEMU opens it under TCG too
+    pci_function: bool = True
+    # sriov.md 5.1: plain vfio-pci has no VFIO_DEVICE_QUERY_GFX_PLANE and a VF has no display engine.
+    no_display: str | None = ("an Intel SR-IOV VF has no display of its own (QEMU: \"vfio: device doesn't support "
+                              "any (known) display method\"): the picture comes from an emulated adapter (the VM's "
+                              "display and video settings) or from streaming inside the guest (RDP, Sunshine)")
     pci_vendor: int | None = INTEL_VENDOR_ID
 
     def attachment(self, address: str) -> Attachment:

@@ -155,7 +155,7 @@ def _probe_key(qemu: str) -> str:
 def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None) -> Prepared:
     """The spec, its vGPU (resolved read-only) and the exact QEMU command line."""
     spec = specs.load(state, name)
-    vgpu = resolve_vgpu(root, spec)
+    vgpu = resolve_vgpu(root, spec, taken=_running_vgpus(state, name) if spec.vgpu.kind == "vf" else ())
     notes: list[str] = []
     if vgpu is not None and vgpu.state == "new":
         notes.append(f"would create vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start: {vgpu.reason}")
@@ -377,7 +377,7 @@ def _release_env(root: HostRoot, state: StateDir, prepared: Prepared) -> dict[st
     """What the wrapper needs to remove the VM's vGPU after QEMU, if the spec says not to keep it (only a
     vGPU vgpuctl made for the VM: one named by UUID in the spec is the user's)."""
     vgpu = prepared.spec.vgpu
-    if prepared.vgpu is None or vgpu.keep or vgpu.kind == "uuid":
+    if prepared.vgpu is None or vgpu.keep or vgpu.kind in ("uuid", "vf"):
         return {}
     return {"VGPUCTL_RELEASE_VM": prepared.spec.name, "VGPUCTL_PYTHON": sys.executable,
             "VGPUCTL_RELEASE_ROOT": str(root.root), "VGPUCTL_RELEASE_STATE": str(state.path)}
@@ -393,6 +393,7 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
         holder = _running_vgpus(state, prepared.spec.name).get(vgpu.uuid)
         if holder:
             problems.append(f"vGPU {vgpu.uuid} is in use by VM {holder}; a vGPU serves one VM at a time")
+        problems += _vf_problems(root, prepared)
     if not os.path.exists(prepared.command.argv[0]) and "/" in prepared.command.argv[0]:
         problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
     else:
@@ -405,6 +406,24 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
                         "swtpm), or turn the TPM off with 'vgpuctl vm edit --no-tpm'")
     if problems:
         raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
+
+
+def _vf_problems(root: HostRoot, prepared: Prepared) -> list[str]:
+    """An SR-IOV VF: on a VFIO driver (not the host's i915/xe), and asked for no display of its own."""
+    vgpu = prepared.vgpu
+    if vgpu is None or not vgpu.backend.pci_function:
+        return []
+    from vgpuctl.backends.sriov_intel import VFIO_DRIVERS
+    from vgpuctl.host.pci import read_function
+
+    problems = []
+    if prepared.spec.vgpu_display and vgpu.backend.no_display:
+        problems.append(f"vgpu_display = true: {vgpu.backend.no_display}; set vgpu_display = false")
+    driver = read_function(root, vgpu.uuid).driver
+    if driver not in VFIO_DRIVERS:
+        problems.append(f"VF {vgpu.uuid} is bound to {driver or 'no driver'}, not to vfio-pci: QEMU cannot open it "
+                        f"('vgpuctl vfs enable {vgpu.parent} N' binds the VFs)")
+    return problems
 
 
 # Where a display backend QEMU lacks comes from (Debian; other distributions split QEMU's modules alike).
