@@ -286,7 +286,9 @@ class IntelSriov:
         return None
 
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
-        return ()
+        from vgpuctl.backends.sriov_intel_doctor import CHECKS
+
+        return CHECKS
 
 
 TYPE_ID = "intel-sriov-vf"  # the "type" a VM's vGPU on an Intel VF has (VFs have no mdev type)
