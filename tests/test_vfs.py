@@ -142,3 +142,15 @@ def test_battlemage_vfs_go_to_xe_vfio_pci(mount_host: MountFn, tmp_path: Path, g
     assert cli.root.path(f"/sys/bus/pci/devices/{B60_PF}/sriov_numvfs").read_text() == "0\n"
     assert sriov_intel.Journal(StateDir(tmp_path / "state")).ownership().vfs == {}
     assert stat.S_ISDIR(cli.root.path(f"/sys/bus/pci/devices/{B60_PF}").stat().st_mode)
+
+
+def test_enabling_the_same_count_again_only_binds(mount_host: MountFn, tmp_path: Path) -> None:
+    root = mount_host("adl-sriov")
+    state = StateDir(tmp_path / "state")
+    sriov_intel.enable(root, state, INTEL_PF, 2)
+    control(root, "open 0000:00:02.1")  # a VM runs on it: an unchanged count must not disturb it
+    done = sriov_intel.enable(root, state, INTEL_PF, 2)
+    assert done.pf.num_vfs == 2 and json.loads(root.path("/.vgpuctl-sim").read_text())["open_vfs"] == ["0000:00:02.1"]
+    with pytest.raises(Conflict, match=r"0000:00:02.1 by a simulated VM"):
+        sriov_intel.enable(root, state, INTEL_PF, 3)  # another count turns the VFs off first: refused
+    control(root, "close 0000:00:02.1")

@@ -203,14 +203,20 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
                            parent=pf.address, total=pf.pf.total_vfs, count=count)
     journal = Journal(state)
     current = pf.pf.num_vfs
-    if current:
+    if current is None:  # the read timed out: a disable is waiting for a VM to let go of a VF
+        raise explain(pf, KernelError("timed out", errno=errnos.ETIMEDOUT, path=pf.address), count)
+    same = current == count  # only (re)bind the VFs: nothing is turned off
+    if current and not same:
         _require_off_allowed(root, state, pf, force, holders or {})
+    elif same and not force and owned_configuration(state, pf.address) is None:
+        _require_off_allowed(root, state, pf, force, {})  # says they are not vgpuctl's
     with journal.claiming(KIND, pf.address, {"count": count, "driver": pf.driver, "vfio_driver": pf.vfio_driver}):
         pci.set_drivers_autoprobe(root, pf.address, False)
         try:
-            if current:
+            if current and not same:
                 _write_numvfs(root, pf, 0, timeout_s)
-            _write_numvfs(root, pf, count, timeout_s)
+            if not same:
+                _write_numvfs(root, pf, count, timeout_s)
             done = pci.read_pf(root, pf.address, timeout_s)
             for vf in done.vfs:
                 pci.bind(root, vf.address, pf.vfio_driver)
