@@ -11,12 +11,14 @@ PF's driver (sriov.md 2.3): :func:`explain` says it in words.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errnos
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.backends import Attachment, Capacity
+from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, NotOwned
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
@@ -189,9 +191,24 @@ def owned_configuration(state: StateDir, pf: str) -> dict[str, Any] | None:
     return Journal(state).ownership().records(KIND).get(pf)
 
 
+def settle(root: HostRoot, state: StateDir) -> None:
+    """What a killed ``vfs enable``/``disable`` left: its PF's autoprobe back on (the enable turns it off for a
+    moment), then the journal settled as the mdev commands settle it (VFs there: vgpuctl's; gone: forgotten)."""
+    from vgpuctl.base import process
+    from vgpuctl.mdev.report import object_exists
+
+    journal = Journal(state)
+    for intent in journal.ownership().journal:
+        if intent.get("kind") == KIND and not process.is_alive(intent.get("by", {})):
+            with contextlib.suppress(KernelError, NotFound, InvalidInput):
+                pci.set_drivers_autoprobe(root, pci.check_address(intent["key"]), True)
+    journal.reconcile(lambda kind, key: object_exists(root, kind, key))
+
+
 def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: bool = False,
            holders: dict[str, str] | None = None, timeout_s: float = pci.NUMVFS_TIMEOUT_S) -> IntelPf:
     """Enable ``count`` VFs on the PF and give each to its VFIO driver (sriov.md 2.6); recorded as vgpuctl's."""
+    settle(root, state)
     pf = intel_pf(root, address)
     if count < 1:
         raise InvalidInput("give at least 1 VF (vgpuctl vfs disable turns them off)", what="count", count=count)
@@ -212,14 +229,18 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
         _require_off_allowed(root, state, pf, force, {})  # says they are not vgpuctl's
     with journal.claiming(KIND, pf.address, {"count": count, "driver": pf.driver, "vfio_driver": pf.vfio_driver}):
         pci.set_drivers_autoprobe(root, pf.address, False)
+        crashpoint("vfs-enable:autoprobe-off")
         try:
             if current and not same:
                 _write_numvfs(root, pf, 0, timeout_s)
+                crashpoint("vfs-enable:disabled")
             if not same:
                 _write_numvfs(root, pf, count, timeout_s)
+                crashpoint("vfs-enable:enabled")
             done = pci.read_pf(root, pf.address, timeout_s)
             for vf in done.vfs:
                 pci.bind(root, vf.address, pf.vfio_driver)
+                crashpoint("vfs-enable:bound")
         finally:
             pci.set_drivers_autoprobe(root, pf.address, True)
     return intel_pf(root, pf.address)
@@ -228,6 +249,7 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
 def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = False,
             holders: dict[str, str] | None = None, timeout_s: float = pci.NUMVFS_TIMEOUT_S) -> IntelPf:
     """Turn the PF's VFs off: refused while a VM holds one, or when vgpuctl did not enable them, unless force."""
+    settle(root, state)
     pf = intel_pf(root, address)
     journal = Journal(state)
     if not pf.pf.num_vfs and not pf.pf.vfs:
@@ -235,6 +257,7 @@ def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = Fals
         return pf
     _require_off_allowed(root, state, pf, force, holders or {})
     with journal.releasing(KIND, pf.address):
+        crashpoint("vfs-disable:releasing")
         _write_numvfs(root, pf, 0, timeout_s)
     return intel_pf(root, pf.address)
 

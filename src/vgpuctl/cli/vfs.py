@@ -31,6 +31,7 @@ def listing(root: Any, state: Any) -> list[dict[str, Any]]:
     from vgpuctl.backends import sriov_intel
     from vgpuctl.mdev.state import Journal
 
+    sriov_intel.settle(root, state)  # what a killed vfs command left
     holders = _holders(state)
     owned = Journal(state).ownership().vfs
     rows = []
