@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import errno
 import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import MountFn
+from tests.conftest import MountFn, new_vm
 from vgpuctl.backends import sriov_nvidia
-from vgpuctl.base.errors import CapacityError, Conflict, KernelError
+from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, KernelError
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
+from vgpuctl.vm import lifecycle
+from vgpuctl.vm import spec as specs
+from vgpuctl.vm.runtime import resolve_vgpu
+from vgpuctl.vm.spec import VgpuRequest
 
 pytestmark = pytest.mark.fuse
 
@@ -60,3 +68,29 @@ def test_release_retries_eperm_until_qemu_has_let_go(mount_host: MountFn) -> Non
     root.write_text(CONTROL, f"close {vf}\n")  # the simulated driver still refuses for ~0.3 s after the close
     assert sriov_nvidia.release(root, vf, attempts=50, interval_s=0.05)
     assert sriov_nvidia.current_type(root, vf) == 0
+
+
+def test_a_vm_on_an_nvidia_vf_gets_its_type_at_start_and_gives_it_back_after_stop(
+        mount_host: MountFn, state: StateDir, guest: Path) -> None:
+    root = mount_host("l40s-vfio")
+    vfs = enabled(root)
+    new_vm(state, "nv1", guest)
+    spec = specs.load(state, "nv1")
+    spec.vgpu, spec.vgpu_display, spec.ramfb = VgpuRequest(vf=PF, type="1159"), False, False
+    specs.save(state, spec)
+    vgpu = resolve_vgpu(root, spec)
+    assert vgpu is not None and (vgpu.uuid, vgpu.type_id, vgpu.state) == (vfs[0], "nvidia-vfio:1159", "new")
+    assert vgpu.backend.name == "nvidia-vfio" and vgpu.backend.attachment(vfs[0]).qemu_property == ("host", vfs[0])
+    with pytest.raises(InvalidInput, match=r"needs vgpu\.type"):
+        resolve_vgpu(root, replace(spec, vgpu=VgpuRequest(vf=PF)))
+    started = lifecycle.start(root, state, "nv1", accel="tcg")
+    try:
+        assert started.state == "running" and started.vgpu == vfs[0]
+        assert sriov_nvidia.current_type(root, vfs[0]) == 1159
+        assert pci.read_function(root, vfs[0]).driver == "nvidia"  # never rebound
+    finally:
+        lifecycle.stop(root, state, "nv1", timeout_s=10)
+    deadline = time.monotonic() + 20  # the wrapper's release-vgpu runs after QEMU has ended
+    while sriov_nvidia.current_type(root, vfs[0]) != 0:
+        assert time.monotonic() < deadline, "the VF's type was not released"
+        time.sleep(0.1)

@@ -57,8 +57,9 @@ def test_argv_and_xml_golden_on_a_vf(name: str, golden: GoldenFn, tmp_path: Path
 def test_the_spec_names_a_vf_alone_and_as_lspci_writes_it() -> None:
     spec = on_vf(new_spec("vm1"))
     assert spec.vgpu.kind == "vf" and spec.vgpu.describe() == f"SR-IOV VF {VF1}"
-    with pytest.raises(InvalidInput, match="not with type"):
-        replace(spec, vgpu=VgpuRequest(vf=VF1, type="i915-GVTg_V5_4")).validate()
+    with pytest.raises(InvalidInput, match="not with uuid, resolution"):
+        replace(spec, vgpu=VgpuRequest(vf=VF1, uuid="6f1b1a52-6d2a-4a4c-9a62-1fb3c7d43c1a",
+                                       resolution="1920x1080")).validate()
     with pytest.raises(InvalidInput, match=r"as lspci -D shows it: 0000:00:02.1"):
         replace(spec, vgpu=VgpuRequest(vf="00:02.1")).validate()
     text = spec.to_toml()
@@ -85,6 +86,8 @@ def test_resolving_a_pf_takes_a_free_vf(mount_host: MountFn, tmp_path: Path) -> 
     with pytest.raises(CapacityError, match=r"every VF of 0000:00:02.0 is in use"):
         resolve_vgpu(root, spec, taken={VF1, VF2})
     assert resolve_vgpu(root, on_vf(new_spec("vm1"), VF2)).uuid == VF2
+    with pytest.raises(InvalidInput, match=r"for NVIDIA's VFs: an Intel VF's share is set per PF"):
+        resolve_vgpu(root, replace(spec, vgpu=VgpuRequest(vf=PF, type="1159")))
 
 
 def test_two_vms_on_two_vfs_run_and_are_shown_as_holders(mount_host: MountFn, state: StateDir, guest: Path,

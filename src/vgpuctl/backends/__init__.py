@@ -80,6 +80,12 @@ class VgpuBackend(Protocol):
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""
 
+    # A pci_function backend: what a VM's start does to the VF (NVIDIA: set its vGPU type), and its release
+    # after QEMU has ended (NVIDIA: the type back to 0); nothing for VFs whose type is the PF's (Intel).
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None: ...
+
+    def release(self, root: HostRoot, address: str) -> None: ...
+
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         """The name of the GPU generation a parent is (e.g. "Coffee Lake"), None when the backend has no tables."""
 
@@ -91,9 +97,10 @@ class VgpuBackend(Protocol):
 
 
 def _backends() -> tuple[VgpuBackend, ...]:
-    from vgpuctl.backends import gvt, mdev, sriov_intel
+    from vgpuctl.backends import gvt, mdev, sriov_intel, sriov_nvidia
 
-    return (gvt.BACKEND, sriov_intel.BACKEND, mdev.BACKEND)  # the generic one last: it claims every type
+    # the generic one last: it claims every type
+    return (gvt.BACKEND, sriov_intel.BACKEND, sriov_nvidia.BACKEND, mdev.BACKEND)
 
 
 def backend_for_type(type_id: str) -> VgpuBackend:

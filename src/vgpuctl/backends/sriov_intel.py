@@ -308,6 +308,12 @@ class IntelSriov:
     def claims_type(self, type_id: str) -> bool:
         return type_id == TYPE_ID
 
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
+        pass  # mdev devices are created by the mdev Manager; an Intel VF's share is set per PF
+
+    def release(self, root: HostRoot, address: str) -> None:
+        pass
+
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         return None
 

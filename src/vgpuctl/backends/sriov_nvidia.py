@@ -2,8 +2,9 @@
 of the GPU, left on the ``nvidia`` driver (never rebound to vfio-pci, 3.4), whose type is set per VF just before
 a VM starts (``nvidia/current_vgpu_type``) and released after it ends.
 
-This module is the VF side only (reading types, assigning, releasing with the EPERM retry of 3.4); it is not yet
-a registered backend: VM specs cannot ask for it, and VFs are enabled with NVIDIA's ``sriov-manage -e``.
+A VM asks for one with ``vgpu.vf`` (a VF, or the PF: a free VF that can take the type) and ``vgpu.type`` (the
+numeric type id of ``creatable_vgpu_types``); its type is ``nvidia-vfio:<id>``. VFs are enabled with NVIDIA's
+``sriov-manage -e`` (vgpuctl never writes their ``sriov_numvfs``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ import errno as errnos
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from vgpuctl.backends import Attachment, Capacity
 from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound
 from vgpuctl.host import HostRoot, pci
+from vgpuctl.mdev.sysfs import MdevType
+
+if TYPE_CHECKING:
+    from vgpuctl.host.doctor import CheckSpec
 
 NVIDIA_VENDOR_ID = 0x10DE
 RELEASE_ATTEMPTS = 10  # Proxmox's cleanup_pci_devices: up to 10 tries, one second apart
@@ -118,3 +125,54 @@ def release(root: HostRoot, vf: str, *, attempts: int = RELEASE_ATTEMPTS, interv
                                   interval_s=interval_s, errno=errnos.EPERM) from e
             sleep(interval_s)
     return current_type(root, vf) == 0
+
+
+TYPE_PREFIX = "nvidia-vfio:"  # a VM's vGPU type on such a VF: the prefix and the numeric type id
+
+
+def type_name(type_id: int) -> str:
+    return f"{TYPE_PREFIX}{type_id}"
+
+
+def type_number(type_id: str) -> int:
+    return int(type_id.removeprefix(TYPE_PREFIX))
+
+
+@dataclass(frozen=True)
+class NvidiaVfio:
+    name: str = "nvidia-vfio"
+    guest_sleep: bool = False
+    igd_opregion: bool = False
+    without_kvm: str | None = None
+    pci_function: bool = True
+    no_display: str | None = None
+    # None, not NVIDIA's: NVIDIA's mdev parents (time-sliced, before Ada) stay the generic mdev backend's.
+    pci_vendor: int | None = None
+
+    def attachment(self, address: str) -> Attachment:
+        domain, bus, rest = address.split(":")
+        slot, function = rest.split(".")
+        return Attachment(("host", address), {"type": "pci", "managed": "no"},  # managed='yes' would rebind it
+                          {"domain": f"0x{domain}", "bus": f"0x{bus}", "slot": f"0x{slot}",
+                           "function": f"0x{function}"})
+
+    def claims_type(self, type_id: str) -> bool:
+        return type_id.startswith(TYPE_PREFIX)
+
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
+        assign(root, address, type_number(type_id))
+
+    def release(self, root: HostRoot, address: str) -> None:
+        release(root, address)
+
+    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
+        return None
+
+    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
+        return None
+
+    def doctor_checks(self) -> tuple[CheckSpec, ...]:
+        return ()
+
+
+BACKEND = NvidiaVfio()

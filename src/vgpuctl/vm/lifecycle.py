@@ -194,6 +194,11 @@ def _run_file(paths: RuntimePaths) -> Path:
     return paths.directory / "run.json"
 
 
+def _vf_file(paths: RuntimePaths) -> Path:
+    """The VF whose per-VM type vgpuctl set for this VM (NVIDIA vendor-VFIO), until it is released."""
+    return paths.directory / "vf.json"
+
+
 def _exit_file(paths: RuntimePaths, run: dict[str, Any]) -> Path:
     """Where this run's shell leaves QEMU's exit status. One name per run: the shell of a killed
     earlier run may still be writing its own when the next run starts."""
@@ -264,7 +269,14 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         prepared = prepare(root, state, name, accel=accel, qemu=qemu)
         _preflight(root, state, prepared, paths)
         vgpu = prepared.vgpu
-        if vgpu is not None and vgpu.state != "active":
+        if vgpu is not None and vgpu.backend.pci_function and prepared.spec.vgpu.type:
+            # An NVIDIA VF gets its type; the VF is recorded first (outliving run.json, which a stop removes
+            # before the wrapper's release runs), so that the release after QEMU, or a later one, finds it.
+            paths.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(_vf_file(paths), json.dumps({"vf": vgpu.uuid, "type": vgpu.type_id}).encode())
+            vgpu.backend.assign(root, vgpu.uuid, vgpu.type_id)  # nothing when it has the type already
+            crashpoint("vm-start:vgpu-created")
+        elif vgpu is not None and vgpu.state != "active":
             from vgpuctl.mdev.lifecycle import Manager  # only now: a restart reuses its vGPU
 
             Manager(root, state).create(vgpu.parent, vgpu.type_id, vgpu.uuid)
@@ -377,8 +389,9 @@ def _release_env(root: HostRoot, state: StateDir, prepared: Prepared) -> dict[st
     """What the wrapper needs to remove the VM's vGPU after QEMU, if the spec says not to keep it (only a
     vGPU vgpuctl made for the VM: one named by UUID in the spec is the user's)."""
     vgpu = prepared.spec.vgpu
-    if prepared.vgpu is None or vgpu.keep or vgpu.kind in ("uuid", "vf"):
-        return {}
+    per_vm_vf = prepared.vgpu is not None and prepared.vgpu.backend.pci_function and vgpu.type is not None
+    if prepared.vgpu is None or (not per_vm_vf and (vgpu.keep or vgpu.kind in ("uuid", "vf"))):
+        return {}  # an NVIDIA VF's type is released whenever QEMU ends, so that another VM may have the VF
     return {"VGPUCTL_RELEASE_VM": prepared.spec.name, "VGPUCTL_PYTHON": sys.executable,
             "VGPUCTL_RELEASE_ROOT": str(root.root), "VGPUCTL_RELEASE_STATE": str(state.path)}
 
@@ -413,14 +426,14 @@ def _vf_problems(root: HostRoot, prepared: Prepared) -> list[str]:
     vgpu = prepared.vgpu
     if vgpu is None or not vgpu.backend.pci_function:
         return []
-    from vgpuctl.backends.sriov_intel import VFIO_DRIVERS
+    from vgpuctl.backends import sriov_intel
     from vgpuctl.host.pci import read_function
 
     problems = []
     if prepared.spec.vgpu_display and vgpu.backend.no_display:
         problems.append(f"vgpu_display = true: {vgpu.backend.no_display}; set vgpu_display = false")
     driver = read_function(root, vgpu.uuid).driver
-    if driver not in VFIO_DRIVERS:
+    if sriov_intel.BACKEND.claims_type(vgpu.type_id) and driver not in sriov_intel.VFIO_DRIVERS:
         problems.append(f"VF {vgpu.uuid} is bound to {driver or 'no driver'}, not to vfio-pci: QEMU cannot open it "
                         f"('vgpuctl vfs enable {vgpu.parent} N' binds the VFs)")
     return problems
@@ -758,6 +771,18 @@ def release_vgpu_locked(root: HostRoot, state: StateDir, name: str) -> str | Non
 
     if _occupied(status(root, state, name)):
         raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
+    vf_file = _vf_file(RuntimePaths.for_vm(state, name))
+    try:
+        held = json.loads(vf_file.read_text())
+    except (OSError, ValueError):
+        held = None
+    if isinstance(held, dict) and held.get("vf") and held.get("type"):
+        from vgpuctl.backends import backend_for_type
+
+        # a VF: its type back to none (NVIDIA, with the EPERM retry)
+        backend_for_type(str(held["type"])).release(root, str(held["vf"]))
+        vf_file.unlink(missing_ok=True)
+        return str(held["vf"])
     uuid = vm_vgpu_uuid(name)
     if active_device(root, uuid) is None:
         return None

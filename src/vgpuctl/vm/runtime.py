@@ -16,7 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.base.errors import CapacityError, Conflict, NotFound
+from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, NotFound
 from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, facts, pci
@@ -279,7 +279,7 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
         return None
     if kind == "vf":
         assert request.vf
-        return resolve_vf(root, request.vf, taken)
+        return resolve_vf(root, request.vf, taken, request.type)
 
     def type_of(parent: str, type_id: str) -> tuple[int, int] | None:
         found = next((t for t in read_types(root, parent) if t.type_id == type_id), None)
@@ -357,11 +357,16 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
                         choice.reason)
 
 
-def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = ()) -> ResolvedVgpu:
+def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:
     """The SR-IOV VF ``address`` names: that VF, or a free VF (on its VFIO driver, not taken) of that PF."""
-    from vgpuctl.backends import sriov_intel
+    from vgpuctl.backends import sriov_intel, sriov_nvidia
 
     function = pci.read_function(root, address)
+    if function.vendor == sriov_nvidia.NVIDIA_VENDOR_ID:
+        return _resolve_nvidia_vf(root, function, taken, type_id)
+    if type_id is not None:
+        raise InvalidInput("vgpu.type with vgpu.vf is for NVIDIA's VFs: an Intel VF's share is set per PF "
+                           "(vgpuctl vfs enable PF N)")
     if function.physfn:
         return ResolvedVgpu(address, function.physfn, sriov_intel.TYPE_ID, None, "active", "the VF named")
     pf = sriov_intel.intel_pf(root, address)
@@ -376,6 +381,32 @@ def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = ()) -> Res
                             "them); stop a VM or enable more VFs", what="VF", parent=pf.address)
     return ResolvedVgpu(free[0].address, pf.address, sriov_intel.TYPE_ID, None, "active",
                         f"the first free VF of {pf.address} ({len(free)} free)")
+
+
+def _resolve_nvidia_vf(root: HostRoot, function: pci.PciFunction, taken: Collection[str],
+                       type_id: str | None) -> ResolvedVgpu:
+    """An NVIDIA vendor-VFIO VF: the one named, or the first of the PF's that is free and can take the type."""
+    from vgpuctl.backends import sriov_nvidia
+
+    if type_id is None or not type_id.isdigit():
+        raise InvalidInput(f"an NVIDIA VF needs vgpu.type, the numeric id of a type its nvidia/creatable_vgpu_types "
+                           f"lists (got {type_id!r})")
+    wanted = int(type_id)
+    name = sriov_nvidia.type_name(wanted)
+    if function.physfn:
+        vfs, pf = [function], function.physfn
+    else:
+        vfs, pf = pci.read_pf(root, function.address).vfs, function.address
+    for vf in vfs:
+        if vf.address in taken or not sriov_nvidia.is_vendor_vf(root, vf.address):
+            continue
+        current = sriov_nvidia.current_type(root, vf.address)
+        if current == wanted:
+            return ResolvedVgpu(vf.address, pf, name, None, "active", f"VF {vf.address} already has type {wanted}")
+        if current == 0 and wanted in {t.id for t in sriov_nvidia.creatable_types(root, vf.address)}:
+            return ResolvedVgpu(vf.address, pf, name, None, "new", f"VF {vf.address} can take type {wanted}")
+    raise CapacityError(f"no VF of {pf} is free and can take vGPU type {wanted} now (sriov-manage -e enables "
+                        "them; each VF's nvidia/creatable_vgpu_types says what fits)")
 
 
 # ---------------------------------------------------------------------- host requirements

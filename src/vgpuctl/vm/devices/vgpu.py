@@ -38,7 +38,8 @@ class VgpuRequest:
     or none."""
 
     uuid: str | None = None  # an existing vGPU or mdevctl definition
-    vf: str | None = None  # an SR-IOV VF by its PCI address, or a PF's address: a free VF of it (vgpuctl vfs)
+    vf: str | None = None  # an SR-IOV VF by its PCI address, or a PF's address: a free VF of it (vgpuctl vfs);
+    # with type (NVIDIA vendor-specific VFIO): the numeric vGPU type id the VF is given at start
     parent: str | None = None  # with uuid: disambiguates; with type or requirements: restricts
     type: str | None = None
     resolution: str | None = None  # "1920x1200": at least this resolution
@@ -67,7 +68,7 @@ class VgpuRequest:
         if self.kind == "uuid":
             return f"vGPU {self.uuid}{on}"
         if self.kind == "vf":
-            return f"SR-IOV VF {self.vf}"
+            return f"SR-IOV VF {self.vf}" + (f" as vGPU type {self.type}" if self.type else "")
         if self.kind == "type":
             return f"a new {self.type}{on}"
         if self.kind == "requirements":
@@ -117,7 +118,7 @@ def check(spec: VmSpec) -> None:
 
         if check_address(vgpu.vf) != vgpu.vf:
             raise InvalidInput(f"vgpu.vf must be written as lspci -D shows it: {check_address(vgpu.vf)}")
-        besides = [k for k in ("uuid", "parent", "type") if getattr(vgpu, k)] + requirements
+        besides = [k for k in ("uuid", "parent") if getattr(vgpu, k)] + requirements  # (with type: an NVIDIA VF)
         if besides:
             raise InvalidInput(f"vgpu.vf names the whole vGPU (a VF, or a PF to take a free VF of): not with "
                                f"{', '.join(besides)}")
