@@ -98,9 +98,11 @@ def assert_gvt_skipped(r: Result) -> None:
 
 def test_ready_skylake_on_6x(mount_host: MountFn) -> None:
     r = doctor(mount_host("skylake", kernel="6.8.0", aperture_mib=1024))
-    ok = [i for i in ORDER if i not in ("kvm-device", "kvm-guest", "qemu-display", "mdev-parents")]
+    skipped = ("sriov-pf", "sriov-params", "sriov-vfs")
+    ok = [i for i in ORDER if i not in ("kvm-device", "kvm-guest", "qemu-display", "mdev-parents", *skipped)]
     assert r.statuses(*ok) == dict.fromkeys(ok, "ok")
     assert r.status("mdev-parents") == "skip"  # no mdev parent but GVT-g's
+    assert r.statuses(*skipped) == dict.fromkeys(skipped, "skip")  # no Intel SR-IOV GPU
     assert all(r.fix(i) == "" for i in ok)
     assert "/dev/dri/renderD128" in r.detail("qemu-display") or r.status("qemu-display") == "warn"
     assert r.code == 0 and r.data["ready"] and r.data["simulated"] and r.data["kernel"] == "6.8.0"

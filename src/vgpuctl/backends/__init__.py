@@ -2,8 +2,9 @@
 
 A backend answers for the parents and types that are its kind — how their capacity is counted and
 explained, and what a VM attaching one of its vGPUs needs — so that no other module tests a vendor or a
-type-name prefix. Now: Intel GVT-g (:mod:`.gvt`) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced
-vGPUs, the kernel's sample drivers, any other mdev vendor driver), which takes whatever no other claims.
+type-name prefix. Now: Intel GVT-g (:mod:`.gvt`), Intel SR-IOV VFs (:mod:`.sriov_intel`: whole PCI functions,
+attached by address) and generic mdev (:mod:`.mdev`: NVIDIA's time-sliced vGPUs, the kernel's sample drivers,
+any other mdev vendor driver), which takes whatever no other claims.
 """
 
 from __future__ import annotations
@@ -61,15 +62,30 @@ class VgpuBackend(Protocol):
     @property
     def without_kvm(self) -> str | None: ...
 
+    # Whether its vGPUs are whole PCI functions (SR-IOV VFs) named by their address, made per PF beforehand
+    # (never created or removed for a VM), rather than mdev devices named by UUID.
+    @property
+    def pci_function(self) -> bool: ...
+
+    # Why its vGPUs have no display of their own (QEMU display=on would fail), None if they have one.
+    @property
+    def no_display(self) -> str | None: ...
+
     # The PCI vendor whose devices are this backend's parents, None for any vendor's.
     @property
     def pci_vendor(self) -> int | None: ...
 
     def attachment(self, uuid: str) -> Attachment:
-        """How QEMU and libvirt attach the vGPU ``uuid`` of this kind."""
+        """How QEMU and libvirt attach the vGPU ``uuid`` of this kind (a PCI function's: its address)."""
 
     def claims_type(self, type_id: str) -> bool:
         """Whether ``type_id`` is one of this backend's types."""
+
+    # A pci_function backend: what a VM's start does to the VF (NVIDIA: set its vGPU type), and its release
+    # after QEMU has ended (NVIDIA: the type back to 0); nothing for VFs whose type is the PF's (Intel).
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None: ...
+
+    def release(self, root: HostRoot, address: str) -> None: ...
 
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         """The name of the GPU generation a parent is (e.g. "Coffee Lake"), None when the backend has no tables."""
@@ -85,9 +101,10 @@ class VgpuBackend(Protocol):
 
 
 def _backends() -> tuple[VgpuBackend, ...]:
-    from vgpuctl.backends import gvt, mdev
+    from vgpuctl.backends import gvt, mdev, sriov_intel, sriov_nvidia
 
-    return (gvt.BACKEND, mdev.BACKEND)  # the generic one last: it claims every type
+    # the generic one last: it claims every type
+    return (gvt.BACKEND, sriov_intel.BACKEND, sriov_nvidia.BACKEND, mdev.BACKEND)
 
 
 def backend_for_type(type_id: str) -> VgpuBackend:

@@ -128,6 +128,8 @@ class GvtG:
     # kvmgt attaches a vGPU to its VM through KVM (i915's gvt/kvmgt.c): no KVM, no vGPU.
     without_kvm: str | None = ("GVT-g needs KVM: under TCG QEMU cannot open the vGPU (\"KVM is required to use "
                                "Intel vGPU\")")
+    pci_function: bool = False  # mdev devices, by UUID
+    no_display: str | None = None
     pci_vendor: int | None = INTEL_VENDOR_ID  # its parents are Intel iGPUs
 
     def attachment(self, uuid: str) -> Attachment:
@@ -135,6 +137,12 @@ class GvtG:
 
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)
+
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
+        pass  # mdev devices are created by the mdev Manager; an Intel VF's share is set per PF
+
+    def release(self, root: HostRoot, address: str) -> None:
+        pass
 
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         if vendor_id != self.pci_vendor or device_id is None:

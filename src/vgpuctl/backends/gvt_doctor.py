@@ -11,6 +11,7 @@ from functools import cached_property
 
 from vgpuctl.backends.gvt import gvt_allows
 from vgpuctl.backends.gvt_platforms import HOST_LOW_GM_MIB, INTEL_VENDOR_ID, MAX_VGPUS_PER_GPU, Platform, platform_for
+from vgpuctl.backends.sriov_intel import intel_pfs
 from vgpuctl.host import facts
 from vgpuctl.host.doctor import (
     Check,
@@ -120,6 +121,14 @@ def check_igpu(ctx: Context, c: Check) -> None:
         c.not_applicable = f"no Intel iGPU; this host's vGPUs come from {', '.join(sorted({d for _, d in others}))}"
         c.set("skip", f"No Intel iGPU, so no GVT-g: not needed here, this host's vGPUs come from other mdev "
                       f"parents ({', '.join(f'{p}: {d}' for p, d in others)}; see mdev-parents).")
+        return
+
+    sriov = [pf.address for pf in intel_pfs(host.root)]
+    if sriov:
+        c.see(f"{host.root.pci_device(sriov[0])}/sriov_totalvfs", "present: an Intel GPU with SR-IOV")
+        c.not_applicable = f"this host's Intel vGPUs are SR-IOV VFs of {', '.join(sriov)}"
+        c.set("skip", f"Not needed: {', '.join(sriov)} has the SR-IOV capability, so its vGPUs are SR-IOV VFs "
+                      "(see the sriov-* checks), not GVT-g.")
         return
 
     def other_gpus() -> None:

@@ -23,6 +23,8 @@ class GenericMdev:
     guest_sleep: bool = True
     igd_opregion: bool = False
     without_kvm: str | None = None
+    pci_function: bool = False  # mdev devices, by UUID
+    no_display: str | None = None
     pci_vendor: int | None = None  # any vendor's
 
     def attachment(self, uuid: str) -> Attachment:
@@ -30,6 +32,12 @@ class GenericMdev:
 
     def claims_type(self, type_id: str) -> bool:
         return True
+
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
+        pass  # mdev devices are created by the mdev Manager; an Intel VF's share is set per PF
+
+    def release(self, root: HostRoot, address: str) -> None:
+        pass
 
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         return None

@@ -92,6 +92,7 @@ COMMANDS = {
     "install-units": "units:install_units",
     "uninstall-units": "units:uninstall_units",
     "vm": "vm:vm",
+    "vfs": "vfs:vfs_group",
     "doctor": "doctor:doctor",
     "setup": "setup:setup_group",
     "sim": "sim:sim_group",

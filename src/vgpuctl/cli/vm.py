@@ -57,7 +57,8 @@ OPTION_FIELDS.update({name: name for name in DEVICE_OPTIONS})
 OTHER_OPTION_FIELDS = {"disks": ("disks",), "cdrom": ("cdrom",), "drivers_cdrom": ("drivers_cdrom",),
                        "kernel": ("kernel",), "initrd": ("initrd",),
                        "append": ("append",), "qemu_args": ("extra_args",), "vgpu_uuid": ("vgpu.uuid",),
-                       "type_id": ("vgpu.type",), "parent": ("vgpu.parent",), "resolution": ("vgpu.resolution",),
+                       "vf": ("vgpu.vf",), "type_id": ("vgpu.type",), "parent": ("vgpu.parent",),
+                       "resolution": ("vgpu.resolution",),
                        "min_memory": ("vgpu.min_memory_mib",), "weight": ("vgpu.weight",),
                        "largest": ("vgpu.largest",), "keep_vgpu": ("vgpu.keep",), "no_vgpu": ("vgpu",),
                        "backend": ("display.backend",), "vnc_socket": ("display.vnc_socket",),
@@ -95,6 +96,7 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--initrd", metavar="FILE", help="Initial ramdisk for --kernel."),
     click.option("--append", metavar="CMDLINE", help="Kernel command line for --kernel."),
     click.option("--vgpu", "vgpu_uuid", metavar="UUID", help="Use this existing or defined vGPU."),
+    click.option("--vf", metavar="PCI", help="Use this SR-IOV VF, or a free VF of this PF (vgpuctl vfs list)."),
     click.option("-t", "--type", "type_id", metavar="TYPE", help="Create a vGPU of this type at start."),
     click.option("-p", "--parent", metavar="PARENT", help="The parent for --type or the requirements."),
     click.option("--resolution", metavar="WxH", help="Create the smallest vGPU giving at least this resolution."),
@@ -167,12 +169,15 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
     if o["append"] is not None:
         changes["append"] = None if o["append"] == NONE else o["append"]
 
+    from vgpuctl.host.pci import check_address
+
     vgpu = spec.vgpu
-    wanted = {"uuid": o["vgpu_uuid"], "type": o["type_id"], "resolution": o["resolution"],
+    wanted = {"uuid": o["vgpu_uuid"], "vf": o["vf"] and check_address(o["vf"]), "type": o["type_id"],
+              "resolution": o["resolution"],
               "min_memory_mib": o["min_memory"], "weight": o["weight"], "largest": True if o["largest"] else None}
     if o["no_vgpu"]:
         if any(v is not None for v in wanted.values()):
-            raise InvalidInput("--no-vgpu cannot be combined with --vgpu/--type/--resolution/--min-memory/"
+            raise InvalidInput("--no-vgpu cannot be combined with --vgpu/--vf/--type/--resolution/--min-memory/"
                                "--weight/--largest")
         vgpu = VgpuRequest()
     elif any(v is not None for v in wanted.values()):

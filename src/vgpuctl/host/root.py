@@ -182,6 +182,19 @@ class HostRoot:
         """VFIO's container device, which QEMU opens for every vfio-pci device."""
         return "/dev/vfio/vfio"
 
+    def dev_vfio_group(self, group: str) -> str:
+        """An IOMMU group's VFIO device (legacy group interface), which QEMU holds open for a VF it runs."""
+        return f"/dev/vfio/{path_name(group, 'IOMMU group')}"
+
+    def dev_vfio_device(self, name: str) -> str:
+        """A VFIO device's cdev (iommufd interface), e.g. vfio0."""
+        return f"/dev/vfio/devices/{path_name(name, 'VFIO device')}"
+
+    @property
+    def proc(self) -> str:
+        """The processes (their open files: who holds a VF)."""
+        return "/proc"
+
     @property
     def dev_dri(self) -> str:
         """DRM device nodes (card*, renderD*)."""

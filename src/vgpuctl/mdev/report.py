@@ -133,9 +133,12 @@ def types_rows(root: HostRoot, parent: str | None = None) -> list[TypeRow]:
 
 
 def object_exists(root: HostRoot, kind: str, key: str) -> bool:
-    """Whether a device (key: UUID) or a definition (key: PARENT/UUID) of vgpuctl's records is on the host."""
+    """Whether a device (key: UUID), a definition (key: PARENT/UUID) or VFs (key: PF) of vgpuctl's records are on
+    the host."""
     if kind == "device":
         return root.exists(root.mdev_device_dir(key))
+    if kind == "vfs":  # a PF's VFs (key: the PF's address): on while its first VF is there
+        return root.exists(f"{root.pci_device(key)}/virtfn0")
     parent, _, uuid = key.partition("/")
     return root.exists(definitions.definition_path(root, parent, uuid))
 

@@ -6,6 +6,8 @@ Ownership is a small journal, as a database keeps one (``owned.json``, replaced 
 * ``devices``: active vGPUs vgpuctl created (by UUID); ``definitions``: definition files vgpuctl
   wrote (by ``PARENT/UUID``). Two records, because starting someone else's definition makes the
   device ours but never the definition.
+* ``vfs``: SR-IOV VF configurations vgpuctl made (by PF address: how many VFs, bound to which driver);
+  written only once there is one.
 * ``journal``: an *intent* is written before the host is changed (``claim`` before a create or a
   definition is written, ``release`` before a remove or an undefine), with the pid and start time
   of the process making the change, and settled after it. An intent whose process died (killed
@@ -32,8 +34,8 @@ from vgpuctl.host.files import atomic_write
 
 OWNED_VERSION = 2
 
-Kind = Literal["device", "definition"]
-KINDS: tuple[Kind, ...] = ("device", "definition")
+Kind = Literal["device", "definition", "vfs"]
+KINDS: tuple[Kind, ...] = ("device", "definition", "vfs")
 
 
 def definition_key(parent: str, uuid: str) -> str:
@@ -47,9 +49,10 @@ class Ownership:
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     definitions: dict[str, dict[str, Any]] = field(default_factory=dict)
     journal: list[dict[str, Any]] = field(default_factory=list)
+    vfs: dict[str, dict[str, Any]] = field(default_factory=dict)  # SR-IOV VF configurations made, by PF address
 
     def records(self, kind: Kind) -> dict[str, dict[str, Any]]:
-        return self.devices if kind == "device" else self.definitions
+        return {"device": self.devices, "definition": self.definitions, "vfs": self.vfs}[kind]
 
     def owns_device(self, uuid: str, parent: str | None = None, type_id: str | None = None) -> bool:
         """Whether vgpuctl created the device; given its parent and type, only if they are the ones recorded
@@ -62,7 +65,7 @@ class Ownership:
 
     def to_json(self) -> bytes:
         body = {"version": OWNED_VERSION, "devices": self.devices, "definitions": self.definitions,
-                "journal": self.journal}
+                "journal": self.journal, **({"vfs": self.vfs} if self.vfs else {})}
         return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -72,8 +75,8 @@ class Ownership:
             raise TypeError("not an object")
         if "version" not in data:  # version 1: one record per UUID for device and definition alike
             return cls._from_v1(data["vgpus"])
-        found = cls(dict(data["devices"]), dict(data["definitions"]), list(data["journal"]))
-        for records in (found.devices, found.definitions):
+        found = cls(dict(data["devices"]), dict(data["definitions"]), list(data["journal"]), dict(data.get("vfs", {})))
+        for records in (found.devices, found.definitions, found.vfs):
             if not all(isinstance(r, dict) for r in records.values()):
                 raise TypeError("a record is not an object")
         if not all(isinstance(i, dict) and i.get("kind") in KINDS for i in found.journal):

@@ -133,3 +133,15 @@ def remove(root: HostRoot, state: StateDir, name: str) -> list[str]:
 def bad_spec_row(problem: UnreadableFile) -> dict[str, Any]:
     """A VM listing's row for a spec file that is not a VM: its name, its file and why."""
     return {"name": problem.owner, "file": problem.path, "error": problem.error}
+
+
+def vf_holders(root: HostRoot, state: StateDir) -> dict[str, str]:
+    """SR-IOV VF address -> the name of the running VM vgpuctl gave it (from the VMs' run records)."""
+    from vgpuctl.host.pci import check_address
+    from vgpuctl.vm.lifecycle import _running_vgpus
+
+    found = {}
+    for vgpu, name in _running_vgpus(state, "").items():
+        with contextlib.suppress(InvalidInput):
+            found[check_address(vgpu)] = name
+    return found

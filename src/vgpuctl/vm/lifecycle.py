@@ -156,7 +156,7 @@ def _probe_key(qemu: str) -> str:
 def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None) -> Prepared:
     """The spec, its vGPU (resolved read-only) and the exact QEMU command line."""
     spec = specs.load(state, name)
-    vgpu = resolve_vgpu(root, spec)
+    vgpu = resolve_vgpu(root, spec, taken=_running_vgpus(state, name) if spec.vgpu.kind == "vf" else ())
     notes: list[str] = []
     if vgpu is not None and vgpu.state == "new":
         notes.append(f"would create vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start: {vgpu.reason}")
@@ -193,6 +193,11 @@ def _qmp_status(paths: RuntimePaths) -> str | None:
 
 def _run_file(paths: RuntimePaths) -> Path:
     return paths.directory / "run.json"
+
+
+def _vf_file(paths: RuntimePaths) -> Path:
+    """The VF whose per-VM type vgpuctl set for this VM (NVIDIA vendor-VFIO), until it is released."""
+    return paths.directory / "vf.json"
 
 
 def _exit_file(paths: RuntimePaths, run: dict[str, Any]) -> Path:
@@ -265,7 +270,14 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         prepared = prepare(root, state, name, accel=accel, qemu=qemu)
         _preflight(root, state, prepared, paths)
         vgpu = prepared.vgpu
-        if vgpu is not None and vgpu.state != "active":
+        if vgpu is not None and vgpu.backend.pci_function and prepared.spec.vgpu.type:
+            # An NVIDIA VF gets its type; the VF is recorded first (outliving run.json, which a stop removes
+            # before the wrapper's release runs), so that the release after QEMU, or a later one, finds it.
+            paths.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(_vf_file(paths), json.dumps({"vf": vgpu.uuid, "type": vgpu.type_id}).encode())
+            vgpu.backend.assign(root, vgpu.uuid, vgpu.type_id)  # nothing when it has the type already
+            crashpoint("vm-start:vgpu-created")
+        elif vgpu is not None and vgpu.state != "active":
             from vgpuctl.mdev.lifecycle import Manager  # only now: a restart reuses its vGPU
 
             Manager(root, state).create(vgpu.parent, vgpu.type_id, vgpu.uuid)
@@ -379,8 +391,9 @@ def _release_env(root: HostRoot, state: StateDir, prepared: Prepared) -> dict[st
     """What the wrapper needs to remove the VM's vGPU after QEMU, if the spec says not to keep it (only a
     vGPU vgpuctl made for the VM: one named by UUID in the spec is the user's)."""
     vgpu = prepared.spec.vgpu
-    if prepared.vgpu is None or vgpu.keep or vgpu.kind == "uuid":
-        return {}
+    per_vm_vf = prepared.vgpu is not None and prepared.vgpu.backend.pci_function and vgpu.type is not None
+    if prepared.vgpu is None or (not per_vm_vf and (vgpu.keep or vgpu.kind in ("uuid", "vf"))):
+        return {}  # an NVIDIA VF's type is released whenever QEMU ends, so that another VM may have the VF
     return {"VGPUCTL_RELEASE_VM": prepared.spec.name, "VGPUCTL_PYTHON": sys.executable,
             "VGPUCTL_RELEASE_ROOT": str(root.root), "VGPUCTL_RELEASE_STATE": str(state.path)}
 
@@ -395,6 +408,7 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
         holder = _running_vgpus(state, prepared.spec.name).get(vgpu.uuid)
         if holder:
             problems.append(f"vGPU {vgpu.uuid} is in use by VM {holder}; a vGPU serves one VM at a time")
+        problems += _vf_problems(root, prepared)
     if not os.path.exists(prepared.command.argv[0]) and "/" in prepared.command.argv[0]:
         problems.append(f"QEMU {prepared.command.argv[0]} not found: apt-get install qemu-system-x86")
     else:
@@ -403,6 +417,24 @@ def _preflight(root: HostRoot, state: StateDir, prepared: Prepared, paths: Runti
         problems.append(SWTPM_MISSING)
     if problems:
         raise VmError(f"VM {prepared.spec.name} cannot start: " + "; ".join(problems))
+
+
+def _vf_problems(root: HostRoot, prepared: Prepared) -> list[str]:
+    """An SR-IOV VF: on a VFIO driver (not the host's i915/xe), and asked for no display of its own."""
+    vgpu = prepared.vgpu
+    if vgpu is None or not vgpu.backend.pci_function:
+        return []
+    from vgpuctl.backends import sriov_intel
+    from vgpuctl.host.pci import read_function
+
+    problems = []
+    if prepared.spec.vgpu_display and vgpu.backend.no_display:
+        problems.append(f"vgpu_display = true: {vgpu.backend.no_display}; set vgpu_display = false")
+    driver = read_function(root, vgpu.uuid).driver
+    if sriov_intel.BACKEND.claims_type(vgpu.type_id) and driver not in sriov_intel.VFIO_DRIVERS:
+        problems.append(f"VF {vgpu.uuid} is bound to {driver or 'no driver'}, not to vfio-pci: QEMU cannot open it "
+                        f"('vgpuctl vfs enable {vgpu.parent} N' binds the VFs)")
+    return problems
 
 
 # Where a display backend QEMU lacks comes from (Debian; other distributions split QEMU's modules alike).
@@ -827,6 +859,18 @@ def release_vgpu_locked(root: HostRoot, state: StateDir, name: str) -> str | Non
 
     if _occupied(status(root, state, name)):
         raise Conflict(f"VM {name} runs; stop it before releasing its vGPU")
+    vf_file = _vf_file(RuntimePaths.for_vm(state, name))
+    try:
+        held = json.loads(vf_file.read_text())
+    except (OSError, ValueError):
+        held = None
+    if isinstance(held, dict) and held.get("vf") and held.get("type"):
+        from vgpuctl.backends import backend_for_type
+
+        # a VF: its type back to none (NVIDIA, with the EPERM retry)
+        backend_for_type(str(held["type"])).release(root, str(held["vf"]))
+        vf_file.unlink(missing_ok=True)
+        return str(held["vf"])
     uuid = vm_vgpu_uuid(name)
     if active_device(root, uuid) is None:
         return None

@@ -10,15 +10,16 @@ they stay below it (:meth:`RuntimePaths.socket_problems` says when a custom stat
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.base.errors import CapacityError, Conflict, NotFound
+from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, NotFound
 from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
-from vgpuctl.host import HostRoot, facts
+from vgpuctl.host import HostRoot, facts, pci
 from vgpuctl.vm.spec import VmSpec, check_name, vms_dir
 
 if TYPE_CHECKING:
@@ -261,6 +262,12 @@ class ResolvedVgpu:
 
         return backend_for_type(self.type_id)
 
+    def describe(self) -> str:
+        """E.g. "vGPU <uuid> (i915-GVTg_V5_4 on 0000:00:02.0)", "SR-IOV VF 0000:00:02.1 of 0000:00:02.0"."""
+        if self.backend.pci_function:
+            return f"SR-IOV VF {self.uuid} of {self.parent}"
+        return f"vGPU {self.uuid} ({self.type_id} on {self.parent})"
+
     def to_json(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "parent": self.parent, "type": self.type_id,
                 "resolution": "x".join(map(str, self.resolution)) if self.resolution else None,
@@ -282,8 +289,9 @@ def vm_vgpu_uuid(name: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
-def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
-    """Which vGPU the VM gets, read-only: nothing is created, reserved or started here."""
+def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> ResolvedVgpu | None:
+    """Which vGPU the VM gets, read-only: nothing is created, reserved or started here. ``taken``: the vGPUs
+    (VF addresses) other VMs run on now, which a VF chosen from a PF must not be."""
     from vgpuctl.mdev import definitions
     from vgpuctl.mdev.choose import choose, mismatch
     from vgpuctl.mdev.sysfs import active_device, parent_names, read_type, read_types
@@ -292,6 +300,9 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
     kind = request.kind
     if kind == "none":
         return None
+    if kind == "vf":
+        assert request.vf
+        return resolve_vf(root, request.vf, taken, request.type)
 
     def type_of(parent: str, type_id: str) -> tuple[int, int] | None:
         found = next((t for t in read_types(root, parent) if t.type_id == type_id), None)
@@ -367,6 +378,58 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec) -> ResolvedVgpu | None:
     choice = choose(types, requirements)
     return ResolvedVgpu(uuid, choice.chosen.parent, choice.chosen.type_id, choice.chosen.resolution, "new",
                         choice.reason)
+
+
+def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:
+    """The SR-IOV VF ``address`` names: that VF, or a free VF (on its VFIO driver, not taken) of that PF."""
+    from vgpuctl.backends import sriov_intel, sriov_nvidia
+
+    function = pci.read_function(root, address)
+    if function.vendor == sriov_nvidia.NVIDIA_VENDOR_ID:
+        return _resolve_nvidia_vf(root, function, taken, type_id)
+    if type_id is not None:
+        raise InvalidInput("vgpu.type with vgpu.vf is for NVIDIA's VFs: an Intel VF's share is set per PF "
+                           "(vgpuctl vfs enable PF N)")
+    if function.physfn:
+        return ResolvedVgpu(address, function.physfn, sriov_intel.TYPE_ID, None, "active", "the VF named")
+    pf = sriov_intel.intel_pf(root, address)
+    if not pf.pf.vfs:
+        raise NotFound("{parent} has no VFs enabled: 'vgpuctl vfs enable {parent} N' first" +
+                       (f" ({pf.problem})" if pf.problem else ""), what="VF", parent=pf.address)
+    openers = sriov_intel.vf_openers(root, pf.pf.vfs)
+    free = [vf for vf in pf.pf.vfs if vf.driver in sriov_intel.VFIO_DRIVERS and vf.address not in taken
+            and vf.address not in openers]
+    if not free:
+        raise CapacityError("every VF of {parent} is in use or not on a VFIO driver ('vgpuctl vfs list' shows "
+                            "them); stop a VM or enable more VFs", what="VF", parent=pf.address)
+    return ResolvedVgpu(free[0].address, pf.address, sriov_intel.TYPE_ID, None, "active",
+                        f"the first free VF of {pf.address} ({len(free)} free)")
+
+
+def _resolve_nvidia_vf(root: HostRoot, function: pci.PciFunction, taken: Collection[str],
+                       type_id: str | None) -> ResolvedVgpu:
+    """An NVIDIA vendor-VFIO VF: the one named, or the first of the PF's that is free and can take the type."""
+    from vgpuctl.backends import sriov_nvidia
+
+    if type_id is None or not type_id.isdigit():
+        raise InvalidInput(f"an NVIDIA VF needs vgpu.type, the numeric id of a type its nvidia/creatable_vgpu_types "
+                           f"lists (got {type_id!r})")
+    wanted = int(type_id)
+    name = sriov_nvidia.type_name(wanted)
+    if function.physfn:
+        vfs, pf = [function], function.physfn
+    else:
+        vfs, pf = pci.read_pf(root, function.address).vfs, function.address
+    for vf in vfs:
+        if vf.address in taken or not sriov_nvidia.is_vendor_vf(root, vf.address):
+            continue
+        current = sriov_nvidia.current_type(root, vf.address)
+        if current == wanted:
+            return ResolvedVgpu(vf.address, pf, name, None, "active", f"VF {vf.address} already has type {wanted}")
+        if current == 0 and wanted in {t.id for t in sriov_nvidia.creatable_types(root, vf.address)}:
+            return ResolvedVgpu(vf.address, pf, name, None, "new", f"VF {vf.address} can take type {wanted}")
+    raise CapacityError(f"no VF of {pf} is free and can take vGPU type {wanted} now (sriov-manage -e enables "
+                        "them; each VF's nvidia/creatable_vgpu_types says what fits)")
 
 
 # ---------------------------------------------------------------------- host requirements

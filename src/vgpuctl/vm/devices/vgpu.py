@@ -1,7 +1,8 @@
 """The VM's vGPU: which one it asks for, and how QEMU and libvirt attach it (its backend says how).
 
 QEMU: ``-device vfio-pci,id=hostdev0,<the backend's property>,display=on|off`` (display always explicit,
-as libvirt does); with ``ramfb`` the non-hotpluggable ``vfio-pci-nohotplug``; ``x-igd-opregion=on`` by
+as libvirt does, except on a vGPU that has none: an Intel SR-IOV VF, ``host=BDF``, and libvirt's PCI
+``<hostdev>`` of it); with ``ramfb`` the non-hotpluggable ``vfio-pci-nohotplug``; ``x-igd-opregion=on`` by
 the backend's default (GVT-g) unless the spec says; ``xres``/``yres`` when the spec fixes a resolution
 (EDID). libvirt: the backend's ``<hostdev>``, and what it has no XML for as ``<qemu:override>`` properties
 of it (libvirt >= 8.2). On a simulated host QEMU cannot open the vGPU: an emulated adapter at the type's
@@ -32,9 +33,12 @@ FALLBACK_RESOLUTION = (1024, 768)
 
 @dataclass
 class VgpuRequest:
-    """Which vGPU the VM gets: one of a UUID, a type (on a parent), requirements for the chooser, or none."""
+    """Which vGPU the VM gets: one of a UUID, a type (on a parent), requirements for the chooser, an SR-IOV VF,
+    or none."""
 
     uuid: str | None = None  # an existing vGPU or mdevctl definition
+    vf: str | None = None  # an SR-IOV VF by its PCI address, or a PF's address: a free VF of it (vgpuctl vfs);
+    # with type (NVIDIA vendor-specific VFIO): the numeric vGPU type id the VF is given at start
     parent: str | None = None  # with uuid: disambiguates; with type or requirements: restricts
     type: str | None = None
     resolution: str | None = None  # "1920x1200": at least this resolution
@@ -47,7 +51,9 @@ class VgpuRequest:
 
     @property
     def kind(self) -> str:
-        """'uuid', 'type', 'requirements' or 'none'."""
+        """'uuid', 'vf', 'type', 'requirements' or 'none'."""
+        if self.vf:
+            return "vf"
         if self.uuid:
             return "uuid"
         if self.type:
@@ -60,6 +66,8 @@ class VgpuRequest:
         on = f" on {self.parent}" if self.parent else ""
         if self.kind == "uuid":
             return f"vGPU {self.uuid}{on}"
+        if self.kind == "vf":
+            return f"SR-IOV VF {self.vf}" + (f" as vGPU type {self.type}" if self.type else "")
         if self.kind == "type":
             return f"a new {self.type}{on}"
         if self.kind == "requirements":
@@ -108,6 +116,15 @@ def check(spec: VmSpec) -> None:
             raise InvalidInput(f"vgpu.uuid must be written in lower case with hyphens: {canonical}")
     requirements = [k for k in ("resolution", "min_memory_mib", "weight") if getattr(vgpu, k) is not None]
     requirements += ["largest"] if vgpu.largest else []
+    if vgpu.vf is not None:
+        from vgpuctl.host.pci import check_address
+
+        if check_address(vgpu.vf) != vgpu.vf:
+            raise InvalidInput(f"vgpu.vf must be written as lspci -D shows it: {check_address(vgpu.vf)}")
+        besides = [k for k in ("uuid", "parent") if getattr(vgpu, k)] + requirements  # (with type: an NVIDIA VF)
+        if besides:
+            raise InvalidInput(f"vgpu.vf names the whole vGPU (a VF, or a PF to take a free VF of): not with "
+                               f"{', '.join(besides)}")
     if vgpu.uuid and (vgpu.type or requirements):
         others = ", ".join((["type"] if vgpu.type else []) + requirements)
         raise InvalidInput(f"vgpu: give either uuid, or type, or requirements (resolution/min_memory_mib/weight/"
@@ -142,20 +159,23 @@ def qemu_args(ctx: QemuContext) -> list[str]:
         size = (fixed if spec.vgpu_display else None) or vgpu.resolution
         if size is None:
             size = FALLBACK_RESOLUTION
-            ctx.notes.append(f"type {vgpu.type_id} gives no resolution: the emulated adapter uses "
+            what = vgpu.describe() if vgpu.backend.pci_function else f"type {vgpu.type_id}"
+            ctx.notes.append(f"{what} gives no resolution: the emulated adapter uses "
                              f"{size[0]}x{size[1]}")
         adapter = "VGA" if spec.vgpu_display else "bochs-display"
         ctx.replaced_vgpu = size
-        ctx.notes.append(f"simulated host: QEMU cannot open the simulated vGPU {vgpu.uuid} ({vgpu.type_id} on "
-                         f"{vgpu.parent}), so it is replaced by an emulated display adapter ({adapter}) at "
+        ctx.notes.append(f"simulated host: QEMU cannot open the simulated {vgpu.describe()}, so it is replaced by "
+                         f"an emulated display adapter ({adapter}) at "
                          f"{size[0]}x{size[1]}" + (" without OpenGL" if spec.vgpu_display else ""))
         return [*argv, "-device", options(f"{adapter},id={VGPU_ID}", **xy(size))]
     backend = vgpu.backend
     opregion = igd_opregion(spec, vgpu)
     name, value = backend.attachment(vgpu.uuid).qemu_property
     driver = "vfio-pci-nohotplug" if spec.ramfb else "vfio-pci"
+    if backend.no_display:  # display=on fails on it; off is QEMU's default (and libvirt's PCI hostdev has none)
+        ctx.notes.append(backend.no_display)
     device = options(f"{driver},id={VGPU_ID}", **{name: value},
-                     display="on" if spec.vgpu_display else "off",
+                     display=None if backend.no_display else "on" if spec.vgpu_display else "off",
                      ramfb="on" if spec.ramfb else None,
                      **{"x-igd-opregion": "on" if opregion else None},
                      **xy(fixed if spec.vgpu_display else None))
@@ -171,7 +191,9 @@ def xml(ctx: XmlContext) -> None:
     if vgpu is None:
         return
     attachment = vgpu.backend.attachment(vgpu.uuid)
-    attrs = {"mode": "subsystem", **attachment.hostdev, "display": "on" if spec.vgpu_display else "off"}
+    attrs = {"mode": "subsystem", **attachment.hostdev}
+    if not vgpu.backend.no_display:
+        attrs["display"] = "on" if spec.vgpu_display else "off"
     if spec.ramfb:
         attrs["ramfb"] = "on"
     hostdev = ctx.add(ctx.devices, "hostdev", **attrs)

@@ -1,0 +1,107 @@
+"""``vgpuctl vfs``: Intel SR-IOV virtual functions — list, enable, disable (the backend does the work)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vgpuctl.cli.app import State, print_json, reports_errors, say
+
+
+def _state() -> Any:
+    from vgpuctl.base.state import StateDir
+
+    return StateDir.from_env(State.state_dir)
+
+
+def _holders(state: Any) -> dict[str, str]:
+    """VF address -> the VM vgpuctl runs on it."""
+    from vgpuctl.vm.inventory import vf_holders
+
+    return vf_holders(State.root, state)
+
+
+@click.group("vfs", context_settings={"help_option_names": ["-h", "--help"]})
+def vfs_group() -> None:
+    """SR-IOV virtual functions (VFs) of Intel GPUs: each VF is a vGPU a VM gets whole."""
+
+
+def listing(root: Any, state: Any) -> list[dict[str, Any]]:
+    from vgpuctl.backends import sriov_intel
+    from vgpuctl.mdev.state import Journal
+
+    sriov_intel.settle(root, state)  # what a killed vfs command left
+    holders = _holders(state)
+    owned = Journal(state).ownership().vfs
+    rows = []
+    for pf in sriov_intel.intel_pfs(root):
+        openers = sriov_intel.vf_openers(root, pf.pf.vfs)
+        rows.append({
+            "pf": pf.address,
+            "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
+            "driver": pf.driver,
+            "total_vfs": pf.pf.total_vfs,
+            "enabled_vfs": pf.pf.num_vfs,
+            "vfio_driver": pf.vfio_driver,
+            "enabled_by_vgpuctl": pf.address in owned,
+            "problem": pf.problem,
+            "vfs": [{"address": vf.address, "driver": vf.driver,
+                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
+        })
+    return rows
+
+
+@vfs_group.command("list")
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def list_command(json_output: bool) -> None:
+    """Intel GPUs with SR-IOV, their VFs, and which VM holds each."""
+    rows = listing(State.root, _state())
+    if json_output:
+        print_json({"pfs": rows})
+        return
+    if not rows:
+        say("No Intel GPU with SR-IOV on this host.")
+        return
+    for row in rows:
+        enabled = "?" if row["enabled_vfs"] is None else row["enabled_vfs"]
+        by = ", enabled by vgpuctl" if row["enabled_by_vgpuctl"] else ""
+        say(f"{row['pf']}  {row['driver'] or 'no driver'}  8086:{row['device']}  VFs {enabled}/{row['total_vfs']}"
+            f"{by}")
+        if row["problem"]:
+            say(f"  cannot make VFs: {row['problem']}")
+        for vf in row["vfs"]:
+            held = (f"VM {vf['vm']}" if vf["vm"] else "") or (f"open by {vf['opened_by']}" if vf["opened_by"]
+                                                              else "free")
+            say(f"  {vf['address']}  {vf['driver'] or 'no driver'}  {held}")
+
+
+@vfs_group.command("enable")
+@click.argument("pf")
+@click.argument("count", type=int)
+@click.option("--force", is_flag=True, help="Also replace VFs vgpuctl did not enable, or that are in use.")
+@reports_errors
+def enable_command(pf: str, count: int, force: bool) -> None:
+    """Enable COUNT VFs on the GPU PF and give each to vfio-pci (xe-vfio-pci on Battlemage)."""
+    from vgpuctl.backends import sriov_intel
+
+    state = _state()
+    done = sriov_intel.enable(State.root, state, pf, count, force=force, holders=_holders(state))
+    say(f"{done.address}: {len(done.pf.vfs)} VFs enabled, on {done.vfio_driver}: "
+        f"{', '.join(vf.address for vf in done.pf.vfs)}")
+
+
+@vfs_group.command("disable")
+@click.argument("pf")
+@click.option("--force", is_flag=True, help="Also disable VFs vgpuctl did not enable, or that a VM holds.")
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+              help="Give up when the kernel has not finished after this many seconds.")
+@reports_errors
+def disable_command(pf: str, force: bool, timeout_s: float) -> None:
+    """Turn off the VFs of the GPU PF (refused while a VM holds one)."""
+    from vgpuctl.backends import sriov_intel
+
+    state = _state()
+    done = sriov_intel.disable(State.root, state, pf, force=force, holders=_holders(state), timeout_s=timeout_s)
+    say(f"{done.address}: VFs disabled")

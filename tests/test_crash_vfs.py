@@ -1,0 +1,80 @@
+"""Crash tests of vgpuctl vfs enable/disable (as tests/test_crash.py does for the mdev commands): killed at each
+crash point, the next command settles what it left, the PF's autoprobe is back on, the VFs are vgpuctl's if
+they are there, and vgpuctl can take them back without --force."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, MountFn
+from vgpuctl.backends import sriov_intel
+from vgpuctl.base.state import StateDir
+from vgpuctl.host import HostRoot
+
+pytestmark = pytest.mark.fuse
+
+PF = "0000:00:02.0"
+
+
+def run(root: HostRoot, state: Path, argv: list[str], **env: str) -> int:
+    command = [sys.executable, "-m", "vgpuctl", "--root", str(root.root), "--state-dir", str(state), *argv]
+    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, timeout=60).returncode
+
+
+def points(root: HostRoot, state: Path, argv: list[str], tmp: Path) -> list[str]:
+    trace = tmp / "trace"
+    assert run(root, state, argv, VGPUCTL_CRASH_TRACE=str(trace)) == 0
+    names = [line.split()[0] for line in trace.read_text().splitlines()]
+    seen: dict[str, int] = {}
+    found = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        found.append(f"{name}#{seen[name]}")
+    return found
+
+
+def numvfs(root: HostRoot) -> str:
+    return root.path(f"/sys/bus/pci/devices/{PF}/sriov_numvfs").read_text().strip()
+
+
+def check(root: HostRoot, state: Path, what: str) -> None:
+    cli = Cli(root, state)
+    listed = cli.json("vfs", "list")  # the next command succeeds and settles
+    assert isinstance(listed, dict), what
+    assert root.path(f"/sys/bus/pci/devices/{PF}/sriov_drivers_autoprobe").read_text() == "1\n", what
+    ownership = sriov_intel.Journal(StateDir(state)).ownership()
+    assert ownership.journal == [], (what, ownership.journal)
+    if numvfs(root) != "0":
+        assert PF in ownership.vfs, what  # VFs there are vgpuctl's
+    cli("vfs", "disable", PF)  # and it takes them back without --force
+    assert numvfs(root) == "0", what
+    owned = state / "owned.json"
+    assert not owned.exists() or json.loads(owned.read_text()).get("vfs", {}) == {}, what
+
+
+@pytest.mark.parametrize("command", ["enable", "re-enable", "disable"])
+def test_each_crash_point_of_vfs_commands(mount_host: MountFn, tmp_path: Path, command: str) -> None:
+    root = mount_host("adl-sriov")
+    argv = {"enable": ["vfs", "enable", PF, "2"], "re-enable": ["vfs", "enable", PF, "3"],
+            "disable": ["vfs", "disable", PF]}[command]
+
+    def before(state: Path) -> None:
+        if command != "enable":
+            Cli(root, state)("vfs", "enable", PF, "2")
+
+    learn = tmp_path / "learn"
+    before(learn)
+    found = points(root, learn, argv, tmp_path)
+    assert found and any(p.startswith("vfs-") for p in found), found
+    Cli(root, learn)("vfs", "disable", PF)
+    for trial, point in enumerate(found):
+        state = tmp_path / f"state{trial}"
+        before(state)
+        assert run(root, state, argv, VGPUCTL_CRASH_AT=point) == -9, point
+        check(root, state, f"{command} killed at {point}")
