@@ -59,7 +59,7 @@ SRIOV_BY_PLATFORM: dict[str, str | None] = {
 }
 SRIOV_FIX = ("SR-IOV with i915-sriov-dkms (host): add 'intel_iommu=on i915.enable_guc=3 i915.max_vfs=7 "
              "module_blacklist=xe' to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, update-grub, reboot, then: "
-             f"echo 7 > {IGPU_DIR}/sriov_numvfs  (VFs 0000:00:02.1-02.7, each bound to vfio-pci and given to one VM)")
+             f"vgpuctl vfs enable {IGPU} 7  (VFs 0000:00:02.1-02.7, each bound to vfio-pci; a VM takes one with --vf)")
 GVTD_FIX = (f"No vGPU sharing on this GPU. Only GVT-d is left: bind {IGPU} to vfio-pci and pass the whole iGPU "
             "to one VM (the host loses it).")
 
