@@ -175,7 +175,7 @@ def test_tigerlake_explains_sriov(mount_host: MountFn) -> None:
     assert "Tiger Lake (Gen12) has no GVT-g" in detail and "SR-IOV" in detail and "vfio-pci" in detail
     assert "i915-sriov-dkms" in detail
     assert "i915.enable_guc=3 i915.max_vfs=7" in r.fix("igpu")
-    assert "echo 7 > /sys/bus/pci/devices/0000:00:02.0/sriov_numvfs" in r.fix("igpu")
+    assert "vgpuctl vfs enable 0000:00:02.0 7" in r.fix("igpu")
     assert_gvt_skipped(r)
     # KVM, VFIO and QEMU do not depend on the GPU: they are still checked.
     assert r.statuses("cpu-virt", "vfio-device", "ignore-msrs") == {"cpu-virt": "ok", "vfio-device": "ok",
