@@ -9,7 +9,8 @@ any other mdev vendor driver), which takes whatever no other claims.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -100,11 +101,15 @@ class VgpuBackend(Protocol):
         """What ``vgpuctl setup`` makes of the host's boot configuration for this kind of vGPU (None: nothing)."""
 
 
-def _backends() -> tuple[VgpuBackend, ...]:
-    from vgpuctl.backends import gvt, mdev, sriov_intel, sriov_nvidia
+# In the order they are asked; the generic one last: it claims every type.
+BACKEND_MODULES = ("gvt", "sriov_intel", "sriov_nvidia", "mdev")
 
-    # the generic one last: it claims every type
-    return (gvt.BACKEND, sriov_intel.BACKEND, sriov_nvidia.BACKEND, mdev.BACKEND)
+
+def _backends() -> Iterator[VgpuBackend]:
+    """The backends, each module imported only when reached: a VM start on a GVT-g vGPU loads GVT-g's alone."""
+    for name in BACKEND_MODULES:
+        backend: VgpuBackend = importlib.import_module(f"vgpuctl.backends.{name}").BACKEND
+        yield backend
 
 
 def backend_for_type(type_id: str) -> VgpuBackend:
@@ -113,7 +118,10 @@ def backend_for_type(type_id: str) -> VgpuBackend:
 
 def backend_for_parent(types: Sequence[MdevType]) -> VgpuBackend:
     """The backend of a parent, judged by its types (a parent with no types is generic mdev)."""
-    return backend_for_type(types[0].type_id) if types else _backends()[-1]
+    if types:
+        return backend_for_type(types[0].type_id)
+    generic: VgpuBackend = importlib.import_module(f"vgpuctl.backends.{BACKEND_MODULES[-1]}").BACKEND
+    return generic
 
 
 def setup_wants() -> SetupWants:

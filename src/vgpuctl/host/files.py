@@ -10,8 +10,11 @@ from vgpuctl.base import process
 from vgpuctl.base.crash import crashpoint
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename over, fsync the directory: all or nothing."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Temp file in the same directory, fsync, rename over, fsync the directory: all or nothing.
+
+    ``durable=False`` leaves out the two fsyncs, for state about live processes (a VM's run record): the
+    rename alone is atomic against a killed writer, and after a power loss no process it describes runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_temp_files(path)
     # A unique name in the same directory (rename is atomic only within one filesystem); made
@@ -21,7 +24,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     try:
         os.write(fd, data)
         os.fchmod(fd, mode)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         crashpoint("atomic-write:before-rename")
@@ -31,7 +35,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -299,7 +299,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
                 run["argv"] = argv = preopened_qmp_argv(argv, listener)
                 # Recorded before QEMU exists: from here on a killed start leaves a record (QEMU itself is
                 # found by its command line all the same).
-                atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+                atomic_write(_run_file(paths), json.dumps(run, indent=2).encode(), durable=False)
                 crashpoint("vm-start:recorded")
                 with open(paths.log, "w") as log:
                     # The shell waits for QEMU and keeps its exit status for later status calls; with
@@ -314,14 +314,14 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
             crashpoint("vm-start:spawned")
             shell_process = process(shell.pid)
             run["shell"] = shell_process.to_json() if shell_process else None
-            atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+            atomic_write(_run_file(paths), json.dumps(run, indent=2).encode(), durable=False)
             crashpoint("vm-start:recorded-shell")
             wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
                          f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
             crashpoint("vm-start:running")
             qemu_process = vm_processes(state, name).qemu
             run["qemu"] = qemu_process.to_json() if qemu_process else None
-            atomic_write(_run_file(paths), json.dumps(run, indent=2).encode())
+            atomic_write(_run_file(paths), json.dumps(run, indent=2).encode(), durable=False)
             crashpoint("vm-start:recorded-qemu")
     return status(root, state, name, qmp_status="running")
 

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, NotFound
 from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
-from vgpuctl.host import HostRoot, facts, pci
+from vgpuctl.host import HostRoot, facts
 from vgpuctl.vm.spec import VmSpec, check_name, vms_dir
 
 if TYPE_CHECKING:
     from vgpuctl.backends import VgpuBackend
+    from vgpuctl.host.pci import PciFunction
 
 SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 # Debian's OVMF (package ovmf): code read-only and shared, variables copied per VM at first start.
@@ -383,6 +384,7 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
 def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:
     """The SR-IOV VF ``address`` names: that VF, or a free VF (on its VFIO driver, not taken) of that PF."""
     from vgpuctl.backends import sriov_intel, sriov_nvidia
+    from vgpuctl.host import pci  # SR-IOV VMs only
 
     function = pci.read_function(root, address)
     if function.vendor == sriov_nvidia.NVIDIA_VENDOR_ID:
@@ -406,7 +408,7 @@ def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_i
                         f"the first free VF of {pf.address} ({len(free)} free)")
 
 
-def _resolve_nvidia_vf(root: HostRoot, function: pci.PciFunction, taken: Collection[str],
+def _resolve_nvidia_vf(root: HostRoot, function: PciFunction, taken: Collection[str],
                        type_id: str | None) -> ResolvedVgpu:
     """An NVIDIA vendor-VFIO VF: the one named, or the first of the PF's that is free and can take the type."""
     from vgpuctl.backends import sriov_nvidia
@@ -419,6 +421,8 @@ def _resolve_nvidia_vf(root: HostRoot, function: pci.PciFunction, taken: Collect
     if function.physfn:
         vfs, pf = [function], function.physfn
     else:
+        from vgpuctl.host import pci
+
         vfs, pf = pci.read_pf(root, function.address).vfs, function.address
     for vf in vfs:
         if vf.address in taken or not sriov_nvidia.is_vendor_vf(root, vf.address):
