@@ -47,6 +47,39 @@ def mdev_attachment(uuid: str) -> Attachment:
                       {"type": "mdev", "managed": "no", "model": "vfio-pci"}, {"uuid": uuid})
 
 
+def pci_attachment(address: str) -> Attachment:
+    """A vGPU that is a whole PCI function (an SR-IOV VF): by its address. libvirt must not manage it:
+    managed='yes' would rebind it to vfio-pci, which breaks NVIDIA's VFs (they stay on nvidia)."""
+    domain, bus, rest = address.split(":")
+    slot, function = rest.split(".")
+    return Attachment(("host", address), {"type": "pci", "managed": "no"},
+                      {"domain": f"0x{domain}", "bus": f"0x{bus}", "slot": f"0x{slot}", "function": f"0x{function}"})
+
+
+class BackendDefaults:
+    """What a backend says when it has nothing of its own to say (each backend subclasses it and overrides
+    what its kind does): nothing to do to a vGPU at VM start or after it, no platform tables, no capacity
+    model beyond available_instances, no doctor checks, nothing for ``vgpuctl setup``."""
+
+    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
+        return None
+
+    def release(self, root: HostRoot, address: str) -> None:
+        return None
+
+    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
+        return None
+
+    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
+        return None
+
+    def doctor_checks(self) -> tuple[CheckSpec, ...]:
+        return ()
+
+    def setup_wants(self) -> SetupWants | None:
+        return None
+
+
 class VgpuBackend(Protocol):
     @property
     def name(self) -> str: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vgpuctl.backends import Attachment, Capacity, mdev_attachment
+from vgpuctl.backends import Attachment, BackendDefaults, Capacity, mdev_attachment
 from vgpuctl.backends.gvt_platforms import (
     DEFAULT_FENCES,
     DEFAULT_GGTT_MIB,
@@ -121,7 +121,7 @@ TYPE_PREFIX = "i915-GVTg_"  # i915's gvt/kvmgt.c names its types "i915-" + the G
 
 
 @dataclass(frozen=True)
-class GvtG:
+class GvtG(BackendDefaults):
     name: str = "gvt-g"
     guest_sleep: bool = False  # as Intel's GVT-g guides: no guest S3/S4
     igd_opregion: bool = True  # the guest's Intel driver wants the OpRegion
@@ -137,12 +137,6 @@ class GvtG:
 
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)
-
-    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
-        pass  # mdev devices are created by the mdev Manager; an Intel VF's share is set per PF
-
-    def release(self, root: HostRoot, address: str) -> None:
-        pass
 
     def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
         if vendor_id != self.pci_vendor or device_id is None:

@@ -8,17 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vgpuctl.backends import Attachment, Capacity, mdev_attachment
-from vgpuctl.host import HostRoot, facts
-from vgpuctl.mdev.sysfs import MdevType
+from vgpuctl.backends import Attachment, BackendDefaults, mdev_attachment
+from vgpuctl.host import facts
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import Check, CheckSpec, Context, Host
-    from vgpuctl.host.setup import SetupWants
 
 
 @dataclass(frozen=True)
-class GenericMdev:
+class GenericMdev(BackendDefaults):
     name: str = "mdev"
     guest_sleep: bool = True
     igd_opregion: bool = False
@@ -33,25 +31,10 @@ class GenericMdev:
     def claims_type(self, type_id: str) -> bool:
         return True
 
-    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
-        pass  # mdev devices are created by the mdev Manager; an Intel VF's share is set per PF
-
-    def release(self, root: HostRoot, address: str) -> None:
-        pass
-
-    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
-        return None
-
-    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
-        return None
-
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
         from vgpuctl.host.doctor import CheckSpec
 
         return (CheckSpec("mdev-parents", "Other mdev parents (NVIDIA vGPU, sample drivers)", check_mdev_parents),)
-
-    def setup_wants(self) -> SetupWants | None:
-        return None  # the vendor's driver sets itself up
 
 
 BACKEND = GenericMdev()

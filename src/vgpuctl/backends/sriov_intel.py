@@ -17,18 +17,16 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.backends import Attachment, Capacity
+from vgpuctl.backends import Attachment, BackendDefaults, pci_attachment
 from vgpuctl.backends.gvt_platforms import INTEL_VENDOR_ID
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, NotOwned
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
 from vgpuctl.mdev.state import Journal, Kind
-from vgpuctl.mdev.sysfs import MdevType
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
-    from vgpuctl.host.setup import SetupWants
 
 VFIO_DRIVERS = ("vfio-pci", "xe-vfio-pci")  # what a VF a VM may open is bound to
 PF_DRIVERS = ("i915", "xe")  # the Intel drivers with a sriov_configure (i915 only as i915-sriov-dkms)
@@ -287,7 +285,7 @@ def _write_numvfs(root: HostRoot, pf: IntelPf, count: int, timeout_s: float) -> 
 # ---------------------------------------------------------------------- the backend
 
 @dataclass(frozen=True)
-class IntelSriov:
+class IntelSriov(BackendDefaults):
     name: str = "sriov-intel"
     guest_sleep: bool = False  # a VF has no PM capability (xe holds a runtime-PM reference for the VFs)
     igd_opregion: bool = False  # a VF has no OpRegion of its own
@@ -300,34 +298,15 @@ class IntelSriov:
     pci_vendor: int | None = INTEL_VENDOR_ID
 
     def attachment(self, address: str) -> Attachment:
-        domain, bus, rest = address.split(":")
-        slot, function = rest.split(".")
-        return Attachment(("host", address), {"type": "pci", "managed": "no"},
-                          {"domain": f"0x{domain}", "bus": f"0x{bus}", "slot": f"0x{slot}",
-                           "function": f"0x{function}"})
+        return pci_attachment(address)
 
     def claims_type(self, type_id: str) -> bool:
         return type_id == TYPE_ID
-
-    def assign(self, root: HostRoot, address: str, type_id: str) -> None:
-        pass  # mdev devices are created by the mdev Manager; an Intel VF's share is set per PF
-
-    def release(self, root: HostRoot, address: str) -> None:
-        pass
-
-    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
-        return None
-
-    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
-        return None
 
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
         from vgpuctl.backends.sriov_intel_doctor import CHECKS
 
         return CHECKS
-
-    def setup_wants(self) -> SetupWants | None:
-        return None  # not yet: i915.max_vfs / enable_guc through vgpuctl setup is the next step
 
 
 TYPE_ID = "intel-sriov-vf"  # the "type" a VM's vGPU on an Intel VF has (VFs have no mdev type)

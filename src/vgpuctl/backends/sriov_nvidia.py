@@ -15,14 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vgpuctl.backends import Attachment, Capacity
+from vgpuctl.backends import Attachment, BackendDefaults, pci_attachment
 from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound
 from vgpuctl.host import HostRoot, pci
-from vgpuctl.mdev.sysfs import MdevType
 
 if TYPE_CHECKING:
-    from vgpuctl.host.doctor import CheckSpec
-    from vgpuctl.host.setup import SetupWants
+    pass
 
 NVIDIA_VENDOR_ID = 0x10DE
 RELEASE_ATTEMPTS = 10  # Proxmox's cleanup_pci_devices: up to 10 tries, one second apart
@@ -140,7 +138,7 @@ def type_number(type_id: str) -> int:
 
 
 @dataclass(frozen=True)
-class NvidiaVfio:
+class NvidiaVfio(BackendDefaults):
     name: str = "nvidia-vfio"
     guest_sleep: bool = False
     igd_opregion: bool = False
@@ -151,11 +149,7 @@ class NvidiaVfio:
     pci_vendor: int | None = None
 
     def attachment(self, address: str) -> Attachment:
-        domain, bus, rest = address.split(":")
-        slot, function = rest.split(".")
-        return Attachment(("host", address), {"type": "pci", "managed": "no"},  # managed='yes' would rebind it
-                          {"domain": f"0x{domain}", "bus": f"0x{bus}", "slot": f"0x{slot}",
-                           "function": f"0x{function}"})
+        return pci_attachment(address)
 
     def claims_type(self, type_id: str) -> bool:
         return type_id.startswith(TYPE_PREFIX)
@@ -165,18 +159,6 @@ class NvidiaVfio:
 
     def release(self, root: HostRoot, address: str) -> None:
         release(root, address)
-
-    def platform(self, vendor_id: int | None, device_id: int | None) -> str | None:
-        return None
-
-    def capacity(self, root: HostRoot, parent: str, types: list[MdevType]) -> Capacity | None:
-        return None
-
-    def doctor_checks(self) -> tuple[CheckSpec, ...]:
-        return ()
-
-    def setup_wants(self) -> SetupWants | None:
-        return None  # NVIDIA's driver and sriov-manage set the host up
 
 
 BACKEND = NvidiaVfio()

@@ -195,17 +195,14 @@ def sriov_pfs(root: HostRoot) -> list[str]:
     return [address for address in _names(root, devices) if root.exists(f"{devices}/{address}/sriov_totalvfs")]
 
 
-def vf_addresses(pf: str, total: int, offset: int, stride: int) -> list[str]:
-    """The addresses VFs 1..total get: routing ID = PF's + offset + stride * index (drivers/pci/iov.c
-    pci_iov_virtfn_bus/devfn), bus = routing ID >> 8, devfn = routing ID & 0xff."""
+def vf_address(pf: str, index: int, offset: int, stride: int) -> str:
+    """The address of VF ``index`` (0-based, as virtfnN counts): routing ID = PF's + offset + stride * index
+    (drivers/pci/iov.c pci_iov_virtfn_bus/devfn), bus = routing ID >> 8, devfn = routing ID & 0xff. vgpuctl
+    reads a PF's VFs from its virtfnN links; the simulator places them by this rule."""
     domain, bus, rest = pf.split(":")
     slot, function = rest.split(".")
-    routing = (int(bus, 16) << 8) | (int(slot, 16) << 3) | int(function)
-    found = []
-    for index in range(total):
-        rid = routing + offset + stride * index
-        found.append(f"{domain}:{rid >> 8:02x}:{(rid & 0xFF) >> 3:02x}.{rid & 7}")
-    return found
+    rid = (int(bus, 16) << 8 | int(slot, 16) << 3 | int(function)) + offset + stride * index
+    return f"{domain}:{rid >> 8:02x}:{(rid & 0xFF) >> 3:02x}.{rid & 7}"
 
 
 def _write(root: HostRoot, host_path: str, value: str, timeout_s: float) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
-from vgpuctl.host import facts
+from vgpuctl.host import facts, pci
 from vgpuctl.sim.vfs import Attr, CharDev, Link, const, fail
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ SIM_DMESG = "/.vgpuctl-sim-dmesg"  # the kernel log of this boot, one dev_printk
 CONFIG_SIZE = 4096  # PCI Express: lspci reads the extended space only from a 4096-byte config
 SRIOV_CAP = 0x100
 PAGE_SIZE = 4096
-_BDF = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
 
 
 def kstrtou(text: str, bits: int) -> int:
@@ -65,18 +64,6 @@ def kstrtobool(text: str) -> bool:
     if value is None:
         raise fail(errno.EINVAL)
     return value
-
-
-def routing_id(address: str) -> tuple[str, int]:
-    """(domain, bus << 8 | devfn) of a BDF."""
-    match = _BDF.match(address)
-    assert match, address
-    domain, bus, slot, function = match.groups()
-    return domain, int(bus, 16) << 8 | int(slot, 16) << 3 | int(function)
-
-
-def bdf(domain: str, rid: int) -> str:
-    return f"{domain}:{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
 
 
 def config_space(vendor: int, device: int, pci_class: int, express_type: int,
@@ -141,8 +128,7 @@ class Pf:
         return self.hw_total if self.driver_limit is None else self.driver_limit
 
     def vf_address(self, index: int) -> str:
-        domain, rid = routing_id(self.function.address)
-        return bdf(domain, rid + self.offset + self.stride * index)
+        return pci.vf_address(self.function.address, index, self.offset, self.stride)
 
 
 class PfDriver:
