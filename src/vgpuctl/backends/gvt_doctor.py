@@ -11,7 +11,7 @@ from functools import cached_property
 
 from vgpuctl.backends.gvt import gvt_allows
 from vgpuctl.backends.gvt_platforms import HOST_LOW_GM_MIB, INTEL_VENDOR_ID, MAX_VGPUS_PER_GPU, Platform, platform_for
-from vgpuctl.backends.sriov_intel import intel_pfs
+from vgpuctl.backends.sriov_intel import SRIOV_BY_PLATFORM, SRIOV_FIX, intel_pfs
 from vgpuctl.host import facts
 from vgpuctl.host.doctor import (
     Check,
@@ -34,32 +34,6 @@ GVT_INIT_HINT = ("GVT-g device init failed inside i915: look for 'Fail to init G
                  "'assign a handler to a non-tracked mmio 4ab8', gvt-linux #216)")
 
 
-# Gen11+ Intel graphics: whether SR-IOV replaces GVT-g there, and through which driver (spec sriov.md 2.1).
-_SRIOV_DKMS_OR_XE = "the out-of-tree i915-sriov-dkms module, or the xe driver (xe.force_probe=<id>)"
-SRIOV_BY_PLATFORM: dict[str, str | None] = {
-    "Tiger Lake": _SRIOV_DKMS_OR_XE,
-    "Alder Lake-S": _SRIOV_DKMS_OR_XE,
-    "Alder Lake-P": _SRIOV_DKMS_OR_XE,
-    "Alder Lake-N": _SRIOV_DKMS_OR_XE,
-    "Raptor Lake-S": _SRIOV_DKMS_OR_XE,
-    "Raptor Lake-P": _SRIOV_DKMS_OR_XE,
-    "Raptor Lake-U": _SRIOV_DKMS_OR_XE,
-    "Meteor Lake": "the out-of-tree i915-sriov-dkms module (xe has no SR-IOV for it)",
-    "Arrow Lake": "the out-of-tree i915-sriov-dkms module (xe has no SR-IOV for it)",
-    "ATS-M": "the xe driver (xe.force_probe=<id>)",
-    "Battlemage": "the xe driver, on Arc Pro B50/B60 only (consumer B580 cards lack the capability)",
-    "Panther Lake": "the xe driver (PF mode on by default since 6.17)",
-    "Ice Lake": None,
-    "Elkhart Lake": None,
-    "Jasper Lake": None,
-    "Rocket Lake": None,
-    "DG1": None,
-    "DG2 / Arc A-series": None,
-    "Lunar Lake": None,
-}
-SRIOV_FIX = ("SR-IOV with i915-sriov-dkms (host): add 'intel_iommu=on i915.enable_guc=3 i915.max_vfs=7 "
-             "module_blacklist=xe' to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, update-grub, reboot, then: "
-             f"vgpuctl vfs enable {IGPU} 7  (VFs 0000:00:02.1-02.7, each bound to vfio-pci; a VM takes one with --vf)")
 GVTD_FIX = (f"No vGPU sharing on this GPU. Only GVT-d is left: bind {IGPU} to vfio-pci and pass the whole iGPU "
             "to one VM (the host loses it).")
 

@@ -28,6 +28,34 @@ from vgpuctl.mdev.state import Journal, Kind
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
 
+# Gen11+ Intel graphics: whether SR-IOV replaces GVT-g there, and through which driver (spec sriov.md 2.1).
+_SRIOV_DKMS_OR_XE = "the out-of-tree i915-sriov-dkms module, or the xe driver (xe.force_probe=<id>)"
+SRIOV_BY_PLATFORM: dict[str, str | None] = {
+    "Tiger Lake": _SRIOV_DKMS_OR_XE,
+    "Alder Lake-S": _SRIOV_DKMS_OR_XE,
+    "Alder Lake-P": _SRIOV_DKMS_OR_XE,
+    "Alder Lake-N": _SRIOV_DKMS_OR_XE,
+    "Raptor Lake-S": _SRIOV_DKMS_OR_XE,
+    "Raptor Lake-P": _SRIOV_DKMS_OR_XE,
+    "Raptor Lake-U": _SRIOV_DKMS_OR_XE,
+    "Meteor Lake": "the out-of-tree i915-sriov-dkms module (xe has no SR-IOV for it)",
+    "Arrow Lake": "the out-of-tree i915-sriov-dkms module (xe has no SR-IOV for it)",
+    "ATS-M": "the xe driver (xe.force_probe=<id>)",
+    "Battlemage": "the xe driver, on Arc Pro B50/B60 only (consumer B580 cards lack the capability)",
+    "Panther Lake": "the xe driver (PF mode on by default since 6.17)",
+    "Ice Lake": None,
+    "Elkhart Lake": None,
+    "Jasper Lake": None,
+    "Rocket Lake": None,
+    "DG1": None,
+    "DG2 / Arc A-series": None,
+    "Lunar Lake": None,
+}
+SRIOV_FIX = ("SR-IOV with i915-sriov-dkms (host): add 'intel_iommu=on i915.enable_guc=3 i915.max_vfs=7 "
+             "module_blacklist=xe' to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, update-grub, reboot, then: "
+             "vgpuctl vfs enable 0000:00:02.0 7  (VFs 0000:00:02.1-02.7, each bound to vfio-pci; a VM takes one "
+             "with --vf)")
+
 VFIO_DRIVERS = ("vfio-pci", "xe-vfio-pci")  # what a VF a VM may open is bound to
 PF_DRIVERS = ("i915", "xe")  # the Intel drivers with a sriov_configure (i915 only as i915-sriov-dkms)
 # Battlemage (e2xx) and Panther Lake (b08x/b09x) VFs go to the VFIO variant driver xe-vfio-pci (sriov.md 0.1).
