@@ -238,12 +238,3 @@ def bind(root: HostRoot, address: str, driver: str) -> None:
     if current is not None:
         _write(root, f"{root.pci_driver(current)}/unbind", address, NUMVFS_TIMEOUT_S)
     _write(root, root.pci_drivers_probe, address, NUMVFS_TIMEOUT_S)
-
-
-def unbind(root: HostRoot, address: str) -> None:
-    """Release the function from its driver and clear its override (so the host's driver may take it)."""
-    base = root.pci_device(path_name(address, "PCI address"))
-    current = _link_name(root, f"{base}/driver")
-    if current is not None:
-        _write(root, f"{root.pci_driver(current)}/unbind", address, NUMVFS_TIMEOUT_S)
-    _write(root, f"{base}/driver_override", "\n", NUMVFS_TIMEOUT_S)
