@@ -27,37 +27,14 @@ def vfs_group() -> None:
     """SR-IOV virtual functions (VFs) of Intel GPUs: each VF is a vGPU a VM gets whole."""
 
 
-def listing(root: Any, state: Any) -> list[dict[str, Any]]:
-    from vgpuctl.backends import sriov_intel
-    from vgpuctl.mdev.state import Journal
-
-    sriov_intel.settle(root, state)  # what a killed vfs command left
-    holders = _holders(state)
-    owned = Journal(state).ownership().vfs
-    rows = []
-    for pf in sriov_intel.intel_pfs(root):
-        openers = sriov_intel.vf_openers(root, pf.pf.vfs)
-        rows.append({
-            "pf": pf.address,
-            "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
-            "driver": pf.driver,
-            "total_vfs": pf.pf.total_vfs,
-            "enabled_vfs": pf.pf.num_vfs,
-            "vfio_driver": pf.vfio_driver,
-            "enabled_by_vgpuctl": pf.address in owned,
-            "problem": pf.problem,
-            "vfs": [{"address": vf.address, "driver": vf.driver,
-                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
-        })
-    return rows
-
-
 @vfs_group.command("list")
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable output.")
 @reports_errors
 def list_command(json_output: bool) -> None:
     """Intel GPUs with SR-IOV, their VFs, and which VM holds each."""
-    rows = listing(State.root, _state())
+    from vgpuctl.vm.inventory import vf_listing
+
+    rows = vf_listing(State.root, _state())
     if json_output:
         print_json({"pfs": rows})
         return

@@ -145,3 +145,30 @@ def vf_holders(root: HostRoot, state: StateDir) -> dict[str, str]:
         with contextlib.suppress(InvalidInput):
             found[check_address(vgpu)] = name
     return found
+
+
+def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
+    """Each Intel SR-IOV PF with its VFs and who holds each (a VM of vgpuctl's, or another opener): the rows of
+    ``vgpuctl vfs list`` and the API."""
+    from vgpuctl.backends import sriov_intel
+    from vgpuctl.mdev.state import Journal
+
+    sriov_intel.settle(root, state)  # what a killed vfs command left
+    holders = vf_holders(root, state)
+    owned = Journal(state).ownership().vfs
+    rows = []
+    for pf in sriov_intel.intel_pfs(root):
+        openers = sriov_intel.vf_openers(root, pf.pf.vfs)
+        rows.append({
+            "pf": pf.address,
+            "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
+            "driver": pf.driver,
+            "total_vfs": pf.pf.total_vfs,
+            "enabled_vfs": pf.pf.num_vfs,
+            "vfio_driver": pf.vfio_driver,
+            "enabled_by_vgpuctl": pf.address in owned,
+            "problem": pf.problem,
+            "vfs": [{"address": vf.address, "driver": vf.driver,
+                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
+        })
+    return rows
