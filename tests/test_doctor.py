@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from tests.conftest import MountFn
 from vgpuctl.backends.doctor import all_checks, run_doctor
-from vgpuctl.backends.gvt import gvt_allows
+from vgpuctl.backends.gvt_capacity import gvt_allows
 from vgpuctl.cli.app import cli
 from vgpuctl.host import HostRoot
 from vgpuctl.host.doctor import Report

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.sysfs import MdevType
@@ -20,6 +19,11 @@ from vgpuctl.mdev.sysfs import MdevType
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
     from vgpuctl.host.setup import SetupWants
+
+
+# The PCI vendors whose rules live here: Intel (GVT-g, SR-IOV VFs), NVIDIA (vendor-specific VFIO).
+INTEL_VENDOR_ID = 0x8086
+NVIDIA_VENDOR_ID = 0x10DE
 
 
 class Capacity(Protocol):
@@ -32,9 +36,9 @@ class Capacity(Protocol):
         """What else, besides removing a vGPU, makes room ("" if nothing)."""
 
 
-@dataclass(frozen=True)
-class Attachment:
-    """How QEMU and libvirt attach one vGPU to a VM."""
+class Attachment(NamedTuple):
+    """How QEMU and libvirt attach one vGPU to a VM (a NamedTuple, not a frozen dataclass: the CLI imports it
+    at every start, and a frozen dataclass costs ~0.5 ms to make)."""
 
     qemu_property: tuple[str, str]  # the vfio-pci property naming it: ("sysfsdev", path); a PCI VF: ("host", BDF)
     hostdev: dict[str, str]  # libvirt's <hostdev mode='subsystem'> attributes: type='mdev', managed, model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from vgpuctl.backends.gvt import gvt_allows
+from vgpuctl.backends.gvt_capacity import gvt_allows
 from vgpuctl.backends.gvt_platforms import HOST_LOW_GM_MIB, INTEL_VENDOR_ID, MAX_VGPUS_PER_GPU, Platform, platform_for
 from vgpuctl.backends.sriov_intel import SRIOV_BY_PLATFORM, SRIOV_FIX, intel_pfs
 from vgpuctl.host import facts

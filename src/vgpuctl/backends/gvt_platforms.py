@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-INTEL_VENDOR_ID = 0x8086
+from vgpuctl.backends import INTEL_VENDOR_ID
+
+__all__ = ["INTEL_VENDOR_ID"]  # for the simulator, which builds Intel devices from these tables
 # GVT-g host reservations and limits (drivers/gpu/drm/i915/gvt/gvt.h): compile-time constants.
 HOST_LOW_GM_MIB = 128
 HOST_HIGH_GM_MIB = 384

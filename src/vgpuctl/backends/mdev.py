@@ -5,7 +5,6 @@ Their vendor drivers keep their accounting to themselves: available_instances is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vgpuctl.backends import Attachment, BackendDefaults, mdev_attachment
@@ -15,7 +14,6 @@ if TYPE_CHECKING:
     from vgpuctl.host.doctor import Check, CheckSpec, Context, Host
 
 
-@dataclass(frozen=True)
 class GenericMdev(BackendDefaults):
     name: str = "mdev"
     guest_sleep: bool = True

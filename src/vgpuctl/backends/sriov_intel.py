@@ -17,8 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.backends import Attachment, BackendDefaults, pci_attachment
-from vgpuctl.backends.gvt_platforms import INTEL_VENDOR_ID
+from vgpuctl.backends import INTEL_VENDOR_ID, Attachment, BackendDefaults, pci_attachment
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, NotOwned
 from vgpuctl.base.state import StateDir
@@ -312,7 +311,6 @@ def _write_numvfs(root: HostRoot, pf: IntelPf, count: int, timeout_s: float) -> 
 
 # ---------------------------------------------------------------------- the backend
 
-@dataclass(frozen=True)
 class IntelSriov(BackendDefaults):
     name: str = "sriov-intel"
     guest_sleep: bool = False  # a VF has no PM capability (xe holds a runtime-PM reference for the VFs)

@@ -22,7 +22,6 @@ from vgpuctl.host import HostRoot, pci
 if TYPE_CHECKING:
     pass
 
-NVIDIA_VENDOR_ID = 0x10DE
 RELEASE_ATTEMPTS = 10  # Proxmox's cleanup_pci_devices: up to 10 tries, one second apart
 RELEASE_INTERVAL_S = 1.0
 
@@ -137,7 +136,6 @@ def type_number(type_id: str) -> int:
     return int(type_id.removeprefix(TYPE_PREFIX))
 
 
-@dataclass(frozen=True)
 class NvidiaVfio(BackendDefaults):
     name: str = "nvidia-vfio"
     guest_sleep: bool = False

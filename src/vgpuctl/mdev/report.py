@@ -91,7 +91,7 @@ def check_type(root: HostRoot, parent: str, type_id: str, names: list[str] | Non
 def gpus_rows(root: HostRoot) -> list[GpuRow]:
     """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
     from vgpuctl.backends import backend_for_parent  # GVT-g's platform tables are not needed by `list`
-    from vgpuctl.backends.gvt import GvtCapacity
+    from vgpuctl.backends.gvt_capacity import GvtCapacity
 
     active = active_devices(root)
     rows: list[GpuRow] = []

@@ -90,7 +90,7 @@ class HostCollector(Collector):
 
     def _vgpus(self) -> Iterator[Metric]:
         from vgpuctl.backends import backend_for_parent
-        from vgpuctl.backends.gvt import GvtCapacity
+        from vgpuctl.backends.gvt_capacity import GvtCapacity
         from vgpuctl.mdev import definitions
         from vgpuctl.mdev.sysfs import active_devices, read_parents
 

@@ -383,11 +383,11 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
 
 def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:
     """The SR-IOV VF ``address`` names: that VF, or a free VF (on its VFIO driver, not taken) of that PF."""
-    from vgpuctl.backends import sriov_intel, sriov_nvidia
+    from vgpuctl.backends import NVIDIA_VENDOR_ID, sriov_intel
     from vgpuctl.host import pci  # SR-IOV VMs only
 
     function = pci.read_function(root, address)
-    if function.vendor == sriov_nvidia.NVIDIA_VENDOR_ID:
+    if function.vendor == NVIDIA_VENDOR_ID:
         return _resolve_nvidia_vf(root, function, taken, type_id)
     if type_id is not None:
         raise InvalidInput("vgpu.type with vgpu.vf is for NVIDIA's VFs: an Intel VF's share is set per PF "

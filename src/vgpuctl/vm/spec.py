@@ -22,7 +22,7 @@ from vgpuctl.base.state import StateDir
 from vgpuctl.host.files import atomic_write
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, describe, one_of, parse_resolution, positive
 from vgpuctl.vm.devices import KINDS, TABLES, DeviceFields
-from vgpuctl.vm.devices.base import OMIT_DEFAULT
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, spec_fields
 from vgpuctl.vm.devices.disk import DISK_FORMATS, Disk
 from vgpuctl.vm.devices.display import BACKENDS, DISPLAY_OPTIONS, GL_BACKENDS, Display
 from vgpuctl.vm.devices.network import NETWORK_MODES, Network, default_mac
@@ -50,7 +50,7 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass
+@spec_fields
 class Machine:
     """The machine's settings: what is not a device's (those are in :mod:`vgpuctl.vm.devices`)."""
 

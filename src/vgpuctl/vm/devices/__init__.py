@@ -6,16 +6,15 @@ its libvirt XML (see :mod:`.base` for the protocol). A new kind is a new module 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any, cast
 
 from vgpuctl.vm.devices import cdrom, disk, display, guest_agent, network, serial, tablet, tpm, usb, vgpu, video
-from vgpuctl.vm.devices.base import DeviceKind
+from vgpuctl.vm.devices.base import DeviceKind, spec_fields
 
 
 # Every kind's fields, last kind first: a dataclass lists its bases' fields from the last base on, so the
 # spec (and its TOML file) lists them in KINDS' order, which is also the order their checks run in.
-@dataclass
+@spec_fields
 class DeviceFields(
     tpm.Fields,
     guest_agent.Fields,

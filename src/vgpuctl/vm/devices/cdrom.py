@@ -3,11 +3,10 @@ in libvirt's XML), read-only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.vm.checks import absolute
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -17,7 +16,7 @@ XML_POSITION = 20
 TABLES: tuple[type[Any], ...] = ()
 
 
-@dataclass
+@spec_fields
 class Fields:
     cdrom: str | None = None
     drivers_cdrom: str | None = None  # a second CD-ROM, e.g. virtio-win.iso (Windows' virtio drivers); not booted

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import absolute, one_of
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -31,7 +31,7 @@ class Disk:
 TABLES: tuple[type[Any], ...] = (Disk,)
 
 
-@dataclass
+@spec_fields
 class Fields:
     disks: list[Disk] = field(default_factory=list)
 

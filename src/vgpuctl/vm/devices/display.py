@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import absolute, one_of, parse_resolution
-from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, qemu_value
+from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, qemu_value, spec_fields
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
@@ -42,7 +42,7 @@ class Display:
 TABLES: tuple[type[Any], ...] = (Display,)
 
 
-@dataclass
+@spec_fields
 class Fields:
     display: Display = field(default_factory=Display, metadata=MERGED)
 

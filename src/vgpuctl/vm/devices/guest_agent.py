@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, qemu_value
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, qemu_value, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -16,7 +16,7 @@ TABLES: tuple[type[Any], ...] = ()
 CHANNEL = "org.qemu.guest_agent.0"  # the name QEMU's guest agent (and libvirt) look for
 
 
-@dataclass
+@spec_fields
 class Fields:
     guest_agent: bool = field(default=False, metadata=OMIT_DEFAULT | option(
         "--guest-agent/--no-guest-agent",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import one_of
-from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, options
+from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, options, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -35,7 +35,7 @@ class Network:
 TABLES: tuple[type[Any], ...] = (Network,)
 
 
-@dataclass
+@spec_fields
 class Fields:
     network: Network = field(default_factory=Network, metadata=MERGED)
 

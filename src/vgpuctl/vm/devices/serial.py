@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -15,7 +14,7 @@ XML_POSITION = 90
 TABLES: tuple[type[Any], ...] = ()
 
 
-@dataclass
+@spec_fields
 class Fields:
     """No spec field: every VM has it."""
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.vm.devices import usb
-from vgpuctl.vm.devices.base import QemuContext, XmlContext
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -16,7 +15,7 @@ XML_POSITION = 50
 TABLES: tuple[type[Any], ...] = ()
 
 
-@dataclass
+@spec_fields
 class Fields:
     """No spec field: present with the USB controller."""
 

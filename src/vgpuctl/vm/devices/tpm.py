@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, qemu_value
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, qemu_value, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -15,7 +15,7 @@ XML_POSITION = 95
 TABLES: tuple[type[Any], ...] = ()
 
 
-@dataclass
+@spec_fields
 class Fields:
     tpm: bool = field(default=False, metadata=OMIT_DEFAULT | option(
         "--tpm/--no-tpm", "A TPM 2.0 (swtpm, started with the VM; Windows 11 needs it)."))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, parse_resolution, positive
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, xy
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, spec_fields, xy
 from vgpuctl.vm.devices.display import GL_BACKENDS, fixed_resolution
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class VgpuRequest:
 TABLES: tuple[type[Any], ...] = (VgpuRequest,)
 
 
-@dataclass
+@spec_fields
 class Fields:
     vgpu: VgpuRequest = field(default_factory=VgpuRequest)
     vgpu_display: bool = field(default=False, metadata=option(  # QEMU display=on, -vga none

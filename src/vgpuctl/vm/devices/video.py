@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, options, xy
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, options, spec_fields, xy
 from vgpuctl.vm.devices.display import fixed_resolution
 
 if TYPE_CHECKING:
@@ -16,7 +15,7 @@ XML_POSITION = 70
 TABLES: tuple[type[Any], ...] = ()
 
 
-@dataclass
+@spec_fields
 class Fields:
     """No spec field of its own: display.resolution fixes its size."""
 
