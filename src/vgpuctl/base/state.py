@@ -11,15 +11,14 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 STATE_ENV = "VGPUCTL_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/vgpuctl"
 
 
-@dataclass(frozen=True)
-class StateDir:
+class StateDir(NamedTuple):
     """vgpuctl's own state directory (--state-dir)."""
 
     path: Path

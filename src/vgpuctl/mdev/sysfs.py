@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError
 from vgpuctl.host import HostRoot
 from vgpuctl.host.root import relative_path
 
 
-@dataclass(frozen=True)
-class MdevType:
+class MdevType(NamedTuple):
     """A vGPU type of a parent, read from mdev_supported_types/<type>/."""
 
     parent: str
@@ -47,8 +47,7 @@ class MdevType:
         return None
 
 
-@dataclass(frozen=True)
-class ActiveDevice:
+class ActiveDevice(NamedTuple):
     """A vGPU that exists now (under /sys/bus/mdev/devices)."""
 
     uuid: str

@@ -319,11 +319,11 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
             wait_running(paths.qmp_socket, lambda: _exited_at_start(paths, exit_file, name), timeout_s,
                          f"VM {name} did not reach 'running' within {timeout_s:.0f} s; see {paths.log}")
             crashpoint("vm-start:running")
-            qemu_process = vm_processes(state, name).qemu
-            run["qemu"] = qemu_process.to_json() if qemu_process else None
+            processes = vm_processes(state, name)
+            run["qemu"] = processes.qemu.to_json() if processes.qemu else None
             atomic_write(_run_file(paths), json.dumps(run, indent=2).encode(), durable=False)
             crashpoint("vm-start:recorded-qemu")
-    return status(root, state, name, qmp_status="running")
+    return status(root, state, name, qmp_status="running", processes=processes)  # both just found: not again
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, NotFound
 from vgpuctl.base.process import cmdline, pids, start_time
@@ -35,8 +35,7 @@ OVMF_SECURE_CODE = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
 OVMF_SECURE_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 
 
-@dataclass(frozen=True)
-class RuntimePaths:
+class RuntimePaths(NamedTuple):
     """The files of one VM's QEMU process, all in one directory."""
 
     directory: Path
@@ -133,8 +132,7 @@ def read_pid(paths: RuntimePaths) -> int | None:
 # ---------------------------------------------------------------------- the VM's processes, found in /proc
 
 
-@dataclass(frozen=True)
-class Process:
+class Process(NamedTuple):
     """One process for good: its pid and start time (/proc/PID/stat field 22, clock ticks since boot),
     so a pid the kernel has since given to another process is never taken for it."""
 
@@ -245,8 +243,7 @@ def is_running(state: StateDir, name: str) -> bool:
 # ---------------------------------------------------------------------- the vGPU a VM would get
 
 
-@dataclass(frozen=True)
-class ResolvedVgpu:
+class ResolvedVgpu(NamedTuple):
     """The concrete vGPU for a VM: existing (active or defined) or to be created by the lifecycle."""
 
     uuid: str
@@ -439,8 +436,7 @@ def _resolve_nvidia_vf(root: HostRoot, function: PciFunction, taken: Collection[
 # ---------------------------------------------------------------------- host requirements
 
 
-@dataclass(frozen=True)
-class RequirementStatus:
+class RequirementStatus(NamedTuple):
     """A host setting the VM needs (e.g. kvm.ignore_msrs=1 for Windows guests), as found on the host."""
 
     requirement: str  # "kvm.ignore_msrs=1"
