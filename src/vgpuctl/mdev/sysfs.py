@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError
@@ -55,14 +54,13 @@ class ActiveDevice(NamedTuple):
     type_id: str
 
 
-@dataclass(frozen=True)
-class ParentDevice:
+class ParentDevice(NamedTuple):
     """A device that can be split into vGPUs (it has mdev_supported_types), with its types."""
 
     name: str
     vendor_id: int | None
     device_id: int | None
-    types: list[MdevType] = field(default_factory=list)
+    types: list[MdevType]
 
     @property
     def vendor(self) -> str:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, KernelError, NotFound, VgpuError
@@ -64,15 +64,14 @@ class VmError(VgpuError):
     """A VM could not be started, stopped or reached; the message says what to do."""
 
 
-@dataclass
-class Prepared:
+class Prepared(NamedTuple):
     """Everything a start needs, computed without changing anything."""
 
     spec: VmSpec
     vgpu: ResolvedVgpu | None
     command: QemuCommand
     accel: str
-    notes: list[str] = field(default_factory=list)
+    notes: list[str]
 
 
 @dataclass
