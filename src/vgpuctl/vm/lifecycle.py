@@ -325,8 +325,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
     return status(root, state, name, qmp_status="running", processes=processes)  # both just found: not again
 
 
-@dataclass
-class AutostartResult:
+class AutostartResult(NamedTuple):
     """What ``vgpuctl vm autostart`` did with one VM."""
 
     name: str
@@ -334,7 +333,7 @@ class AutostartResult:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self._asdict())
 
 
 def _autostart_specs(state: StateDir) -> tuple[list[VmSpec], list[AutostartResult]]:
