@@ -313,6 +313,10 @@ def test_demo_tours_the_host_and_leaves_nothing_mounted() -> None:
     assert "No space left on device" in tour.stdout
     assert tour.stdout.count("created vGPU") == 7
     assert "vm start demo   -> running under" in tour.stdout and "vm stop demo   -> stopped" in tour.stdout
+    # the SR-IOV host: the kernel's ERANGE, two VFs on vfio-pci, a VM holding one, then all off again
+    assert "Numerical result out of range (errno 34)" in tour.stdout
+    assert tour.stdout.count("vfio-pci  free") >= 3 and "0000:00:02.1  vfio-pci  VM demo-vf" in tour.stdout
+    assert "vm stop demo-vf   -> stopped" in tour.stdout and "-> sriov_numvfs 0" in tour.stdout
     assert Path("/proc/self/mountinfo").read_text().count("fuse.vgpuctl-sim") == before
 
 

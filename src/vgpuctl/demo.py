@@ -1,10 +1,12 @@
-"""``vgpuctl demo``: a guided tour of a simulated GVT-g host, with plain file reads and writes."""
+"""``vgpuctl demo``: a guided tour of a simulated GVT-g host, then of a simulated SR-IOV host (Alder Lake with
+i915-sriov-dkms), with plain file reads and writes where a user would make them."""
 
 from __future__ import annotations
 
 import tempfile
 import uuid as uuidlib
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -34,6 +36,71 @@ def run_tour(out: Console, preset_name: str, aperture_mib: int) -> None:
             out.rule("6. Unmount")
             mount.umount(directory)
             out.print(f"$ vgpuctl sim umount {directory}", highlight=False)
+
+
+SRIOV_PRESET = "adl-sriov"
+
+
+def run_sriov_tour(out: Console, preset_name: str = SRIOV_PRESET) -> None:
+    """Today's Intel vGPUs: SR-IOV VFs of an Alder Lake iGPU, enabled, given to vfio-pci, a VM on one."""
+    spec = find_preset(preset_name)
+    with tempfile.TemporaryDirectory(prefix="vgpuctl-demo-") as tmp:
+        directory = Path(tmp) / "host"
+        directory.mkdir()
+        out.rule(f"7. An SR-IOV host: {spec.description}")
+        mount.mount(spec.to_json(), directory, preset_name)
+        out.print(f"$ vgpuctl sim mount --preset {preset_name} {directory}", highlight=False)
+        try:
+            _sriov_tour(out, HostRoot(directory), StateDir(Path(tmp) / "state"))
+        finally:
+            mount.umount(directory)
+            out.print(f"$ vgpuctl sim umount {directory}", highlight=False)
+
+
+def _sriov_tour(out: Console, root: HostRoot, state: StateDir) -> None:
+    from vgpuctl.backends import sriov_intel
+    from vgpuctl.base.errors import VgpuError
+    from vgpuctl.vm import lifecycle, profiles
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.devices.vgpu import VgpuRequest
+    from vgpuctl.vm.inventory import vf_listing
+    from vgpuctl.vm.testguest import build_test_guest
+
+    pf = sriov_intel.intel_pfs(root)[0]
+    base = root.pci_device(pf.address)
+    total = root.read_value(f"{base}/sriov_totalvfs")
+    out.print(f"{pf.address} under {pf.driver}: sriov_totalvfs {total}, sriov_numvfs "
+              f"{root.read_value(f'{base}/sriov_numvfs')}", highlight=False)
+    try:
+        root.write_text(f"{base}/sriov_numvfs", str(int(total) + 1))
+    except OSError as e:
+        out.print(f"$ echo {int(total) + 1} > {base}/sriov_numvfs")
+        out.print(f"[bold red]kernel says: {e.strerror} (errno {e.errno})[/] - more VFs than sriov_totalvfs")
+    try:
+        sriov_intel.enable(root, state, pf.address, 2)
+    except VgpuError as e:
+        out.print(f"[bold red]vgpuctl vfs enable failed: {e}[/]")
+        return
+    out.rule("8. vgpuctl vfs enable: two VFs, each given to vfio-pci by driver_override")
+    out.print(f"$ vgpuctl vfs enable {pf.address} 2", highlight=False)
+    _print_vfs(out, vf_listing(root, state))
+    out.rule("9. A VM on a VF (QEMU: vfio-pci,host=<VF>; simulated here by an emulated adapter)")
+    vm = profiles.new_spec("demo-vf", "automotive")
+    vm.kernel, vm.boot, vm.memory_mib, vm.cpus = str(build_test_guest()), "kernel", 64, 1
+    vm.vgpu, vm.vgpu_display, vm.ramfb = VgpuRequest(vf=pf.address), False, False
+    vm.display.backend = "vnc"  # no local window on a server
+    specs.save(state, vm, new=True)
+    status = lifecycle.start(root, state, "demo-vf")
+    try:
+        out.print(f"$ vgpuctl vm start demo-vf   -> {status.state} under {status.accel}, VF {status.vgpu}",
+                  highlight=False)
+        _print_vfs(out, vf_listing(root, state))
+    finally:
+        stopped = lifecycle.stop(root, state, "demo-vf", timeout_s=10)
+        out.print(f"$ vgpuctl vm stop demo-vf   -> {stopped.state}", highlight=False)
+    sriov_intel.disable(root, state, pf.address)
+    out.print(f"$ vgpuctl vfs disable {pf.address}   -> sriov_numvfs "
+              f"{root.read_value(f'{base}/sriov_numvfs')}", highlight=False)
 
 
 def _tour(out: Console, root: HostRoot) -> None:
@@ -141,3 +208,10 @@ def run_service_demo(out: Console, preset_name: str, aperture_mib: int, port: in
                     lifecycle.kill(root, state, name)
             mount.umount(directory, lazy=True)
             out.print("stopped the VMs and unmounted the simulated host", highlight=False)
+
+
+def _print_vfs(out: Console, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        for vf in row["vfs"]:
+            held = f"VM {vf['vm']}" if vf["vm"] else "free"
+            out.print(f"  {vf['address']}  {vf['driver'] or 'no driver'}  {held}", highlight=False)

@@ -133,12 +133,14 @@ def _last_seqnum(text: str) -> int:
 @click.option("--serve", is_flag=True, help="Then serve the dashboard with three VMs until Ctrl-C.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8470, show_default=True, help="Port for --serve.")
 def demo(preset: str, aperture: int, serve: bool, port: int) -> None:
-    """A guided tour on a simulated host: types, create until full, the kernel's error, a VM; with --serve,
+    """A guided tour on a simulated host: types, create until full, the kernel's error, a VM; then SR-IOV VFs on a
+    simulated Alder Lake (enable, a VM on a VF, disable); with --serve,
     the dashboard on a simulated Coffee Lake running three VMs (streaming and automotive), until Ctrl-C."""
-    from vgpuctl.demo import run_service_demo, run_tour
+    from vgpuctl.demo import run_service_demo, run_sriov_tour, run_tour
 
     try:
         run_tour(out(), preset, aperture)
+        run_sriov_tour(out())
         if serve:
             run_service_demo(out(), preset, aperture, port)
     except Exception as e:  # the tour must always explain itself
