@@ -50,6 +50,7 @@ bench: deps
 	$(PY) bench/bench_cli.py
 	$(PY) bench/bench_doctor.py
 	$(PY) bench/bench_vm.py
+	$(PY) bench/bench_sriov.py
 	$(PY) bench/bench_stream_compare.py
 
 clean:
