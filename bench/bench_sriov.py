@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_vm import bare_qemu  # bench/ is on sys.path when a bench runs as a script
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.sim import mount
@@ -72,22 +73,6 @@ def new_vm(state: StateDir, name: str, guest: Path, *, vf: bool) -> None:
     specs.save(state, spec, new=True)
 
 
-def bare_qemu(argv: list[str], paths: RuntimePaths) -> float:
-    paths.directory.mkdir(parents=True, exist_ok=True)
-    paths.pidfile.unlink(missing_ok=True)
-    started = time.perf_counter()
-    listener = lifecycle.listen_qmp(paths.qmp_socket)
-    process = subprocess.Popen(lifecycle.preopened_qmp_argv(argv, listener), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(listener,))
-    os.close(listener)
-    try:
-        lifecycle.wait_running(paths.qmp_socket, lambda: process.poll() is not None, 10.0, "bare QEMU: no 'running'")
-        return time.perf_counter() - started
-    finally:
-        process.kill()
-        process.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=11)
@@ -120,6 +105,7 @@ def main() -> None:
             timed([*VGPUCTL, "vfs", "disable", PF], sriov_env)
         timed([*VGPUCTL, "vfs", "enable", PF, "2"], sriov_env)
         argv = lifecycle.prepare(sriov_root, state, "onvf", accel="tcg").command.argv
+        RuntimePaths.for_vm(state, "onvf").directory.mkdir(parents=True, exist_ok=True)
         for _ in range(runs):
             sample("VM start, bare QEMU (the VF VM's argv)",
                    lambda: bare_qemu(argv, RuntimePaths.for_vm(state, "onvf")))

@@ -115,3 +115,7 @@ def options(first: str, **props: str | None) -> str:
 def xy(size: tuple[int, int] | None) -> dict[str, str | None]:
     """QEMU's EDID properties for a size."""
     return {"xres": str(size[0]), "yres": str(size[1])} if size else {}
+
+
+def no_check(spec: VmSpec) -> None:
+    """A kind's ``check`` when its fields need no validation of their own (or it has none)."""

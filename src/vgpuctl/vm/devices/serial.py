@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value, spec_fields
-
-if TYPE_CHECKING:
-    from vgpuctl.vm.spec import VmSpec
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, no_check, qemu_value, spec_fields
 
 QEMU_POSITION = 10
 XML_POSITION = 90
@@ -19,8 +16,7 @@ class Fields:
     """No spec field: every VM has it."""
 
 
-def check(spec: VmSpec) -> None:
-    pass
+check = no_check  # nothing of its own to validate
 
 
 def qemu_args(ctx: QemuContext) -> list[str]:

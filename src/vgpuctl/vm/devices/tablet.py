@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vgpuctl.vm.devices import usb
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, spec_fields
-
-if TYPE_CHECKING:
-    from vgpuctl.vm.spec import VmSpec
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, no_check, spec_fields
 
 QEMU_POSITION = 51
 XML_POSITION = 50
@@ -20,8 +17,7 @@ class Fields:
     """No spec field: present with the USB controller."""
 
 
-def check(spec: VmSpec) -> None:
-    pass
+check = no_check  # nothing of its own to validate
 
 
 def qemu_args(ctx: QemuContext) -> list[str]:

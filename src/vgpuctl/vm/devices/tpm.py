@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, qemu_value, spec_fields
-
-if TYPE_CHECKING:
-    from vgpuctl.vm.spec import VmSpec
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, no_check, option, qemu_value, spec_fields
 
 QEMU_POSITION = 92
 XML_POSITION = 95
@@ -21,8 +18,7 @@ class Fields:
         "--tpm/--no-tpm", "A TPM 2.0 (swtpm, started with the VM; Windows 11 needs it)."))
 
 
-def check(spec: VmSpec) -> None:
-    pass
+check = no_check  # nothing of its own to validate
 
 
 def qemu_args(ctx: QemuContext) -> list[str]:

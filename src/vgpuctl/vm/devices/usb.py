@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, spec_fields
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, no_check, spec_fields
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -23,8 +23,7 @@ def present(spec: VmSpec) -> bool:
     return spec.display.backend != "none"
 
 
-def check(spec: VmSpec) -> None:
-    pass
+check = no_check  # nothing of its own to validate
 
 
 def qemu_args(ctx: QemuContext) -> list[str]:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, options, spec_fields, xy
+from vgpuctl.vm.devices.base import QemuContext, XmlContext, no_check, options, spec_fields, xy
 from vgpuctl.vm.devices.display import fixed_resolution
-
-if TYPE_CHECKING:
-    from vgpuctl.vm.spec import VmSpec
 
 QEMU_POSITION = 70
 XML_POSITION = 70
@@ -20,8 +17,7 @@ class Fields:
     """No spec field of its own: display.resolution fixes its size."""
 
 
-def check(spec: VmSpec) -> None:
-    pass
+check = no_check  # nothing of its own to validate
 
 
 def qemu_args(ctx: QemuContext) -> list[str]:
