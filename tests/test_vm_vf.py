@@ -16,7 +16,7 @@ from vgpuctl.vm import lifecycle
 from vgpuctl.vm import spec as specs
 from vgpuctl.vm.argv import build_command
 from vgpuctl.vm.libvirt import domain_xml
-from vgpuctl.vm.profiles import new_spec
+from vgpuctl.vm.profiles import new_spec, os_settings
 from vgpuctl.vm.runtime import ResolvedVgpu, RuntimePaths, resolve_vgpu
 from vgpuctl.vm.spec import VgpuRequest, VmSpec
 
@@ -29,11 +29,18 @@ RUN = Path("/run/vgpuctl-test/vm1")
 CASES = {
     "base": lambda: new_spec("vm1"),
     "gaming": lambda: replace(new_spec("vm1", "gaming"), vgpu_display=False, ramfb=False),
+    "windows": lambda: windows(),
 }
+ROM = "/var/lib/vgpuctl/roms/IntelGopDriver.rom"
+
+
+def windows() -> VmSpec:
+    spec = new_spec("vm1")
+    return replace(spec, **os_settings("windows10", spec))
 
 
 def on_vf(spec: VmSpec, vf: str = VF1) -> VmSpec:
-    spec.vgpu = VgpuRequest(vf=vf)
+    spec.vgpu = VgpuRequest(vf=vf, rom=ROM if spec.os else None)
     return spec
 
 
@@ -43,7 +50,8 @@ def test_argv_and_xml_golden_on_a_vf(name: str, golden: GoldenFn, tmp_path: Path
     spec.validate()
     cmd = build_command(spec, VF, qemu="qemu-system-x86_64", accel="kvm", runtime_dir=RUN, simulated=False)
     device = cmd.argv[cmd.argv.index("-device", cmd.argv.index("-vga") if "-vga" in cmd.argv else 0):]
-    assert f"vfio-pci,id=hostdev0,host={VF1}" in cmd.argv and "display=on" not in " ".join(device)
+    assert f"vfio-pci,id=hostdev0,host={VF1}" + (f",romfile={ROM}" if spec.os else "") in cmd.argv
+    assert "display=on" not in " ".join(device)
     assert not any("sysfsdev" in a for a in cmd.argv)
     assert any("no display of its own" in n for n in cmd.notes)
     golden(f"vm/{name}-sriov-vf.argv", "".join(f"{arg}\n" for arg in cmd.argv) + "".join(f"# {n}\n" for n in cmd.notes))
@@ -52,6 +60,24 @@ def test_argv_and_xml_golden_on_a_vf(name: str, golden: GoldenFn, tmp_path: Path
     assert '<address domain="0x0000" bus="0x00" slot="0x02" function="0x1" />' in xml
     golden(f"vm/{name}-sriov-vf.xml", xml)
     validate_xml(xml, tmp_path, name)
+
+
+def test_windows_on_an_intel_vf_is_told_of_the_option_rom_and_gets_it() -> None:
+    spec = on_vf(windows())
+    cmd = build_command(spec, VF, qemu="qemu-system-x86_64", accel="kvm", runtime_dir=RUN, simulated=False)
+    assert f"vfio-pci,id=hostdev0,host={VF1},romfile={ROM}" in cmd.argv
+    assert not any("Code 43" in n for n in cmd.notes)
+    assert f'<rom file="{ROM}" />' in domain_xml(spec, VF, paths=RuntimePaths(RUN))
+    spec.vgpu.rom = None
+    cmd = build_command(spec, VF, qemu="qemu-system-x86_64", accel="kvm", runtime_dir=RUN, simulated=False)
+    assert any("Code 43" in n and "vgpu.rom" in n for n in cmd.notes)
+    cmd = build_command(on_vf(new_spec("vm1")), VF, qemu="qemu-system-x86_64", accel="kvm", runtime_dir=RUN,
+                        simulated=False)
+    assert not any("Code 43" in n for n in cmd.notes)  # a Linux guest needs no ROM
+    with pytest.raises(InvalidInput, match="it goes with vgpu.vf"):
+        replace(new_spec("vm1"), vgpu=VgpuRequest(type="i915-GVTg_V5_4", rom=ROM)).validate()
+    with pytest.raises(InvalidInput, match="vgpu.rom"):
+        replace(spec, vgpu=VgpuRequest(vf=VF1, rom="roms/gop.rom")).validate()
 
 
 def test_the_spec_names_a_vf_alone_and_as_lspci_writes_it() -> None:

@@ -63,7 +63,10 @@ def pci_attachment(address: str) -> Attachment:
 class BackendDefaults:
     """What a backend says when it has nothing of its own to say (each backend subclasses it and overrides
     what its kind does): nothing to do to a vGPU at VM start or after it, no platform tables, no capacity
-    model beyond available_instances, no doctor checks, nothing for ``vgpuctl setup``."""
+    model beyond available_instances, no doctor checks, nothing for ``vgpuctl setup``, nothing more a Windows
+    guest needs."""
+
+    windows_guest: str | None = None
 
     def assign(self, root: HostRoot, address: str, type_id: str) -> None:
         return None
@@ -108,6 +111,11 @@ class VgpuBackend(Protocol):
     # Why its vGPUs have no display of their own (QEMU display=on would fail), None if they have one.
     @property
     def no_display(self) -> str | None: ...
+
+    # What a Windows guest on one of its vGPUs needs besides the OS's own settings (said at start when the spec
+    # lacks it), None if nothing.
+    @property
+    def windows_guest(self) -> str | None: ...
 
     # The PCI vendor whose devices are this backend's parents, None for any vendor's.
     @property

@@ -322,6 +322,11 @@ class IntelSriov(BackendDefaults):
                               "any (known) display method\"): the picture comes from an emulated adapter (the VM's "
                               "display and video settings) or from streaming inside the guest (RDP, Sunshine)")
     pci_vendor: int | None = INTEL_VENDOR_ID
+    # sriov.md 5.1, 6 (i915-sriov-dkms docs/install-windows-guest.md): Intel's Windows driver stops with Code 43
+    # on a VF without the GOP driver's option ROM; Proxmox's working set-up also hides KVM (kvm=off).
+    windows_guest: str | None = ("a Windows guest on an Intel VF: Intel's driver shows Code 43 without the VF's "
+                                 "option ROM — extract the IntelGopDriver ROM from the board's firmware and set "
+                                 "vgpu.rom to its path (QEMU romfile=); RDP or in-guest streaming shows the desktop")
 
     def attachment(self, address: str) -> Attachment:
         return pci_attachment(address)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
-from vgpuctl.vm.checks import MAX_MEMORY_MIB, parse_resolution, positive
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, spec_fields, xy
+from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, parse_resolution, positive
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, qemu_value, spec_fields, xy
 from vgpuctl.vm.devices.display import GL_BACKENDS, fixed_resolution
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class VgpuRequest:
     resolution: str | None = None  # "1920x1200": at least this resolution
     min_memory_mib: int | None = None
     weight: int | None = None
+    rom: str | None = None  # a VF's option ROM file (QEMU romfile=, libvirt <rom file>): Windows on an Intel VF
     largest: bool = field(default=False, metadata=OMIT_DEFAULT)  # the largest type that still fits
     keep: bool = field(default=True, metadata=OMIT_DEFAULT)  # keep the vGPU vgpuctl made when QEMU ends, for
     # the next start (GVT-g fragments its graphics memory when vGPUs come and go); false: remove it whenever
@@ -125,6 +126,11 @@ def check(spec: VmSpec) -> None:
         if besides:
             raise InvalidInput(f"vgpu.vf names the whole vGPU (a VF, or a PF to take a free VF of): not with "
                                f"{', '.join(besides)}")
+    if vgpu.rom is not None:
+        if vgpu.vf is None:
+            raise InvalidInput("vgpu.rom is a PCI function's option ROM: it goes with vgpu.vf (an SR-IOV VF), not "
+                               "with an mdev vGPU")
+        absolute("vgpu.rom", vgpu.rom)
     if vgpu.uuid and (vgpu.type or requirements):
         others = ", ".join((["type"] if vgpu.type else []) + requirements)
         raise InvalidInput(f"vgpu: give either uuid, or type, or requirements (resolution/min_memory_mib/weight/"
@@ -176,9 +182,11 @@ def qemu_args(ctx: QemuContext) -> list[str]:
         ctx.notes.append(backend.no_display)
     device = options(f"{driver},id={VGPU_ID}", **{name: value},
                      display=None if backend.no_display else "on" if spec.vgpu_display else "off",
-                     ramfb="on" if spec.ramfb else None,
+                     ramfb="on" if spec.ramfb else None, romfile=qemu_value(spec.vgpu.rom) if spec.vgpu.rom else None,
                      **{"x-igd-opregion": "on" if opregion else None},
                      **xy(fixed if spec.vgpu_display else None))
+    if backend.windows_guest and spec.os and spec.os.startswith("windows") and not spec.vgpu.rom:
+        ctx.notes.append(backend.windows_guest)
     if backend.without_kvm and ctx.accel != "kvm":
         ctx.notes.append(backend.without_kvm)
     if opregion and spec.firmware == "ovmf":
@@ -198,6 +206,8 @@ def xml(ctx: XmlContext) -> None:
         attrs["ramfb"] = "on"
     hostdev = ctx.add(ctx.devices, "hostdev", **attrs)
     ctx.add(ctx.add(hostdev, "source"), "address", **attachment.address)
+    if spec.vgpu.rom:
+        ctx.add(hostdev, "rom", file=spec.vgpu.rom)
     ctx.add(hostdev, "alias", name=HOSTDEV_ALIAS)
     if igd_opregion(spec, vgpu):
         ctx.overrides.append(("x-igd-opregion", "bool", "true"))
