@@ -46,6 +46,23 @@ def as_int(value: str | None) -> int | None:
         return None
 
 
+BOOL_WORDS = ("0", "1", "y", "n", "Y", "N")
+
+
+def param_matches(wanted: str, given: str | None) -> bool | None:
+    """Whether a module parameter's ``given`` value (None: a bare name) is the ``wanted`` one (True), works
+    against it (False), or says nothing of it (None). A wanted 0/1/y/n is a bool (param_set_bool: a bare name
+    is true, a non-boolean says nothing); a wanted number an int (kstrtoint: a non-number is wrong); anything
+    else a string."""
+    if wanted in BOOL_WORDS:
+        value = param_bool(given)
+        return None if value is None else value == param_bool(wanted)
+    number = as_int(wanted)
+    if number is not None:
+        return as_int(given) == number
+    return given == wanted
+
+
 def module_name(text: str) -> str:
     """A module's name as /proc/modules spells it, from a name, a modprobe.d word or a .ko path."""
     base = text.rsplit("/", 1)[-1]

@@ -13,6 +13,7 @@ after boot are kept, one line each, in ``/.vgpuctl-sim-uevents``, so that a test
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import json
@@ -685,6 +686,8 @@ class SimHost:
             if defer is not None:
                 self.defer = self._check_defer(defer)
             self.boot_cmdline = self._cmdline_from_grub() or self.boot_cmdline
+            with contextlib.suppress(OSError):  # what this boot came from: a revert to the first file is a change
+                self.grub_written = self.vfs.read("/etc/default/grub").decode(errors="replace")
             self._boot()
 
     def control(self, text: str) -> None:
