@@ -277,3 +277,48 @@ def modules_loaded_at_boot(root: HostRoot) -> dict[str, str]:
         for module in parse_modules_load(_text(root, path)):
             found.setdefault(module, path)
     return found
+
+
+# ---------------------------------------------------------------- out-of-tree modules and the firmware
+
+MODULE_SIGNATURE = b"~Module signature appended~\n"  # the kernel's MODULE_SIG_STRING, at the end of a signed module
+MODINFO_KEYS = (b"vermagic", b"version", b"name", b"srcversion")
+
+
+def parse_modinfo(data: bytes) -> dict[str, str]:
+    """The key=value strings of a module's .modinfo section (what ``modinfo`` prints), found in an uncompressed
+    .ko as NUL-separated strings: vermagic ("6.8.0-45-generic SMP preempt mod_unload modversions "), version."""
+    found: dict[str, str] = {}
+    for chunk in data.split(b"\0"):
+        key, sep, value = chunk.partition(b"=")
+        if sep and key in MODINFO_KEYS:
+            found.setdefault(key.decode(), value.decode(errors="replace"))
+    return found
+
+
+def vermagic_release(vermagic: str) -> str:
+    """The kernel release a module was built for: the first word of its vermagic."""
+    return vermagic.split(" ", 1)[0]
+
+
+def module_signed(data: bytes) -> bool:
+    """Whether a module file carries an appended signature (scripts/sign-file's trailer)."""
+    return data.endswith(MODULE_SIGNATURE)
+
+
+def read_module(root: HostRoot, host_path: str) -> bytes | None:
+    """A module file's bytes, uncompressed (.ko, .ko.xz, .ko.gz); None for zstd (no decoder in Python 3.11)."""
+    import gzip
+    import lzma
+
+    data = root.path(host_path).read_bytes()
+    if host_path.endswith(".xz"):
+        return lzma.decompress(data)
+    if host_path.endswith(".gz"):
+        return gzip.decompress(data)
+    return None if host_path.endswith(".zst") else data
+
+
+def parse_efi_bool(data: bytes) -> bool | None:
+    """An efivarfs boolean variable (SecureBoot): 4 attribute bytes, then 1 or 0; None if malformed."""
+    return data[4] == 1 if len(data) >= 5 else None

@@ -264,8 +264,9 @@ class SimHost:
 
     @property
     def modules(self) -> list[str]:
-        """Loaded modules, in /proc/modules order."""
-        return [m for m in self._boot_modules() if m not in self.unloaded]
+        """Loaded modules, in /proc/modules order (less those the kernel refuses: sriov_vendors.refused_modules)."""
+        refused = sriov_vendors.refused_modules(self)
+        return [m for m in self._boot_modules() if m not in self.unloaded and m not in refused]
 
     @property
     def _kvmgt_refused(self) -> bool:
