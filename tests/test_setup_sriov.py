@@ -92,6 +92,8 @@ def test_the_wants_are_the_backends_present_on_the_host(mount_host: MountFn, tmp
     nvidia = setup_wants(mount_host("l40s-vfio"))
     assert isinstance(nvidia, BootWants) and nvidia.params == ("intel_iommu=on",) and nvidia.modules(None) == []
     assert setup_wants(HostRoot(tmp_path)) is GVT_SETUP  # a root without sysfs: GVT-g's, as before
+    both = setup_wants(mount_host("l40s-vfio", pci_id="8086:3e92"))  # a Coffee Lake iGPU next to an L40S
+    assert isinstance(both, CombinedWants) and both.parts == (GVT_SETUP, nvidia)
     # The simulated NVIDIA host is already set up.
     root = mount_host("l40s-vfio")
     tools = debian(root, tmp_path)
