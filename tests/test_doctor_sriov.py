@@ -164,6 +164,12 @@ def test_iommu_off(mount_host: MountFn) -> None:
     assert "intel_iommu=on" in iommu["fix"] and checks["sriov-vfs"]["blocked_by"] == "sriov-iommu"
 
 
+def test_xe_on_an_alder_lake_igpu_is_experimental(mount_host: MountFn) -> None:
+    pf = doctor(mount_host("mtl-xe", sriov={"device_id": 0x4680, "xe_has_sriov": True}))["sriov-pf"]
+    assert pf["status"] == "warn" and "xe's SR-IOV on Alder Lake-S is experimental" in pf["detail"]
+    assert "i915-sriov-dkms" in pf["fix"] and "module_blacklist=xe" in pf["fix"]
+
+
 def test_xe_max_vfs(mount_host: MountFn) -> None:
     params = doctor(mount_host("b60-xe", cmdline="BOOT_IMAGE=/boot/vmlinuz ro intel_iommu=on xe.max_vfs=0"))[
         "sriov-params"]

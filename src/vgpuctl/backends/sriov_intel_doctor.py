@@ -80,9 +80,17 @@ def check_sriov_pf(ctx: Context, c: Check) -> None:
             + (": sriov-dkms and sriov-secboot say why i915 did not load." if pf.driver is None else "."))
         c.set("fail", f"{pf.address}: {pf.problem}.", fix)
         return
-    c.set("ok", "; ".join(f"{pf.address} under {pf.driver} can make VFs (" + (
+    detail = "; ".join(f"{pf.address} under {pf.driver} can make VFs (" + (
         f"up to {pf.pf.total_vfs} allowed now)" if pf.pf.total_vfs else "none allowed now: see sriov-params)")
-        for pf in pfs) + ".")
+        for pf in pfs) + "."
+    # sriov.md 0.1: xe's SR-IOV on these iGPUs is experimental (ADL VFs fail to initialise, strongtz#454).
+    xe_igpu = next((pf for pf in pfs if pf.driver == "xe" and pf.address == sriov_intel.IGPU_ADDRESS
+                    and _platform(pf) in sriov_intel.I915_DKMS_PLATFORMS and pf.pf.total_vfs), None)
+    if xe_igpu is not None:
+        c.set("warn", f"{detail} But xe's SR-IOV on {_platform(xe_igpu)} is experimental: its VFs often fail to "
+                      "initialise in the guest; i915-sriov-dkms is the driver that works there.", DKMS_FIX)
+        return
+    c.set("ok", detail)
 
 
 def check_sriov_params(ctx: Context, c: Check) -> None:
