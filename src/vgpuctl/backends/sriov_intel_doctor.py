@@ -303,7 +303,8 @@ def check_sriov_secure_boot(ctx: Context, c: Check) -> None:
               + MOK_FIX.format(root=host.root.dkms_tree))
         return
     if not loaded and modules:
-        c.set("fail", "Secure Boot is on and i915-sriov-dkms is signed, but the kernel did not load it: its key is "
+        what = "is signed" if signed else "is compressed (its signature not read)"
+        c.set("fail", f"Secure Boot is on and i915-sriov-dkms {what}, but the kernel did not load it: its key is "
                       "not enrolled as a Machine Owner Key (mokutil --list-enrolled does not show it).",
               MOK_FIX.format(root=host.root.dkms_tree))
         return
