@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vgpuctl.backends import Attachment, BackendDefaults, pci_attachment
+from vgpuctl.backends import NVIDIA_VENDOR_ID, Attachment, BackendDefaults, pci_attachment
 from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound
 from vgpuctl.host import HostRoot, pci
 
 if TYPE_CHECKING:
-    pass
+    from vgpuctl.host.doctor import CheckSpec
+    from vgpuctl.host.setup import SetupWants
 
 RELEASE_ATTEMPTS = 10  # Proxmox's cleanup_pci_devices: up to 10 tries, one second apart
 RELEASE_INTERVAL_S = 1.0
@@ -30,6 +31,16 @@ RELEASE_INTERVAL_S = 1.0
 class VgpuType:
     id: int
     name: str  # e.g. "NVIDIA L40S-8Q"
+
+
+def nvidia_pfs(root: HostRoot) -> list[pci.SriovPf]:
+    """Every NVIDIA PCI function with the SR-IOV capability (a GPU of the vendor-specific VFIO framework, whatever
+    its driver now; sriov.md 3.1: what NVIDIA's own tools look for)."""
+    found = []
+    for address in sorted(pci.sriov_pfs(root)):
+        if pci.read_function(root, address).vendor == NVIDIA_VENDOR_ID:
+            found.append(pci.read_pf(root, address))
+    return found
 
 
 def _nvidia_dir(root: HostRoot, vf: str) -> str:
@@ -157,6 +168,21 @@ class NvidiaVfio(BackendDefaults):
 
     def release(self, root: HostRoot, address: str) -> None:
         release(root, address)
+
+    def doctor_checks(self) -> tuple[CheckSpec, ...]:
+        from vgpuctl.backends.sriov_nvidia_doctor import CHECKS
+
+        return CHECKS
+
+    def setup_wants(self, root: HostRoot) -> SetupWants | None:
+        """The IOMMU on, for a host with an NVIDIA GPU with SR-IOV (its VFs are VFIO devices, each in an IOMMU
+        group, 3.4); nothing else: nvidia loads by itself and its VFs stay on it. On an AMD host intel_iommu= is
+        ignored (the AMD IOMMU is on by default)."""
+        if not nvidia_pfs(root):
+            return None
+        from vgpuctl.host.setup import BootWants
+
+        return BootWants("NVIDIA vGPU (vendor-specific VFIO)", ("intel_iommu=on",))
 
 
 BACKEND = NvidiaVfio()
