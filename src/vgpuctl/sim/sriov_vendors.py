@@ -131,7 +131,8 @@ class I915(PfDriver):
         max_vfs = facts.as_int(host.module_param("i915", "max_vfs")) or 0
         guc = facts.as_int(host.module_param("i915", "enable_guc"))
         self.guc_submission = guc is not None and guc > 0 and bool(guc & 1)
-        self.pf_mode = not self.stock and max_vfs > 0 and self.guc_submission
+        # pf_verify_readiness(): max_vfs, GuC submission, then the VF BARs ("VFs BAR not ready": native, totalvfs 0)
+        self.pf_mode = not self.stock and max_vfs > 0 and self.guc_submission and bus.mmio_ok
         self.configure = None if self.stock else self._configure
         if not self.stock:  # i915_params.c: 0400, default 0
             host.vfs.put("/sys/module/i915/parameters/max_vfs", Attr(show=const(f"{max_vfs}\n"), mode=0o400))
@@ -167,7 +168,10 @@ class I915(PfDriver):
             raise fail(errno.ENODEV, "GuC submission disabled")  # a VF needs GuC submission
 
     def bound(self, function: Function) -> None:
-        """A VF taken by the host's i915 ("Running in SR-IOV VF mode"): a DRM card and render node each."""
+        """A VF taken by the host's i915 ("Running in SR-IOV VF mode"): a DRM card and render node each; the PF
+        bound again is probed again (its readiness sets totalvfs anew)."""
+        if function is self.pf.function:
+            self.probe_pf()
         if function.pf is None:
             return
         card, render = function.index + 1, 129 + function.index
@@ -696,9 +700,11 @@ class Xe(PfDriver):
                                   Link(target=vf_function.path))
 
     def fair_shares(self, count: int) -> tuple[int, int, int]:
-        """2.4.4: min(estimate, profile) for GGTT (64 KiB aligned on this dGPU), contexts and doorbells."""
+        """2.4.4: min(estimate, profile) for GGTT, contexts and doorbells."""
         profile = 56 * MIB if count > 56 else _pow2_floor(XE_GGTT_PROFILE // count // MIB) * MIB
-        estimate = max(self.spec.ggtt_free_mib * MIB - GGTT_SPARE, 0) // count // 65536 * 65536
+        # pf_get_ggtt_alignment(): 64 KiB on a dGPU with XE_VRAM_FLAGS_NEED64K [U for BMG], 4 KiB on an iGPU
+        align = 4096 if self.spec.address.startswith("0000:00:") else 65536
+        estimate = max(self.spec.ggtt_free_mib * MIB - GGTT_SPARE, 0) // count // align * align
         contexts = min(_pow2_floor(65535 // count), (GUC_CONTEXTS - CONTEXTS_SPARE) // count)
         doorbells = min(_pow2_floor(GUC_DOORBELLS // (count + 1)), GUC_DOORBELLS // count)
         return min(estimate, profile), contexts, doorbells
