@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MountFn
+from tests.conftest import MountFn, write_errno
 from vgpuctl.host import HostRoot
 
 pytestmark = pytest.mark.fuse
@@ -35,21 +35,6 @@ def dev(root: HostRoot, address: str = INTEL_PF) -> Path:
 
 def read(path: Path) -> str:
     return path.read_text().removesuffix("\n")
-
-
-def write_errno(path: Path, data: str) -> int:
-    """errno of open() and one write() to path (0 on success), the way a program sees it."""
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        return e.errno or -1
-    try:
-        os.write(fd, data.encode())
-    except OSError as e:
-        return e.errno or -1
-    finally:
-        os.close(fd)
-    return 0
 
 
 def shell(shell_name: str, script: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -45,6 +45,7 @@ PAGE_SIZE = 4096
 def kstrtou(text: str, bits: int) -> int:
     """kstrtou16/u32/u64(buf, 0) (lib/kstrtox.c): '+', 0x hex, 0 octal, one trailing newline; ERANGE for a
     value over ``bits`` and for digits that overflow 64 bits even before garbage, else EINVAL for garbage."""
+    text = text.split("\0", 1)[0]  # a C string: a NUL ends it
     body = text[1:] if text.startswith("+") else text
     if re.match(r"0[xX][0-9a-fA-F]", body):  # _parse_integer_fixup_radix()
         base, digits, body = 16, "0123456789abcdefABCDEF", body[2:]

@@ -219,6 +219,8 @@ class I915(PfDriver):
         self.bus.log(pf.function, f"Enabled {count} VFs")
 
     def _enable(self, pf: Pf, count: int) -> None:
+        if self.spec.pf_status_errno:  # i915_sriov_pf_enable_vfs(): pf_get_status() < 0
+            raise fail(self.spec.pf_status_errno, "the PF is not ready")
         configs = self.vf_configs[:count]
         if self.auto:
             if not all(c.empty for c in configs):
@@ -496,9 +498,9 @@ class Nvidia(PfDriver):
                 state.current, state.params = 0, []
                 return
             if state.current:
-                raise fail(errno.EBUSY, "write 0 first")
+                raise fail(self.spec.type_change_errno, "write 0 first")
             if value not in {t.type_id for t in self.creatable(function)}:
-                raise fail(errno.EINVAL, f"type {value} cannot be created on this VF now")
+                raise fail(self.spec.type_refused_errno, f"type {value} cannot be created on this VF now")
             state.current = value
 
     def _int_store(self, state: VfState, name: str, text: str) -> None:
