@@ -74,7 +74,8 @@ without their ``test_``; section, errno or example -> test):
 7.3     kernel eras, sriov_admin, brackets, clamps, compat links, unsupported platforms -> S xe_sriov_admin…,
         xe_kernel_eras, xe_platforms_without_sriov; here permissions_are_enforced
 7.3     sriov_admin EPERM/EIO/EUCLEAN -> not emulated (needs a GuC/multi-GT fault switch)
-7.3     variant igpu-xe needs force_probe -> not emulated (xe binds the iGPU without it)
+7.3     variant igpu-xe needs xe.force_probe (knob xe_force_probe); "!id" blocks -> here
+        xe_binds_an_igpu_only_with_force_probe, xe_force_probe_can_block_a_supported_platform
 7.4     PF identity, raw write EPERM/ENOENT, sriov-manage -e/-d, unbindLock, types, EPERM release -> S nvidia_pf…,
         sriov_manage…, types…, release…, a_gpu_held_by_dcgm…
 7.4     nvidia/ modes and zero values; -d clears set types; own IOMMU groups -> here
@@ -437,13 +438,17 @@ def test_xe_fair_profiles_up_to_63_vfs(mount_host: MountFn) -> None:
     assert shares == XE_PROFILES
 
 
+IGPU_XE = {"device_id": 0x4680, "xe_has_sriov": True, "xe_force_probe": True}  # ADL-S under xe (7.3's igpu-xe)
+
+
 @pytest.mark.parametrize(("count", "shares"), [
     (1, (2048 * MIB, 32768, 128)),  # the profile is smaller than (3328 - 64) MiB
     (7, (488935424, 8192, 32)),  # (3328 - 64) MiB / 7 = 466.3 MiB, 4 KiB aligned: below the 512 MiB profile
 ])
 def test_xe_estimate_wins_on_an_igpu(mount_host: MountFn, count: int, shares: tuple[int, int, int]) -> None:
     # An Alder Lake-S iGPU under xe (sriov.md 7.3's "igpu-xe"; experimental, 0.1): 00:02.0, 7 VFs.
-    root = mount_host("mtl-xe", sriov={"device_id": 0x4680, "xe_has_sriov": True, "ggtt_free_mib": 3328})
+    root = mount_host("mtl-xe", sriov={**IGPU_XE, "ggtt_free_mib": 3328},
+                      cmdline="root=/dev/sda1 intel_iommu=on xe.force_probe=4680")
     assert write_errno(pci(root) / "sriov_numvfs", str(count)) == 0
     assert xe_quotas(root, count) == shares
 
@@ -505,3 +510,26 @@ def test_nvidia_type_errnos_are_knobs(mount_host: MountFn, knobs: dict[str, int]
     assert value(second) == "0"
     assert write_errno(first, "1160") == change
     assert value(first) == "1163"
+
+
+@pytest.mark.parametrize(("force_probe", "bound"), [("", False), ("4680", True), ("*", True), ("46a6,4680", True),
+                                                    ("!4680", False)])
+def test_xe_binds_an_igpu_only_with_force_probe(mount_host: MountFn, force_probe: str, bound: bool) -> None:
+    cmdline = "root=/dev/sda1 intel_iommu=on" + (f" xe.force_probe={force_probe}" if force_probe else "")
+    root = mount_host("mtl-xe", sriov=IGPU_XE, cmdline=cmdline)
+    assert driver(root, INTEL_PF) == ("xe" if bound else None)
+    if bound:
+        assert dmesg(root) == ["xe 0000:00:02.0: Running in SR-IOV PF mode"]
+        assert write_errno(pci(root) / "sriov_numvfs", "7") == 0
+        return
+    assert dmesg(root)[:3] == ["xe 0000:00:02.0: Your graphics device 4680 is not officially supported",
+                               "by xe driver in this kernel version. To force Xe probe,",
+                               "use xe.force_probe='4680' and i915.force_probe='!4680'"]
+    assert value(pci(root) / "sriov_totalvfs") == "7"  # the capability's, no driver to lower it
+    assert write_errno(pci(root) / "sriov_numvfs", "1") == errno.ENOENT
+
+
+def test_xe_force_probe_can_block_a_supported_platform(mount_host: MountFn) -> None:
+    root = mount_host("b60-xe", cmdline="root=/dev/sda1 intel_iommu=on xe.force_probe=!e211")
+    assert driver(root, XE_PF) is None
+    assert dmesg(root) == ["xe 0000:03:00.0: Probe blocked for device [8086:e211]."]

@@ -77,8 +77,8 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
         if host.loaded("xe"):
             xe = Xe(bus, host, spec, xe_pf)
             bus.add_driver(xe)
-            bus.attach(function, xe)
-            for name, minor in (("card0", 0), ("renderD128", 128)):
+            bus.probe_device(function)
+            for name, minor in (("card0", 0), ("renderD128", 128)) if function.driver else ():
                 host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
                 host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
     else:
@@ -616,6 +616,22 @@ class Xe(PfDriver):
 
     def matches(self, function: Function) -> bool:
         return function.vendor == 0x8086 and function.device == self.spec.device_id  # PF and (same id) VFs
+
+    def probe(self, function: Function) -> None:
+        """xe_pci_probe(): a require_force_probe platform needs xe.force_probe=<id> (or *); "!<id>" blocks."""
+        tokens = (self.host.module_param("xe", "force_probe") or "").split(",")
+        device = f"{function.device:04x}"
+        if self.spec.xe_force_probe and not ({"*", device} & set(tokens)):
+            self.bus.kmsg.append(
+                f"xe {function.address}: Your graphics device {device} is not officially supported\n"
+                f"by xe driver in this kernel version. To force Xe probe,\n"
+                f"use xe.force_probe='{device}' and i915.force_probe='!{device}'\n"
+                f"module parameters or CONFIG_DRM_XE_FORCE_PROBE='{device}' and\n"
+                f"CONFIG_DRM_I915_FORCE_PROBE='!{device}' configuration options.")
+            raise fail(errno.ENODEV)
+        if {"!*", f"!{device}"} & set(tokens):
+            self.bus.kmsg.append(f"xe {function.address}: Probe blocked for device [8086:{device}].")
+            raise fail(errno.ENODEV)
 
     def probe_pf(self) -> None:
         """xe's probe of the PF (at boot, or a bind after an unbind): PF mode, or totalvfs 0."""
