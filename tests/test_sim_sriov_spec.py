@@ -73,7 +73,8 @@ without their ``test_``; section, errno or example -> test):
         xe_configfs_max_vfs_is_read_at_probe
 7.3     kernel eras, sriov_admin, brackets, clamps, compat links, unsupported platforms -> S xe_sriov_admin…,
         xe_kernel_eras, xe_platforms_without_sriov; here permissions_are_enforced
-7.3     sriov_admin EPERM/EIO/EUCLEAN -> not emulated (needs a GuC/multi-GT fault switch)
+7.3     sriov_admin EINVAL, then EPERM/EIO (store), EUCLEAN (show): knobs admin_store/show_errno -> here
+        xe_sriov_admin_errors
 7.3     variant igpu-xe needs xe.force_probe (knob xe_force_probe); "!id" blocks -> here
         xe_binds_an_igpu_only_with_force_probe, xe_force_probe_can_block_a_supported_platform
 7.4     PF identity, raw write EPERM/ENOENT, sriov-manage -e/-d, unbindLock, types, EPERM release -> S nvidia_pf…,
@@ -533,3 +534,24 @@ def test_xe_force_probe_can_block_a_supported_platform(mount_host: MountFn) -> N
     root = mount_host("b60-xe", cmdline="root=/dev/sda1 intel_iommu=on xe.force_probe=!e211")
     assert driver(root, XE_PF) is None
     assert dmesg(root) == ["xe 0000:03:00.0: Probe blocked for device [8086:e211]."]
+
+
+@pytest.mark.parametrize(("knobs", "store", "show"), [
+    ({}, 0, 0),
+    ({"admin_store_errno": errno.EPERM}, errno.EPERM, 0),  # not applicable on this HW/FW
+    ({"admin_store_errno": errno.EIO}, errno.EIO, 0),  # the GuC refused
+    ({"admin_show_errno": errno.EUCLEAN}, 0, errno.EUCLEAN),  # the GTs' values differ
+])
+def test_xe_sriov_admin_errors(mount_host: MountFn, knobs: dict[str, int], store: int, show: int) -> None:
+    root = mount_host("b60-xe", sriov=knobs)
+    admin = pci(root, XE_PF) / "sriov_admin"
+    quantum = admin / "vf1" / "profile" / "exec_quantum_ms"
+    assert write_errno(quantum, "x") == errno.EINVAL  # malformed: EINVAL whatever the fault
+    assert write_errno(quantum, "25") == store
+    assert write_errno(admin / ".bulk_profile" / "exec_quantum_ms", "25") == store
+    if show:
+        with pytest.raises(OSError) as raised:
+            quantum.read_text()
+        assert raised.value.errno == show
+    else:
+        assert value(quantum) == ("0" if store else "25")

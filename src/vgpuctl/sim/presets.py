@@ -56,6 +56,8 @@ class SriovSpec:
     type_change_errno: int = errno.EBUSY  # nvidia: current_vgpu_type = another id over a set one [U]
     model: str = ""  # nvidia: the vGPU type catalogue ("L40S", "H200")
     xe_has_sriov: bool = True  # xe: the platform's has_sriov (MTL/LNL: no)
+    admin_store_errno: int = 0  # xe: sriov_admin profile writes fail so past parsing (EPERM, EIO)
+    admin_show_errno: int = 0  # xe: sriov_admin profile reads fail so (EUCLEAN: the GTs disagree)
     xe_force_probe: bool = False  # xe: the platform has require_force_probe (TGL, ADL, MTL): xe.force_probe=<id>
 
 

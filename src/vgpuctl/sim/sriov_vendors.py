@@ -757,9 +757,21 @@ class Xe(PfDriver):
     def _profile_attr(self, values: dict[str, int], name: str) -> Attr:
         def store(text: str) -> None:
             with self.host.lock:
-                values[name] = min(kstrtou(text, 32), XE_CLAMPS[name])
+                value = min(kstrtou(text, 32), XE_CLAMPS[name])
+                self._admin_fault(self.spec.admin_store_errno)
+                values[name] = value
 
-        return Attr(show=lambda: f"{values[name]}\n", store=store)
+        def show() -> str:
+            self._admin_fault(self.spec.admin_show_errno)
+            return f"{values[name]}\n"
+
+        return Attr(show=show, store=store)
+
+    def _admin_fault(self, code: int) -> None:
+        """sriov_admin's errors past parsing (sriov.md 2.4.2): EPERM not applicable, EIO the GuC refused (a
+        store); EUCLEAN the GTs' values differ (a show)."""
+        if code:
+            raise fail(code)
 
     def _bulk_store(self, name: str, text: str) -> None:
         with self.host.lock:
@@ -770,6 +782,7 @@ class Xe(PfDriver):
                 self.custom = True
                 return
             value = min(kstrtou(text, 32), XE_CLAMPS[name])
+            self._admin_fault(self.spec.admin_store_errno)
             for vf in self.vfs:
                 vf.profile[name] = value
 
