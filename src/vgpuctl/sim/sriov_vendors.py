@@ -77,10 +77,11 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
         if host.loaded("xe"):
             xe = Xe(bus, host, spec, xe_pf)
             bus.add_driver(xe)
-            bus.probe_device(function)
-            for name, minor in (("card0", 0), ("renderD128", 128)) if function.driver else ():
-                host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
-                host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
+            bus.probe_device(function)  # xe may refuse it (force_probe)
+            for name, minor in (("card0", 0), ("renderD128", 128)):
+                if function.driver:
+                    host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
+                    host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
     else:
         raise ValueError(f"unknown SR-IOV kind {spec.kind!r}")
     return bus
