@@ -78,8 +78,8 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
             xe = Xe(bus, host, spec, xe_pf)
             bus.add_driver(xe)
             bus.probe_device(function)  # xe may refuse it (force_probe)
-            for name, minor in (("card0", 0), ("renderD128", 128)):
-                if function.driver:
+            if function.driver == xe.name:
+                for name, minor in (("card0", 0), ("renderD128", 128)):
                     host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
                     host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
     else:
