@@ -84,6 +84,21 @@ def mount_host(tmp_path: Path) -> Iterator[MountFn]:
             sim_mount.umount(directory, lazy=True)
 
 
+def write_errno(path: Path, data: str | bytes) -> int:
+    """errno of open() and one write() to path (0 on success), the way a program sees it."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        return e.errno or -1
+    try:
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+    except OSError as e:
+        return e.errno or -1
+    finally:
+        os.close(fd)
+    return 0
+
+
 class Cli:
     """vgpuctl in-process (click's runner) against one host root and one state dir."""
 

@@ -49,10 +49,16 @@ class SriovSpec:
     mmio_ok: bool = True  # False: pci_enable_sriov() fails ENOMEM "not enough MMIO resources for SR-IOV"
     block_timeout_s: float = 10.0  # a disable blocked by an open VF gives up with EINTR after this
     ggtt_free_mib: int = 3328  # i915: largest free GGTT hole before the 64 MiB spare (Intel's iGPU figure)
+    pf_status_errno: int = 0  # i915: an enable fails with the PF's status: EBUSY (init in progress), EIO (wedged)
     numvfs_errno: int = errno.EPERM  # nvidia: a raw sriov_numvfs write without the unbind lock [U]
     release_delay_s: float = 0.3  # nvidia: current_vgpu_type=0 stays EPERM this long after the VF closes
+    type_refused_errno: int = errno.EINVAL  # nvidia: current_vgpu_type = an id not creatable on the VF [U]
+    type_change_errno: int = errno.EBUSY  # nvidia: current_vgpu_type = another id over a set one [U]
     model: str = ""  # nvidia: the vGPU type catalogue ("L40S", "H200")
     xe_has_sriov: bool = True  # xe: the platform's has_sriov (MTL/LNL: no)
+    admin_store_errno: int = 0  # xe: what a well-formed sriov_admin profile write fails with (EPERM, EIO)
+    admin_show_errno: int = 0  # xe: what a sriov_admin profile read fails with (EUCLEAN: the GTs disagree)
+    xe_force_probe: bool = False  # xe: the platform has require_force_probe (TGL, ADL, MTL): xe.force_probe=<id>
 
     # ---- what goes wrong around the driver (sriov.md 6: 1, 3, 8, 10), for the doctor; i915 kinds only.
     # [U] how each shows on a real host is modelled in sim/sriov_vendors.py (host_files, refused_modules).

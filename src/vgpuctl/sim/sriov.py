@@ -43,16 +43,20 @@ PAGE_SIZE = 4096
 
 
 def kstrtou(text: str, bits: int) -> int:
-    """kstrtou16/u32/u64(buf, 0) (lib/kstrtox.c): one trailing newline, '+', 0x hex, 0 octal; EINVAL, ERANGE."""
-    body = text[:-1] if text.endswith("\n") else text
-    body = body[1:] if body.startswith("+") else body
-    if re.fullmatch(r"0[xX][0-9a-fA-F]+", body):
-        value = int(body, 16)
-    elif re.fullmatch(r"0[0-7]*", body):
-        value = int(body, 8)
-    elif re.fullmatch(r"[1-9][0-9]*", body):
-        value = int(body)
+    """kstrtou16/u32/u64(buf, 0) (lib/kstrtox.c): '+', 0x hex, 0 octal, one trailing newline; ERANGE for a
+    value over ``bits`` and for digits that overflow 64 bits even before garbage, else EINVAL for garbage."""
+    text = text.split("\0", 1)[0]  # a C string: a NUL ends it
+    body = text[1:] if text.startswith("+") else text
+    if re.match(r"0[xX][0-9a-fA-F]", body):  # _parse_integer_fixup_radix()
+        base, digits, body = 16, "0123456789abcdefABCDEF", body[2:]
     else:
+        base, digits = (8, "01234567") if body.startswith("0") else (10, "0123456789")
+    count = len(body) - len(body.lstrip(digits))
+    value = int(body[:count], base) if count else 0
+    if value >= 1 << 64:  # _parse_integer() flags the overflow; _kstrtoull() reports it first
+        raise fail(errno.ERANGE)
+    rest = body[count:]
+    if not count or rest not in ("", "\n"):
         raise fail(errno.EINVAL)
     if value >= 1 << bits:
         raise fail(errno.ERANGE)
@@ -248,6 +252,9 @@ class PciBus:
         if driver is None:
             return
         driver.unbound(function)
+        pf = self.pfs.get(function.address)
+        if pf is not None and pf.vfs:  # pci_iov_remove()
+            self.log(function, "driver left SR-IOV enabled after remove")
         self._drop_vfio_nodes(function)
         self.fs.drop(f"{function.path}/driver")
         self.fs.drop(f"/sys/bus/pci/drivers/{driver.name}/{function.address}")
@@ -357,11 +364,11 @@ class PciBus:
         return f"{function.override if function.override is not None else '(null)'}\n"
 
     def _override_store(self, function: Function, text: str) -> None:
-        """driver_set_override() (drivers/base/driver.c): a trailing newline dropped, empty clears, a page EINVAL."""
+        """driver_set_override() (drivers/base/driver.c): cut at a NUL and the first newline; empty clears."""
         with self.host.lock:
             if len(text) >= PAGE_SIZE - 1:
                 raise fail(errno.EINVAL)
-            value = text[:-1] if text.endswith("\n") else text
+            value = text.split("\0", 1)[0].split("\n", 1)[0]  # strlen(), then cut at the first newline
             function.override = value or None
 
     def add_pf(self, pf: Pf) -> None:

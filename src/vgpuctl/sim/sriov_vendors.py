@@ -79,10 +79,11 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
         if host.loaded("xe"):
             xe = Xe(bus, host, spec, xe_pf)
             bus.add_driver(xe)
-            bus.attach(function, xe)
-            for name, minor in (("card0", 0), ("renderD128", 128)):
-                host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
-                host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
+            bus.probe_device(function)  # xe may refuse it (force_probe)
+            if function.driver == xe.name:
+                for name, minor in (("card0", 0), ("renderD128", 128)):
+                    host.vfs.put(f"{path}/drm/{name}/dev", Attr(show=const(f"226:{minor}\n")))
+                    host.vfs.put(f"/sys/class/drm/{name}", Link(target=f"{path}/drm/{name}"))
     else:
         raise ValueError(f"unknown SR-IOV kind {spec.kind!r}")
     return bus
@@ -133,7 +134,8 @@ class I915(PfDriver):
         max_vfs = facts.as_int(host.module_param("i915", "max_vfs")) or 0
         guc = facts.as_int(host.module_param("i915", "enable_guc"))
         self.guc_submission = guc is not None and guc > 0 and bool(guc & 1) and spec.guc_firmware
-        self.pf_mode = not self.stock and max_vfs > 0 and self.guc_submission
+        # pf_verify_readiness(): max_vfs, GuC submission, then the VF BARs ("VFs BAR not ready": native, totalvfs 0)
+        self.pf_mode = not self.stock and max_vfs > 0 and self.guc_submission and bus.mmio_ok
         self.configure = None if self.stock else self._configure
         if not self.stock:  # i915_params.c: 0400, default 0
             host.vfs.put("/sys/module/i915/parameters/max_vfs", Attr(show=const(f"{max_vfs}\n"), mode=0o400))
@@ -169,7 +171,10 @@ class I915(PfDriver):
             raise fail(errno.ENODEV, "GuC submission disabled")  # a VF needs GuC submission
 
     def bound(self, function: Function) -> None:
-        """A VF taken by the host's i915 ("Running in SR-IOV VF mode"): a DRM card and render node each."""
+        """A VF taken by the host's i915 ("Running in SR-IOV VF mode"): a DRM card and render node each; the PF
+        bound again is probed again (its readiness sets totalvfs anew)."""
+        if function is self.pf.function:
+            self.probe_pf()
         if function.pf is None:
             return
         card, render = function.index + 1, 129 + function.index
@@ -217,6 +222,8 @@ class I915(PfDriver):
         self.bus.log(pf.function, f"Enabled {count} VFs")
 
     def _enable(self, pf: Pf, count: int) -> None:
+        if self.spec.pf_status_errno:  # i915_sriov_pf_enable_vfs(): pf_get_status() < 0
+            raise fail(self.spec.pf_status_errno, "the PF is not ready")
         configs = self.vf_configs[:count]
         if self.auto:
             if not all(c.empty for c in configs):
@@ -494,9 +501,9 @@ class Nvidia(PfDriver):
                 state.current, state.params = 0, []
                 return
             if state.current:
-                raise fail(errno.EBUSY, "write 0 first")
+                raise fail(self.spec.type_change_errno, "write 0 first")
             if value not in {t.type_id for t in self.creatable(function)}:
-                raise fail(errno.EINVAL, f"type {value} cannot be created on this VF now")
+                raise fail(self.spec.type_refused_errno, f"type {value} cannot be created on this VF now")
             state.current = value
 
     def _int_store(self, state: VfState, name: str, text: str) -> None:
@@ -613,6 +620,22 @@ class Xe(PfDriver):
     def matches(self, function: Function) -> bool:
         return function.vendor == 0x8086 and function.device == self.spec.device_id  # PF and (same id) VFs
 
+    def probe(self, function: Function) -> None:
+        """xe_pci_probe(): a require_force_probe platform needs xe.force_probe=<id> (or *); "!<id>" blocks."""
+        tokens = (self.host.module_param("xe", "force_probe") or "").split(",")
+        device = f"{function.device:04x}"
+        if self.spec.xe_force_probe and not ({"*", device} & set(tokens)):
+            self.bus.kmsg.append(
+                f"xe {function.address}: Your graphics device {device} is not officially supported\n"
+                f"by xe driver in this kernel version. To force Xe probe,\n"
+                f"use xe.force_probe='{device}' and i915.force_probe='!{device}'\n"
+                f"module parameters or CONFIG_DRM_XE_FORCE_PROBE='{device}' and\n"
+                f"CONFIG_DRM_I915_FORCE_PROBE='!{device}' configuration options.")
+            raise fail(errno.ENODEV)
+        if {"!*", f"!{device}"} & set(tokens):
+            self.bus.kmsg.append(f"xe {function.address}: Probe blocked for device [8086:{device}].")
+            raise fail(errno.ENODEV)
+
     def probe_pf(self) -> None:
         """xe's probe of the PF (at boot, or a bind after an unbind): PF mode, or totalvfs 0."""
         if self.pf is None:
@@ -698,9 +721,11 @@ class Xe(PfDriver):
                                   Link(target=vf_function.path))
 
     def fair_shares(self, count: int) -> tuple[int, int, int]:
-        """2.4.4: min(estimate, profile) for GGTT (64 KiB aligned on this dGPU), contexts and doorbells."""
+        """2.4.4: min(estimate, profile) for GGTT, contexts and doorbells."""
         profile = 56 * MIB if count > 56 else _pow2_floor(XE_GGTT_PROFILE // count // MIB) * MIB
-        estimate = max(self.spec.ggtt_free_mib * MIB - GGTT_SPARE, 0) // count // 65536 * 65536
+        # pf_get_ggtt_alignment(): 64 KiB on a dGPU with XE_VRAM_FLAGS_NEED64K [U for BMG], 4 KiB on an iGPU
+        align = 4096 if self.spec.address.startswith("0000:00:") else 65536
+        estimate = max(self.spec.ggtt_free_mib * MIB - GGTT_SPARE, 0) // count // align * align
         contexts = min(_pow2_floor(65535 // count), (GUC_CONTEXTS - CONTEXTS_SPARE) // count)
         doorbells = min(_pow2_floor(GUC_DOORBELLS // (count + 1)), GUC_DOORBELLS // count)
         return min(estimate, profile), contexts, doorbells
@@ -735,9 +760,21 @@ class Xe(PfDriver):
     def _profile_attr(self, values: dict[str, int], name: str) -> Attr:
         def store(text: str) -> None:
             with self.host.lock:
-                values[name] = min(kstrtou(text, 32), XE_CLAMPS[name])
+                value = min(kstrtou(text, 32), XE_CLAMPS[name])
+                self._admin_fault(self.spec.admin_store_errno)
+                values[name] = value
 
-        return Attr(show=lambda: f"{values[name]}\n", store=store)
+        def show() -> str:
+            self._admin_fault(self.spec.admin_show_errno)
+            return f"{values[name]}\n"
+
+        return Attr(show=show, store=store)
+
+    def _admin_fault(self, code: int) -> None:
+        """sriov_admin's errors past parsing (sriov.md 2.4.2): EPERM not applicable, EIO the GuC refused (a
+        store); EUCLEAN the GTs' values differ (a show)."""
+        if code:
+            raise fail(code)
 
     def _bulk_store(self, name: str, text: str) -> None:
         with self.host.lock:
@@ -748,6 +785,7 @@ class Xe(PfDriver):
                 self.custom = True
                 return
             value = min(kstrtou(text, 32), XE_CLAMPS[name])
+            self._admin_fault(self.spec.admin_store_errno)
             for vf in self.vfs:
                 vf.profile[name] = value
 
