@@ -89,6 +89,9 @@ class BackendDefaults:
     def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
         return []
 
+    def vm_vgpu_type(self, type_id: str) -> str | None:
+        return None
+
 
 class VgpuBackend(Protocol):
     @property
@@ -154,6 +157,10 @@ class VgpuBackend(Protocol):
         addresses VMs run on), the description in the kernel's ``k=v`` form with the memory and resolution it
         gives (``memory_mib``/``framebuffer``, ``max_resolution``; ``display=emulated`` when it has no display of
         its own). [] for mdev backends, whose types sysfs lists."""
+
+    def vm_vgpu_type(self, type_id: str) -> str | None:
+        """A pci_function backend: what a VM's ``vgpu.type`` (with ``vgpu.vf``) says for this type, None when a VF
+        has no type of its own (Intel: the PF's share)."""
 
 
 # In the order they are asked; the generic one last: it claims every type.

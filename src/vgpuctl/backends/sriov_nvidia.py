@@ -282,5 +282,8 @@ class NvidiaVfio(BackendDefaults):
     def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
         return offered_types(root, held)
 
+    def vm_vgpu_type(self, type_id: str) -> str | None:
+        return str(type_number(type_id))
+
 
 BACKEND = NvidiaVfio()

@@ -202,7 +202,7 @@ def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str
 def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tuple[str, ...], resolution: str | None,
            min_memory: int | None, weight: int | None, dry_run: bool, json_output: bool) -> None:
     """Create an active (transient) vGPU, or let vgpuctl choose parent and type for a request."""
-    from vgpuctl.mdev.choose import Request, choose_on_host, parse_resolution
+    from vgpuctl.mdev.choose import Request, choose_on_host, parse_resolution, require_creatable
 
     choosing = resolution is not None or min_memory is not None or weight is not None
     if choosing and (parent or type_id):
@@ -212,7 +212,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
     reason = None
     if choosing:
         request = Request(parse_resolution(resolution) if resolution else None, min_memory, weight)
-        choice = choose_on_host(State.root, request, parent)
+        choice = choose_on_host(State.root, request, parent, _held())
         parent, type_id, reason = choice.chosen.parent, choice.chosen.type_id, choice.reason
         if not json_output:
             say(f"chose {type_id} on {parent}: {reason}")
@@ -220,6 +220,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
             if json_output:
                 print_json({"parent": parent, "type": type_id, "reason": reason, "rejected": choice.rejected})
             return
+        require_creatable(choice)
     elif dry_run:
         raise InvalidInput("--dry-run only applies when vgpuctl chooses (--resolution/--min-memory/--weight)")
     assert parent and type_id

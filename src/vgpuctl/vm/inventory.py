@@ -172,6 +172,7 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
             "problem": pf.problem,
             "vfs": [{"address": vf.address, "driver": vf.driver,
                      "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
+            "backend": sriov_intel.BACKEND.name,
         })
     rows += nvidia_vf_rows(root, holders)
     return rows
@@ -203,5 +204,6 @@ def nvidia_vf_rows(root: HostRoot, holders: dict[str, str]) -> list[dict[str, An
             "types": [{"id": type_id, "name": name, "framebuffer_mib": sriov_nvidia.framebuffer_mib(name),
                        "free_vfs": sum(1 for vf in free if type_id in {t.id for t in vf.creatable})}
                       for type_id, name in sorted(names.items())],
+            "backend": sriov_nvidia.BACKEND.name,
         })
     return rows
