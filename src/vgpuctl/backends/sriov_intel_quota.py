@@ -127,6 +127,8 @@ def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
                 if value:
                     facts_.append(f"{name}={value}")
         facts_.append("display=emulated")
+        if not pf.pf.vfs:  # no colon or comma: the description is "k=v, ..."
+            facts_.append("unavailable=no VFs enabled (vgpuctl vfs enable PF N)")
         name = f"Intel SR-IOV VF (1 of {len(pf.pf.vfs)})" if pf.pf.vfs else "Intel SR-IOV VF (none enabled)"
         rows.append(MdevType(pf.address, TYPE_ID, len(free), "vfio-pci", name, ", ".join(facts_)))
     return rows

@@ -57,7 +57,8 @@ def types_table(types: list[MdevType]) -> Table:
                                          "framebuffer_mib", "video_memory_mib", "memory_mib"))
         table.add_row(t.parent, t.type_id, t.name or "-", str(t.available_instances),
                       f"{t.memory_mib} MiB" if t.memory_mib else "-",
-                      "x".join(map(str, t.resolution)) if t.resolution else "-", details)
+                      "x".join(map(str, t.resolution)) if t.resolution else
+                      "emulated" if t.fields.get("display") == "emulated" else "-", details)
     return table
 
 

@@ -55,7 +55,9 @@ def emulated_display(t: MdevType) -> bool:
 
 
 def mismatch(t: MdevType, request: Request) -> str | None:
-    """Why t cannot serve the request, or None if it can."""
+    """Why t cannot serve the request, or None if it can (``unavailable``: a backend says why none is there)."""
+    if t.fields.get("unavailable"):
+        return str(t.fields["unavailable"])
     if request.resolution and not emulated_display(t):
         have = t.resolution
         if have is None:
