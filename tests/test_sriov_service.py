@@ -262,3 +262,73 @@ def test_an_mdev_host_has_no_sriov_rows_or_gauges(mount_host: MountFn, state: St
         assert all("sriov" not in row for row in client.get(f"{API}/gpus").json())
         text = client.get("/metrics").text
     assert "vgpuctl_sriov_vfs_total{" not in text and 'vgpuctl_collect_errors{source="vfs"} 0.0' in text
+
+
+# ---------------------------------------------------------------------- a VM's requirements met by a VF
+
+
+def _wanting(state: StateDir, name: str, guest: Path, **requirements: object) -> None:
+    from tests.conftest import new_vm
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.spec import VgpuRequest
+
+    new_vm(state, name, guest)
+    spec = specs.load(state, name)
+    spec.vgpu, spec.vgpu_display, spec.ramfb = VgpuRequest(**requirements), False, False  # type: ignore[arg-type]
+    specs.save(state, spec)
+
+
+def test_a_vm_asking_for_memory_gets_an_intel_vf_and_runs_on_it(mount_host: MountFn, state: StateDir,
+                                                                 guest: Path) -> None:
+    from vgpuctl.vm import lifecycle
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.runtime import resolve_vgpu
+
+    root = mount_host("adl-sriov")
+    cli = Cli(root, state.path)
+    _wanting(state, "big", guest, min_memory_mib=1024)
+    with pytest.raises(NotFound, match="no VFs enabled"):
+        resolve_vgpu(root, specs.load(state, "big"))
+    cli("vfs", "enable", INTEL_PF, "2")
+    resolved = resolve_vgpu(root, specs.load(state, "big"))
+    assert resolved is not None and (resolved.uuid, resolved.parent, resolved.type_id, resolved.state) == \
+        ("0000:00:02.1", INTEL_PF, "intel-sriov-vf", "active")
+    assert "its GGTT quota" in resolved.reason and "the first free VF" in resolved.reason
+    shown = specs.load(state, "big")
+    shown.vgpu_display = True  # an Intel VF has no display of its own: not a candidate then
+    with pytest.raises(NotFound):
+        resolve_vgpu(root, shown)
+    _wanting(state, "huge", guest, min_memory_mib=4096)
+    with pytest.raises(NotFound, match="1632 MiB"):  # a fair half of the GGTT
+        resolve_vgpu(root, specs.load(state, "huge"))
+    try:
+        started = lifecycle.start(root, state, "big", accel="tcg")
+        assert started.state == "running" and started.vgpu == "0000:00:02.1"
+        listed = cli.json("vfs", "list")
+        assert isinstance(listed, dict) and listed["pfs"][0]["vfs"][0]["vm"] == "big"
+        _wanting(state, "second", guest, min_memory_mib=1024)
+        second = resolve_vgpu(root, specs.load(state, "second"), taken={"0000:00:02.1": "big"})
+        assert second is not None and second.uuid == "0000:00:02.2"  # the VF big runs on is not free
+        assert choose_on_host(root, Request(min_memory_mib=1), held={"0000:00:02.1"}).chosen.available_instances == 1
+    finally:
+        if lifecycle.status(root, state, "big").state != "stopped":
+            lifecycle.stop(root, state, "big", timeout_s=10)
+    listed = cli.json("vfs", "list")
+    assert isinstance(listed, dict) and listed["pfs"][0]["vfs"][0]["vm"] is None
+
+
+def test_a_vm_asking_for_a_resolution_and_memory_gets_the_smallest_nvidia_type(mount_host: MountFn,
+                                                                               state: StateDir, guest: Path) -> None:
+    from vgpuctl.vm import spec as specs
+    from vgpuctl.vm.runtime import resolve_vgpu
+
+    root = mount_host("l40s-vfio")
+    vfs = sriov_manage(root)
+    _wanting(state, "cad", guest, resolution="3840x2160", min_memory_mib=5000)
+    resolved = resolve_vgpu(root, specs.load(state, "cad"))
+    assert resolved is not None and (resolved.uuid, resolved.parent, resolved.type_id, resolved.state) == \
+        (vfs[0], NVIDIA_PF, "nvidia-vfio:1158", "new")
+    assert "6144 MiB graphics memory" in resolved.reason and "can take type 1158" in resolved.reason
+    sriov_nvidia.assign(root, vfs[0], L40S_8Q)  # homogeneous now: 8 GiB types only, on the other VFs
+    again = resolve_vgpu(root, specs.load(state, "cad"), taken={vfs[0]})
+    assert again is not None and (again.uuid, again.type_id) == (vfs[1], "nvidia-vfio:1159")
