@@ -155,8 +155,10 @@ def _probe_key(qemu: str) -> str:
 def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None) -> Prepared:
     """The spec, its vGPU (resolved read-only) and the exact QEMU command line."""
     spec = specs.load(state, name)
-    # VFs other VMs run on: a VF asked for, or one the chooser may take (requirements)
-    vf_possible = spec.vgpu.kind == "vf" or (spec.vgpu.kind == "requirements" and not spec.vgpu.largest)
+    # VFs other VMs run on: a VF asked for, or one the chooser may take (requirements, on a host with SR-IOV PFs:
+    # reading the other VMs' run records is not paid by an mdev VM's start)
+    vf_possible = spec.vgpu.kind == "vf" or (spec.vgpu.kind == "requirements" and not spec.vgpu.largest
+                                             and _has_sriov_pfs(root))
     vgpu = resolve_vgpu(root, spec, taken=_running_vgpus(state, name) if vf_possible else ())
     notes: list[str] = []
     if vgpu is not None and vgpu.state == "new":
@@ -190,6 +192,12 @@ def _qmp_status(paths: RuntimePaths) -> str | None:
 
 
 # ---------------------------------------------------------------------- lifecycle
+
+
+def _has_sriov_pfs(root: HostRoot) -> bool:
+    from vgpuctl.host import pci
+
+    return bool(pci.sriov_pfs(root))
 
 
 def _run_file(paths: RuntimePaths) -> Path:
