@@ -87,9 +87,10 @@ def test_gpus_and_types_show_intel_pfs_with_their_vf_quotas(mount_host: MountFn,
     assert isinstance(types, list) and types[0]["available_instances"] == 2 and types[0]["memory_mib"] == 1088
 
 
-def test_an_xe_pf_lists_its_debugfs_quotas(mount_host: MountFn, tmp_path: Path) -> None:
+def test_an_xe_pf_lists_its_debugfs_quotas(mount_host: MountFn, tmp_path: Path, golden: GoldenFn) -> None:
     cli = Cli(mount_host("b60-xe"), tmp_path / "state")
     cli("vfs", "enable", B60_PF, "2")
+    golden("listings/sriov-b60-2-gpus.txt", render(cli, "gpus"))
     rows = cli.json("gpus")
     assert isinstance(rows, list)
     quotas = rows[0]["sriov"]["quotas"]
@@ -119,6 +120,8 @@ def test_nvidia_pfs_are_listed_with_each_vfs_type_and_what_the_pf_can_take(mount
         [("NVIDIA L40S-8Q", 8192, 31), ("NVIDIA L40S-8C", 8192, 31)]
     text = render(cli, "vfs", "list")
     assert f"{NVIDIA_PF}  nvidia  10de:26b9  VFs 32/32" in text and "type 1159 (NVIDIA L40S-8Q)" in text
+    golden("vfs/l40s-vfio-1.txt", text)
+    golden("vfs/l40s-vfio-1.json", render(cli, "vfs", "list", "--json"))
     for command in ("gpus", "types"):
         golden(f"listings/sriov-l40s-{command}.txt", render(cli, command))
         golden(f"listings/sriov-l40s-{command}.json", render(cli, command, "--json"))

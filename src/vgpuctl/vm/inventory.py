@@ -152,7 +152,7 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
     VM of vgpuctl's, or another opener): the rows of ``vgpuctl vfs list`` and the API. An NVIDIA row adds the
     type each VF has (``vgpu_type``), the types it can take now (``creatable``) and, per PF, every type its VFs
     can take with how many free VFs could take it (``types``)."""
-    from vgpuctl.backends import sriov_intel
+    from vgpuctl.backends import INTEL_VENDOR_ID, sriov_intel
     from vgpuctl.mdev.state import Journal
 
     sriov_intel.settle(root, state)  # what a killed vfs command left
@@ -163,6 +163,7 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
         openers = sriov_intel.vf_openers(root, pf.pf.vfs)
         rows.append({
             "pf": pf.address,
+            "vendor_id": f"{INTEL_VENDOR_ID:04x}",
             "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
             "driver": pf.driver,
             "total_vfs": pf.pf.total_vfs,
