@@ -336,7 +336,7 @@ def test_the_sriov_panel_follows_vfs_enabled_through_the_api_and_the_vm_on_one(s
     card = panel.locator(f'article[data-pf="{pf}"]')
     expect(card).to_contain_text("VFs 0/7")
     expect(card).to_contain_text("No VFs enabled")
-    expect(page.locator("#gpus-body")).to_contain_text("No mdev-capable GPU")  # the PF is not an mdev parent
+    expect(page.locator("#gpus-body")).to_contain_text("No mdev-capable GPU: this host's GPUs give SR-IOV VFs")
 
     # Enabled through the API with the page's own session: the panel follows through the event stream.
     enabled = page.request.post(f"{service.url}/api/v1/vfs/{pf}/enable", data={"count": 3})

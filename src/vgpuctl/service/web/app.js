@@ -328,7 +328,9 @@ function overview() {
     const gpus = data.gpus.filter((gpu) => !gpu.sriov);  // SR-IOV PFs have their own panel
     $("gpus-count").textContent = `${gpus.length}`;
     if (!gpus.length) {
-      replace(body, h("p", { class: "empty" }, "No mdev-capable GPU on this host. 'vgpuctl doctor' says why."));
+      replace(body, h("p", { class: "empty" }, data.gpus.length
+        ? "No mdev-capable GPU: this host's GPUs give SR-IOV VFs (the SR-IOV panel)."
+        : "No mdev-capable GPU on this host. 'vgpuctl doctor' says why."));
       return;
     }
     const byVgpu = vmOfVgpu();
