@@ -93,11 +93,17 @@ def vf_quotas(root: HostRoot, pf: IntelPf) -> list[VfQuota]:
     return found
 
 
-def free_vfs(root: HostRoot, pf: IntelPf, held: Collection[str]) -> list[str]:
-    """The PF's VFs on its VFIO driver that no VM holds or has open (``held``: those VMs run on)."""
+def offers(pf: IntelPf) -> bool:
+    """Whether the PF has a type row: it can make VFs, or has some."""
+    return pf.problem is None or bool(pf.pf.vfs)
+
+
+def free_vfs(root: HostRoot, pf: IntelPf, held: Collection[str], openers: Collection[str] | None = None) -> list[str]:
+    """The PF's VFs on its VFIO driver that no VM holds or has open (``held``: those VMs run on; ``openers``: the
+    VFs someone has open, when the caller has read them)."""
     from vgpuctl.backends.sriov_intel import VFIO_DRIVERS, vf_openers
 
-    openers = vf_openers(root, pf.pf.vfs)
+    openers = vf_openers(root, pf.pf.vfs) if openers is None else openers
     return [vf.address for vf in pf.pf.vfs
             if vf.driver in VFIO_DRIVERS and vf.address not in held and vf.address not in openers]
 
@@ -111,7 +117,7 @@ def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
 
     rows = []
     for pf in intel_pfs(root):
-        if pf.problem is not None and not pf.pf.vfs:
+        if not offers(pf):
             continue
         free = set(free_vfs(root, pf, held))
         quotas = {q.vf: q for q in vf_quotas(root, pf)}

@@ -144,15 +144,14 @@ def sriov_gpu_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
     """Each SR-IOV PF a backend knows (Intel's, NVIDIA's vendor-VFIO ones): its VFs enabled, bound to their VFIO
     driver, free and held; Intel's VF quotas, NVIDIA's types and how many free VFs could take each."""
     from vgpuctl.backends import INTEL_VENDOR_ID, NVIDIA_VENDOR_ID, sriov_intel, sriov_nvidia
-    from vgpuctl.backends.sriov_intel_quota import free_vfs, vf_quotas
+    from vgpuctl.backends.sriov_intel_quota import free_vfs, offers, vf_quotas
     from vgpuctl.host.pci import vendor_name
 
     rows: list[GpuRow] = []
-    offered = [t.parent for t in sriov_intel.BACKEND.offered_types(root, held)]
     for intel in sriov_intel.intel_pfs(root):
         openers = sriov_intel.vf_openers(root, intel.pf.vfs)
-        free = free_vfs(root, intel, held)
-        count = offered.count(intel.address)
+        free = free_vfs(root, intel, held, openers)
+        count = 1 if offers(intel) else 0  # its one type row (sriov_intel_quota.offered_types)
         rows.append(_sriov_row(intel.pf, INTEL_VENDOR_ID, vendor_name(INTEL_VENDOR_ID), count, {
             "backend": sriov_intel.BACKEND.name, "driver": intel.driver, "total_vfs": intel.pf.total_vfs,
             "enabled_vfs": intel.pf.num_vfs, "vfio_driver": intel.vfio_driver,
