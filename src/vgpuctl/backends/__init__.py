@@ -187,7 +187,12 @@ def backend_for_parent(types: Sequence[MdevType]) -> VgpuBackend:
 
 
 def offered_types(root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
-    """What every SR-IOV backend's VFs offer now (see :meth:`VgpuBackend.offered_types`)."""
+    """What every SR-IOV backend's VFs offer now (see :meth:`VgpuBackend.offered_types`); on a host without SR-IOV
+    PFs nothing, without loading the SR-IOV backends."""
+    from vgpuctl.host import pci
+
+    if not pci.sriov_pfs(root):
+        return []
     return [t for b in _backends() if b.pci_function for t in b.offered_types(root, held)]
 
 

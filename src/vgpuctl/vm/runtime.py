@@ -389,12 +389,8 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
 
 
 def _offered_types(root: HostRoot, spec: VmSpec, taken: Collection[str]) -> list[Any]:
-    """What the host's SR-IOV PFs' VFs offer the chooser (none without a PF: the backends are not loaded then);
-    with ``vgpu_display`` only those with a display of their own."""
-    from vgpuctl.host import pci
-
-    if not pci.sriov_pfs(root):
-        return []
+    """What the host's SR-IOV PFs' VFs offer the chooser; with ``vgpu_display`` only those with a display of their
+    own."""
     from vgpuctl.backends import offered_types
     from vgpuctl.mdev.choose import emulated_display
 
