@@ -77,6 +77,33 @@ def test_modules_load_d_and_etc_modules(tmp_path: Path) -> None:
                                                   "loop": "/etc/modules"}
 
 
+@pytest.mark.parametrize(("wanted", "given", "result"), [
+    ("1", "Y", True), ("1", None, True), ("1", "0", False), ("1", "2", None),  # a bool: a bare name is true
+    ("7", "7", True), ("7", "0x7", True), ("7", "4", False), ("7", "x", False), ("7", None, False),  # an int
+    ("3", "3", True), ("unlimited", "unlimited", True), ("unlimited", "7", False)])  # else a string
+def test_param_matches(wanted: str, given: str | None, result: bool | None) -> None:
+    assert facts.param_matches(wanted, given) is result
+
+
+def test_a_modules_modinfo_signature_and_compression(tmp_path: Path) -> None:
+    import lzma
+
+    modinfo = b"\x7fELF\x02\x01junk=1\0license=GPL\0vermagic=6.8.0-45-generic SMP preempt mod_unload \0name=i915\0"
+    signed = modinfo + b"\x01\x02" + facts.MODULE_SIGNATURE
+    assert facts.parse_modinfo(modinfo) == {"vermagic": "6.8.0-45-generic SMP preempt mod_unload ", "name": "i915"}
+    assert facts.vermagic_release(facts.parse_modinfo(signed)["vermagic"]) == "6.8.0-45-generic"
+    assert facts.module_signed(signed) and not facts.module_signed(modinfo)
+    root = HostRoot(tmp_path)
+    (tmp_path / "i915.ko.xz").write_bytes(lzma.compress(signed, format=lzma.FORMAT_XZ))
+    (tmp_path / "i915.ko.zst").write_bytes(b"(\xb5/\xfd")
+    assert facts.read_module(root, "/i915.ko.xz") == signed and facts.read_module(root, "/i915.ko.zst") is None
+
+
+def test_efivarfs_booleans() -> None:
+    assert facts.parse_efi_bool(b"\x06\0\0\0\x01") is True and facts.parse_efi_bool(b"\x06\0\0\0\0") is False
+    assert facts.parse_efi_bool(b"\x06") is None
+
+
 def _doctor(root: HostRoot) -> dict[str, str]:
     result = CliRunner().invoke(cli, ["--root", str(root.root), "doctor", "--json", "--no-guest", "--qemu",
                                       "/nonexistent/qemu"])

@@ -53,14 +53,15 @@ def test_doctor_reports(mount_host: MountFn, tmp_path: Path, golden: GoldenFn, p
         golden(f"doctor/{preset}.{suffix}", f"exit {code}\n{text}")
 
 
-def test_setup_plans(mount_host: MountFn, tmp_path: Path, golden: GoldenFn) -> None:
-    root = mount_host("coffeelake-bare")
+@pytest.mark.parametrize("preset", ["coffeelake-bare", "adl-sriov-nomaxvfs", "adl-stock-i915", "b60-xe"])
+def test_setup_plans(mount_host: MountFn, tmp_path: Path, golden: GoldenFn, preset: str) -> None:
+    root = mount_host(preset)
     root.path("/etc/os-release").write_text(DEBIAN)
     tools = tmp_path / "bin"
     tools.mkdir()
     for suffix, extra in (("txt", []), ("json", ["--json"])):
         code, text = render(root, tmp_path / "state", "setup", "plan", "--tools-dir", str(tools), *extra)
-        golden(f"setup/debian-coffeelake-bare.{suffix}", f"exit {code}\n{text}")
+        golden(f"setup/debian-{preset}.{suffix}", f"exit {code}\n{text}")
 
 
 def test_listings(mount_host: MountFn, tmp_path: Path, golden: GoldenFn) -> None:

@@ -330,8 +330,8 @@ def test_never_edits_a_grub_file_it_cannot_parse(mount_host: MountFn, tmp_path: 
     assert setup.read("/etc/modules-load.d/vgpuctl.conf") == MODULES and setup.calls() == []
     # shell expansion that needs no change is no reason to refuse
     setup.write("/etc/default/grub", f'GRUB_CMDLINE_LINUX_DEFAULT="$X {GVT}"\n')
-    assert "GRUB_CMDLINE_LINUX_DEFAULT uses shell expansion ($ or `); its literal text already has what GVT-g " \
-           "needs, so it is left alone" in setup("plan")
+    assert "GRUB_CMDLINE_LINUX_DEFAULT uses shell expansion ($ or `); its literal text already has what Intel GVT-g " \
+           "(KVMGT) needs, so it is left alone" in setup("plan")
 
 
 def test_a_host_already_set_up_by_hand_has_nothing_to_do(mount_host: MountFn, tmp_path: Path) -> None:

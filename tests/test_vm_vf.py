@@ -74,10 +74,20 @@ def test_windows_on_an_intel_vf_is_told_of_the_option_rom_and_gets_it() -> None:
     cmd = build_command(on_vf(new_spec("vm1")), VF, qemu="qemu-system-x86_64", accel="kvm", runtime_dir=RUN,
                         simulated=False)
     assert not any("Code 43" in n for n in cmd.notes)  # a Linux guest needs no ROM
-    with pytest.raises(InvalidInput, match="it goes with vgpu.vf"):
+    with pytest.raises(InvalidInput, match=r"it goes with vgpu\.vf"):
         replace(new_spec("vm1"), vgpu=VgpuRequest(type="i915-GVTg_V5_4", rom=ROM)).validate()
-    with pytest.raises(InvalidInput, match="vgpu.rom"):
+    with pytest.raises(InvalidInput, match=r"vgpu\.rom must be an absolute path"):
         replace(spec, vgpu=VgpuRequest(vf=VF1, rom="roms/gop.rom")).validate()
+
+
+def test_the_cli_sets_and_clears_the_rom(mount_host: MountFn, state: StateDir) -> None:
+    cli = Cli(mount_host("adl-sriov"), state.path)
+    cli("vm", "create", "win", "--os", "windows10", "--vf", PF, "--vgpu-rom", ROM)
+    assert specs.load(state, "win").vgpu == VgpuRequest(vf=PF, rom=ROM)
+    cli("vm", "edit", "win", "--vgpu-rom", "none")
+    assert specs.load(state, "win").vgpu == VgpuRequest(vf=PF)
+    code, _, err = cli("vm", "create", "mdev", "--type", "i915-GVTg_V5_4", "--vgpu-rom", ROM, ok=False)
+    assert code != 0 and "it goes with vgpu.vf" in err
 
 
 def test_the_spec_names_a_vf_alone_and_as_lspci_writes_it() -> None:

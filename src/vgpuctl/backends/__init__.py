@@ -83,7 +83,7 @@ class BackendDefaults:
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
         return ()
 
-    def setup_wants(self) -> SetupWants | None:
+    def setup_wants(self, root: HostRoot) -> SetupWants | None:
         return None
 
     def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
@@ -148,8 +148,9 @@ class VgpuBackend(Protocol):
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
         """What the doctor checks for this kind of vGPU, in order (each says "not needed" on hosts without it)."""
 
-    def setup_wants(self) -> SetupWants | None:
-        """What ``vgpuctl setup`` makes of the host's boot configuration for this kind of vGPU (None: nothing)."""
+    def setup_wants(self, root: HostRoot) -> SetupWants | None:
+        """What ``vgpuctl setup`` makes of this host's boot configuration for this kind of vGPU (None: the host
+        has no GPU of this kind, or it needs nothing)."""
 
     def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
         """A pci_function backend: what its VFs offer now, as type rows the chooser and ``vgpuctl types`` read
@@ -196,6 +197,18 @@ def offered_types(root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
     return [t for b in _backends() if b.pci_function for t in b.offered_types(root, held)]
 
 
-def setup_wants() -> SetupWants:
-    """What ``vgpuctl setup`` plans: the first backend's with boot needs (GVT-g's, until SR-IOV brings its own)."""
-    return next(wants for b in _backends() if (wants := b.setup_wants()) is not None)
+def setup_wants(root: HostRoot) -> SetupWants:
+    """What ``vgpuctl setup`` plans on this host: the wants of each backend whose GPU it has — GVT-g's for a
+    Broadwell ... Comet Lake iGPU, Intel SR-IOV's for an Intel GPU with SR-IOV (an iGPU of Gen12 or later; never
+    both on one iGPU: i915.enable_gvt and i915.max_vfs exclude each other, and GVT-g ends with Gen9), NVIDIA
+    vendor-VFIO's for an NVIDIA GPU with SR-IOV — merged when there are several (every parameter, module and
+    option of each; vgpuctl.host.setup.combined). A root that shows none of them (no sysfs: an image being
+    prepared) gets GVT-g's, as before there were others."""
+    from vgpuctl.host.setup import combined
+
+    found = [wants for b in _backends() if (wants := b.setup_wants(root)) is not None]
+    if not found:
+        from vgpuctl.backends.gvt_setup import GVT_SETUP
+
+        return GVT_SETUP
+    return combined(found)

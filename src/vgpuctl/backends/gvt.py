@@ -56,10 +56,10 @@ class GvtG(BackendDefaults):
 
         return CHECKS
 
-    def setup_wants(self) -> SetupWants | None:
-        from vgpuctl.backends.gvt_setup import GVT_SETUP
+    def setup_wants(self, root: HostRoot) -> SetupWants | None:
+        from vgpuctl.backends.gvt_setup import gvt_wants
 
-        return GVT_SETUP
+        return gvt_wants(root)
 
 
 BACKEND = GvtG()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vgpuctl.base.errors import VgpuError
 from vgpuctl.host import facts
 from vgpuctl.host.root import HostRoot
 from vgpuctl.host.setup import FileEdit
@@ -32,8 +33,8 @@ def _asks_for_submission(param: str, number: int | None) -> bool:
 class GvtSetup:
     subject: str = "Intel GVT-g (KVMGT)"
     params: tuple[str, ...] = ("i915.enable_gvt=1", "kvm.ignore_msrs=1", "intel_iommu=on")
-    module_options: tuple[tuple[str, str, str], ...] = (("i915", "enable_gvt", "CONFIG_DRM_I915"),
-                                                        ("kvm", "ignore_msrs", "CONFIG_KVM"))
+    module_options: tuple[tuple[str, str, str, str], ...] = (("i915", "enable_gvt", "1", "CONFIG_DRM_I915"),
+                                                             ("kvm", "ignore_msrs", "1", "CONFIG_KVM"))
 
     def modules(self, kernel: tuple[int, int] | None) -> list[str]:
         return [*BASE_MODULES, *(OLD_KERNEL_MODULES if kernel is not None and kernel < (5, 14) else ())]
@@ -77,3 +78,18 @@ def _gvt_enabled_now(root: HostRoot, running: str | None) -> bool:
 
 
 GVT_SETUP = GvtSetup()
+
+
+def gvt_wants(root: HostRoot) -> GvtSetup | None:
+    """GVT-g's wants when the host's iGPU is one GVT-g supports (Broadwell ... Comet Lake), else None. An Intel
+    SR-IOV iGPU (Gen12 and later) never is: its wants are the SR-IOV backend's."""
+    from vgpuctl.backends.gvt_platforms import INTEL_VENDOR_ID, platform_for
+    from vgpuctl.backends.sriov_intel import IGPU_ADDRESS
+    from vgpuctl.host import pci
+
+    try:
+        igpu = pci.read_function(root, IGPU_ADDRESS)
+    except VgpuError:
+        return None
+    platform = platform_for(igpu.device) if igpu.vendor == INTEL_VENDOR_ID and igpu.device is not None else None
+    return GVT_SETUP if platform is not None and platform.gvt_supported else None

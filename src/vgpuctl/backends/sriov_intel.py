@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from vgpuctl.host.doctor import CheckSpec
     from vgpuctl.mdev.sysfs import MdevType
+    from vgpuctl.host.setup import SetupWants
 
 # Gen11+ Intel graphics: whether SR-IOV replaces GVT-g there, and through which driver (spec sriov.md 2.1).
 _SRIOV_DKMS_OR_XE = "the out-of-tree i915-sriov-dkms module, or the xe driver (xe.force_probe=<id>)"
@@ -53,6 +54,18 @@ SRIOV_BY_PLATFORM: dict[str, str | None] = {
     "DG2 / Arc A-series": None,
     "Lunar Lake": None,
 }
+# The platforms whose SR-IOV works through i915-sriov-dkms (its i915_pci.c has_sriov: TGL, ADL-S/P (ADL-N and
+# RPL use them), MTL (ARL uses it)); xe's SR-IOV on these iGPUs is experimental or absent (sriov.md 0.1, 2.1).
+I915_DKMS_PLATFORMS = ("Tiger Lake", "Alder Lake-S", "Alder Lake-P", "Alder Lake-N", "Raptor Lake-S", "Raptor Lake-P",
+                       "Raptor Lake-U", "Meteor Lake", "Arrow Lake")
+IGPU_ADDRESS = "0000:00:02.0"  # where every Intel iGPU sits
+# The GuC firmware i915 loads per platform: /lib/firmware/i915/<prefix>_guc_<major>[.<minor>.<patch>].bin
+# (i915 gt/uc/intel_uc_fw.c INTEL_GUC_FIRMWARE_DEFS: ADL-S and RPL-S take Tiger Lake's, ADL-N/RPL-P/RPL-U
+# ADL-P's, ARL Meteor Lake's).
+GUC_FIRMWARE_PREFIX = {"Tiger Lake": "tgl", "Alder Lake-S": "tgl", "Raptor Lake-S": "tgl", "Alder Lake-P": "adlp",
+                       "Alder Lake-N": "adlp", "Raptor Lake-P": "adlp", "Raptor Lake-U": "adlp", "Meteor Lake": "mtl",
+                       "Arrow Lake": "mtl"}
+DKMS_NAME = "i915-sriov-dkms"  # its dkms.conf PACKAGE_NAME: /var/lib/dkms/i915-sriov-dkms/<version>/<kernel>/
 SRIOV_FIX = ("SR-IOV with i915-sriov-dkms (host): add 'intel_iommu=on i915.enable_guc=3 i915.max_vfs=7 "
              "module_blacklist=xe' to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, update-grub, reboot, then: "
              "vgpuctl vfs enable 0000:00:02.0 7  (VFs 0000:00:02.1-02.7, each bound to vfio-pci; a VM takes one "
@@ -346,6 +359,11 @@ class IntelSriov(BackendDefaults):
         from vgpuctl.backends.sriov_intel_quota import offered_types
 
         return offered_types(root, held)
+
+    def setup_wants(self, root: HostRoot) -> SetupWants | None:
+        from vgpuctl.backends.sriov_intel_setup import sriov_wants
+
+        return sriov_wants(root)
 
 
 TYPE_ID = "intel-sriov-vf"  # the "type" a VM's vGPU on an Intel VF has (VFs have no mdev type)

@@ -21,6 +21,8 @@ from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound
 from vgpuctl.host import HostRoot, pci
 
 if TYPE_CHECKING:
+    from vgpuctl.host.doctor import CheckSpec
+    from vgpuctl.host.setup import SetupWants
     from vgpuctl.mdev.sysfs import MdevType
 
 RELEASE_ATTEMPTS = 10  # Proxmox's cleanup_pci_devices: up to 10 tries, one second apart
@@ -31,6 +33,16 @@ RELEASE_INTERVAL_S = 1.0
 class VgpuType:
     id: int
     name: str  # e.g. "NVIDIA L40S-8Q"
+
+
+def nvidia_pfs(root: HostRoot) -> list[pci.SriovPf]:
+    """Every NVIDIA PCI function with the SR-IOV capability (a GPU of the vendor-specific VFIO framework, whatever
+    its driver now; sriov.md 3.1: what NVIDIA's own tools look for)."""
+    found = []
+    for address in sorted(pci.sriov_pfs(root)):
+        if pci.read_function(root, address).vendor == NVIDIA_VENDOR_ID:
+            found.append(pci.read_pf(root, address))
+    return found
 
 
 def _nvidia_dir(root: HostRoot, vf: str) -> str:
@@ -204,15 +216,9 @@ def pf_problem(pf: pci.SriovPf) -> str | None:
     return None
 
 
-def nvidia_pfs(root: HostRoot) -> list[NvidiaPf]:
-    """Every NVIDIA PCI function with the SR-IOV capability, by address, with its VFs' types."""
-    found = []
-    for address in sorted(pci.sriov_pfs(root)):
-        if pci.read_function(root, address).vendor != NVIDIA_VENDOR_ID:
-            continue
-        pf = pci.read_pf(root, address)
-        found.append(NvidiaPf(pf, [_view(root, vf) for vf in pf.vfs], pf_problem(pf)))
-    return found
+def nvidia_views(root: HostRoot) -> list[NvidiaPf]:
+    """:func:`nvidia_pfs` with each VF's type and what it can take now."""
+    return [NvidiaPf(pf, [_view(root, vf) for vf in pf.vfs], pf_problem(pf)) for pf in nvidia_pfs(root)]
 
 
 def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
@@ -222,7 +228,7 @@ def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
     from vgpuctl.mdev.sysfs import MdevType
 
     rows = []
-    for pf in nvidia_pfs(root):
+    for pf in nvidia_views(root):
         taken = set(held) | set(vf_openers(root, pf.pf.vfs))
         free = pf.free(taken)
         names = pf.type_names()
@@ -284,6 +290,21 @@ class NvidiaVfio(BackendDefaults):
 
     def vm_vgpu_type(self, type_id: str) -> str | None:
         return str(type_number(type_id))
+
+    def doctor_checks(self) -> tuple[CheckSpec, ...]:
+        from vgpuctl.backends.sriov_nvidia_doctor import CHECKS
+
+        return CHECKS
+
+    def setup_wants(self, root: HostRoot) -> SetupWants | None:
+        """The IOMMU on, for a host with an NVIDIA GPU with SR-IOV (its VFs are VFIO devices, each in an IOMMU
+        group, 3.4); nothing else: nvidia loads by itself and its VFs stay on it. On an AMD host intel_iommu= is
+        ignored (the AMD IOMMU is on by default)."""
+        if not nvidia_pfs(root):
+            return None
+        from vgpuctl.host.setup import BootWants
+
+        return BootWants("NVIDIA vGPU (vendor-specific VFIO)", ("intel_iommu=on",))
 
 
 BACKEND = NvidiaVfio()

@@ -1,4 +1,5 @@
-"""``vgpuctl setup plan|apply|revert``: make the host ready for GVT-g, show it as a diff, undo it."""
+"""``vgpuctl setup plan|apply|revert``: make the host ready for its vGPUs (GVT-g, Intel SR-IOV, NVIDIA
+vendor-VFIO: what vgpuctl.backends.setup_wants finds), show it as a diff, undo it."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _plan(boot: str, tools: Tools) -> Plan:
     from vgpuctl.backends import setup_wants
     from vgpuctl.host.setup import make_plan, pending_commands
 
-    return make_plan(State.root, tools, setup_wants(), boot, pending=pending_commands(_setup_dir()))
+    return make_plan(State.root, tools, setup_wants(State.root), boot, pending=pending_commands(_setup_dir()))
 
 
 def _epilogue(plan: Plan) -> None:
@@ -84,7 +85,7 @@ def _steps(steps: list[Step]) -> None:
 
 @click.group("setup")
 def setup_group() -> None:
-    """Make the host ready for Intel GVT-g: kernel command line, modules at boot, module options.
+    """Make the host ready for its vGPUs (GVT-g, Intel SR-IOV, NVIDIA): command line, modules, module options.
 
     'plan' shows the changes as a diff, 'apply' makes them (backing up every file it changes under
     the state directory), 'revert' puts the backups back.

@@ -57,7 +57,8 @@ OPTION_FIELDS.update({name: name for name in DEVICE_OPTIONS})
 OTHER_OPTION_FIELDS = {"disks": ("disks",), "cdrom": ("cdrom",), "drivers_cdrom": ("drivers_cdrom",),
                        "kernel": ("kernel",), "initrd": ("initrd",),
                        "append": ("append",), "qemu_args": ("extra_args",), "vgpu_uuid": ("vgpu.uuid",),
-                       "vf": ("vgpu.vf",), "type_id": ("vgpu.type",), "parent": ("vgpu.parent",),
+                       "vf": ("vgpu.vf",), "vgpu_rom": ("vgpu.rom",), "type_id": ("vgpu.type",),
+                       "parent": ("vgpu.parent",),
                        "resolution": ("vgpu.resolution",),
                        "min_memory": ("vgpu.min_memory_mib",), "weight": ("vgpu.weight",),
                        "largest": ("vgpu.largest",), "keep_vgpu": ("vgpu.keep",), "no_vgpu": ("vgpu",),
@@ -97,6 +98,7 @@ _SPEC_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--append", metavar="CMDLINE", help="Kernel command line for --kernel."),
     click.option("--vgpu", "vgpu_uuid", metavar="UUID", help="Use this existing or defined vGPU."),
     click.option("--vf", metavar="PCI", help="Use this SR-IOV VF, or a free VF of this PF (vgpuctl vfs list)."),
+    click.option("--vgpu-rom", metavar="FILE", help="The VF's option ROM (Windows on an Intel VF; 'none' removes it)."),
     click.option("-t", "--type", "type_id", metavar="TYPE", help="Create a vGPU of this type at start."),
     click.option("-p", "--parent", metavar="PARENT", help="The parent for --type or the requirements."),
     click.option("--resolution", metavar="WxH", help="Create the smallest vGPU giving at least this resolution."),
@@ -190,6 +192,8 @@ def apply_options(spec: VmSpec, o: dict[str, Any]) -> VmSpec:
         vgpu = replace(vgpu, parent=o["parent"])
     if o["keep_vgpu"] is not None:
         vgpu = replace(vgpu, keep=o["keep_vgpu"])
+    if o["vgpu_rom"] is not None:
+        vgpu = replace(vgpu, rom=None if o["vgpu_rom"] == NONE else o["vgpu_rom"])
     if vgpu != spec.vgpu or o["no_vgpu"]:
         changes["vgpu"] = vgpu
 

@@ -46,6 +46,23 @@ def as_int(value: str | None) -> int | None:
         return None
 
 
+BOOL_WORDS = ("0", "1", "y", "n", "Y", "N")
+
+
+def param_matches(wanted: str, given: str | None) -> bool | None:
+    """Whether a module parameter's ``given`` value (None: a bare name) is the ``wanted`` one (True), works
+    against it (False), or says nothing of it (None). A wanted 0/1/y/n is a bool (param_set_bool: a bare name
+    is true, a non-boolean says nothing); a wanted number an int (kstrtoint: a non-number is wrong); anything
+    else a string."""
+    if wanted in BOOL_WORDS:
+        value = param_bool(given)
+        return None if value is None else value == param_bool(wanted)
+    number = as_int(wanted)
+    if number is not None:
+        return as_int(given) == number
+    return given == wanted
+
+
 def module_name(text: str) -> str:
     """A module's name as /proc/modules spells it, from a name, a modprobe.d word or a .ko path."""
     base = text.rsplit("/", 1)[-1]
@@ -260,3 +277,48 @@ def modules_loaded_at_boot(root: HostRoot) -> dict[str, str]:
         for module in parse_modules_load(_text(root, path)):
             found.setdefault(module, path)
     return found
+
+
+# ---------------------------------------------------------------- out-of-tree modules and the firmware
+
+MODULE_SIGNATURE = b"~Module signature appended~\n"  # the kernel's MODULE_SIG_STRING, at the end of a signed module
+MODINFO_KEYS = (b"vermagic", b"version", b"name", b"srcversion")
+
+
+def parse_modinfo(data: bytes) -> dict[str, str]:
+    """The key=value strings of a module's .modinfo section (what ``modinfo`` prints), found in an uncompressed
+    .ko as NUL-separated strings: vermagic ("6.8.0-45-generic SMP preempt mod_unload modversions "), version."""
+    found: dict[str, str] = {}
+    for chunk in data.split(b"\0"):
+        key, sep, value = chunk.partition(b"=")
+        if sep and key in MODINFO_KEYS:
+            found.setdefault(key.decode(), value.decode(errors="replace"))
+    return found
+
+
+def vermagic_release(vermagic: str) -> str:
+    """The kernel release a module was built for: the first word of its vermagic."""
+    return vermagic.split(" ", 1)[0]
+
+
+def module_signed(data: bytes) -> bool:
+    """Whether a module file carries an appended signature (scripts/sign-file's trailer)."""
+    return data.endswith(MODULE_SIGNATURE)
+
+
+def read_module(root: HostRoot, host_path: str) -> bytes | None:
+    """A module file's bytes, uncompressed (.ko, .ko.xz, .ko.gz); None for zstd (no decoder in Python 3.11)."""
+    import gzip
+    import lzma
+
+    data = root.path(host_path).read_bytes()
+    if host_path.endswith(".xz"):
+        return lzma.decompress(data)
+    if host_path.endswith(".gz"):
+        return gzip.decompress(data)
+    return None if host_path.endswith(".zst") else data
+
+
+def parse_efi_bool(data: bytes) -> bool | None:
+    """An efivarfs boolean variable (SecureBoot): 4 attribute bytes, then 1 or 0; None if malformed."""
+    return data[4] == 1 if len(data) >= 5 else None

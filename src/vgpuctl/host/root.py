@@ -274,6 +274,50 @@ class HostRoot:
         """A loaded module's parameter as it is now (0444 or 0400 files under /sys/module)."""
         return f"{self.sys_module(module)}/parameters/{name}"
 
+    def dkms_module_dirs(self, release: str) -> tuple[str, ...]:
+        """Where DKMS installs a kernel's out-of-tree modules (updates/dkms on Debian/Ubuntu/Fedora, extra on
+        others); depmod ranks updates/ above the kernel's own, so a module there replaces the in-tree one."""
+        return (f"{self.lib_modules(release)}/updates/dkms", f"{self.lib_modules(release)}/extra")
+
+    @property
+    def dkms_tree(self) -> str:
+        """DKMS's tree: <module>/<version>/<kernel>/<arch>/ for each kernel a module was built for; mok.pub, the
+        key DKMS signs modules with (dkms 3)."""
+        return "/var/lib/dkms"
+
+    def lib_firmware(self, directory: str) -> str:
+        """A driver's firmware directory (i915, xe)."""
+        return f"/lib/firmware/{path_name(directory, 'firmware directory')}"
+
+    @property
+    def efi_secure_boot(self) -> str:
+        """The firmware's SecureBoot variable in efivarfs (EFI global variable GUID): 4 attribute bytes, then
+        1 when Secure Boot is on."""
+        return "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-e0c0a0d3f9b9"
+
+    @property
+    def sys_kernel_iommu_groups(self) -> str:
+        """One directory per IOMMU group: empty when the IOMMU is off."""
+        return "/sys/kernel/iommu_groups"
+
+    def xe_configfs_max_vfs(self, address: str) -> str:
+        """xe's per-device max_vfs in configfs (xe_configfs.c): read at the PF's probe."""
+        return f"/sys/kernel/config/xe/{path_name(address, 'PCI address')}/sriov/max_vfs"
+
+    @property
+    def nvidia_sriov_manage(self) -> str:
+        """NVIDIA's script that enables (-e) and disables (-d) a GPU's VFs, shipped with its vGPU host driver."""
+        return "/usr/lib/nvidia/sriov-manage"
+
+    @property
+    def etc_sysfs_d(self) -> str:
+        """sysfsutils' settings applied at boot (Debian: also /etc/sysfs.conf)."""
+        return "/etc/sysfs.d"
+
+    @property
+    def etc_sysfs_conf(self) -> str:
+        return "/etc/sysfs.conf"
+
     def kernel_config(self, release: str) -> str:
         """The Kconfig a distribution kernel ships with."""
         return f"/boot/config-{release}"

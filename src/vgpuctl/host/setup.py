@@ -90,8 +90,8 @@ class SetupWants(Protocol):
         """Kernel parameters that must be in effect (``name=value`` or a bare flag)."""
 
     @property
-    def module_options(self) -> tuple[tuple[str, str, str], ...]:
-        """(module, parameter, the module's Kconfig symbol): parameters modprobe.d sets to 1."""
+    def module_options(self) -> tuple[tuple[str, str, str, str], ...]:
+        """(module, parameter, value, the module's Kconfig symbol): what modprobe.d sets (e.g. i915 enable_gvt 1)."""
 
     def modules(self, kernel: tuple[int, int] | None) -> list[str]:
         """Modules loaded at boot on this kernel version (None: unknown)."""
@@ -109,15 +109,91 @@ class SetupWants(Protocol):
         """What to say of the running kernel's command line (e.g. a parameter that keeps the GPU's driver off)."""
 
 
+@dataclass(frozen=True)
+class BootWants:
+    """A kind's wants that are only lists (parameters, modules, options) and notes: the base of the SR-IOV
+    backends' (vgpuctl.backends.sriov_intel_setup, sriov_nvidia); a kind with its own rules overrides them."""
+
+    subject: str
+    params: tuple[str, ...] = ()
+    module_options: tuple[tuple[str, str, str, str], ...] = ()
+    boot_modules: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what to say of this host (e.g. the driver that must be installed first)
+
+    def modules(self, kernel: tuple[int, int] | None) -> list[str]:
+        return list(self.boot_modules)
+
+    def cmdline_fix(self, token: str) -> str | None:
+        return None
+
+    def option_note(self, path: str, module: str, param: str, value: str) -> str | None:
+        return None
+
+    def reboot_reasons(self, root: HostRoot, edits: Sequence[FileEdit], running: str | None) -> list[str]:
+        return []
+
+    def cmdline_notes(self, running: str) -> list[str]:
+        return list(self.notes)
+
+
+@dataclass(frozen=True)
+class CombinedWants:
+    """The wants of several kinds of vGPU on one host (a GVT-g iGPU and an NVIDIA card) as one: every
+    parameter, module and option of each, in order; a token's fix and an option's note from the first kind
+    that has one; every kind's reasons and notes."""
+
+    parts: tuple[SetupWants, ...]
+
+    @property
+    def subject(self) -> str:
+        return " and ".join(p.subject for p in self.parts)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(_unique(w for p in self.parts for w in p.params))
+
+    @property
+    def module_options(self) -> tuple[tuple[str, str, str, str], ...]:
+        return tuple(dict.fromkeys(o for p in self.parts for o in p.module_options))
+
+    def modules(self, kernel: tuple[int, int] | None) -> list[str]:
+        return _unique(m for p in self.parts for m in p.modules(kernel))
+
+    def cmdline_fix(self, token: str) -> str | None:
+        return next((f for p in self.parts if (f := p.cmdline_fix(token)) is not None), None)
+
+    def option_note(self, path: str, module: str, param: str, value: str) -> str | None:
+        return next((n for p in self.parts if (n := p.option_note(path, module, param, value)) is not None), None)
+
+    def reboot_reasons(self, root: HostRoot, edits: Sequence[FileEdit], running: str | None) -> list[str]:
+        return _unique(r for p in self.parts for r in p.reboot_reasons(root, edits, running))
+
+    def cmdline_notes(self, running: str) -> list[str]:
+        return _unique(n for p in self.parts for n in p.cmdline_notes(running))
+
+
+def combined(wants: Sequence[SetupWants]) -> SetupWants:
+    """One kind's wants as they are, several kinds' as :class:`CombinedWants`."""
+    return wants[0] if len(wants) == 1 else CombinedWants(tuple(wants))
+
+
 # ---------------------------------------------------------------- the kernel command line
+
+
+# Parameters whose value is a comma list of names, of which the last token is in effect (a charp core_param:
+# module_blacklist=xe must be added to an existing module_blacklist=nouveau, not after it).
+LIST_PARAMS = ("module_blacklist",)
 
 
 def _judge(want: str, token: str) -> bool | None:
     """Whether ``token`` gives the wanted setting (True), works against it (False), or neither (None)."""
-    if facts.param_key(want) == "intel_iommu":
+    key = facts.param_key(want)
+    if key == "intel_iommu":
         options = (facts.param_value(token) or "").split(",")
         return True if "on" in options else False if "off" in options else None
-    return facts.param_bool(facts.param_value(token))
+    if key in LIST_PARAMS:
+        return facts.param_value(want) in (facts.param_value(token) or "").split(",")
+    return facts.param_matches(want.partition("=")[2], facts.param_value(token))
 
 
 def _fixed(want: str, token: str) -> str:
@@ -126,6 +202,9 @@ def _fixed(want: str, token: str) -> str:
     if facts.param_key(want) == "intel_iommu":
         options = ["on" if o == "off" else o for o in (facts.param_value(token) or "").split(",")]
         return f"{name}={','.join(options)}"
+    if facts.param_key(want) in LIST_PARAMS:
+        names = [n for n in (facts.param_value(token) or "").split(",") if n]
+        return f"{name}={','.join([*names, want.partition('=')[2]])}"
     return f"{name}={want.partition('=')[2]}"
 
 
@@ -201,6 +280,8 @@ def needed_change(tokens: Sequence[str], wants: SetupWants) -> CmdlineChange:
     remove: list[str] = []
     for want in wants.params:
         found = [t for t in tokens if facts.param_key(t) == facts.param_key(want)]
+        if found and facts.param_key(want) in LIST_PARAMS:
+            found = found[-1:]  # the last one is in effect; the others are left as they are
         good = [t for t in found if _judge(want, t) is True]
         bad = _unique(t for t in found if _judge(want, t) is False)
         if good:
@@ -457,7 +538,7 @@ def _plan_grub(root: HostRoot, tools: Tools, wants: SetupWants) -> BootPlan:
         for a in (linux, default):
             if a is not None and a.problem:
                 plan.notes.append(f"{a.host_path}:{a.line}: {a.name} {a.problem}; its literal text already "
-                                  "has what GVT-g needs, so it is left alone")
+                                  f"has what {wants.subject} needs, so it is left alone")
         return plan
     by_hand = f"by hand: {change.words()} in {{name}}, then run '{regenerate}'; or set up the rest with --boot none"
     if target is None:
@@ -691,19 +772,19 @@ def plan_options(root: HostRoot, release: str | None, notes: list[str], wants: S
     config = found[1] if found else None
     elsewhere = module_options_elsewhere(root, path)
     lines = []
-    for module, param, symbol in wants.module_options:
+    for module, param, wanted, symbol in wants.module_options:
         if config is not None and config.get(symbol) == "y":
             notes.append(f"{module} is built into this kernel ({symbol}=y): modprobe options do not reach it, "
                          "the kernel command line sets it")
             continue
         values = [(f, v) for f, m, p, v in elsewhere if m == module and p == param]
-        good = [f for f, v in values if facts.param_bool(v or None) is True]
-        bad = [(f, v) for f, v in values if facts.param_bool(v or None) is not True]
+        good = [f for f, v in values if facts.param_matches(wanted, v or None) is True]
+        bad = [(f, v) for f, v in values if facts.param_matches(wanted, v or None) is not True]
         for f, v in bad:
             notes.append(f"{f} has 'options {module} {param}={v}', which works against {wants.subject}: remove it "
                          "by hand")
         if not good or bad:
-            lines.append(f"options {module} {param}=1")
+            lines.append(f"options {module} {param}={wanted}")
     notes += [note for f, m, p, v in elsewhere if (note := wants.option_note(f, m, p, v)) is not None]
     return _our_file(root, path, lines, options_header(wants), "options")
 

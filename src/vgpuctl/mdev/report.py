@@ -158,7 +158,7 @@ def sriov_gpu_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
             "vfio_bound": sum(1 for vf in intel.pf.vfs if vf.driver == intel.vfio_driver), "free": len(free),
             "held": sorted({vf.address for vf in intel.pf.vfs if vf.address in held or vf.address in openers}),
             "problem": intel.problem, "quotas": [q.to_json() for q in vf_quotas(root, intel)], "types": None}))
-    for nvidia in sriov_nvidia.nvidia_pfs(root):
+    for nvidia in sriov_nvidia.nvidia_views(root):
         openers = sriov_nvidia.vf_openers(root, nvidia.pf.vfs)
         taken = set(held) | set(openers)
         free_views = nvidia.free(taken)

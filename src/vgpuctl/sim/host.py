@@ -13,6 +13,7 @@ after boot are kept, one line each, in ``/.vgpuctl-sim-uevents``, so that a test
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import json
@@ -263,8 +264,9 @@ class SimHost:
 
     @property
     def modules(self) -> list[str]:
-        """Loaded modules, in /proc/modules order."""
-        return [m for m in self._boot_modules() if m not in self.unloaded]
+        """Loaded modules, in /proc/modules order (less those the kernel refuses: sriov_vendors.refused_modules)."""
+        refused = sriov_vendors.refused_modules(self)
+        return [m for m in self._boot_modules() if m not in self.unloaded and m not in refused]
 
     @property
     def _kvmgt_refused(self) -> bool:
@@ -685,6 +687,8 @@ class SimHost:
             if defer is not None:
                 self.defer = self._check_defer(defer)
             self.boot_cmdline = self._cmdline_from_grub() or self.boot_cmdline
+            with contextlib.suppress(OSError):  # what this boot came from: a revert to the first file is a change
+                self.grub_written = self.vfs.read("/etc/default/grub").decode(errors="replace")
             self._boot()
 
     def control(self, text: str) -> None:

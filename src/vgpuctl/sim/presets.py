@@ -54,6 +54,19 @@ class SriovSpec:
     model: str = ""  # nvidia: the vGPU type catalogue ("L40S", "H200")
     xe_has_sriov: bool = True  # xe: the platform's has_sriov (MTL/LNL: no)
 
+    # ---- what goes wrong around the driver (sriov.md 6: 1, 3, 8, 10), for the doctor; i915 kinds only.
+    # [U] how each shows on a real host is modelled in sim/sriov_vendors.py (host_files, refused_modules).
+    # dkms: "built" (i915-sriov-dkms for the running kernel), "missing" (built for an older kernel only, as after
+    # a kernel update DKMS could not build for: the stock i915 loads), "wrong-kernel" (the running kernel's
+    # updates/dkms holds a module of another kernel's vermagic: modprobe refuses it, no i915 at all).
+    dkms: str = "built"
+    secure_boot: bool = False  # the firmware's SecureBoot variable (efivarfs)
+    # module_key: "enrolled" (signed with DKMS's key, enrolled as a MOK), "not-enrolled", "unsigned"; with
+    # Secure Boot on, anything but "enrolled" is refused by the kernel ("Key was rejected by service").
+    module_key: str = "enrolled"
+    guc_firmware: bool = True  # /lib/firmware/i915/<platform>_guc_70.bin; without it: no GuC submission
+    vgpu_driver: bool = True  # nvidia: NVIDIA's vGPU host driver (sriov-manage); False: a driver without vGPU
+
 
 @dataclass(frozen=True)
 class HostSpec:
@@ -239,6 +252,13 @@ PRESETS: dict[str, HostSpec] = {
                                       flags="i915.enable_guc=3 module_blacklist=xe"),
     "adl-stock-i915": _i915_sriov(0x4680, "Alder Lake-S under mainline i915: totalvfs 7, every write ENOENT",
                                   kind="i915-stock", flags="i915.enable_guc=3"),
+    # Pains the doctor explains (sriov.md 6), on the ADL-S host of adl-sriov:
+    "adl-sriov-newkernel": replace(_i915_sriov(0x4680, "Alder Lake-S after a kernel update DKMS did not build "
+                                               "i915-sriov-dkms for: the stock i915 is loaded"),
+                                   sriov=SriovSpec("i915", dkms="missing")),
+    "adl-sriov-secureboot": replace(_i915_sriov(0x4680, "Alder Lake-S with Secure Boot on and i915-sriov-dkms "
+                                                "unsigned: the kernel refuses it, no i915"),
+                                    sriov=SriovSpec("i915", secure_boot=True, module_key="unsigned")),
     "n100-sriov": _i915_sriov(0x46D0, "Alder Lake-N (N100, 8086:46d0) with i915-sriov-dkms: 7 VFs"),
     "l40s-vfio": _nvidia_vfio(0x26B9, "L40S", "NVIDIA L40S (10de:26b9) on vendor-specific VFIO: 32 VFs, sriov-manage"),
     "h200-vfio": _nvidia_vfio(0x2335, "H200", "NVIDIA H200 (10de:2335) on vendor-specific VFIO: 32 VFs, sriov-manage"),

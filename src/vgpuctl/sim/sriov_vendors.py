@@ -43,6 +43,7 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
                             gpu.device_id, spec.pci_class, express_type=9)
         pf = Pf(function, spec.total_vfs, spec.offset, spec.stride, spec.vf_device_id or gpu.device_id, spec.vf_class)
         bus.add_pf(pf)
+        host_files(host, spec)
         if host.loaded("i915"):
             i915 = I915(bus, host, spec, pf)
             bus.add_driver(i915)
@@ -59,7 +60,8 @@ def build(host: SimHost, spec: SriovSpec) -> PciBus:
             nvidia = Nvidia(bus, host, spec, pf)
             bus.add_driver(nvidia)
             bus.attach(function, nvidia)
-        host.vfs.put(SRIOV_MANAGE, Blob(data=bytearray(SRIOV_MANAGE_SCRIPT.encode()), mode=0o755))
+        if spec.vgpu_driver:  # NVIDIA's vGPU host driver ships it
+            host.vfs.put(SRIOV_MANAGE, Blob(data=bytearray(SRIOV_MANAGE_SCRIPT.encode()), mode=0o755))
     elif spec.kind == "xe":
         port = "" if spec.address.startswith("0000:00:") else "0000:00:01.0/"  # a dGPU behind a root port
         path = f"/sys/devices/pci0000:00/{port}{spec.address}"
@@ -127,10 +129,10 @@ class I915(PfDriver):
     def __init__(self, bus: PciBus, host: SimHost, spec: SriovSpec, pf: Pf) -> None:
         super().__init__(bus)
         self.host, self.spec, self.pf = host, spec, pf
-        self.stock = spec.kind == "i915-stock"
+        self.stock = spec.kind == "i915-stock" or spec.dkms == "missing"  # "missing": the stock i915 loaded instead
         max_vfs = facts.as_int(host.module_param("i915", "max_vfs")) or 0
         guc = facts.as_int(host.module_param("i915", "enable_guc"))
-        self.guc_submission = guc is not None and guc > 0 and bool(guc & 1)
+        self.guc_submission = guc is not None and guc > 0 and bool(guc & 1) and spec.guc_firmware
         self.pf_mode = not self.stock and max_vfs > 0 and self.guc_submission
         self.configure = None if self.stock else self._configure
         if not self.stock:  # i915_params.c: 0400, default 0
@@ -791,3 +793,64 @@ class Xe(PfDriver):
 
 def _priorities(current: str, allowed: int) -> str:
     return " ".join(f"[{p}]" if p == current else p for p in PRIORITIES[:allowed]) + "\n"
+
+
+# ---------------------------------------------------------------- around the driver: DKMS, Secure Boot, firmware
+# (sriov.md 6: 1, 3, 8, 10) [U: modelled, not observed]. A DKMS module is a file of NUL-separated modinfo strings
+# (what an uncompressed .ko's .modinfo section holds, so facts.parse_modinfo reads a real one alike), ending in
+# the kernel's "~Module signature appended~\n" marker when signed; dkms's tree has a directory per kernel it built
+# for. The firmware's SecureBoot variable is efivarfs's: 4 attribute bytes, then the value.
+
+EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-e0c0a0d3f9b9"
+MODULE_SIGNATURE = b"~Module signature appended~\n"
+DKMS_VERSION = "2026.05.06"
+
+
+def older_kernel(release: str) -> str:
+    """The kernel before an update: one minor version down (6.8.0 -> 6.7.0)."""
+    major, minor, *_ = [*release.split("-")[0].split("."), "0", "0"]
+    return f"{major}.{max(int(minor) - 1, 0)}.0" if int(minor) else f"{int(major) - 1}.19.0"
+
+
+def dkms_module(vermagic: str, signed: bool) -> bytes:
+    modinfo = [f"version={DKMS_VERSION}", "license=GPL and additional rights", "name=i915",
+               f"vermagic={vermagic} SMP preempt mod_unload modversions "]
+    return b"\x7fELF" + b"\0".join(s.encode() for s in modinfo) + b"\0" + (MODULE_SIGNATURE if signed else b"")
+
+
+def refused_modules(host: SimHost) -> tuple[str, ...]:
+    """Modules that fail to load: i915-sriov-dkms of another kernel's vermagic ("Exec format error"), or unsigned
+    / signed with a key the firmware does not trust while Secure Boot is on ("Key was rejected by service")."""
+    spec = host.spec.sriov
+    if spec is None or spec.kind != "i915" or spec.dkms == "missing":
+        return ()
+    if spec.dkms == "wrong-kernel" or (spec.secure_boot and spec.module_key != "enrolled"):
+        return ("i915",)
+    return ()
+
+
+def host_files(host: SimHost, spec: SriovSpec) -> None:
+    """What an i915 SR-IOV host has on disk around the driver: i915-sriov-dkms's module and dkms tree (for the
+    running kernel, or for the one before), DKMS's signing key, the SecureBoot variable, the GuC firmware."""
+    from vgpuctl.backends.gvt_platforms import platform_for
+    from vgpuctl.backends.sriov_intel import GUC_FIRMWARE_PREFIX
+
+    fs, release = host.vfs, host.spec.kernel
+    value = b"\x06\x00\x00\x00" + (b"\x01" if spec.secure_boot else b"\x00")
+    fs.put(f"/sys/firmware/efi/efivars/SecureBoot-{EFI_GLOBAL}", Blob(data=bytearray(value), mode=0o644))
+    gpu = host.spec.gpu
+    platform = platform_for(gpu.device_id) if gpu is not None else None
+    prefix = GUC_FIRMWARE_PREFIX.get(platform.name.split(" (")[0]) if platform else None
+    if prefix and spec.guc_firmware:
+        fs.put(f"/lib/firmware/i915/{prefix}_guc_70.bin", Blob(data=bytearray(b"GuC"), mode=0o644))
+    if spec.kind != "i915":
+        return
+    built_for = release if spec.dkms == "built" else older_kernel(release)
+    signed = spec.module_key != "unsigned"
+    fs.put(f"/var/lib/dkms/i915-sriov-dkms/{DKMS_VERSION}/{built_for}/x86_64/module/i915.ko",
+           Blob(data=bytearray(dkms_module(built_for, signed)), mode=0o644))
+    module_release = release if spec.dkms in ("built", "wrong-kernel") else built_for
+    fs.put(f"/lib/modules/{module_release}/updates/dkms/i915.ko",
+           Blob(data=bytearray(dkms_module(built_for, signed)), mode=0o644))
+    if signed:
+        fs.put("/var/lib/dkms/mok.pub", Blob(data=bytearray(b"0\x82 DKMS signing key"), mode=0o644))

@@ -184,7 +184,7 @@ def nvidia_vf_rows(root: HostRoot, holders: dict[str, str]) -> list[dict[str, An
     from vgpuctl.backends import NVIDIA_VENDOR_ID, sriov_nvidia
 
     rows = []
-    for pf in sriov_nvidia.nvidia_pfs(root):
+    for pf in sriov_nvidia.nvidia_views(root):
         openers = sriov_nvidia.vf_openers(root, pf.pf.vfs)
         names = pf.type_names()
         free = pf.free(set(holders) | set(openers))
