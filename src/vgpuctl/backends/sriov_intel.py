@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from collections.abc import Collection
 
     from vgpuctl.host.doctor import CheckSpec
-    from vgpuctl.mdev.sysfs import MdevType
     from vgpuctl.host.setup import SetupWants
+    from vgpuctl.mdev.sysfs import MdevType
 
 # Gen11+ Intel graphics: whether SR-IOV replaces GVT-g there, and through which driver (spec sriov.md 2.1).
 _SRIOV_DKMS_OR_XE = "the out-of-tree i915-sriov-dkms module, or the xe driver (xe.force_probe=<id>)"
