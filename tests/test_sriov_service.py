@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import API, AUTH, BASE, TOKEN, Cli, GoldenFn, MountFn, error_of
 from vgpuctl.backends import offered_types, sriov_nvidia
-from vgpuctl.base.errors import InvalidInput, NotFound
+from vgpuctl.base.errors import CapacityError, InvalidInput, NotFound
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli.app import cli as vgpuctl
 from vgpuctl.host import HostRoot, pci
@@ -149,6 +149,8 @@ def test_the_chooser_takes_an_intel_vf_by_its_ggtt_quota(mount_host: MountFn, tm
     assert wide.chosen.type_id == "intel-sriov-vf" and "no display of its own" in wide.reason
     # VFs held by VMs are not free
     assert choose_on_host(cli.root, Request(min_memory_mib=1), held={"0000:00:02.1"}).chosen.available_instances == 2
+    with pytest.raises(CapacityError, match="stop a VM on a VF, enable more VFs"):
+        choose_on_host(cli.root, Request(min_memory_mib=1), held={f"0000:00:02.{n}" for n in (1, 2, 3)})
     # `vgpuctl create` makes mdevs: it says how a VM takes the VF instead
     dry = cli.json("create", "--min-memory", "1024", "--dry-run")
     assert isinstance(dry, dict) and dry["type"] == "intel-sriov-vf" and dry["parent"] == INTEL_PF

@@ -75,6 +75,13 @@ def mismatch(t: MdevType, request: Request) -> str | None:
     return None
 
 
+def _is_vf(t: MdevType) -> bool:
+    """A type of an SR-IOV backend (its vGPUs are VFs, not created)."""
+    from vgpuctl.backends import backend_for_type
+
+    return backend_for_type(t.type_id).pci_function
+
+
 def choose(types: list[MdevType], request: Request) -> Choice:
     suitable, rejected, full = [], [], []
     for t in types:
@@ -87,8 +94,10 @@ def choose(types: list[MdevType], request: Request) -> Choice:
             suitable.append(t)
     if not suitable:
         if full:
-            raise CapacityError("every type that gives {request} is full ({listed}); remove a vGPU or ask for less",
-                                what="type", request=request.describe(), choices=full, listed=", ".join(full))
+            vfs = any(_is_vf(t) for t in types if t.available_instances < 1 and not mismatch(t, request))
+            raise CapacityError("every type that gives {request} is full ({listed}); remove a vGPU{more} or ask for "
+                                "less", what="type", request=request.describe(), choices=full, listed=", ".join(full),
+                                more=", stop a VM on a VF, enable more VFs" if vfs else "")
         raise NotFound("no vGPU type on this host gives {request} ({why})", what="type", request=request.describe(),
                        rejected=rejected,
                        why="; ".join(rejected) if rejected else "no mdev types at all: see 'vgpuctl doctor'")
@@ -129,9 +138,9 @@ def require_creatable(choice: Choice) -> None:
     """InvalidInput when the choice is an SR-IOV VF's type: a VF is not created, a VM takes it whole."""
     from vgpuctl.backends import backend_for_type
 
-    backend = backend_for_type(choice.chosen.type_id)
-    if not backend.pci_function:
+    if not _is_vf(choice.chosen):
         return
+    backend = backend_for_type(choice.chosen.type_id)
     vm_type = backend.vm_vgpu_type(choice.chosen.type_id)
     how = f"vgpuctl vm create NAME --vf {choice.chosen.parent}" + (f" --type {vm_type}" if vm_type else "")
     raise InvalidInput("the best fit is {type} on {parent} ({reason}): an SR-IOV VF, which is not created but given "
