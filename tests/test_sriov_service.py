@@ -200,6 +200,10 @@ def test_the_api_lists_enables_and_disables_vfs(mount_host: MountFn, state: Stat
         assert row["enabled_by_vgpuctl"] is True and client.get(f"{API}/vfs").json()[0] == row
         assert client.get(f"{API}/gpus").json() == cli.json("gpus")
         assert client.get(f"{API}/types").json() == cli.json("types")
+        dry = client.post(f"{API}/vgpus", json={"min_memory": 1024, "dry_run": True})
+        assert dry.status_code == 200 and (dry.json()["parent"], dry.json()["type"]) == (INTEL_PF, "intel-sriov-vf")
+        made = client.post(f"{API}/vgpus", json={"min_memory": 1024})
+        assert made.status_code == 422 and made.json()["data"]["how"] == f"vgpuctl vm create NAME --vf {INTEL_PF}"
         # the kernel's and vgpuctl's refusals are the API's JSON errors, with their data
         status, kind, message = error_of(client.post(f"{API}/vfs/{INTEL_PF}/enable", json={"count": 8}))
         assert (status, kind) == (422, "invalid_input") and "at most 7 VFs" in message
