@@ -309,7 +309,7 @@ def test_only_vgpuctl_errors_are_the_users_anything_else_is_said_to_be_a_bug(
     from vgpuctl.cli.app import cli
     from vgpuctl.mdev import report
 
-    def broken(root: object) -> None:
+    def broken(root: object, held: object = ()) -> None:
         raise ValueError("boom")
 
     monkeypatch.setattr(report, "gpus_rows", broken)

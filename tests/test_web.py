@@ -67,12 +67,14 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def service(mount_host: MountFn) -> Iterator[Service]:
+def service(mount_host: MountFn, request: pytest.FixtureRequest) -> Iterator[Service]:
+    """The service on a Coffee Lake host, or (``indirect`` parametrization) on the named preset."""
     import uvicorn
 
     from vgpuctl.service.app import create_app
 
-    root = mount_host("coffeelake", aperture_mib=1024)
+    preset = getattr(request, "param", "coffeelake")
+    root = mount_host(preset, aperture_mib=1024) if preset == "coffeelake" else mount_host(preset)
     state = StateDir(Path(tempfile.mkdtemp(prefix="vgs-")))  # short: QMP/VNC socket paths stay under 108 bytes
     spec = profiles.new_spec(VM, "streaming")
     spec.kernel, spec.boot, spec.memory_mib, spec.cpus = str(build_test_guest()), "kernel", 64, 1
@@ -314,6 +316,64 @@ def test_dashboard_follows_the_host_and_drives_a_vm_and_its_display(service: Ser
     expect(vm_page.locator("#vm-state")).to_have_text("stopped")
     expect(card.locator(".state")).to_have_text("stopped")
     assert not errors, errors
+
+
+@pytest.mark.parametrize("service", ["adl-sriov"], indirect=True)
+def test_the_sriov_panel_follows_vfs_enabled_through_the_api_and_the_vm_on_one(service: Service,
+                                                                               context: BrowserContext,
+                                                                               tmp_path: Path) -> None:
+    """Issue 13: the SR-IOV panel lists the PF and its VFs (driver, holder), live: VFs enabled through the API
+    appear, a VM started on one is shown as its holder, and a disable empties it — without a reload."""
+    from vgpuctl.vm.spec import VgpuRequest
+
+    pf, vf1 = "0000:00:02.0", "0000:00:02.1"
+    errors: list[str] = []
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    log_in(page, service)
+    panel = page.locator("#vfs")
+    expect(panel).to_be_visible()
+    card = panel.locator(f'article[data-pf="{pf}"]')
+    expect(card).to_contain_text("VFs 0/7")
+    expect(card).to_contain_text("No VFs enabled")
+    expect(page.locator("#gpus-body")).to_contain_text("No mdev-capable GPU: this host's GPUs give SR-IOV VFs")
+
+    # Enabled through the API with the page's own session: the panel follows through the event stream.
+    enabled = page.request.post(f"{service.url}/api/v1/vfs/{pf}/enable", data={"count": 3})
+    assert enabled.status == 200, enabled.text()
+    expect(card).to_have_attribute("data-enabled", "3")
+    rows = card.locator("tr[data-vf]")
+    expect(rows).to_have_count(3)
+    expect(card).to_contain_text("VFs 3/7")
+    expect(card).to_contain_text("enabled by vgpuctl")
+    for n in (1, 2, 3):
+        expect(card.locator(f'tr[data-vf="0000:00:02.{n}"]')).to_contain_text("vfio-pci")
+        expect(card.locator(f'tr[data-vf="0000:00:02.{n}"]')).to_contain_text("free")
+    expect(page.locator("#vfs-count")).to_have_text("1 PF, 3 VFs")
+    refused = page.request.post(f"{service.url}/api/v1/vfs/{pf}/enable", data={"count": 9})
+    assert refused.status == 422 and refused.json()["data"]["total"] == 7
+
+    # A VM on the PF takes the first free VF and is shown as its holder, with a link to its page.
+    spec = specs.load(service.state, VM)
+    spec.vgpu, spec.vgpu_display, spec.ramfb = VgpuRequest(vf=pf), False, False
+    specs.save(service.state, spec)
+    page.get_by_role("button", name=f"Start VM {VM}").click()
+    expect(page.locator(f'.vm[data-vm="{VM}"] .state')).to_have_text("running", timeout=40_000)
+    holder = card.locator(f'tr[data-vf="{vf1}"]')
+    expect(holder).to_have_attribute("data-vm", VM)
+    expect(holder.get_by_role("link", name=VM)).to_have_attribute("href", f"vm.html?name={VM}")
+    panel.screenshot(path=str(tmp_path / "sriov.png"))
+    busy = page.request.post(f"{service.url}/api/v1/vfs/{pf}/disable")
+    assert busy.status == 409 and "by VM web" in busy.json()["message"]
+    page.get_by_role("button", name=f"Stop VM {VM}").click()
+    expect(page.locator(f'.vm[data-vm="{VM}"] .state')).to_have_text("stopped", timeout=40_000)
+    expect(holder).to_contain_text("free")
+
+    disabled = page.request.post(f"{service.url}/api/v1/vfs/{pf}/disable")
+    assert disabled.status == 200, disabled.text()
+    expect(rows).to_have_count(0)
+    expect(card).to_contain_text("VFs 0/7")
+    assert errors == []
 
 
 def test_the_dashboard_names_each_unreadable_file_and_follows_its_repair(service: Service,

@@ -10,7 +10,7 @@ any other mdev vendor driver), which takes whatever no other claims.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from vgpuctl.host import HostRoot
@@ -86,6 +86,12 @@ class BackendDefaults:
     def setup_wants(self, root: HostRoot) -> SetupWants | None:
         return None
 
+    def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
+        return []
+
+    def vm_vgpu_type(self, type_id: str) -> str | None:
+        return None
+
 
 class VgpuBackend(Protocol):
     @property
@@ -146,6 +152,17 @@ class VgpuBackend(Protocol):
         """What ``vgpuctl setup`` makes of this host's boot configuration for this kind of vGPU (None: the host
         has no GPU of this kind, or it needs nothing)."""
 
+    def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
+        """A pci_function backend: what its VFs offer now, as type rows the chooser and ``vgpuctl types`` read
+        like an mdev parent's — parent the PF, available_instances its VFs free to take one (``held``: VF
+        addresses VMs run on), the description in the kernel's ``k=v`` form with the memory and resolution it
+        gives (``memory_mib``/``framebuffer``, ``max_resolution``; ``display=emulated`` when it has no display of
+        its own). [] for mdev backends, whose types sysfs lists."""
+
+    def vm_vgpu_type(self, type_id: str) -> str | None:
+        """A pci_function backend: what a VM's ``vgpu.type`` (with ``vgpu.vf``) says for this type, None when a VF
+        has no type of its own (Intel: the PF's share)."""
+
 
 # In the order they are asked; the generic one last: it claims every type.
 BACKEND_MODULES = ("gvt", "sriov_intel", "sriov_nvidia", "mdev")
@@ -168,6 +185,16 @@ def backend_for_parent(types: Sequence[MdevType]) -> VgpuBackend:
         return backend_for_type(types[0].type_id)
     generic: VgpuBackend = importlib.import_module(f"vgpuctl.backends.{BACKEND_MODULES[-1]}").BACKEND
     return generic
+
+
+def offered_types(root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
+    """What every SR-IOV backend's VFs offer now (see :meth:`VgpuBackend.offered_types`); on a host without SR-IOV
+    PFs nothing, without loading the SR-IOV backends."""
+    from vgpuctl.host import pci
+
+    if not pci.sriov_pfs(root):
+        return []
+    return [t for b in _backends() if b.pci_function for t in b.offered_types(root, held)]
 
 
 def setup_wants(root: HostRoot) -> SetupWants:

@@ -25,8 +25,11 @@ from vgpuctl.host import HostRoot, pci
 from vgpuctl.mdev.state import Journal, Kind
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from vgpuctl.host.doctor import CheckSpec
     from vgpuctl.host.setup import SetupWants
+    from vgpuctl.mdev.sysfs import MdevType
 
 # Gen11+ Intel graphics: whether SR-IOV replaces GVT-g there, and through which driver (spec sriov.md 2.1).
 _SRIOV_DKMS_OR_XE = "the out-of-tree i915-sriov-dkms module, or the xe driver (xe.force_probe=<id>)"
@@ -351,6 +354,11 @@ class IntelSriov(BackendDefaults):
         from vgpuctl.backends.sriov_intel_doctor import CHECKS
 
         return CHECKS
+
+    def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
+        from vgpuctl.backends.sriov_intel_quota import offered_types
+
+        return offered_types(root, held)
 
     def setup_wants(self, root: HostRoot) -> SetupWants | None:
         from vgpuctl.backends.sriov_intel_setup import sriov_wants

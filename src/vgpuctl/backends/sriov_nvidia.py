@@ -10,8 +10,9 @@ numeric type id of ``creatable_vgpu_types``); its type is ``nvidia-vfio:<id>``. 
 from __future__ import annotations
 
 import errno as errnos
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from vgpuctl.host import HostRoot, pci
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
     from vgpuctl.host.setup import SetupWants
+    from vgpuctl.mdev.sysfs import MdevType
 
 RELEASE_ATTEMPTS = 10  # Proxmox's cleanup_pci_devices: up to 10 tries, one second apart
 RELEASE_INTERVAL_S = 1.0
@@ -136,6 +138,120 @@ def release(root: HostRoot, vf: str, *, attempts: int = RELEASE_ATTEMPTS, interv
     return current_type(root, vf) == 0
 
 
+# ---------------------------------------------------------------------- what a PF's VFs offer (read only)
+
+# A profile name ends in its framebuffer in GB and its series letter: "NVIDIA L40S-8Q" (8 GB, Q), MIG-backed
+# "NVIDIA H200X-1-18C" (1 slice, 18 GB, C) (sriov.md 3.3). GB count 1024 MiB each: NVIDIA's tables give 2Q as
+# 2048 MB.
+_PROFILE = re.compile(r"-(\d+)([A-Z])$")
+# The largest virtual display per series, from NVIDIA's vGPU user guide ("Virtual GPU Types"), not from
+# sriov.md [U]: Q (workstation) 7680x4320, B (virtual PC) 5120x2880, A (virtual apps) 1280x1024; C (compute)
+# has no display.
+SERIES_RESOLUTION = {"Q": (7680, 4320), "B": (5120, 2880), "A": (1280, 1024)}
+
+
+def framebuffer_mib(name: str) -> int | None:
+    """The framebuffer of a type, from its name (None when the name does not say)."""
+    match = _PROFILE.search(name.strip())
+    return int(match[1]) * 1024 if match else None
+
+
+def max_resolution(name: str) -> tuple[int, int] | None:
+    """The largest display of a type, from its series letter (None: a compute type, or a name that does not say)."""
+    match = _PROFILE.search(name.strip())
+    return SERIES_RESOLUTION.get(match[2]) if match else None
+
+
+@dataclass(frozen=True)
+class VfView:
+    """One VF of an NVIDIA vendor-VFIO PF as its ``nvidia/`` files show it now."""
+
+    address: str
+    driver: str | None
+    current: int  # the vGPU type id set on it, 0 for none
+    creatable: list[VgpuType]  # what it can take now (empty once it has a type)
+
+
+@dataclass(frozen=True)
+class NvidiaPf:
+    """An NVIDIA GPU with SR-IOV: its VFs and the types they can take (sriov.md 3.1: vendor 0x10de, a PF,
+    driver nvidia)."""
+
+    pf: pci.SriovPf
+    vfs: list[VfView]
+    problem: str | None  # why it has no vendor-VFIO VFs to give, None if it may
+
+    @property
+    def address(self) -> str:
+        return self.pf.address
+
+    def type_names(self) -> dict[int, str]:
+        """Type id -> name, from every VF's list (a configured VF lists nothing: its name comes from a sibling of
+        the same PF; ids are card-local, sriov.md 3.3)."""
+        return {t.id: t.name for vf in self.vfs for t in vf.creatable}
+
+    def free(self, held: Collection[str]) -> list[VfView]:
+        """The VFs without a type that no VM holds (``held``: VF addresses VMs run on or have open)."""
+        return [vf for vf in self.vfs if vf.current == 0 and vf.address not in held and vf.driver == "nvidia"]
+
+
+def _view(root: HostRoot, vf: pci.PciFunction) -> VfView:
+    if not is_vendor_vf(root, vf.address):
+        return VfView(vf.address, vf.driver, 0, [])
+    try:
+        creatable = creatable_types(root, vf.address)
+        current = current_type(root, vf.address)
+    except (OSError, NotFound, ValueError):
+        return VfView(vf.address, vf.driver, 0, [])
+    return VfView(vf.address, vf.driver, current, creatable)
+
+
+def pf_problem(pf: pci.SriovPf) -> str | None:
+    driver = pf.function.driver
+    if driver != "nvidia":
+        return (f"the PF is bound to {driver}, not nvidia (NVIDIA's vGPU host driver, 17.0 or later)" if driver
+                else "no driver is bound to the PF: load nvidia (NVIDIA's vGPU host driver)")
+    if not pf.vfs:
+        return f"no VFs enabled: run '/usr/lib/nvidia/sriov-manage -e {pf.address}' (or -e ALL)"
+    return None
+
+
+def nvidia_views(root: HostRoot) -> list[NvidiaPf]:
+    """:func:`nvidia_pfs` with each VF's type and what it can take now."""
+    return [NvidiaPf(pf, [_view(root, vf) for vf in pf.vfs], pf_problem(pf)) for pf in nvidia_pfs(root)]
+
+
+def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
+    """What each PF's VFs offer now, one row per PF and type: the VFs free to take it as available_instances
+    (siblings share the card's framebuffer: fewer may fit at once, sriov.md 3.3), the framebuffer and largest
+    display from the type's name, in the k=v form of NVIDIA's mdev descriptions."""
+    from vgpuctl.mdev.sysfs import MdevType
+
+    rows = []
+    for pf in nvidia_views(root):
+        taken = set(held) | set(vf_openers(root, pf.pf.vfs))
+        free = pf.free(taken)
+        names = pf.type_names()
+        for type_id in sorted(names):
+            name = names[type_id]
+            takers = sum(1 for vf in free if type_id in {t.id for t in vf.creatable})
+            facts = []
+            if (framebuffer := framebuffer_mib(name)) is not None:
+                facts.append(f"framebuffer={framebuffer}M")
+            if (resolution := max_resolution(name)) is not None:
+                facts.append(f"max_resolution={resolution[0]}x{resolution[1]}")
+            facts.append(f"vfs_with_type={sum(1 for vf in pf.vfs if vf.current == type_id)}")
+            rows.append(MdevType(pf.address, type_name(type_id), takers, "vfio-pci", name, ", ".join(facts)))
+    return rows
+
+
+def vf_openers(root: HostRoot, vfs: list[pci.PciFunction]) -> dict[str, str]:
+    """Who has each VF's VFIO device open (the same scan as Intel's VFs: /proc fds, or the simulator's)."""
+    from vgpuctl.backends.sriov_intel import vf_openers as openers
+
+    return openers(root, vfs)
+
+
 TYPE_PREFIX = "nvidia-vfio:"  # a VM's vGPU type on such a VF: the prefix and the numeric type id
 
 
@@ -168,6 +284,12 @@ class NvidiaVfio(BackendDefaults):
 
     def release(self, root: HostRoot, address: str) -> None:
         release(root, address)
+
+    def offered_types(self, root: HostRoot, held: Collection[str] = ()) -> list[MdevType]:
+        return offered_types(root, held)
+
+    def vm_vgpu_type(self, type_id: str) -> str | None:
+        return str(type_number(type_id))
 
     def doctor_checks(self) -> tuple[CheckSpec, ...]:
         from vgpuctl.backends.sriov_nvidia_doctor import CHECKS

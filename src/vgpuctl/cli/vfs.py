@@ -44,14 +44,16 @@ def list_command(json_output: bool) -> None:
     for row in rows:
         enabled = "?" if row["enabled_vfs"] is None else row["enabled_vfs"]
         by = ", enabled by vgpuctl" if row["enabled_by_vgpuctl"] else ""
-        say(f"{row['pf']}  {row['driver'] or 'no driver'}  8086:{row['device']}  VFs {enabled}/{row['total_vfs']}"
+        vendor = row.get("vendor_id", "8086")
+        say(f"{row['pf']}  {row['driver'] or 'no driver'}  {vendor}:{row['device']}  VFs {enabled}/{row['total_vfs']}"
             f"{by}")
         if row["problem"]:
             say(f"  cannot make VFs: {row['problem']}")
         for vf in row["vfs"]:
             held = (f"VM {vf['vm']}" if vf["vm"] else "") or (f"open by {vf['opened_by']}" if vf["opened_by"]
                                                               else "free")
-            say(f"  {vf['address']}  {vf['driver'] or 'no driver'}  {held}")
+            kind = f"  type {vf['vgpu_type']['id']} ({vf['vgpu_type']['name'] or '?'})" if vf.get("vgpu_type") else ""
+            say(f"  {vf['address']}  {vf['driver'] or 'no driver'}  {held}{kind}")
 
 
 @vfs_group.command("enable")

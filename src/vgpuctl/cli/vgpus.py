@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from vgpuctl.mdev.lifecycle import Manager
+    from vgpuctl.mdev.report import GpuRow
     from vgpuctl.mdev.sysfs import MdevType
 
 uuid_option = click.option("-u", "--uuid", help="vGPU UUID.")
@@ -53,10 +54,11 @@ def types_table(types: list[MdevType]) -> Table:
     for t in types:
         details = ", ".join(f"{k}={v}" for k, v in t.fields.items()
                             if k not in ("low_gm_mib", "high_gm_mib", "resolution", "max_resolution",
-                                         "framebuffer_mib", "video_memory_mib"))
+                                         "framebuffer_mib", "video_memory_mib", "memory_mib"))
         table.add_row(t.parent, t.type_id, t.name or "-", str(t.available_instances),
                       f"{t.memory_mib} MiB" if t.memory_mib else "-",
-                      "x".join(map(str, t.resolution)) if t.resolution else "-", details)
+                      "x".join(map(str, t.resolution)) if t.resolution else
+                      "emulated" if t.fields.get("display") == "emulated" else "-", details)
     return table
 
 
@@ -64,16 +66,26 @@ def types_table(types: list[MdevType]) -> Table:
 @json_option
 @reports_errors
 def gpus(json_output: bool) -> None:
-    """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
+    """Each mdev-capable GPU (address, vendor, platform, aperture, GVT-g pools, active vGPUs), then each SR-IOV
+    GPU (VFs enabled, bound to VFIO, free; Intel's VF quotas, NVIDIA's types)."""
     from vgpuctl.mdev.report import gpus_rows
 
-    rows = gpus_rows(State.root)
+    every = gpus_rows(State.root, _held())
     if json_output:
-        print_json(rows)
+        print_json(every)
         return
-    if not rows:
+    rows = [row for row in every if "sriov" not in row]
+    sriov = [row for row in every if "sriov" in row]
+    if not every:
         say("no mdev-capable GPU on this host; 'vgpuctl doctor' says why")
         return
+    if rows:
+        _mdev_table(rows)
+    if sriov:
+        _sriov_table(sriov, bool(rows))
+
+
+def _mdev_table(rows: list[GpuRow]) -> None:
     from rich.table import Table
 
     table = Table("parent", "vendor", "platform", "aperture", "low GM free", "high GM free", "fences free",
@@ -88,6 +100,43 @@ def gpus(json_output: bool) -> None:
     out().print(table)
 
 
+def _held() -> set[str]:
+    """The VFs VMs of vgpuctl's run on (a running VM's VF is not free even before QEMU opens it)."""
+    from vgpuctl.base.state import StateDir
+    from vgpuctl.vm.inventory import vf_holders
+
+    return set(vf_holders(State.root, StateDir.from_env(State.state_dir)))
+
+
+def _sriov_table(rows: list[GpuRow], after_mdev: bool) -> None:
+    """The SR-IOV GPUs, after the mdev ones (printed at the end: the mdev table stays what it was)."""
+    from rich.table import Table
+
+    table = Table("PF", "vendor", "driver", "VFs", "on VFIO", "free", "held", "each VF / types", "problem",
+                  title="SR-IOV GPUs" if after_mdev else None)
+    for row in rows:
+        info = row["sriov"]
+        enabled = "?" if info["enabled_vfs"] is None else str(info["enabled_vfs"])
+        if info["types"] is not None:
+            offers = f"{len(info['types'])} types ({sum(1 for t in info['types'] if t['free_vfs'])} creatable now)"
+        else:
+            quotas = info["quotas"] or []
+            first = quotas[0] if quotas else None
+            same = all({k: v for k, v in q.items() if k != "vf"} == {k: v for k, v in first.items() if k != "vf"}
+                       for q in quotas) if first else False
+            parts = [f"{label} {first[key]}{unit}" for key, label, unit in
+                     (("lmem_mib", "LMEM", " MiB"), ("ggtt_mib", "GGTT", " MiB"), ("contexts", "contexts", ""),
+                      ("doorbells", "doorbells", "")) if first and first[key]]
+            offers = (", ".join(parts) + ("" if same else " (VF1; others differ)")) if parts else "-"
+        device = f" {row['device_id']}" if row["device_id"] is not None else ""
+        table.add_row(row["parent"], row["vendor"] + device, f"{info['driver'] or '-'} → {info['vfio_driver']}",
+                      f"{enabled}/{info['total_vfs']}", str(info["vfio_bound"]), str(info["free"]),
+                      str(len(info["held"])), offers, info["problem"] or "-")
+    if after_mdev:
+        out().print()
+    out().print(table)
+
+
 @click.command("types")
 @parent_option
 @json_option
@@ -96,7 +145,7 @@ def types_command(parent: str | None, json_output: bool) -> None:
     """Every vGPU type with its available instances and its description as fields."""
     from vgpuctl.mdev.report import read_all_types, type_row
 
-    found = read_all_types(State.root, parent)
+    found = read_all_types(State.root, parent, _held())
     if json_output:
         print_json([type_row(t) for t in found])
     elif found:
@@ -154,7 +203,7 @@ def list_command(defined: bool, active_only: bool, parent: str | None, uuid: str
 def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tuple[str, ...], resolution: str | None,
            min_memory: int | None, weight: int | None, dry_run: bool, json_output: bool) -> None:
     """Create an active (transient) vGPU, or let vgpuctl choose parent and type for a request."""
-    from vgpuctl.mdev.choose import Request, choose_on_host, parse_resolution
+    from vgpuctl.mdev.choose import Request, choose_on_host, parse_resolution, require_creatable
 
     choosing = resolution is not None or min_memory is not None or weight is not None
     if choosing and (parent or type_id):
@@ -164,7 +213,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
     reason = None
     if choosing:
         request = Request(parse_resolution(resolution) if resolution else None, min_memory, weight)
-        choice = choose_on_host(State.root, request, parent)
+        choice = choose_on_host(State.root, request, parent, _held())
         parent, type_id, reason = choice.chosen.parent, choice.chosen.type_id, choice.reason
         if not json_output:
             say(f"chose {type_id} on {parent}: {reason}")
@@ -172,6 +221,7 @@ def create(uuid: str | None, parent: str | None, type_id: str | None, attr: tupl
             if json_output:
                 print_json({"parent": parent, "type": type_id, "reason": reason, "rejected": choice.rejected})
             return
+        require_creatable(choice)
     elif dry_run:
         raise InvalidInput("--dry-run only applies when vgpuctl chooses (--resolution/--min-memory/--weight)")
     assert parent and type_id

@@ -354,6 +354,10 @@ class HostRoot:
     def mdev_device_dir(self, uuid: str) -> str:
         return f"{self.sys_bus_mdev_devices}/{uuid}"
 
+    def debugfs_dri(self, name: str) -> str:
+        """A DRM device's debugfs directory (by minor or by PCI address, per kernel): xe's SR-IOV quotas."""
+        return f"/sys/kernel/debug/dri/{path_name(name, 'DRM device')}"
+
     def simulation(self) -> dict[str, Any] | None:
         """What the simulated host says about itself, or None on a real host."""
         try:

@@ -3,10 +3,16 @@
 Among the types that satisfy the request and still have room, prefer the one that uses the
 fewest resources (least graphics memory, then lowest weight), so the most capacity stays for
 later; between equal types, the parent with the most instances left.
+
+The types are every backend's: the mdev parents' from sysfs, and what the SR-IOV PFs' VFs offer
+(:func:`vgpuctl.backends.offered_types`: an Intel VF by its provisioned LMEM, else GGTT quota; an NVIDIA
+type by the framebuffer its name says), compared alike. A type with ``display=emulated`` has no display
+of its own (an Intel VF): any resolution asked for is the emulated adapter's, and the reason says so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 from vgpuctl.base.errors import CapacityError, InvalidInput, NotFound
@@ -43,9 +49,16 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def emulated_display(t: MdevType) -> bool:
+    """The type has no display of its own: the VM's picture comes from an emulated adapter (any resolution)."""
+    return t.fields.get("display") == "emulated"
+
+
 def mismatch(t: MdevType, request: Request) -> str | None:
-    """Why t cannot serve the request, or None if it can."""
-    if request.resolution:
+    """Why t cannot serve the request, or None if it can (``unavailable``: a backend says why none is there)."""
+    if t.fields.get("unavailable"):
+        return str(t.fields["unavailable"])
+    if request.resolution and not emulated_display(t):
         have = t.resolution
         if have is None:
             return "no resolution given by its driver"
@@ -62,6 +75,13 @@ def mismatch(t: MdevType, request: Request) -> str | None:
     return None
 
 
+def _is_vf(t: MdevType) -> bool:
+    """A type of an SR-IOV backend (its vGPUs are VFs, not created)."""
+    from vgpuctl.backends import backend_for_type
+
+    return backend_for_type(t.type_id).pci_function
+
+
 def choose(types: list[MdevType], request: Request) -> Choice:
     suitable, rejected, full = [], [], []
     for t in types:
@@ -74,8 +94,10 @@ def choose(types: list[MdevType], request: Request) -> Choice:
             suitable.append(t)
     if not suitable:
         if full:
-            raise CapacityError("every type that gives {request} is full ({listed}); remove a vGPU or ask for less",
-                                what="type", request=request.describe(), choices=full, listed=", ".join(full))
+            vfs = any(_is_vf(t) for t in types if t.available_instances < 1 and not mismatch(t, request))
+            raise CapacityError("every type that gives {request} is full ({listed}); remove a vGPU{more} or ask for "
+                                "less", what="type", request=request.describe(), choices=full, listed=", ".join(full),
+                                more=", stop a VM on a VF, enable more VFs" if vfs else "")
         raise NotFound("no vGPU type on this host gives {request} ({why})", what="type", request=request.describe(),
                        rejected=rejected,
                        why="; ".join(rejected) if rejected else "no mdev types at all: see 'vgpuctl doctor'")
@@ -85,20 +107,42 @@ def choose(types: list[MdevType], request: Request) -> Choice:
         return (t.memory_mib or 0, weight if isinstance(weight, int) else 0, -t.available_instances)
 
     best = min(suitable, key=cost)
-    memory = f"{best.memory_mib} MiB graphics memory" if best.memory_mib else "the least resources"
+    source = best.fields.get("memory_from")
+    memory = (f"{best.memory_mib} MiB graphics memory" + (f", its {str(source).upper()} quota" if source else "")
+              if best.memory_mib else "the least resources")
     reason = (f"the smallest type that gives {request.describe()} ({memory}); "
               f"{best.available_instances} can be created there now")
+    if request.resolution and emulated_display(best):
+        reason += ("; it has no display of its own: the resolution is the VM's emulated display's "
+                   "(vgpu_display = false)")
     others = [f"{t.parent} {t.type_id}" for t in suitable if t is not best]
     if others:
         reason += f"; also possible: {', '.join(others)}"
     return Choice(best, reason, rejected)
 
 
-def choose_on_host(root: HostRoot, request: Request, parent: str | None = None) -> Choice:
-    """The choice among every type on the host (or on ``parent``), as ``vgpuctl create --resolution`` makes it."""
+def choose_on_host(root: HostRoot, request: Request, parent: str | None = None,
+                   held: Collection[str] = ()) -> Choice:
+    """The choice among every type on the host (or on ``parent``): every mdev parent's and every SR-IOV PF's
+    (``held``: VF addresses VMs run on, not free), as ``vgpuctl create --resolution`` makes it."""
+    from vgpuctl.backends import offered_types
     from vgpuctl.mdev.sysfs import parent_names, read_types
 
-    types = [t for p in parent_names(root) for t in read_types(root, p)]
+    types = [t for p in parent_names(root) for t in read_types(root, p)] + offered_types(root, held)
     if parent:
         types = [t for t in types if t.parent == parent]
     return choose(types, request)
+
+
+def require_creatable(choice: Choice) -> None:
+    """InvalidInput when the choice is an SR-IOV VF's type: a VF is not created, a VM takes it whole."""
+    from vgpuctl.backends import backend_for_type
+
+    if not _is_vf(choice.chosen):
+        return
+    backend = backend_for_type(choice.chosen.type_id)
+    vm_type = backend.vm_vgpu_type(choice.chosen.type_id)
+    how = f"vgpuctl vm create NAME --vf {choice.chosen.parent}" + (f" --type {vm_type}" if vm_type else "")
+    raise InvalidInput("the best fit is {type} on {parent} ({reason}): an SR-IOV VF, which is not created but given "
+                       "to a VM whole: {how}; or choose among mdev parents only with -p PARENT", what="type",
+                       type=choice.chosen.type_id, parent=choice.chosen.parent, reason=choice.reason, how=how)

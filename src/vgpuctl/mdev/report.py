@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from collections.abc import Collection
+from typing import Any, Literal, NotRequired, cast
 
 # typing_extensions: pydantic (the API's response models) needs its TypedDict before Python 3.12.
 from typing_extensions import TypedDict
@@ -27,6 +28,29 @@ class PoolRow(TypedDict):
     unit: str
 
 
+class SriovTypeRow(TypedDict):
+    type: str  # as a VM's vgpu.type names it (NVIDIA: its numeric id)
+    name: str | None
+    memory_mib: int | None
+    free_vfs: int  # free VFs that could take one now (siblings share the card: fewer may fit at once)
+
+
+class SriovRow(TypedDict):
+    """What an SR-IOV PF's row adds: its VFs and what they were given or can take."""
+
+    backend: str  # the vGPU backend's name: "sriov-intel", "nvidia-vfio"
+    driver: str | None  # the PF's
+    total_vfs: int
+    enabled_vfs: int | None  # None: sriov_numvfs did not answer in time (a disable waits for a VM)
+    vfio_driver: str  # what its VFs must be bound to for a VM to open one
+    vfio_bound: int
+    free: int  # bound to it, and no VM holds or has opened it
+    held: list[str]  # VFs a VM holds or has open
+    problem: str | None  # why it cannot give VFs now
+    quotas: list[dict[str, Any]] | None  # Intel: each enabled VF's provisioning (MiB, counts; None unreadable)
+    types: list[SriovTypeRow] | None  # NVIDIA: every type its VFs can take now
+
+
 class GpuRow(TypedDict):
     parent: str
     vendor: str
@@ -37,6 +61,7 @@ class GpuRow(TypedDict):
     pools: dict[str, PoolRow] | None  # GVT-g pools by name ("low GM (aperture)", ...); None for other vendors
     types: int
     active_vgpus: list[str]
+    sriov: NotRequired[SriovRow]  # only on an SR-IOV PF's row (then active_vgpus are the VFs held)
 
 
 class TypeRow(TypedDict):
@@ -88,8 +113,9 @@ def check_type(root: HostRoot, parent: str, type_id: str, names: list[str] | Non
     return found
 
 
-def gpus_rows(root: HostRoot) -> list[GpuRow]:
-    """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs."""
+def gpus_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
+    """Each mdev-capable GPU: address, vendor, platform, aperture, GVT-g pools, active vGPUs; then each SR-IOV
+    PF (:func:`sriov_gpu_rows`; ``held``: the VFs VMs run on)."""
     from vgpuctl.backends import backend_for_parent  # GVT-g's platform tables are not needed by `list`
     from vgpuctl.backends.gvt_capacity import GvtCapacity
 
@@ -111,14 +137,65 @@ def gpus_rows(root: HostRoot) -> list[GpuRow]:
             "types": len(parent.types),
             "active_vgpus": [d.uuid for d in active if d.parent == parent.name],
         })
+    return rows + sriov_gpu_rows(root, held)
+
+
+def sriov_gpu_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
+    """Each SR-IOV PF a backend knows (Intel's, NVIDIA's vendor-VFIO ones): its VFs enabled, bound to their VFIO
+    driver, free and held; Intel's VF quotas, NVIDIA's types and how many free VFs could take each."""
+    from vgpuctl.backends import INTEL_VENDOR_ID, NVIDIA_VENDOR_ID, sriov_intel, sriov_nvidia
+    from vgpuctl.backends.sriov_intel_quota import free_vfs, offers, vf_quotas
+    from vgpuctl.host.pci import vendor_name
+
+    rows: list[GpuRow] = []
+    for intel in sriov_intel.intel_pfs(root):
+        openers = sriov_intel.vf_openers(root, intel.pf.vfs)
+        free = free_vfs(root, intel, held, openers)
+        count = 1 if offers(intel) else 0  # its one type row (sriov_intel_quota.offered_types)
+        rows.append(_sriov_row(intel.pf, INTEL_VENDOR_ID, vendor_name(INTEL_VENDOR_ID), count, {
+            "backend": sriov_intel.BACKEND.name, "driver": intel.driver, "total_vfs": intel.pf.total_vfs,
+            "enabled_vfs": intel.pf.num_vfs, "vfio_driver": intel.vfio_driver,
+            "vfio_bound": sum(1 for vf in intel.pf.vfs if vf.driver == intel.vfio_driver), "free": len(free),
+            "held": sorted({vf.address for vf in intel.pf.vfs if vf.address in held or vf.address in openers}),
+            "problem": intel.problem, "quotas": [q.to_json() for q in vf_quotas(root, intel)], "types": None}))
+    for nvidia in sriov_nvidia.nvidia_views(root):
+        openers = sriov_nvidia.vf_openers(root, nvidia.pf.vfs)
+        taken = set(held) | set(openers)
+        free_views = nvidia.free(taken)
+        names = nvidia.type_names()
+        types: list[SriovTypeRow] = [
+            {"type": str(type_id), "name": name, "memory_mib": sriov_nvidia.framebuffer_mib(name),
+             "free_vfs": sum(1 for vf in free_views if type_id in {t.id for t in vf.creatable})}
+            for type_id, name in sorted(names.items())]
+        rows.append(_sriov_row(nvidia.pf, NVIDIA_VENDOR_ID, vendor_name(NVIDIA_VENDOR_ID), len(types), {
+            "backend": sriov_nvidia.BACKEND.name, "driver": nvidia.pf.function.driver,
+            "total_vfs": nvidia.pf.total_vfs, "enabled_vfs": nvidia.pf.num_vfs, "vfio_driver": "nvidia",
+            "vfio_bound": sum(1 for vf in nvidia.vfs if vf.driver == "nvidia"), "free": len(free_views),
+            "held": sorted(vf.address for vf in nvidia.vfs if vf.address in taken),
+            "problem": nvidia.problem, "quotas": None, "types": types}))
     return rows
 
 
-def read_all_types(root: HostRoot, parent: str | None = None) -> list[MdevType]:
-    """Every type of every parent (or of ``parent``, which must exist)."""
-    if parent:
-        check_parent(root, parent)
-    return [t for p in ([parent] if parent else parent_names(root)) for t in read_types(root, p)]
+def _sriov_row(pf: Any, vendor_id: int, vendor: str, types: int, sriov: SriovRow) -> GpuRow:
+    device = pf.function.device
+    return {"parent": pf.address, "vendor": vendor, "vendor_id": f"0x{vendor_id:04x}",
+            "device_id": f"0x{device:04x}" if device is not None else None, "platform": None, "aperture_mib": None,
+            "pools": None, "types": types, "active_vgpus": sriov["held"], "sriov": sriov}
+
+
+def read_all_types(root: HostRoot, parent: str | None = None, held: Collection[str] = ()) -> list[MdevType]:
+    """Every type of every parent (or of ``parent``, which must exist): the mdev parents' from sysfs, then what
+    the SR-IOV PFs' VFs offer (:func:`vgpuctl.backends.offered_types`; ``held``: the VFs VMs run on)."""
+    from vgpuctl.backends import offered_types
+
+    names = parent_names(root)
+    offered = offered_types(root, held)
+    if parent and parent not in names:
+        if parent in {t.parent for t in offered}:
+            return [t for t in offered if t.parent == parent]
+        check_parent(root, parent, names)
+    mdev = [t for p in ([parent] if parent else names) for t in read_types(root, p)]
+    return mdev + ([] if parent else offered)
 
 
 def type_row(t: MdevType) -> TypeRow:
@@ -127,9 +204,9 @@ def type_row(t: MdevType) -> TypeRow:
             "memory_mib": t.memory_mib, "resolution": "x".join(map(str, t.resolution)) if t.resolution else None}
 
 
-def types_rows(root: HostRoot, parent: str | None = None) -> list[TypeRow]:
-    """Every vGPU type with its available instances and its description as fields."""
-    return [type_row(t) for t in read_all_types(root, parent)]
+def types_rows(root: HostRoot, parent: str | None = None, held: Collection[str] = ()) -> list[TypeRow]:
+    """Every vGPU type with its available instances and its description as fields (SR-IOV VFs' too)."""
+    return [type_row(t) for t in read_all_types(root, parent, held)]
 
 
 def object_exists(root: HostRoot, kind: str, key: str) -> bool:

@@ -36,11 +36,12 @@ class MdevType(NamedTuple):
 
     @property
     def memory_mib(self) -> int | None:
-        """Graphics memory of one instance: GVT low+high GM, NVIDIA framebuffer, sample video memory."""
+        """Graphics memory of one instance: GVT low+high GM, NVIDIA framebuffer, sample video memory, the memory a
+        backend's VF type says it gives (``memory_mib``)."""
         f = self.fields
         if "low_gm_mib" in f and "high_gm_mib" in f:
             return int(f["low_gm_mib"]) + int(f["high_gm_mib"])
-        for key in ("framebuffer_mib", "video_memory_mib"):
+        for key in ("framebuffer_mib", "video_memory_mib", "memory_mib"):
             if key in f:
                 return int(f[key])
         return None

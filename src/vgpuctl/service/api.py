@@ -269,20 +269,27 @@ class VmStop(BaseModel):
 # ---------------------------------------------------------------------- the host
 
 
+def _held(ctx: Context) -> set[str]:
+    """The VFs VMs of vgpuctl's run on."""
+    from vgpuctl.vm.inventory import vf_holders
+
+    return set(vf_holders(ctx.root, ctx.state))
+
+
 @router.get("/gpus", tags=["host"], response_model=list[GpuRow])
 def gpus(ctx: Ctx) -> Any:
-    """Each mdev-capable GPU (as ``vgpuctl gpus --json``)."""
+    """Each mdev-capable GPU, then each SR-IOV PF with its ``sriov`` facts (as ``vgpuctl gpus --json``)."""
     from vgpuctl.mdev.report import gpus_rows
 
-    return gpus_rows(ctx.root)
+    return gpus_rows(ctx.root, _held(ctx))
 
 
 @router.get("/types", tags=["host"], response_model=list[TypeRow])
 def types(ctx: Ctx, parent: Annotated[str | None, Query(pattern=PARENT_PATTERN)] = None) -> Any:
-    """Every vGPU type with its available instances (as ``vgpuctl types --json [-p PARENT]``)."""
+    """Every vGPU type with its available instances, SR-IOV VFs' too (as ``vgpuctl types --json [-p PARENT]``)."""
     from vgpuctl.mdev.report import types_rows
 
-    return types_rows(ctx.root, parent)
+    return types_rows(ctx.root, parent, _held(ctx))
 
 
 @router.get("/doctor", tags=["host"])
@@ -300,6 +307,66 @@ def problems(ctx: Ctx) -> list[dict[str, str]]:
     from vgpuctl.service.problems import unreadable_files
 
     return unreadable_files(ctx.root, ctx.state)
+
+
+# ---------------------------------------------------------------------- SR-IOV VFs
+
+PCI_ADDRESS_PATTERN = r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"
+PfAddress = Annotated[str, Path(pattern=PCI_ADDRESS_PATTERN, description="the PF's PCI address, e.g. 0000:00:02.0")]
+
+
+class VfsEnable(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"count": 7}]})
+
+    count: int = Field(ge=1, le=65535, description="how many VFs (the kernel takes 0, then N: VFs on are replaced)")
+
+
+class VfsDisable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: Annotated[float, Field(gt=0, le=600, description="seconds to wait for the kernel")] = 5.0
+
+
+def _pf_row(ctx: Context, address: str) -> dict[str, Any]:
+    from vgpuctl.host.pci import check_address
+    from vgpuctl.vm.inventory import vf_listing
+
+    address = check_address(address)
+    return next(row for row in vf_listing(ctx.root, ctx.state) if row["pf"] == address)
+
+
+@router.get("/vfs", tags=["vfs"])
+def list_vfs(ctx: Ctx) -> list[dict[str, Any]]:
+    """Each SR-IOV PF (Intel's, NVIDIA's vendor-VFIO ones) with its VFs and the VM holding each: the ``pfs`` of
+    ``vgpuctl vfs list --json``."""
+    from vgpuctl.vm.inventory import vf_listing
+
+    return vf_listing(ctx.root, ctx.state)
+
+
+@router.post("/vfs/{pf}/enable", tags=["vfs"])
+def enable_vfs(ctx: Ctx, pf: PfAddress, body: VfsEnable, force: Force = False) -> dict[str, Any]:
+    """Enable ``count`` VFs on an Intel PF, each bound to its VFIO driver (as ``vgpuctl vfs enable``); answers
+    the PF's row of ``GET /vfs``. The kernel's refusal is 409 ``kernel_error`` saying why in the driver's
+    words; VFs in use or not vgpuctl's are 409 unless ``force``."""
+    from vgpuctl.backends import sriov_intel
+    from vgpuctl.vm.inventory import vf_holders
+
+    done = sriov_intel.enable(ctx.root, ctx.state, pf, body.count, force=force,
+                              holders=vf_holders(ctx.root, ctx.state))
+    return _pf_row(ctx, done.address)
+
+
+@router.post("/vfs/{pf}/disable", tags=["vfs"])
+def disable_vfs(ctx: Ctx, pf: PfAddress, body: VfsDisable | None = None, force: Force = False) -> dict[str, Any]:
+    """Turn off an Intel PF's VFs (as ``vgpuctl vfs disable``): refused (409) while a VM holds one, or when
+    vgpuctl did not enable them, unless ``force``; answers the PF's row of ``GET /vfs``."""
+    from vgpuctl.backends import sriov_intel
+    from vgpuctl.vm.inventory import vf_holders
+
+    done = sriov_intel.disable(ctx.root, ctx.state, pf, force=force, holders=vf_holders(ctx.root, ctx.state),
+                               timeout_s=(body or VfsDisable()).timeout)
+    return _pf_row(ctx, done.address)
 
 
 # ---------------------------------------------------------------------- vGPUs
@@ -324,20 +391,22 @@ def create_vgpu(ctx: Ctx, body: VgpuCreate, response: Response) -> Any:
     """Create an active vGPU: on ``parent`` of ``type``, or the smallest type that satisfies the request
     (as ``vgpuctl create``). A full GPU is 409 ``capacity_error``, saying which pool and what still fits."""
     from vgpuctl.mdev.choose import Request as Wanted
-    from vgpuctl.mdev.choose import choose_on_host, parse_resolution
+    from vgpuctl.mdev.choose import choose_on_host, parse_resolution, require_creatable
     from vgpuctl.mdev.lifecycle import Manager
-    from vgpuctl.mdev.report import check_parent
+    from vgpuctl.mdev.report import read_all_types
 
     parent, type_id, reason = body.parent, body.type, None
     if body.choosing:
+        held = _held(ctx)
         if parent:
-            check_parent(ctx.root, parent)
+            read_all_types(ctx.root, parent, held)  # NotFound unless an mdev parent or an SR-IOV PF
         wanted = Wanted(parse_resolution(body.resolution) if body.resolution else None, body.min_memory, body.weight)
-        choice = choose_on_host(ctx.root, wanted, parent)
+        choice = choose_on_host(ctx.root, wanted, parent, held)
         parent, type_id, reason = choice.chosen.parent, choice.chosen.type_id, choice.reason
         if body.dry_run:
             response.status_code = 200
             return {"parent": parent, "type": type_id, "reason": reason, "rejected": choice.rejected}
+        require_creatable(choice)
     assert parent and type_id
     new = Manager(ctx.root, ctx.state).create(parent, type_id, body.uuid, _pairs(body.attrs))
     return {"uuid": new, "parent": parent, "type": type_id, "reason": reason}
@@ -497,9 +566,9 @@ def screenshot(ctx: Ctx, name: VmName) -> Response:
 
 @router.get("/events", tags=["live"], response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "events gpus, vgpus, vms (whole snapshots) and error"}})
+                             "description": "events gpus, vgpus, vms, vfs (whole snapshots) and error"}})
 async def events(request: Request) -> StreamingResponse:
-    """Server-sent events: ``gpus``, ``vgpus`` and ``vms`` — the same JSON as the listings — at connect and
+    """Server-sent events: ``gpus``, ``vgpus``, ``vms`` and ``vfs`` — the same JSON as the listings — at connect and
     whenever one changes (polled every 0.5 s while anyone listens, so CLI changes show too)."""
     from vgpuctl.service.events import EventHub
 

@@ -126,10 +126,11 @@ def create_app(root: HostRoot, state: StateDir, token: str | None = None, *,
 def _snapshotters(root: HostRoot, state: StateDir) -> dict[str, Any]:
     from vgpuctl.mdev.report import gpus_rows, vgpu_rows
     from vgpuctl.service.problems import unreadable_files
-    from vgpuctl.vm.inventory import vm_overviews
+    from vgpuctl.vm.inventory import vf_holders, vf_listing, vm_overviews
 
-    return {"gpus": lambda: gpus_rows(root), "vgpus": lambda: vgpu_rows(root, state),
-            "vms": lambda: vm_overviews(root, state), "problems": lambda: unreadable_files(root, state)}
+    return {"gpus": lambda: gpus_rows(root, set(vf_holders(root, state))), "vgpus": lambda: vgpu_rows(root, state),
+            "vms": lambda: vm_overviews(root, state), "problems": lambda: unreadable_files(root, state),
+            "vfs": lambda: vf_listing(root, state)}
 
 
 def _include_display_stream(app: FastAPI) -> None:

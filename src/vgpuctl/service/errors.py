@@ -23,6 +23,10 @@ a damaged state file      503     ``state_damaged``: a VgpuError that says a fil
 OSError                   409     ``host_error`` (404 for a missing file, 403 for permissions)
 ========================  ======  ==================================================================
 
+A vgpuctl error that carries data (the PF, the errno, the driver ...) also answers it as ``data``, JSON-safe
+(``{"error": "kernel_error", "message": ..., "data": {"parent": "0000:00:02.0", "errno": 2, ...}}``), so a
+client need not parse the message.
+
 Bad input is a 4xx, never a 500; only a bug (any other exception: a bare ValueError or RuntimeError too) is
 a 500, with
 ``{"error": "internal", ...}`` and the traceback in the server's log, never in the response.
@@ -143,6 +147,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _json_safe(data: dict[str, Any]) -> Any:
+    """An error's data as JSON can hold it: anything else as its text, infinite floats too."""
+    import json
+
+    return json.loads(json.dumps(_finite(data), default=str))
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into the JSON body above."""
 
@@ -153,7 +164,9 @@ def install(app: FastAPI) -> None:
             return error_response(500, "internal", "internal error: see the server's log")
         if status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, message_of(exc))
-        return error_response(status, kind, message_of(exc))
+        data = getattr(exc, "data", None) if isinstance(exc, VgpuError) else None
+        extra = {"data": _json_safe(data)} if data else {}
+        return error_response(status, kind, message_of(exc), **extra)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

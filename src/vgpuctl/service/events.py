@@ -1,7 +1,8 @@
 """``GET /api/v1/events``: server-sent events with live snapshots of the host.
 
-Events ``gpus``, ``vgpus`` and ``vms``, each carrying the whole JSON snapshot — exactly what
-``GET /api/v1/gpus``, ``/vgpus`` and ``/vms`` answer — are sent to a client when it connects and
+Events ``gpus``, ``vgpus``, ``vms``, ``vfs`` and ``problems``, each carrying the whole JSON snapshot — exactly
+what ``GET /api/v1/gpus``, ``/vgpus``, ``/vms``, ``/vfs`` and ``/problems`` answer — are sent to a client when it
+connects and
 again whenever that snapshot changes. An ``error`` event ``{"error", "message", "source"}`` tells
 that a snapshot could not be read (the last good one stays): every client gets it, those already
 connected when it happens and those that connect while it lasts; it is sent again when the message

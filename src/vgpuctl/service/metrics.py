@@ -8,6 +8,12 @@ metric                              labels              what
 ``vgpuctl_available_instances``     parent, type        how many more of the type can be created now
 ``vgpuctl_pool_free``               parent, pool        free capacity of a GVT-g pool
 ``vgpuctl_pool_total``              parent, pool        what vGPUs may use of the pool in all
+``vgpuctl_sriov_vfs_total``         pf, backend         VFs the PF may have (``sriov_totalvfs``)
+``vgpuctl_sriov_vfs_enabled``       pf, backend         VFs enabled now (absent while ``sriov_numvfs``
+                                                        does not answer: a disable waits for a VM)
+``vgpuctl_sriov_vfs_free``          pf, backend         enabled VFs on their VFIO driver that no VM
+                                                        holds or has open (NVIDIA: with no type set)
+``vgpuctl_sriov_vfs_held``          pf, backend         VFs a VM of vgpuctl's runs on or someone has open
 ``vgpuctl_vms``                     state               VMs per state (running, paused, shutdown,
                                                         stopped, crashed; every state listed)
 ``vgpuctl_stream_fps``              vm                  frames per second sent to the VM's viewers
@@ -78,8 +84,8 @@ class HostCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         errors = GaugeMetricFamily("vgpuctl_collect_errors", "1 when that part of the host could not be read",
                                    labels=["source"])
-        for source, part in (("vgpus", self._vgpus), ("vms", self._vms), ("streams", self._streams),
-                             ("problems", self._problems)):
+        for source, part in (("vgpus", self._vgpus), ("vfs", self._vfs), ("vms", self._vms),
+                             ("streams", self._streams), ("problems", self._problems)):
             try:
                 yield from list(part())
                 errors.add_metric([source], 0)
@@ -121,6 +127,28 @@ class HostCollector(Collector):
         for key, count in definitions_by_key.items():  # definitions of parents or types not present now
             defined.add_metric(list(key), count)
         yield from (active, defined, available, free, total)
+
+    def _vfs(self) -> Iterator[Metric]:
+        from vgpuctl.vm.inventory import vf_listing
+
+        labels = ["pf", "backend"]
+        total = GaugeMetricFamily("vgpuctl_sriov_vfs_total", "VFs the SR-IOV PF may have (sriov_totalvfs)",
+                                  labels=labels)
+        enabled = GaugeMetricFamily("vgpuctl_sriov_vfs_enabled", "VFs enabled on the SR-IOV PF", labels=labels)
+        free = GaugeMetricFamily("vgpuctl_sriov_vfs_free", "Enabled VFs on their VFIO driver that no VM holds",
+                                 labels=labels)
+        held = GaugeMetricFamily("vgpuctl_sriov_vfs_held", "VFs a VM runs on or someone has open", labels=labels)
+        for row in vf_listing(self.root, self.state):
+            key = [row["pf"], row["backend"]]
+            vfs = row["vfs"]
+            taken = [vf for vf in vfs if vf["vm"] or vf["opened_by"]]
+            total.add_metric(key, row["total_vfs"])
+            if row["enabled_vfs"] is not None:
+                enabled.add_metric(key, row["enabled_vfs"])
+            free.add_metric(key, sum(1 for vf in vfs if vf not in taken and vf["driver"] == row["vfio_driver"]
+                                     and not vf.get("vgpu_type")))
+            held.add_metric(key, len(taken))
+        yield from (total, enabled, free, held)
 
     def _problems(self) -> Iterator[Metric]:
         from vgpuctl.service.problems import unreadable_files

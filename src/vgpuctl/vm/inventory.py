@@ -148,9 +148,11 @@ def vf_holders(root: HostRoot, state: StateDir) -> dict[str, str]:
 
 
 def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
-    """Each Intel SR-IOV PF with its VFs and who holds each (a VM of vgpuctl's, or another opener): the rows of
-    ``vgpuctl vfs list`` and the API."""
-    from vgpuctl.backends import sriov_intel
+    """Each SR-IOV PF vgpuctl knows (Intel's, then NVIDIA's vendor-VFIO ones) with its VFs and who holds each (a
+    VM of vgpuctl's, or another opener): the rows of ``vgpuctl vfs list`` and the API. An NVIDIA row adds the
+    type each VF has (``vgpu_type``), the types it can take now (``creatable``) and, per PF, every type its VFs
+    can take with how many free VFs could take it (``types``)."""
+    from vgpuctl.backends import INTEL_VENDOR_ID, sriov_intel
     from vgpuctl.mdev.state import Journal
 
     sriov_intel.settle(root, state)  # what a killed vfs command left
@@ -161,6 +163,7 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
         openers = sriov_intel.vf_openers(root, pf.pf.vfs)
         rows.append({
             "pf": pf.address,
+            "vendor_id": f"{INTEL_VENDOR_ID:04x}",
             "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
             "driver": pf.driver,
             "total_vfs": pf.pf.total_vfs,
@@ -170,5 +173,38 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
             "problem": pf.problem,
             "vfs": [{"address": vf.address, "driver": vf.driver,
                      "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
+            "backend": sriov_intel.BACKEND.name,
+        })
+    rows += nvidia_vf_rows(root, holders)
+    return rows
+
+
+def nvidia_vf_rows(root: HostRoot, holders: dict[str, str]) -> list[dict[str, Any]]:
+    """:func:`vf_listing`'s rows of NVIDIA's vendor-VFIO PFs (``holders``: VF address -> the VM on it)."""
+    from vgpuctl.backends import NVIDIA_VENDOR_ID, sriov_nvidia
+
+    rows = []
+    for pf in sriov_nvidia.nvidia_views(root):
+        openers = sriov_nvidia.vf_openers(root, pf.pf.vfs)
+        names = pf.type_names()
+        free = pf.free(set(holders) | set(openers))
+        rows.append({
+            "pf": pf.address,
+            "vendor_id": f"{NVIDIA_VENDOR_ID:04x}",
+            "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
+            "driver": pf.pf.function.driver,
+            "total_vfs": pf.pf.total_vfs,
+            "enabled_vfs": pf.pf.num_vfs,
+            "vfio_driver": "nvidia",  # its VFs stay on nvidia, which is their VFIO driver (sriov.md 3.4)
+            "enabled_by_vgpuctl": False,  # NVIDIA's sriov-manage enables them, never vgpuctl
+            "problem": pf.problem,
+            "vfs": [{"address": vf.address, "driver": vf.driver, "vm": holders.get(vf.address),
+                     "opened_by": openers.get(vf.address),
+                     "vgpu_type": {"id": vf.current, "name": names.get(vf.current)} if vf.current else None,
+                     "creatable": [t.id for t in vf.creatable]} for vf in pf.vfs],
+            "types": [{"id": type_id, "name": name, "framebuffer_mib": sriov_nvidia.framebuffer_mib(name),
+                       "free_vfs": sum(1 for vf in free if type_id in {t.id for t in vf.creatable})}
+                      for type_id, name in sorted(names.items())],
+            "backend": sriov_nvidia.BACKEND.name,
         })
     return rows

@@ -155,7 +155,11 @@ def _probe_key(qemu: str) -> str:
 def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None) -> Prepared:
     """The spec, its vGPU (resolved read-only) and the exact QEMU command line."""
     spec = specs.load(state, name)
-    vgpu = resolve_vgpu(root, spec, taken=_running_vgpus(state, name) if spec.vgpu.kind == "vf" else ())
+    # VFs other VMs run on: a VF asked for, or one the chooser may take (requirements, on a host with SR-IOV PFs:
+    # reading the other VMs' run records is not paid by an mdev VM's start)
+    vf_possible = spec.vgpu.kind == "vf" or (spec.vgpu.kind == "requirements" and not spec.vgpu.largest
+                                             and _has_sriov_pfs(root))
+    vgpu = resolve_vgpu(root, spec, taken=_running_vgpus(state, name) if vf_possible else ())
     notes: list[str] = []
     if vgpu is not None and vgpu.state == "new":
         notes.append(f"would create vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start: {vgpu.reason}")
@@ -188,6 +192,12 @@ def _qmp_status(paths: RuntimePaths) -> str | None:
 
 
 # ---------------------------------------------------------------------- lifecycle
+
+
+def _has_sriov_pfs(root: HostRoot) -> bool:
+    from vgpuctl.host import pci
+
+    return bool(pci.sriov_pfs(root))
 
 
 def _run_file(paths: RuntimePaths) -> Path:
@@ -269,7 +279,7 @@ def start(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qe
         prepared = prepare(root, state, name, accel=accel, qemu=qemu)
         _preflight(root, state, prepared, paths)
         vgpu = prepared.vgpu
-        if vgpu is not None and vgpu.backend.pci_function and prepared.spec.vgpu.type:
+        if vgpu is not None and vgpu.backend.pci_function and vgpu.backend.vm_vgpu_type(vgpu.type_id):
             # An NVIDIA VF gets its type; the VF is recorded first (outliving run.json, which a stop removes
             # before the wrapper's release runs), so that the release after QEMU, or a later one, finds it.
             paths.directory.mkdir(parents=True, exist_ok=True)
@@ -389,8 +399,11 @@ def _release_env(root: HostRoot, state: StateDir, prepared: Prepared) -> dict[st
     """What the wrapper needs to remove the VM's vGPU after QEMU, if the spec says not to keep it (only a
     vGPU vgpuctl made for the VM: one named by UUID in the spec is the user's)."""
     vgpu = prepared.spec.vgpu
-    per_vm_vf = prepared.vgpu is not None and prepared.vgpu.backend.pci_function and vgpu.type is not None
-    if prepared.vgpu is None or (not per_vm_vf and (vgpu.keep or vgpu.kind in ("uuid", "vf"))):
+    if prepared.vgpu is None:
+        return {}
+    backend = prepared.vgpu.backend
+    per_vm_vf = backend.pci_function and backend.vm_vgpu_type(prepared.vgpu.type_id) is not None
+    if not per_vm_vf and (vgpu.keep or vgpu.kind in ("uuid", "vf") or backend.pci_function):
         return {}  # an NVIDIA VF's type is released whenever QEMU ends, so that another VM may have the VF
     return {"VGPUCTL_RELEASE_VM": prepared.spec.name, "VGPUCTL_PYTHON": sys.executable,
             "VGPUCTL_RELEASE_ROOT": str(root.root), "VGPUCTL_RELEASE_STATE": str(state.path)}

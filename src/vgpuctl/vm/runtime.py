@@ -336,10 +336,14 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
             return ResolvedVgpu(uuid, existing.parent, existing.type_id, mine.resolution, "active",
                                 "the VM's vGPU from an earlier start still exists")
 
-    parents = [request.parent] if request.parent else parent_names(root)
-    if request.parent and request.parent not in parent_names(root):
+    offered = _offered_types(root, spec, taken) if kind == "requirements" and not request.largest else []
+    pfs = {t.parent for t in offered}
+    names = parent_names(root)
+    if request.parent and request.parent not in names and request.parent not in pfs:
         raise NotFound(f"no parent device {request.parent!r}; 'vgpuctl gpus' lists them")
-    types = [t for p in parents for t in read_types(root, p)]
+    parents = [request.parent] if request.parent else names
+    types = [t for p in parents if p in names for t in read_types(root, p)]
+    types += [t for t in offered if request.parent in (None, t.parent)]
 
     if kind == "type":
         matching = [t for t in types if t.type_id == request.type]
@@ -374,8 +378,23 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
                             f"the largest type that fits now ({memory})")
 
     choice = choose(types, requirements)
+    if choice.chosen.parent in pfs:  # an SR-IOV VF: a free one of that PF (NVIDIA: that can take the type)
+        from vgpuctl.backends import backend_for_type
+
+        vm_type = backend_for_type(choice.chosen.type_id).vm_vgpu_type(choice.chosen.type_id)
+        vf = resolve_vf(root, choice.chosen.parent, taken, vm_type)
+        return vf._replace(reason=f"{choice.reason}; {vf.reason}")
     return ResolvedVgpu(uuid, choice.chosen.parent, choice.chosen.type_id, choice.chosen.resolution, "new",
                         choice.reason)
+
+
+def _offered_types(root: HostRoot, spec: VmSpec, taken: Collection[str]) -> list[Any]:
+    """What the host's SR-IOV PFs' VFs offer the chooser; with ``vgpu_display`` only those with a display of their
+    own."""
+    from vgpuctl.backends import offered_types
+    from vgpuctl.mdev.choose import emulated_display
+
+    return [t for t in offered_types(root, taken) if not (spec.vgpu_display and emulated_display(t))]
 
 
 def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:

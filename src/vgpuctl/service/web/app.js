@@ -1,7 +1,7 @@
 // vgpuctl dashboard: the overview (index.html) and a VM's page (vm.html). Plain ES module, no build step.
 //
 // Data: the REST API under api/v1/ for the first paint and on demand, then server-sent events
-// (api/v1/events: "gpus", "vgpus", "vms", each a whole snapshot) keep every section live.
+// (api/v1/events: "gpus", "vgpus", "vms", "vfs", each a whole snapshot) keep every section live.
 
 import { DisplayPlayer, displayUrl } from "./display.js";
 
@@ -226,7 +226,7 @@ function current(vm) {
 // ====================================================================== overview
 
 function overview() {
-  const data = { gpus: null, vgpus: null, vms: null, types: null };
+  const data = { gpus: null, vgpus: null, vms: null, types: null, vfs: null };
   const fromEvents = new Set();  // kinds the event stream has sent: newer than any first fetch
   const busy = new Map();        // VM name -> action in progress
   const errors = new Map();      // VM name -> last action's error
@@ -283,8 +283,10 @@ function overview() {
       renderVms();
       renderVgpus();
       renderGpus();
+      renderVfs();
     }
-    if (viaEvents && (kind === "gpus" || kind === "vgpus")) reloadTypes();
+    if (kind === "vfs") renderVfs();
+    if (viaEvents && (kind === "gpus" || kind === "vgpus" || kind === "vfs")) reloadTypes();
   };
 
   // ---------------------------------------------------------------- lookups
@@ -323,13 +325,16 @@ function overview() {
   const renderGpus = () => {
     const body = $("gpus-body");
     if (!data.gpus) return;
-    $("gpus-count").textContent = `${data.gpus.length}`;
-    if (!data.gpus.length) {
-      replace(body, h("p", { class: "empty" }, "No mdev-capable GPU on this host. 'vgpuctl doctor' says why."));
+    const gpus = data.gpus.filter((gpu) => !gpu.sriov);  // SR-IOV PFs have their own panel
+    $("gpus-count").textContent = `${gpus.length}`;
+    if (!gpus.length) {
+      replace(body, h("p", { class: "empty" }, data.gpus.length
+        ? "No mdev-capable GPU: this host's GPUs give SR-IOV VFs (the SR-IOV panel)."
+        : "No mdev-capable GPU on this host. 'vgpuctl doctor' says why."));
       return;
     }
     const byVgpu = vmOfVgpu();
-    replace(body, data.gpus.map((gpu) => {
+    replace(body, gpus.map((gpu) => {
       const vgpus = (gpu.active_vgpus || []).map((uuid) => {
         const row = vgpuRow(uuid);
         const typeId = row ? row.type : null;
@@ -394,6 +399,51 @@ function overview() {
         "aria-valuemin": 0, "aria-valuemax": total, "aria-valuenow": used,
         "aria-valuetext": `${fmtNumber(used)} of ${fmtNumber(total)}${unit} used`,
       }, segments));
+  };
+
+  // ---------------------------------------------------------------- SR-IOV PFs and their VFs
+
+  const renderVfs = () => {
+    const section = $("vfs");
+    const body = $("vfs-body");
+    if (!data.vfs) return;
+    section.hidden = data.vfs.length === 0;  // a host without SR-IOV GPUs shows no panel
+    const enabled = data.vfs.reduce((n, pf) => n + pf.vfs.length, 0);
+    $("vfs-count").textContent = `${data.vfs.length} PF${data.vfs.length === 1 ? "" : "s"}, ${enabled} VF${enabled === 1 ? "" : "s"}`;
+    const vmNames = new Set((data.vms || []).map((vm) => vm.name));
+    replace(body, data.vfs.map((pf) => {
+      const count = pf.enabled_vfs === null ? "?" : pf.enabled_vfs;
+      return h("article", { class: "gpu sriov", "aria-label": `SR-IOV PF ${pf.pf}`, dataset: { pf: pf.pf, enabled: count } },
+        h("div", { class: "gpu-head" },
+          h("h3", {}, pf.backend === "nvidia-vfio" ? "NVIDIA vendor-specific VFIO" : "Intel SR-IOV"),
+          h("span", { class: "mono" }, pf.pf),
+          h("span", { class: "meta" }, [
+            pf.device ? `${pf.vendor_id || "8086"}:${pf.device}` : null,
+            pf.driver || "no driver",
+            `VFs ${count}/${pf.total_vfs}`,
+            `VFs on ${pf.vfio_driver}`,
+            pf.enabled_by_vgpuctl ? "enabled by vgpuctl" : null,
+          ].filter(Boolean).join(" · "))),
+        pf.problem ? h("p", { class: "error" }, pf.problem) : null,
+        pf.vfs.length ? h("table", { class: "vf-table" },
+          h("thead", {}, h("tr", {},
+            h("th", { scope: "col" }, "VF"),
+            h("th", { scope: "col" }, "Driver"),
+            pf.backend === "nvidia-vfio" ? h("th", { scope: "col" }, "vGPU type") : null,
+            h("th", { scope: "col" }, "Held by"))),
+          h("tbody", {}, pf.vfs.map((vf) => {
+            const holder = vf.vm ? h("span", {}, "VM ", vmNames.has(vf.vm) ? h("a", { href: vmHref(vf.vm) }, vf.vm) : vf.vm)
+              : vf.opened_by ? `open by ${vf.opened_by}` : h("span", { class: "empty" }, "free");
+            return h("tr", { dataset: { vf: vf.address, vm: vf.vm || null } },
+              h("th", { scope: "row", class: "mono" }, vf.address),
+              h("td", {}, vf.driver || "no driver"),
+              pf.backend === "nvidia-vfio" ? h("td", {}, vf.vgpu_type
+                ? `${vf.vgpu_type.name || "type"} (${vf.vgpu_type.id})` : h("span", { class: "empty" }, "none")) : null,
+              h("td", { class: "vm-cell" }, holder));
+          }))) : h("p", { class: "empty" }, pf.backend === "nvidia-vfio"
+          ? "No VFs enabled: NVIDIA's sriov-manage -e enables them."
+          : `No VFs enabled: 'vgpuctl vfs enable ${pf.pf} N' (or POST api/v1/vfs/${pf.pf}/enable).`));
+    }));
   };
 
   // ---------------------------------------------------------------- types
@@ -697,10 +747,11 @@ function overview() {
     gpus: (rows) => apply("gpus", rows, true),
     vgpus: (rows) => apply("vgpus", rows, true),
     vms: (rows) => apply("vms", rows, true),
+    vfs: (rows) => apply("vfs", rows, true),
     problems: renderProblems,
   });
   apiJson("problems").then(renderProblems, () => {});
-  for (const kind of ["types", "gpus", "vgpus", "vms"]) {
+  for (const kind of ["types", "gpus", "vgpus", "vms", "vfs"]) {
     apiJson(kind).then((rows) => {
       if (kind === "types") {
         if (data.types === null) {
@@ -846,7 +897,7 @@ function vmPage() {
     update();
   };
 
-  subscribe({ vms: show, gpus: () => {}, vgpus: () => {} });
+  subscribe({ vms: show, gpus: () => {}, vgpus: () => {}, vfs: () => {} });
   apiJson("vms").then(show, (err) => { $("vm-error").textContent = err.message; });
 }
 
