@@ -262,6 +262,16 @@ class HostRoot:
         """Writing an address here probes the device again (driver_override decides who takes it)."""
         return "/sys/bus/pci/drivers_probe"
 
+    def debugfs_dri(self, device: str) -> str:
+        """A DRM device's debugfs directory (xe's SR-IOV provisioning: sriov/vfN/...), by BDF or by minor [U which
+        one a kernel makes the link]."""
+        return f"/sys/kernel/debug/dri/{device}"
+
+    @property
+    def nvidia_sriov_manage(self) -> str:
+        """NVIDIA's script that enables (-e) and disables (-d) a vGPU PF's VFs (sriov.md 3.2)."""
+        return "/usr/lib/nvidia/sriov-manage"
+
     def sys_module(self, module: str) -> str:
         """A module's sysfs directory: present while it is loaded (or built in with parameters)."""
         return f"/sys/module/{module}"
