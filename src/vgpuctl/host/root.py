@@ -267,11 +267,6 @@ class HostRoot:
         one a kernel makes the link]."""
         return f"/sys/kernel/debug/dri/{device}"
 
-    @property
-    def nvidia_sriov_manage(self) -> str:
-        """NVIDIA's script that enables (-e) and disables (-d) a vGPU PF's VFs (sriov.md 3.2)."""
-        return "/usr/lib/nvidia/sriov-manage"
-
     def sys_module(self, module: str) -> str:
         """A module's sysfs directory: present while it is loaded (or built in with parameters)."""
         return f"/sys/module/{module}"

@@ -148,19 +148,30 @@ def vf_holders(root: HostRoot, state: StateDir) -> dict[str, str]:
 
 
 def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
-    """Each Intel SR-IOV PF with its VFs and who holds each (a VM of vgpuctl's, or another opener): the rows of
-    ``vgpuctl vfs list`` and the API."""
-    from vgpuctl.backends import sriov_intel
+    """Each SR-IOV PF (Intel's, then NVIDIA's vendor-specific VFIO) with its VFs, who holds each (a VM of vgpuctl's,
+    or another opener), Intel's quotas per VF, NVIDIA's type per VF, and the definition ``vfs restore`` puts back
+    at boot: the rows of ``vgpuctl vfs list`` and the API."""
+    from vgpuctl.backends import sriov_intel, sriov_intel_provision, sriov_nvidia, vf_definitions
     from vgpuctl.mdev.state import Journal
 
     sriov_intel.settle(root, state)  # what a killed vfs command left
     holders = vf_holders(root, state)
     owned = Journal(state).ownership().vfs
+    definitions = {d.pf: d for d in vf_definitions.load_all(state)[0]}
+
+    def defined(pf: str) -> dict[str, Any] | None:
+        found = definitions.get(pf)
+        return None if found is None else {"count": found.count, "provisioned": sorted(found.provisioning or {},
+                                                                                      key=int)}
+
     rows = []
     for pf in sriov_intel.intel_pfs(root):
         openers = sriov_intel.vf_openers(root, pf.pf.vfs)
+        quotas = sriov_intel_provision.quotas_of(root, pf)
+        by_index = {vf.address: index for index, vf in enumerate(pf.pf.vfs, start=1)}
         rows.append({
             "pf": pf.address,
+            "vendor": "intel",
             "device": None if pf.pf.function.device is None else f"{pf.pf.function.device:04x}",
             "driver": pf.driver,
             "total_vfs": pf.pf.total_vfs,
@@ -168,7 +179,32 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
             "vfio_driver": pf.vfio_driver,
             "enabled_by_vgpuctl": pf.address in owned,
             "problem": pf.problem,
+            "definition": defined(pf.address),
+            "quotas": None if quotas is None else {str(n): q for n, q in quotas.items() if any(q.values())},
             "vfs": [{"address": vf.address, "driver": vf.driver,
-                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
+                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address),
+                     "quota": None if quotas is None else quotas.get(by_index[vf.address])} for vf in pf.pf.vfs],
+        })
+    for nv in sriov_nvidia.nvidia_pfs(root):
+        openers = sriov_intel.vf_openers(root, nv.vfs)
+        vfs: list[dict[str, Any]] = [
+            {"address": vf.address, "driver": vf.driver, "vm": holders.get(vf.address),
+             "opened_by": openers.get(vf.address),
+             "type": sriov_nvidia.current_type(root, vf.address) if sriov_nvidia.is_vendor_vf(root, vf.address)
+             else None} for vf in nv.vfs]
+        rows.append({
+            "pf": nv.address,
+            "vendor": "nvidia",
+            "device": None if nv.function.device is None else f"{nv.function.device:04x}",
+            "driver": nv.function.driver,
+            "total_vfs": nv.total_vfs,
+            "enabled_vfs": nv.num_vfs,
+            "vfio_driver": None,
+            "enabled_by_vgpuctl": nv.address in owned,
+            "problem": None if nv.function.driver == "nvidia"
+            else "the PF is not bound to nvidia (NVIDIA's vGPU host driver)",
+            "definition": defined(nv.address),
+            "quotas": None,
+            "vfs": vfs,
         })
     return rows
