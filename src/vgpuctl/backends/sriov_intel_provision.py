@@ -186,11 +186,10 @@ def _write(root: HostRoot, pf: sriov_intel.IntelPf, path: str, value: int, what:
 
 def foreign_quotas(definition: vf_definitions.VfDefinition | None,
                    quotas: dict[int, dict[str, int]]) -> list[int]:
-    """VFs whose quotas on the host are not what vgpuctl's definition says it set (another tool's)."""
+    """VFs holding quotas on the host that vgpuctl's definition does not list as its own (another tool's). A VF
+    listed is vgpuctl's whatever its values: a killed provision leaves some written and some not."""
     ours = (definition.provisioning if definition else None) or {}
-    return [vf for vf, values in quotas.items()
-            if any(values.values()) and {r: v for r, v in values.items() if v} != {
-                r: v for r, v in ours.get(str(vf), {}).items() if v}]
+    return [vf for vf, values in quotas.items() if any(values.values()) and str(vf) not in ours]
 
 
 def _check_off(root: HostRoot, pf: sriov_intel.IntelPf) -> None:
@@ -261,9 +260,10 @@ def _check_room(root: HostRoot, pf: sriov_intel.IntelPf, iface: Interface, befor
         needed = sum(values[resource] - before[vf].get(resource, 0) for vf in chosen)
         if needed > free:
             shown = format_size if resource in SIZE_RESOURCES else str
-            raise KernelError("cannot give {count} VFs of {parent} {value} of {resource} each: {free} is left for "
-                              "VFs ({needed} more needed); give less, or fewer VFs", what="PF", parent=pf.address,
-                              errno=errnos.ENOSPC, path=file, count=len(chosen), resource=resource,
+            raise KernelError("cannot give {vfs} of {parent} {value} of {resource} each: {free} is left for VFs "
+                              "({needed} more needed); give less, or fewer VFs", what="PF", parent=pf.address,
+                              errno=errnos.ENOSPC, path=file, vfs=_vf_list(chosen).rsplit(" ", 1)[0],
+                              resource=resource,
                               value=shown(values[resource]), free=shown(free), needed=shown(needed))
 
 
@@ -284,11 +284,14 @@ def auto(root: HostRoot, state: StateDir, address: str, *, force: bool = False) 
                        "custom provisioning mode until the driver is reloaded or the host reboots): give every VF "
                        "you enable its quotas instead, or reboot and enable without provisioning", what="PF",
                        parent=pf.address)
-    new = vf_definitions.VfDefinition(pf.address, iface.driver, definition.count if definition else 0,
-                                      definition.vfio_driver if definition else pf.vfio_driver, None,
-                                      definition.extra if definition else {})
-    with vf_definitions.changing(state, new):
+    keep = vf_definitions.VfDefinition(pf.address, iface.driver, definition.count if definition else 0,
+                                       definition.vfio_driver if definition else pf.vfio_driver,
+                                       {str(vf): q for vf, q in before.items() if any(q.values())} or None,
+                                       definition.extra if definition else {})
+    with vf_definitions.changing(state, keep):  # killed half-way: what is left is still listed as vgpuctl's
         clear_to_auto(root, pf, iface)
+        keep.provisioning = None
+        vf_definitions.save(state, keep)
 
 
 def clear_to_auto(root: HostRoot, pf: sriov_intel.IntelPf, iface: Interface) -> None:

@@ -76,8 +76,10 @@ def list_command(json_output: bool) -> None:
         definition = row["definition"]
         if definition is not None:
             provisioned = definition["provisioned"]
-            say(f"  at boot: {definition['count']} VFs" + (f", quotas of VF {', '.join(provisioned)}" if provisioned
-                                                           else ""))
+            count = f"{definition['count']} VFs" if definition["count"] else "no VFs"
+            quotas = f", quotas of VF{'s' if len(provisioned) > 1 else ''} {', '.join(provisioned)}" if provisioned \
+                else ""
+            say(f"  at boot: {count}{quotas}")
         if row["vendor"] == "intel" and row["quotas"] and not row["vfs"]:
             for number, quota in row["quotas"].items():
                 say(f"  VF {number} (off){_quota_text(quota)}")
