@@ -314,13 +314,15 @@ def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = Fals
     settle(root, state)
     pf = intel_pf(root, address)
     journal = Journal(state)
-    if not pf.pf.num_vfs and not pf.pf.vfs:
-        journal.forget(KIND, pf.address)
-        return pf
-    _require_off_allowed(root, state, pf, force, holders or {})
     before = vf_definitions.load(state, pf.address)
     wanted = VfDefinition(pf.address, pf.driver or "", 0, pf.vfio_driver, before.provisioning if before else None,
                           before.extra if before else {})  # the provisioning stays (the driver keeps it too)
+    if not pf.pf.num_vfs and not pf.pf.vfs:
+        journal.forget(KIND, pf.address)
+        if before is not None and before.count:  # none at boot either (a killed enable had written its wish)
+            vf_definitions.save(state, wanted)
+        return pf
+    _require_off_allowed(root, state, pf, force, holders or {})
     with vf_definitions.changing(state, wanted), journal.releasing(KIND, pf.address):
         crashpoint("vfs-disable:releasing")
         _write_numvfs(root, pf, 0, timeout_s)
