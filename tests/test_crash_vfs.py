@@ -107,3 +107,30 @@ def test_each_crash_point_of_vfs_commands(mount_host: MountFn, tmp_path: Path, c
         if command in ("provision", "restore"):
             again(state, f"{command} killed at {point}")
         check(root, state, f"{command} killed at {point}")
+
+
+def test_each_crash_point_of_an_nvidia_restore(mount_host: MountFn, tmp_path: Path) -> None:
+    """sriov-manage's restore killed at each point: run again, the VFs are back and vgpuctl's; disabled without
+    --force, nothing left to put back."""
+    root = mount_host("l40s-vfio")
+    nv_pf = "0000:41:00.0"
+
+    def before(state: Path) -> None:
+        Cli(root, state)("vfs", "enable", nv_pf)
+        root.write_text("/.vgpuctl-sim-control", "reboot\n")
+
+    learn = tmp_path / "learn"
+    before(learn)
+    found = points(root, learn, ["vfs", "restore"], tmp_path)
+    assert {"vfs-define:written", "vfs-enable:enabled", "vfs-restore:pf-done"} <= {p.split("#")[0] for p in found}
+    Cli(root, learn)("vfs", "disable", nv_pf)
+    for trial, point in enumerate(found):
+        state = tmp_path / f"state{trial}"
+        before(state)
+        assert run(root, state, ["vfs", "restore"], VGPUCTL_CRASH_AT=point) == -9, point
+        cli = Cli(root, state)
+        assert cli("vfs", "restore")[1].startswith(f"{nv_pf}: "), point
+        assert root.read_value(f"/sys/bus/pci/devices/{nv_pf}/sriov_numvfs") == "32", point
+        assert sriov_intel.Journal(StateDir(state)).ownership().journal == [], point
+        cli("vfs", "disable", nv_pf)
+        assert not (state / "vfs" / f"{nv_pf}.json").exists(), point

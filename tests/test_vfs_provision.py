@@ -243,3 +243,22 @@ def test_restore_waits_for_the_pf_driver_and_reports_a_damaged_definition(mount_
     assert slept and all(s == vf_restore.POLL_S for s in slept)
     (damaged,) = [r for r in results if r.pf.endswith("0000:00:05.0.json")]
     assert damaged.outcome == "failed" and "is damaged" in damaged.detail
+
+
+def test_xe_restore_after_a_reboot_provisions_before_enabling(mount_host: MountFn, tmp_path: Path) -> None:
+    cli = Cli(mount_host("b60-xe"), tmp_path / "state")
+    root = cli.root
+    cli("vfs", "provision", B60_PF, "--vf", "1-2", "--ggtt", "512M", "--contexts", "4096", "--doorbells", "16",
+        "--vram", "8G")
+    cli("vfs", "enable", B60_PF, "2")
+    root.write_text(CONTROL, "reboot\n")
+    tile = f"/sys/kernel/debug/dri/{B60_PF}/sriov/vf2/tile0"
+    assert sysfs(root, f"{tile}/vram_quota") == "0"
+    assert cli("vfs", "restore")[1] == f"{B60_PF}: restored (provisioned, 2 VFs on xe-vfio-pci)\n"
+    assert sysfs(root, f"{tile}/vram_quota") == str(8 << 30) and sysfs(root, f"{tile}/gt0/doorbells_quota") == "16"
+    assert root.readlink("/sys/bus/pci/devices/0000:03:00.2/driver").endswith("/xe-vfio-pci")
+
+
+def test_restore_with_nothing_defined_says_so(mount_host: MountFn, tmp_path: Path) -> None:
+    cli = Cli(mount_host("adl-sriov"), tmp_path / "state")
+    assert cli("vfs", "restore")[1] == "no VF definitions (vgpuctl vfs enable and vfs provision make them)\n"

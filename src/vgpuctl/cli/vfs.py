@@ -196,6 +196,8 @@ def restore_command(wait_s: float, force: bool) -> None:
     from vgpuctl.backends import vf_restore
 
     results = vf_restore.restore(State.root, _state(), force=force, wait_s=wait_s)
+    if not results:
+        say("no VF definitions (vgpuctl vfs enable and vfs provision make them)")
     for result in results:
         say(result.line)
     if any(r.outcome == "failed" for r in results):
