@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno as errnos
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vgpuctl.backends import sriov_intel, vf_definitions
@@ -230,11 +231,21 @@ def provision(root: HostRoot, state: StateDir, address: str, vfs: tuple[str, ...
     new = vf_definitions.VfDefinition(pf.address, iface.driver, definition.count if definition else 0,
                                       definition.vfio_driver if definition else pf.vfio_driver, provisioned,
                                       definition.extra if definition else {})
-    with vf_definitions.changing(state, new):
-        apply(root, pf, iface, wanted)
-        new.provisioning = {str(vf): q for vf, q in read_quotas(root, iface).items() if any(q.values())}
-        vf_definitions.save(state, new)  # what the driver made of it (it may round)
+    with vf_definitions.locked(state, pf.address):
+        _recording(root, state, iface, new, lambda: apply(root, pf, iface, wanted))
     return read_quotas(root, iface)
+
+
+def _recording(root: HostRoot, state: StateDir, iface: Interface, definition: vf_definitions.VfDefinition,
+               change: Callable[[], None]) -> None:
+    """The definition lists every VF the change may write before it writes one (a kill leaves them listed, so
+    vgpuctl's own), then, done or failed half-way, exactly the quotas the driver has (it may round)."""
+    vf_definitions.save(state, definition)
+    try:
+        change()
+    finally:
+        definition.provisioning = {str(vf): q for vf, q in read_quotas(root, iface).items() if any(q.values())} or None
+        vf_definitions.save(state, definition)
 
 
 def apply(root: HostRoot, pf: sriov_intel.IntelPf, iface: Interface, wanted: dict[int, dict[str, int]]) -> None:
@@ -288,10 +299,8 @@ def auto(root: HostRoot, state: StateDir, address: str, *, force: bool = False) 
                                        definition.vfio_driver if definition else pf.vfio_driver,
                                        {str(vf): q for vf, q in before.items() if any(q.values())} or None,
                                        definition.extra if definition else {})
-    with vf_definitions.changing(state, keep):  # killed half-way: what is left is still listed as vgpuctl's
-        clear_to_auto(root, pf, iface)
-        keep.provisioning = None
-        vf_definitions.save(state, keep)
+    with vf_definitions.locked(state, pf.address):
+        _recording(root, state, iface, keep, lambda: clear_to_auto(root, pf, iface))
 
 
 def clear_to_auto(root: HostRoot, pf: sriov_intel.IntelPf, iface: Interface) -> None:

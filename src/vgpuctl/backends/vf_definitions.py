@@ -137,11 +137,16 @@ def save(state: StateDir, definition: VfDefinition) -> None:
     crashpoint("vfs-define:written")
 
 
+def locked(state: StateDir, pf: str) -> contextlib.AbstractContextManager[None]:
+    """One change of the PF's definition at a time (held across the host change it goes with)."""
+    return state.lock(f"vfs-{pci.check_address(pf).replace(':', '_')}")
+
+
 @contextlib.contextmanager
 def changing(state: StateDir, definition: VfDefinition) -> Iterator[None]:
     """Around a host change that makes ``definition`` true: written first, the previous one put back if the
     change fails (a kill leaves the new one: the next restore or the same command again makes it so)."""
-    with state.lock(f"vfs-{definition.pf.replace(':', '_')}"):
+    with locked(state, definition.pf):
         before = load(state, definition.pf)
         save(state, definition)
         try:

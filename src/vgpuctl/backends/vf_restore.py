@@ -39,13 +39,14 @@ class Restored:
 
 
 def restore(root: HostRoot, state: StateDir, *, force: bool = False, wait_s: float = 0.0,
-            sleep: Callable[[float], None] = time.sleep) -> list[Restored]:
-    """Every definition applied, in PF order; one PF's failure does not stop the others."""
+            holders: dict[str, str] | None = None, sleep: Callable[[float], None] = time.sleep) -> list[Restored]:
+    """Every definition applied, in PF order; one PF's failure does not stop the others. ``holders``: VF address ->
+    the VM vgpuctl runs on it (a PF whose VFs must be turned off to change its quotas is refused while one runs)."""
     definitions, damaged = vf_definitions.load_all(state)
     results = [Restored(str(e.data.get("path", "?")), "failed", str(e)) for e in damaged]
     for definition in definitions:
         try:
-            results.append(_restore_one(root, state, definition, force, wait_s, sleep))
+            results.append(_restore_one(root, state, definition, force, wait_s, sleep, holders or {}))
         except VgpuError as e:
             results.append(Restored(definition.pf, "failed", str(e)))
         crashpoint("vfs-restore:pf-done")
@@ -70,7 +71,7 @@ def _wait_for_driver(root: HostRoot, definition: vf_definitions.VfDefinition, wa
 
 
 def _restore_one(root: HostRoot, state: StateDir, definition: vf_definitions.VfDefinition, force: bool,
-                 wait_s: float, sleep: Callable[[float], None]) -> Restored:
+                 wait_s: float, sleep: Callable[[float], None], holders: dict[str, str]) -> Restored:
     _wait_for_driver(root, definition, wait_s, sleep)
     sriov_intel.settle(root, state)
     owned = sriov_intel.owned_configuration(state, definition.pf) is not None
@@ -83,11 +84,11 @@ def _restore_one(root: HostRoot, state: StateDir, definition: vf_definitions.VfD
                            "alone; vgpuctl vfs restore --force takes them over", what="PF", parent=definition.pf)
         done = sriov_nvidia.enable(root, state, definition.pf, force=force)
         return Restored(definition.pf, "restored", f"{done.num_vfs} VFs on nvidia, by sriov-manage")
-    return _restore_intel(root, state, definition, owned, force)
+    return _restore_intel(root, state, definition, owned, force, holders)
 
 
 def _restore_intel(root: HostRoot, state: StateDir, definition: vf_definitions.VfDefinition, owned: bool,
-                   force: bool) -> Restored:
+                   force: bool, holders: dict[str, str]) -> Restored:
     from vgpuctl.backends import sriov_intel_provision as provision
 
     pf = sriov_intel.intel_pf(root, definition.pf)
@@ -105,7 +106,7 @@ def _restore_intel(root: HostRoot, state: StateDir, definition: vf_definitions.V
             else None
         if target is not None and target != now:
             if count:  # quotas change only while the VFs are off: these are vgpuctl's (or forced)
-                sriov_intel.disable(root, state, definition.pf, force=force)
+                sriov_intel.disable(root, state, definition.pf, force=force, holders=holders)
                 count = 0
             foreign = provision.foreign_quotas(definition, now)
             if foreign and not force:
@@ -115,7 +116,7 @@ def _restore_intel(root: HostRoot, state: StateDir, definition: vf_definitions.V
             done.append("provisioned")
             crashpoint("vfs-restore:provisioned")
     if definition.count and (count != definition.count or not _bound(root, definition)):
-        enabled = sriov_intel.enable(root, state, definition.pf, definition.count, force=force)
+        enabled = sriov_intel.enable(root, state, definition.pf, definition.count, force=force, holders=holders)
         done.append(f"{len(enabled.pf.vfs)} VFs on {enabled.vfio_driver}")
     if not done:
         return Restored(definition.pf, "already", f"{definition.count} VFs on {definition.vfio_driver}"
@@ -135,10 +136,11 @@ def render_unit(program: str, before: tuple[str, ...]) -> str:
 # Puts back the SR-IOV VFs vgpuctl made ('vgpuctl vfs enable' / 'vfs provision'; definitions in the state
 # directory's vfs/) at boot: VFs are runtime state and vanish at every reboot. Intel VFs are provisioned,
 # enabled with autoprobe off and bound to vfio-pci by driver_override, so the host's i915/xe never takes
-# them; NVIDIA's through sriov-manage. Before the vGPUs' and the VMs' autostart, which need the VFs.
+# them; NVIDIA's through sriov-manage. Before the vGPUs' and the VMs' autostart, which need the VFs;
+# after debugfs is mounted (xe's GGTT, contexts and doorbells quotas live only there).
 [Unit]
 Description=Restore SR-IOV VFs defined with vgpuctl
-After=systemd-modules-load.service
+After=systemd-modules-load.service sys-kernel-debug.mount
 Before={" ".join(before)} libvirtd.service virtqemud.service
 
 [Service]

@@ -195,7 +195,8 @@ def restore_command(wait_s: float, force: bool) -> None:
 
     from vgpuctl.backends import vf_restore
 
-    results = vf_restore.restore(State.root, _state(), force=force, wait_s=wait_s)
+    state = _state()
+    results = vf_restore.restore(State.root, state, force=force, wait_s=wait_s, holders=_holders(state))
     if not results:
         say("no VF definitions (vgpuctl vfs enable and vfs provision make them)")
     for result in results:
