@@ -262,3 +262,21 @@ def test_xe_restore_after_a_reboot_provisions_before_enabling(mount_host: MountF
 def test_restore_with_nothing_defined_says_so(mount_host: MountFn, tmp_path: Path) -> None:
     cli = Cli(mount_host("adl-sriov"), tmp_path / "state")
     assert cli("vfs", "restore")[1] == "no VF definitions (vgpuctl vfs enable and vfs provision make them)\n"
+
+
+def test_an_enable_after_a_reboot_puts_the_defined_quotas_back_first(mount_host: MountFn, tmp_path: Path) -> None:
+    cli = Cli(mount_host("adl-sriov"), tmp_path / "state")
+    root = cli.root
+    cli("vfs", "provision", INTEL_PF, "--vf", "1-2", "--ggtt", "1G", "--contexts", "8192", "--doorbells", "32")
+    cli("vfs", "enable", INTEL_PF, "2")
+    root.write_text(CONTROL, "reboot\n")
+    cli("vfs", "enable", INTEL_PF, "2")  # by hand, before (or instead of) the restore unit
+    assert sysfs(root, f"{PRELIM}/vf2/gt0/ggtt_quota") == str(1 << 30)  # not a fair share
+    assert cli("vfs", "restore")[1] == f"{INTEL_PF}: already (2 VFs on vfio-pci)\n"
+    # A quota changed behind vgpuctl's back while the VFs are on: restore turns them off (they are its own),
+    # puts the defined quotas back and enables them again; the definition stays as it was.
+    root.write_text(f"{PRELIM}/vf2/gt0/doorbells_quota", "8\n")
+    assert cli("vfs", "restore")[1] == f"{INTEL_PF}: restored (provisioned, 2 VFs on vfio-pci)\n"
+    assert sysfs(root, f"{PRELIM}/vf2/gt0/doorbells_quota") == "32"
+    assert sysfs(root, f"/sys/bus/pci/devices/{INTEL_PF}/sriov_numvfs") == "2"
+    assert definition(cli.state, INTEL_PF)["count"] == 2  # type: ignore[index]

@@ -290,6 +290,10 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
                           before.extra if before else {})
     record = {"count": count, "driver": pf.driver, "vfio_driver": pf.vfio_driver, "boot": this_boot(root)}
     with vf_definitions.changing(state, wanted), journal.claiming(KIND, pf.address, record):
+        if current == 0 and before is not None:  # the quotas it was defined with (a reboot forgot them)
+            from vgpuctl.backends.sriov_intel_provision import apply_defined
+
+            apply_defined(root, pf, before, force=force)
         pci.set_drivers_autoprobe(root, pf.address, False)
         crashpoint("vfs-enable:autoprobe-off")
         try:
@@ -309,8 +313,11 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
 
 
 def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = False,
-            holders: dict[str, str] | None = None, timeout_s: float = pci.NUMVFS_TIMEOUT_S) -> IntelPf:
-    """Turn the PF's VFs off: refused while a VM holds one, or when vgpuctl did not enable them, unless force."""
+            holders: dict[str, str] | None = None, timeout_s: float = pci.NUMVFS_TIMEOUT_S,
+            persist: bool = True) -> IntelPf:
+    """Turn the PF's VFs off: refused while a VM holds one, or when vgpuctl did not enable them, unless force.
+    ``persist``: also none at boot (the definition's count 0); False for a restore that turns them off for a
+    moment to change their quotas."""
     settle(root, state)
     pf = intel_pf(root, address)
     journal = Journal(state)
@@ -319,11 +326,12 @@ def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = Fals
                           before.extra if before else {})  # the provisioning stays (the driver keeps it too)
     if not pf.pf.num_vfs and not pf.pf.vfs:
         journal.forget(KIND, pf.address)
-        if before is not None and before.count:  # none at boot either (a killed enable had written its wish)
+        if persist and before is not None and before.count:  # none at boot either (a killed enable's wish)
             vf_definitions.save(state, wanted)
         return pf
     _require_off_allowed(root, state, pf, force, holders or {})
-    with vf_definitions.changing(state, wanted), journal.releasing(KIND, pf.address):
+    with (vf_definitions.changing(state, wanted) if persist else contextlib.nullcontext()), \
+            journal.releasing(KIND, pf.address):
         crashpoint("vfs-disable:releasing")
         _write_numvfs(root, pf, 0, timeout_s)
     return intel_pf(root, pf.address)

@@ -248,6 +248,43 @@ def _recording(root: HostRoot, state: StateDir, iface: Interface, definition: vf
         vf_definitions.save(state, definition)
 
 
+def defined_target(definition: vf_definitions.VfDefinition,
+                   now: dict[int, dict[str, int]]) -> dict[int, dict[str, int]] | None:
+    """Every VF's quotas as the definition has them (None: it leaves them to the driver's fair shares)."""
+    wanted = definition.provisioning
+    if not wanted:
+        return None
+    return {vf: {r: int(wanted.get(str(vf), {}).get(r, 0)) for r in q} for vf, q in now.items()}
+
+
+def differs(root: HostRoot, pf: sriov_intel.IntelPf, definition: vf_definitions.VfDefinition) -> bool:
+    """Whether the host's quotas are not the definition's (a reboot forgot them, say)."""
+    if not definition.provisioning:
+        return False
+    now = read_quotas(root, interface(root, pf))
+    return defined_target(definition, now) != now
+
+
+def apply_defined(root: HostRoot, pf: sriov_intel.IntelPf, definition: vf_definitions.VfDefinition, *,
+                  force: bool = False) -> bool:
+    """Write the definition's quotas where the host differs (VFs off); True if anything was written. Quotas of
+    VFs the definition does not list are another tool's: refused unless force."""
+    if not definition.provisioning:
+        return False
+    iface = interface(root, pf)
+    now = read_quotas(root, iface)
+    target = defined_target(definition, now)
+    if target is None or target == now:
+        return False
+    foreign = foreign_quotas(definition, now)
+    if foreign and not force:
+        raise NotOwned("VFs {vfs} of {parent} hold quotas vgpuctl did not set (its definition has others): left "
+                       "alone; --force replaces them", what="PF", parent=pf.address, vfs=", ".join(map(str, foreign)))
+    _check_off(root, pf)
+    apply(root, pf, iface, target)
+    return True
+
+
 def apply(root: HostRoot, pf: sriov_intel.IntelPf, iface: Interface, wanted: dict[int, dict[str, int]]) -> None:
     """Write the quotas that differ (auto provisioning off first on i915; sriov.md 2.6 step 2)."""
     now = read_quotas(root, iface)

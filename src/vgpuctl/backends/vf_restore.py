@@ -98,21 +98,11 @@ def _restore_intel(root: HostRoot, state: StateDir, definition: vf_definitions.V
                        "another tool did it): left alone; vgpuctl vfs restore --force replaces them", what="PF",
                        parent=definition.pf, count=count)
     done: list[str] = []
-    wanted = definition.provisioning
-    iface = provision.interface(root, pf) if wanted is not None else None
-    if iface is not None:
-        now = provision.read_quotas(root, iface)
-        target = {vf: {r: int(wanted.get(str(vf), {}).get(r, 0)) for r in q} for vf, q in now.items()} if wanted \
-            else None
-        if target is not None and target != now:
-            if count:  # quotas change only while the VFs are off: these are vgpuctl's (or forced)
-                sriov_intel.disable(root, state, definition.pf, force=force, holders=holders)
-                count = 0
-            foreign = provision.foreign_quotas(definition, now)
-            if foreign and not force:
-                raise NotOwned("VFs {vfs} hold quotas vgpuctl did not set: left alone; vgpuctl vfs restore --force "
-                               "replaces them", what="PF", parent=definition.pf, vfs=", ".join(map(str, foreign)))
-            provision.apply(root, sriov_intel.intel_pf(root, definition.pf), iface, target)
+    if provision.differs(root, pf, definition):
+        if count:  # quotas change only while the VFs are off (vgpuctl's, or forced); the definition stays
+            sriov_intel.disable(root, state, definition.pf, force=force, holders=holders, persist=False)
+            count = 0
+        if provision.apply_defined(root, sriov_intel.intel_pf(root, definition.pf), definition, force=force):
             done.append("provisioned")
             crashpoint("vfs-restore:provisioned")
     if definition.count and (count != definition.count or not _bound(root, definition)):
