@@ -93,6 +93,10 @@ class Host:
             ran.append(name)
         return ran
 
+    def doctor(self, check: str) -> dict[str, str]:
+        done = self.run([str(VGPUCTL_BIN), "doctor", "--json", "--no-guest", "--qemu", "/nonexistent/qemu"])
+        return {c["id"]: c for c in json.loads(done.stdout)["checks"]}[check]
+
     def listed(self) -> dict[str, dict[str, object]]:
         return {row["pf"]: row for row in json.loads(self.vgpuctl("vfs", "list", "--json"))["pfs"]}
 
@@ -123,6 +127,7 @@ def test_intel_vfs_and_their_quotas_are_back_before_the_vm_starts(mount_host: Mo
     assert boot_order(root) == [VF_UNIT_NAME, MDEV_UNIT_NAME, VM_UNIT_NAME]
     host.vgpuctl("vfs", "provision", pf, "--vf", "1-2", "--ggtt", "1G", "--contexts", "8192", "--doorbells", "32")
     host.vgpuctl("vfs", "enable", pf, "2")
+    assert host.doctor("sriov-boot")["status"] == "ok"  # the doctor sees the VF unit install-units enabled
     autostart_vm(state, guest, "boot-vf", VgpuRequest(vf=pf))
 
     host.reboot()
@@ -156,6 +161,7 @@ def test_nvidia_vfs_are_back_by_sriov_manage_before_the_vm_starts(mount_host: Mo
     root = host.root
     host.vgpuctl("install-units")
     host.vgpuctl("vfs", "enable", pf)
+    assert host.doctor("nvidia-boot")["status"] == "ok"
     autostart_vm(state, guest, "boot-nv", VgpuRequest(vf=pf, type="1159"))
 
     host.reboot()
