@@ -244,7 +244,7 @@ def enable(root: HostRoot, state: StateDir, address: str, *, force: bool = False
     from vgpuctl.backends import sriov_intel, vf_definitions
 
     sriov_intel.settle(root, state)
-    pf = _pf(root, address)
+    pf = require_pf(root, address)
     journal = Journal(state)
     owned = journal.ownership().vfs.get(pf.address)
     if pf.num_vfs and owned is None and not force:
@@ -258,7 +258,7 @@ def enable(root: HostRoot, state: StateDir, address: str, *, force: bool = False
         if not pf.num_vfs:
             sriov_manage(root, "-e", pf.address)
             crashpoint("vfs-enable:enabled")
-    return _pf(root, pf.address)
+    return require_pf(root, pf.address)
 
 
 def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = False,
@@ -268,7 +268,7 @@ def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = Fals
     from vgpuctl.backends import sriov_intel, vf_definitions
 
     sriov_intel.settle(root, state)
-    pf = _pf(root, address)
+    pf = require_pf(root, address)
     journal = Journal(state)
     if not pf.num_vfs:
         journal.forget(sriov_intel.KIND, pf.address)
@@ -289,10 +289,10 @@ def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = Fals
             journal.releasing(sriov_intel.KIND, pf.address):
         crashpoint("vfs-disable:releasing")
         sriov_manage(root, "-d", pf.address)
-    return _pf(root, pf.address)
+    return require_pf(root, pf.address)
 
 
-def _pf(root: HostRoot, address: str) -> pci.SriovPf:
+def require_pf(root: HostRoot, address: str) -> pci.SriovPf:
     found = nvidia_pf(root, address)
     if found is None:
         raise NotFound("{parent} is not an NVIDIA GPU with SR-IOV (vgpuctl vfs list shows them)", what="PF",

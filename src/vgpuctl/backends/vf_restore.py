@@ -76,7 +76,7 @@ def _restore_one(root: HostRoot, state: StateDir, definition: vf_definitions.VfD
     sriov_intel.settle(root, state)
     owned = sriov_intel.owned_configuration(state, definition.pf) is not None
     if definition.driver == "nvidia":
-        pf = sriov_nvidia._pf(root, definition.pf)
+        pf = sriov_nvidia.require_pf(root, definition.pf)
         if pf.num_vfs and owned:
             return Restored(definition.pf, "already", f"{pf.num_vfs} VFs on nvidia")
         if pf.num_vfs and not force:
