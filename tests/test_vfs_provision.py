@@ -165,6 +165,7 @@ def test_nvidia_vfs_by_sriov_manage(mount_host: MountFn, tmp_path: Path, golden:
                                             "vfio_driver": None, "provisioning": None}
     root.write_text("/sys/bus/pci/devices/0000:41:00.4/nvidia/current_vgpu_type", "1159\n")
     golden("vfs/l40s-vfio-32.txt", cli("vfs", "list")[1])
+    golden("vfs/l40s-vfio-32.json", cli("vfs", "list", "--json")[1])
     code, _, err = cli("vfs", "disable", NV_PF, ok=False)
     assert code == 1 and "0000:41:00.4 by vGPU type 1159" in err
     root.write_text("/sys/bus/pci/devices/0000:41:00.4/nvidia/current_vgpu_type", "0\n")

@@ -146,8 +146,9 @@ def disable_command(pf: str, force: bool, timeout_s: float) -> None:
 @click.argument("pf")
 @click.option("--vf", "vfs", multiple=True, metavar="N|N-M",
               help="The VFs to provision (repeatable; default: every VF of the PF).")
-@click.option("--ggtt", help="GGTT per VF (bytes, or with K/M/G).")
-@click.option("--vram", "--lmem", "vram", help="VRAM (local memory) per VF, discrete GPUs (bytes, or K/M/G).")
+@click.option("--ggtt", metavar="SIZE", help="GGTT per VF (bytes, or with K/M/G).")
+@click.option("--vram", "--lmem", "vram", metavar="SIZE",
+              help="VRAM (local memory) per VF, discrete GPUs (bytes, or K/M/G).")
 @click.option("--contexts", type=click.IntRange(min=0), help="GuC contexts per VF.")
 @click.option("--doorbells", type=click.IntRange(min=0), help="GuC doorbells per VF.")
 @click.option("--auto", "auto_shares", is_flag=True,
