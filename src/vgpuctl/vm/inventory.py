@@ -183,13 +183,14 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
             "quotas": None if quotas is None else {str(n): q for n, q in quotas.items() if any(q.values())},
             "vfs": [{"address": vf.address, "driver": vf.driver,
                      "vm": holders.get(vf.address), "opened_by": openers.get(vf.address),
-                     "quota": None if quotas is None else quotas.get(by_index[vf.address])} for vf in pf.pf.vfs],
+                     "quota": None if quotas is None else quotas.get(by_index[vf.address]), "type": None}
+                    for vf in pf.pf.vfs],
         })
     for nv in sriov_nvidia.nvidia_pfs(root):
         openers = sriov_intel.vf_openers(root, nv.vfs)
         vfs: list[dict[str, Any]] = [
             {"address": vf.address, "driver": vf.driver, "vm": holders.get(vf.address),
-             "opened_by": openers.get(vf.address),
+             "opened_by": openers.get(vf.address), "quota": None,
              "type": sriov_nvidia.current_type(root, vf.address) if sriov_nvidia.is_vendor_vf(root, vf.address)
              else None} for vf in nv.vfs]
         rows.append({
