@@ -281,3 +281,15 @@ def test_an_enable_after_a_reboot_puts_the_defined_quotas_back_first(mount_host:
     assert sysfs(root, f"{PRELIM}/vf2/gt0/doorbells_quota") == "32"
     assert sysfs(root, f"/sys/bus/pci/devices/{INTEL_PF}/sriov_numvfs") == "2"
     assert definition(cli.state, INTEL_PF)["count"] == 2  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("preset", "words"), [
+    ("mtl-xe", "xe allows no VFs here"),
+    ("adl-stock-i915", "it is the stock driver, not i915-sriov-dkms"),
+    ("adl-sriov-nomaxvfs", "i915.max_vfs is 0 (or GuC submission is off)"),
+])
+def test_no_provisioning_interface_says_why(mount_host: MountFn, tmp_path: Path, preset: str, words: str) -> None:
+    cli = Cli(mount_host(preset), tmp_path / "state")
+    code, _, err = cli("vfs", "provision", INTEL_PF, "--ggtt", "64M", ok=False)
+    assert code == 1 and f"{INTEL_PF} has no provisioning interface" in err and words in err, err
+    assert definition(cli.state, INTEL_PF) is None
