@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import GVT_PARENT, MountFn
+from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT_NAME
 from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli import units as cli_units
@@ -40,6 +41,8 @@ UNIT = "/etc/systemd/system/vgpuctl-autostart.service"
 RULES = "/etc/udev/rules.d/60-vgpuctl.rules"
 WANTS = "/etc/systemd/system/multi-user.target.wants/vgpuctl-autostart.service"
 VM_UNIT = "/etc/systemd/system/vgpuctl-vms.service"
+VF_UNIT = "/etc/systemd/system/vgpuctl-vfs.service"
+VF_WANTS = "/etc/systemd/system/multi-user.target.wants/vgpuctl-vfs.service"
 VM_WANTS = "/etc/systemd/system/multi-user.target.wants/vgpuctl-vms.service"
 TYPES = f"/sys/class/mdev_bus/{GVT_PARENT}/mdev_supported_types"
 IGPU = f"/devices/pci0000:00/{GVT_PARENT}"
@@ -118,7 +121,7 @@ class FakeTools(Tools):
     def run(self, command: Command) -> tuple[int, str, str]:
         argv = list(command.argv)
         self.calls.append(" ".join(argv))
-        if argv[1:2] in (["enable"], ["disable"]) and argv[2] in (units.UNIT_NAME, VM_UNIT_NAME):
+        if argv[1:2] in (["enable"], ["disable"]) and argv[2] in (units.UNIT_NAME, VM_UNIT_NAME, VF_UNIT_NAME):
             link = self.root.path(f"/etc/systemd/system/multi-user.target.wants/{argv[2]}")
             if argv[1] == "enable":
                 link.parent.mkdir(parents=True, exist_ok=True)
@@ -134,12 +137,13 @@ class FakeTools(Tools):
 EXPECTED_VM_UNIT = """\
 # Managed by vgpuctl: written by 'vgpuctl install-units', removed by 'vgpuctl uninstall-units'.
 # Starts the VMs marked autostart ('vgpuctl vm edit NAME --autostart'), one after the other in their
-# order, once the vGPUs defined to start automatically are there; at shutdown it powers them down in
-# the reverse order (ACPI power button, then quit after 30 s), before their vGPUs go away.
+# order, once the SR-IOV VFs and the vGPUs defined to start automatically are there; at shutdown it
+# powers them down in the reverse order (ACPI power button, then quit after 30 s), before their vGPUs
+# go away.
 [Unit]
 Description=Start the VMs marked autostart (vgpuctl), in their order
-After=vgpuctl-autostart.service network-online.target
-Wants=vgpuctl-autostart.service network-online.target
+After=vgpuctl-vfs.service vgpuctl-autostart.service network-online.target
+Wants=vgpuctl-vfs.service vgpuctl-autostart.service network-online.target
 
 [Service]
 Type=oneshot
@@ -158,7 +162,7 @@ def test_unit_and_rule_text() -> None:
     assert units.render_unit(root, PROGRAM) == EXPECTED_UNIT
     assert units.render_rules(root, PROGRAM) == EXPECTED_RULES
     assert render_vm_unit(PROGRAM) == EXPECTED_VM_UNIT
-    assert [f.host_path for f in cli_units.unit_files(root, PROGRAM)] == [UNIT, RULES, VM_UNIT]
+    assert [f.host_path for f in cli_units.unit_files(root, PROGRAM)] == [VF_UNIT, UNIT, RULES, VM_UNIT]
 
 
 def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: Path) -> None:
@@ -166,9 +170,11 @@ def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: 
     first = cli("--root", str(tmp_path), "install-units", "--program", PROGRAM)
     assert first.splitlines() == [
         f"program    {PROGRAM}",
+        f"wrote      {tmp_path}{VF_UNIT}",
         f"wrote      {tmp_path}{UNIT}",
         f"wrote      {tmp_path}{RULES}",
         f"wrote      {tmp_path}{VM_UNIT}",
+        f"enabled    {tmp_path}{VF_WANTS} -> {VF_UNIT}",
         f"enabled    {tmp_path}{WANTS} -> {UNIT}",
         f"enabled    {tmp_path}{VM_WANTS} -> {VM_UNIT}",
         f"skipped    systemctl, udevadm  ({tmp_path} is not this system's root: the unit is enabled by its link)",
@@ -182,7 +188,7 @@ def test_install_writes_both_files_enables_the_unit_and_is_idempotent(tmp_path: 
     before = {p: p.lstat().st_mtime_ns for p in tmp_path.rglob("*")}
 
     again = cli("--root", str(tmp_path), "install-units", "--program", PROGRAM)
-    assert [line.split()[0] for line in again.splitlines()] == ["program", *["unchanged"] * 5, "skipped"]
+    assert [line.split()[0] for line in again.splitlines()] == ["program", *["unchanged"] * 7, "skipped"]
     assert {p: p.lstat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing rewritten, no temp files
 
 
@@ -192,7 +198,7 @@ def test_install_updates_its_own_files_but_not_others(tmp_path: Path) -> None:
     # Its own file with other contents (an older program path): replaced.
     root.path(UNIT).write_text(EXPECTED_UNIT.replace(PROGRAM, "/opt/old/vgpuctl"))
     steps = install(root, PROGRAM)
-    assert [s.action for s in steps][:2] == ["updated", "unchanged"]
+    assert [s.action for s in steps][:3] == ["unchanged", "updated", "unchanged"]
     assert root.path(UNIT).read_text() == EXPECTED_UNIT
 
     # Someone else's rule file of that name: refused, and nothing at all is written.
@@ -204,7 +210,7 @@ def test_install_updates_its_own_files_but_not_others(tmp_path: Path) -> None:
     assert "not written by vgpuctl" in cli("--root", str(tmp_path), "install-units", "--program", PROGRAM, code=1)
 
     steps = install(root, PROGRAM, force=True)
-    assert [s.action for s in steps][:2] == ["updated", "updated"]
+    assert [s.action for s in steps][1:3] == ["updated", "updated"]
     assert root.path(RULES).read_text() == EXPECTED_RULES
 
 
@@ -220,11 +226,13 @@ def test_uninstall_removes_only_what_vgpuctl_wrote(tmp_path: Path) -> None:
     assert root.path(RULES).read_text() == foreign  # kept
 
     assert cli("--root", str(tmp_path), "uninstall-units", "--force").splitlines() == [
+        f"absent     {tmp_path}{VF_UNIT}",
         f"absent     {tmp_path}{UNIT}",
         f"removed    {tmp_path}{RULES}",
         f"absent     {tmp_path}{VM_UNIT}",
     ]
     assert cli("--root", str(tmp_path), "uninstall-units").splitlines() == [
+        f"absent     {tmp_path}{VF_UNIT}",
         f"absent     {tmp_path}{UNIT}",
         f"absent     {tmp_path}{RULES}",
         f"absent     {tmp_path}{VM_UNIT}",
@@ -237,8 +245,9 @@ def test_uninstall_keeps_a_foreign_unit_enabled(tmp_path: Path) -> None:
     root.path(UNIT).write_text("[Service]\nExecStart=/bin/true\n")
     steps = uninstall(root)
     assert [(s.action, s.target) for s in steps] == [
-        ("removed", f"{tmp_path}{VM_WANTS}"),  # the VM unit is ours: disabled, then removed
-        ("kept", f"{tmp_path}{UNIT}"), ("removed", f"{tmp_path}{RULES}"), ("removed", f"{tmp_path}{VM_UNIT}")]
+        ("removed", f"{tmp_path}{VF_WANTS}"), ("removed", f"{tmp_path}{VM_WANTS}"),  # ours: disabled, removed
+        ("removed", f"{tmp_path}{VF_UNIT}"), ("kept", f"{tmp_path}{UNIT}"), ("removed", f"{tmp_path}{RULES}"),
+        ("removed", f"{tmp_path}{VM_UNIT}")]
     assert os.readlink(root.path(WANTS)) == UNIT  # its enablement is not ours to undo
 
 
@@ -247,7 +256,7 @@ def old_installation(root: HostRoot) -> None:
     for unit in cli_units.unit_files(root, PROGRAM):
         root.path(unit.host_path).parent.mkdir(parents=True, exist_ok=True)
         root.path(unit.host_path).write_text(unit.text)
-    for link, target in ((WANTS, UNIT), (VM_WANTS, VM_UNIT)):
+    for link, target in ((VF_WANTS, VF_UNIT), (WANTS, UNIT), (VM_WANTS, VM_UNIT)):
         root.path(link).parent.mkdir(parents=True, exist_ok=True)
         root.path(link).symlink_to(target)
 
@@ -257,14 +266,15 @@ def test_a_host_set_up_by_an_earlier_vgpuctl_uninstalls_cleanly(tmp_path: Path) 
     (tmp_path / "etc/systemd/system").mkdir(parents=True)
     old_installation(root)
     assert cli("--root", str(tmp_path), "uninstall-units").splitlines() == [
-        f"removed    {tmp_path}{WANTS}", f"removed    {tmp_path}{VM_WANTS}",
-        f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}"]
+        f"removed    {tmp_path}{VF_WANTS}", f"removed    {tmp_path}{WANTS}", f"removed    {tmp_path}{VM_WANTS}",
+        f"removed    {tmp_path}{VF_UNIT}", f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}",
+        f"removed    {tmp_path}{VM_UNIT}"]
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
 
     # Installed again over it by this version: nothing to change, and the old files are now recorded.
     old_installation(root)
-    assert [s.action for s in install(root, PROGRAM)] == ["unchanged"] * 5 + ["skipped"]
-    assert [s.action for s in uninstall(root)] == ["removed"] * 5
+    assert [s.action for s in install(root, PROGRAM)] == ["unchanged"] * 7 + ["skipped"]
+    assert [s.action for s in uninstall(root)] == ["removed"] * 7
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
 
 
@@ -278,16 +288,18 @@ def test_forced_over_a_file_of_someone_else_uninstall_puts_it_back(tmp_path: Pat
     install(root, PROGRAM, force=True)
     assert root.path(RULES).read_text() == EXPECTED_RULES and os.readlink(root.path(WANTS)) == UNIT
     assert [s.line() for s in uninstall(root)] == [
-        f"restored   {tmp_path}{WANTS}", f"removed    {tmp_path}{VM_WANTS}",
-        f"removed    {tmp_path}{UNIT}", f"restored   {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}"]
+        f"removed    {tmp_path}{VF_WANTS}", f"restored   {tmp_path}{WANTS}", f"removed    {tmp_path}{VM_WANTS}",
+        f"removed    {tmp_path}{VF_UNIT}", f"removed    {tmp_path}{UNIT}", f"restored   {tmp_path}{RULES}",
+        f"removed    {tmp_path}{VM_UNIT}"]
     assert root.path(RULES).read_text() == theirs
     assert os.readlink(root.path(WANTS)) == "/etc/systemd/system/elsewhere.service"
 
 
 def test_print_shows_the_files_and_writes_nothing(tmp_path: Path) -> None:
     shown = cli("--root", str(tmp_path), "install-units", "--program", PROGRAM, "--print")
-    assert shown == (f"==> {UNIT} <==\n{EXPECTED_UNIT}\n==> {RULES} <==\n{EXPECTED_RULES}\n"
-                     f"==> {VM_UNIT} <==\n{EXPECTED_VM_UNIT}")
+    vf_unit = cli_units.unit_files(HostRoot(tmp_path), PROGRAM)[0].text  # pinned by tests/golden/units/
+    assert shown == (f"==> {VF_UNIT} <==\n{vf_unit}\n==> {UNIT} <==\n{EXPECTED_UNIT}\n"
+                     f"==> {RULES} <==\n{EXPECTED_RULES}\n==> {VM_UNIT} <==\n{EXPECTED_VM_UNIT}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -321,10 +333,11 @@ def test_systemd_accepts_the_unit_and_enabling_links_as_systemctl_does(tmp_path:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert os.readlink(theirs.path(WANTS)) == os.readlink(ours.path(WANTS)) == UNIT
-    checked = subprocess.run(["systemd-analyze", "verify", str(ours.path(UNIT)), str(ours.path(VM_UNIT))],
+    checked = subprocess.run(["systemd-analyze", "verify", str(ours.path(VF_UNIT)), str(ours.path(UNIT)),
+                              str(ours.path(VM_UNIT))],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
-    assert units.UNIT_NAME not in checked.stderr and VM_UNIT_NAME not in checked.stderr, checked.stderr
+    assert all(name not in checked.stderr for name in (units.UNIT_NAME, VM_UNIT_NAME, VF_UNIT_NAME)), checked.stderr
 
 
 @pytest.mark.parametrize("program", ["vgpuctl", "bin/vgpuctl", "/opt/my tools/vgpuctl", "/opt/100%/vgpuctl",
@@ -345,20 +358,24 @@ def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
     fake = FakeTools(root)
 
     steps = install(root, program, tools=fake)
-    assert [s.line() for s in steps][3:] == ["ran        systemctl daemon-reload",
+    assert [s.line() for s in steps][4:] == ["ran        systemctl daemon-reload",
+                                             "enabled    systemctl enable vgpuctl-vfs.service",
                                              "enabled    systemctl enable vgpuctl-autostart.service",
                                              "enabled    systemctl enable vgpuctl-vms.service",
                                              "ran        udevadm control --reload"]
-    assert fake.calls == ["systemctl daemon-reload", "systemctl enable vgpuctl-autostart.service",
+    assert fake.calls == ["systemctl daemon-reload", "systemctl enable vgpuctl-vfs.service",
+                          "systemctl enable vgpuctl-autostart.service",
                           "systemctl enable vgpuctl-vms.service", "udevadm control --reload"]
     fake.calls.clear()
-    assert [s.action for s in install(root, program, tools=fake)] == ["unchanged"] * 5
+    assert [s.action for s in install(root, program, tools=fake)] == ["unchanged"] * 7
     assert fake.calls == []  # nothing changed: nothing to reload or enable
 
     assert [s.line() for s in uninstall(root, tools=fake)] == [
+        "ran        systemctl disable vgpuctl-vfs.service",
         "ran        systemctl disable vgpuctl-autostart.service",
         "ran        systemctl disable vgpuctl-vms.service",
-        f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}", f"removed    {tmp_path}{VM_UNIT}",
+        f"removed    {tmp_path}{VF_UNIT}", f"removed    {tmp_path}{UNIT}", f"removed    {tmp_path}{RULES}",
+        f"removed    {tmp_path}{VM_UNIT}",
         "ran        systemctl daemon-reload", "ran        udevadm control --reload",
     ]
     assert not os.path.lexists(root.path(WANTS))
@@ -366,7 +383,8 @@ def test_on_the_running_system_systemctl_and_udevadm_are_called(tmp_path: Path,
     # Neither tool installed (or systemd not running): enabled by the link, and said so.
     bare = FakeTools(root, names=())
     steps = install(root, program, tools=bare)
-    assert [s.line() for s in steps][3:] == [
+    assert [s.line() for s in steps][4:] == [
+        f"enabled    {tmp_path}{VF_WANTS} -> {VF_UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
         f"enabled    {tmp_path}{WANTS} -> {UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
         f"enabled    {tmp_path}{VM_WANTS} -> {VM_UNIT}  (systemctl not found: linked as 'systemctl enable' would)",
         "skipped    udevadm control --reload  (udevadm not found; udevd reads the rules when it starts)",

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vgpuctl.backends import INTEL_VENDOR_ID, Attachment, BackendDefaults, pci_attachment
+from vgpuctl.backends import INTEL_VENDOR_ID, Attachment, BackendDefaults, pci_attachment, vf_definitions
+from vgpuctl.backends.vf_definitions import VfDefinition, this_boot
 from vgpuctl.base.crash import crashpoint
 from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, NotOwned
 from vgpuctl.base.state import StateDir
@@ -90,6 +91,7 @@ class IntelPf:
 
     pf: pci.SriovPf
     problem: str | None  # why VFs cannot be enabled, None if they can
+    root: HostRoot | None = None  # the host it was read from (to say more about a refusal)
 
     @property
     def address(self) -> str:
@@ -128,7 +130,7 @@ def intel_pfs(root: HostRoot) -> list[IntelPf]:
         if function.vendor != INTEL_VENDOR_ID:
             continue
         pf = pci.read_pf(root, address)
-        found.append(IntelPf(pf, pf_problem(root, pf)))
+        found.append(IntelPf(pf, pf_problem(root, pf), root))
     return found
 
 
@@ -144,7 +146,7 @@ def intel_pf(root: HostRoot, address: str) -> IntelPf:
         raise NotFound("{parent} is not an Intel GPU with SR-IOV (vgpuctl vfs list shows them)", what="PF",
                        parent=address)
     pf = pci.read_pf(root, address)
-    return IntelPf(pf, pf_problem(root, pf))
+    return IntelPf(pf, pf_problem(root, pf), root)
 
 
 # ---------------------------------------------------------------------- errnos in the driver's words (2.3)
@@ -168,9 +170,13 @@ def explain(pf: IntelPf, error: KernelError, count: int) -> KernelError:
     elif code == errnos.ENOSPC:
         why = f"a fair share of the GPU for {count} VFs rounds to nothing: enable fewer VFs"
     elif code == errnos.ENOKEY:
-        why = "some VFs are half provisioned (prelim_iov quotas set for only some): set all of them or none"
+        why = (f"some VFs are half provisioned ({_provisioned(pf, count) or 'prelim_iov quotas set for only some'}): "
+               f"provision all {count} (vgpuctl vfs provision {pf.address} --vf 1-{count} ...) or none "
+               f"(vgpuctl vfs provision {pf.address} --auto)")
     elif code == errnos.EUCLEAN:
-        why = "a VF still has a provisioning of its own: clear it (prelim_iov / sriov_admin) or use auto"
+        why = (f"a VF is already provisioned ({_provisioned(pf, count) or 'by hand'}) while the driver is in auto "
+               f"mode: disable first and clear it (vgpuctl vfs provision {pf.address} --auto), or provision every "
+               f"VF (vgpuctl vfs provision {pf.address} --vf 1-{count} ...)")
     elif code == errnos.ENODEV:
         why = f"{driver} runs this GPU not as an SR-IOV PF (GuC submission off, or {driver} has no PF mode here)"
     elif code == errnos.EPERM:
@@ -184,6 +190,12 @@ def explain(pf: IntelPf, error: KernelError, count: int) -> KernelError:
     action = f"disable the VFs of {pf.address}" if count == 0 else f"enable {count} VFs on {pf.address}"
     return KernelError("cannot {action} ({driver}): {why}", what="PF", parent=pf.address, errno=code, driver=driver,
                        action=action, why=why, path=error.path, count=count)
+
+
+def _provisioned(pf: IntelPf, count: int) -> str | None:
+    from vgpuctl.backends.sriov_intel_provision import describe_missing
+
+    return describe_missing(pf.root, pf, count) if pf.root is not None else None
 
 
 # ---------------------------------------------------------------------- who holds a VF
@@ -240,11 +252,18 @@ def settle(root: HostRoot, state: StateDir) -> None:
     from vgpuctl.mdev.report import object_exists
 
     journal = Journal(state)
-    for intent in journal.ownership().journal:
+    ownership = journal.ownership()
+    for intent in ownership.journal:
         if intent.get("kind") == KIND and not process.is_alive(intent.get("by", {})):
             with contextlib.suppress(KernelError, NotFound, InvalidInput):
                 pci.set_drivers_autoprobe(root, pci.check_address(intent["key"]), True)
     journal.reconcile(lambda kind, key: object_exists(root, kind, key))
+    # A record of another boot: those VFs went with it, and VFs there now were made by someone else (a boot
+    # script, sriov-manage's unit) unless vgpuctl's restore claims them again in this boot.
+    boot = this_boot(root)
+    for pf, record in ownership.vfs.items():
+        if record.get("boot", boot) != boot:
+            journal.forget(KIND, pf)
 
 
 def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: bool = False,
@@ -269,7 +288,15 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
         _require_off_allowed(root, state, pf, force, holders or {})
     elif same and not force and owned_configuration(state, pf.address) is None:
         _require_off_allowed(root, state, pf, force, {})  # says they are not vgpuctl's
-    with journal.claiming(KIND, pf.address, {"count": count, "driver": pf.driver, "vfio_driver": pf.vfio_driver}):
+    before = vf_definitions.load(state, pf.address)
+    wanted = VfDefinition(pf.address, pf.driver or "", count, pf.vfio_driver, before.provisioning if before else None,
+                          before.extra if before else {})
+    record = {"count": count, "driver": pf.driver, "vfio_driver": pf.vfio_driver, "boot": this_boot(root)}
+    with vf_definitions.changing(state, wanted), journal.claiming(KIND, pf.address, record):
+        if current == 0 and before is not None:  # the quotas it was defined with (a reboot forgot them)
+            from vgpuctl.backends.sriov_intel_provision import apply_defined
+
+            apply_defined(root, pf, before, force=force)
         pci.set_drivers_autoprobe(root, pf.address, False)
         crashpoint("vfs-enable:autoprobe-off")
         try:
@@ -289,16 +316,25 @@ def enable(root: HostRoot, state: StateDir, address: str, count: int, *, force: 
 
 
 def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = False,
-            holders: dict[str, str] | None = None, timeout_s: float = pci.NUMVFS_TIMEOUT_S) -> IntelPf:
-    """Turn the PF's VFs off: refused while a VM holds one, or when vgpuctl did not enable them, unless force."""
+            holders: dict[str, str] | None = None, timeout_s: float = pci.NUMVFS_TIMEOUT_S,
+            persist: bool = True) -> IntelPf:
+    """Turn the PF's VFs off: refused while a VM holds one, or when vgpuctl did not enable them, unless force.
+    ``persist``: also none at boot (the definition's count 0); False for a restore that turns them off for a
+    moment to change their quotas."""
     settle(root, state)
     pf = intel_pf(root, address)
     journal = Journal(state)
+    before = vf_definitions.load(state, pf.address)
+    wanted = VfDefinition(pf.address, pf.driver or "", 0, pf.vfio_driver, before.provisioning if before else None,
+                          before.extra if before else {})  # the provisioning stays (the driver keeps it too)
     if not pf.pf.num_vfs and not pf.pf.vfs:
         journal.forget(KIND, pf.address)
+        if persist and before is not None and before.count:  # none at boot either (a killed enable's wish)
+            vf_definitions.save(state, wanted)
         return pf
     _require_off_allowed(root, state, pf, force, holders or {})
-    with journal.releasing(KIND, pf.address):
+    with (vf_definitions.changing(state, wanted) if persist else contextlib.nullcontext()), \
+            journal.releasing(KIND, pf.address):
         crashpoint("vfs-disable:releasing")
         _write_numvfs(root, pf, 0, timeout_s)
     return intel_pf(root, pf.address)

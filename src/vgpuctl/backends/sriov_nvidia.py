@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vgpuctl.backends import NVIDIA_VENDOR_ID, Attachment, BackendDefaults, pci_attachment
-from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound
+from vgpuctl.base.crash import crashpoint
+from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound, NotOwned
+from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
+from vgpuctl.mdev.state import Journal
 
 if TYPE_CHECKING:
     from vgpuctl.host.doctor import CheckSpec
@@ -308,3 +311,112 @@ class NvidiaVfio(BackendDefaults):
 
 
 BACKEND = NvidiaVfio()
+
+
+# ---------------------------------------------------------------------- VFs on and off: sriov-manage (3.2)
+
+SRIOV_MANAGE_TIMEOUT_S = 120.0
+
+
+def nvidia_pf(root: HostRoot, address: str) -> pci.SriovPf | None:
+    """The PF at ``address`` if it is an NVIDIA SR-IOV GPU, else None (the caller tries Intel's)."""
+    address = pci.check_address(address)
+    if not root.exists(root.pci_device(address)) or not pci.is_sriov_pf(root, address):
+        return None
+    function = pci.read_function(root, address)
+    return pci.read_pf(root, address) if function.vendor == NVIDIA_VENDOR_ID else None
+
+
+def sriov_manage(root: HostRoot, flag: str, address: str, timeout_s: float = SRIOV_MANAGE_TIMEOUT_S) -> None:
+    """``sriov-manage -e|-d BDF``, the one way NVIDIA allows VFs to be made (3.2: "Do NOT try to enable the virtual
+    function for the GPU by any other means"). It lives on the host: on this machine's root, or a simulated host's
+    stand-in inside the root (which finds its root from its own place)."""
+    import subprocess
+
+    program = root.nvidia_sriov_manage
+    if not (root.is_this_machine or root.is_simulated):
+        raise Conflict("{root} is not this machine's root: run sriov-manage on that host", what="program",
+                       root=str(root.root), path=program)
+    if not root.exists(program):
+        raise NotFound("{path} is missing: install NVIDIA's vGPU host driver (it ships sriov-manage)",
+                       what="program", path=program)
+    argv = [str(root.path(program)), flag, address]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise KernelError("{path} {flag} {parent} did not finish in {timeout_s:g} s", what="PF", path=program,
+                          flag=flag, parent=address, timeout_s=timeout_s, errno=errnos.ETIMEDOUT) from None
+    except OSError as e:
+        raise KernelError("cannot run {path}: {strerror}", what="program", path=program, errno=e.errno) from e
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        last = said[-1] if said else f"exit status {done.returncode}"
+        if "unbindlock" in last.lower():
+            why = ("another client holds the GPU (DCGM, nvidia-persistenced, a monitoring agent, or a VM on one of "
+                   "its VFs): stop it (e.g. systemctl stop nvidia-dcgm) and try again")
+        else:
+            why = last
+        raise KernelError("sriov-manage {flag} {parent} failed: {why}", what="PF", parent=address, flag=flag,
+                          why=why, said=last, errno=errnos.EBUSY if "unbindlock" in last.lower() else errnos.EIO,
+                          path=program)
+
+
+def enable(root: HostRoot, state: StateDir, address: str, *, force: bool = False) -> pci.SriovPf:
+    """Every VF of the PF on (``sriov-manage -e``: it enables all, 3.2), recorded as vgpuctl's and persisted."""
+    from vgpuctl.backends import sriov_intel, vf_definitions
+
+    sriov_intel.settle(root, state)
+    pf = require_pf(root, address)
+    journal = Journal(state)
+    owned = journal.ownership().vfs.get(pf.address)
+    if pf.num_vfs and owned is None and not force:
+        raise NotOwned("the VFs of {parent} were not enabled by vgpuctl (another tool or a boot unit such as "
+                       "pve-nvidia-sriov@ did it); leave them alone, or add --force to take them over", what="PF",
+                       parent=pf.address)
+    wanted = vf_definitions.VfDefinition(pf.address, "nvidia", pf.total_vfs, None)
+    record = {"count": pf.total_vfs, "driver": "nvidia", "vfio_driver": None,
+              "boot": vf_definitions.this_boot(root)}
+    with vf_definitions.changing(state, wanted), journal.claiming(sriov_intel.KIND, pf.address, record):
+        if not pf.num_vfs:
+            sriov_manage(root, "-e", pf.address)
+            crashpoint("vfs-enable:enabled")
+    return require_pf(root, pf.address)
+
+
+def disable(root: HostRoot, state: StateDir, address: str, *, force: bool = False,
+            holders: dict[str, str] | None = None) -> pci.SriovPf:
+    """Every VF off (``sriov-manage -d``, which clears their types first): refused while a VF holds a vGPU type or
+    a VM, or when vgpuctl did not enable them, unless force."""
+    from vgpuctl.backends import sriov_intel, vf_definitions
+
+    sriov_intel.settle(root, state)
+    pf = require_pf(root, address)
+    journal = Journal(state)
+    if not pf.num_vfs:
+        journal.forget(sriov_intel.KIND, pf.address)
+        vf_definitions.save(state, vf_definitions.VfDefinition(pf.address, "nvidia"))
+        return pf
+    if not force and journal.ownership().vfs.get(pf.address) is None:
+        raise NotOwned("the VFs of {parent} were not enabled by vgpuctl; leave them alone, or add --force if you "
+                       "are sure", what="PF", parent=pf.address)
+    vms = holders or {}
+    held = {vf.address: f"VM {vms[vf.address]}" for vf in pf.vfs if vf.address in vms}
+    for vf in pf.vfs:
+        if vf.address not in held and is_vendor_vf(root, vf.address) and current_type(root, vf.address):
+            held[vf.address] = f"vGPU type {current_type(root, vf.address)}"
+    if held and not force:
+        raise Conflict("VFs of {parent} are in use ({users}): stop those VMs first", what="PF", parent=pf.address,
+                       users=", ".join(f"{vf} by {who}" for vf, who in sorted(held.items())))
+    with vf_definitions.changing(state, vf_definitions.VfDefinition(pf.address, "nvidia")), \
+            journal.releasing(sriov_intel.KIND, pf.address):
+        crashpoint("vfs-disable:releasing")
+        sriov_manage(root, "-d", pf.address)
+    return require_pf(root, pf.address)
+
+
+def require_pf(root: HostRoot, address: str) -> pci.SriovPf:
+    found = nvidia_pf(root, address)
+    if found is None:
+        raise NotFound("{parent} is not an NVIDIA GPU with SR-IOV (vgpuctl vfs list shows them)", what="PF",
+                       parent=address)
+    return found

@@ -44,11 +44,14 @@ def find_program(argv0: str | None = None, which: Callable[[str], str | None] = 
 
 
 def unit_files(root: HostRoot, program: str) -> list[UnitFile]:
-    """What install-units writes, in its order: the autostart unit, its udev rule, the VM unit."""
+    """What install-units writes, in boot order: the VF unit (before the other two), the vGPUs' autostart unit
+    and its udev rule, the VM unit."""
+    from vgpuctl.backends import vf_restore
     from vgpuctl.mdev import units
-    from vgpuctl.vm.units import vm_unit_file
+    from vgpuctl.vm.units import VM_UNIT_NAME, vm_unit_file
 
-    return [*units.unit_files(root, program), vm_unit_file(root, program)]
+    return [vf_restore.unit_file(root, program, (units.UNIT_NAME, VM_UNIT_NAME)), *units.unit_files(root, program),
+            vm_unit_file(root, program)]
 
 
 def install(root: HostRoot, state: StateDir, program: str, force: bool = False,
@@ -85,12 +88,13 @@ def _state() -> StateDir:
 @click.option("--print", "print_only", is_flag=True, help="Only show the files; write nothing.")
 @force_option
 def install_units(program: str | None, print_only: bool, force: bool) -> None:
-    """Install systemd units and a udev rule: 'auto' vGPUs at boot and when their GPU appears, then the VMs
-    marked autostart, in their order.
+    """Install systemd units and a udev rule: SR-IOV VFs vgpuctl made put back at boot, 'auto' vGPUs at boot and
+    when their GPU appears, then the VMs marked autostart, in their order.
 
-    Writes /etc/systemd/system/vgpuctl-autostart.service, /etc/udev/rules.d/60-vgpuctl.rules and
-    /etc/systemd/system/vgpuctl-vms.service under the host root and enables both units; running it
-    again changes nothing. What it wrote is recorded in the state directory (units/).
+    Writes /etc/systemd/system/vgpuctl-vfs.service, /etc/systemd/system/vgpuctl-autostart.service,
+    /etc/udev/rules.d/60-vgpuctl.rules and /etc/systemd/system/vgpuctl-vms.service under the host root and
+    enables the units; running it again changes nothing. What it wrote is recorded in the state directory
+    (units/).
     """
     from vgpuctl.host.units import check_program
 

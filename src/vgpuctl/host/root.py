@@ -355,7 +355,8 @@ class HostRoot:
         return f"{self.sys_bus_mdev_devices}/{uuid}"
 
     def debugfs_dri(self, name: str) -> str:
-        """A DRM device's debugfs directory (by minor or by PCI address, per kernel): xe's SR-IOV quotas."""
+        """A DRM device's debugfs directory, by minor or by PCI address (which one a kernel links is [U]): xe's SR-IOV
+        provisioning (sriov/vfN/...)."""
         return f"/sys/kernel/debug/dri/{path_name(name, 'DRM device')}"
 
     def simulation(self) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable, Collection
 from dataclasses import fields as dataclass_fields
 from typing import Any
 
@@ -148,19 +149,29 @@ def vf_holders(root: HostRoot, state: StateDir) -> dict[str, str]:
 
 
 def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
-    """Each SR-IOV PF vgpuctl knows (Intel's, then NVIDIA's vendor-VFIO ones) with its VFs and who holds each (a
-    VM of vgpuctl's, or another opener): the rows of ``vgpuctl vfs list`` and the API. An NVIDIA row adds the
-    type each VF has (``vgpu_type``), the types it can take now (``creatable``) and, per PF, every type its VFs
-    can take with how many free VFs could take it (``types``)."""
-    from vgpuctl.backends import INTEL_VENDOR_ID, sriov_intel
+    """Each SR-IOV PF vgpuctl knows (Intel's, then NVIDIA's vendor-VFIO ones) with its VFs, who holds each (a VM of
+    vgpuctl's, or another opener), and the definition ``vfs restore`` puts back at boot: the rows of ``vgpuctl vfs
+    list`` and the API. An Intel row adds each VF's quotas (``quota``); an NVIDIA row the type each VF has
+    (``vgpu_type``), the types it can take now (``creatable``) and, per PF, every type its VFs can take with how
+    many free VFs could take it (``types``)."""
+    from vgpuctl.backends import INTEL_VENDOR_ID, sriov_intel, sriov_intel_provision, vf_definitions
     from vgpuctl.mdev.state import Journal
 
     sriov_intel.settle(root, state)  # what a killed vfs command left
     holders = vf_holders(root, state)
     owned = Journal(state).ownership().vfs
+    definitions = {d.pf: d for d in vf_definitions.load_all(state)[0]}
+
+    def defined(pf: str) -> dict[str, Any] | None:
+        found = definitions.get(pf)
+        return None if found is None else {"count": found.count, "provisioned": sorted(found.provisioning or {},
+                                                                                      key=int)}
+
     rows = []
     for pf in sriov_intel.intel_pfs(root):
         openers = sriov_intel.vf_openers(root, pf.pf.vfs)
+        quotas = sriov_intel_provision.quotas_of(root, pf)
+        by_index = {vf.address: index for index, vf in enumerate(pf.pf.vfs, start=1)}
         rows.append({
             "pf": pf.address,
             "vendor_id": f"{INTEL_VENDOR_ID:04x}",
@@ -171,16 +182,22 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
             "vfio_driver": pf.vfio_driver,
             "enabled_by_vgpuctl": pf.address in owned,
             "problem": pf.problem,
+            "definition": defined(pf.address),
+            "quotas": None if quotas is None else {str(n): q for n, q in quotas.items() if any(q.values())},
             "vfs": [{"address": vf.address, "driver": vf.driver,
-                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address)} for vf in pf.pf.vfs],
+                     "vm": holders.get(vf.address), "opened_by": openers.get(vf.address),
+                     "quota": None if quotas is None else quotas.get(by_index[vf.address]), "vgpu_type": None}
+                    for vf in pf.pf.vfs],
             "backend": sriov_intel.BACKEND.name,
         })
-    rows += nvidia_vf_rows(root, holders)
+    rows += nvidia_vf_rows(root, holders, owned, defined)
     return rows
 
 
-def nvidia_vf_rows(root: HostRoot, holders: dict[str, str]) -> list[dict[str, Any]]:
-    """:func:`vf_listing`'s rows of NVIDIA's vendor-VFIO PFs (``holders``: VF address -> the VM on it)."""
+def nvidia_vf_rows(root: HostRoot, holders: dict[str, str], owned: Collection[str],
+                   defined: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """:func:`vf_listing`'s rows of NVIDIA's vendor-VFIO PFs (``holders``: VF address -> the VM on it; ``owned``:
+    the PFs whose VFs vgpuctl enabled; ``defined``: a PF's VF definition)."""
     from vgpuctl.backends import NVIDIA_VENDOR_ID, sriov_nvidia
 
     rows = []
@@ -196,10 +213,12 @@ def nvidia_vf_rows(root: HostRoot, holders: dict[str, str]) -> list[dict[str, An
             "total_vfs": pf.pf.total_vfs,
             "enabled_vfs": pf.pf.num_vfs,
             "vfio_driver": "nvidia",  # its VFs stay on nvidia, which is their VFIO driver (sriov.md 3.4)
-            "enabled_by_vgpuctl": False,  # NVIDIA's sriov-manage enables them, never vgpuctl
+            "enabled_by_vgpuctl": pf.address in owned,
             "problem": pf.problem,
+            "definition": defined(pf.address),
+            "quotas": None,
             "vfs": [{"address": vf.address, "driver": vf.driver, "vm": holders.get(vf.address),
-                     "opened_by": openers.get(vf.address),
+                     "opened_by": openers.get(vf.address), "quota": None,
                      "vgpu_type": {"id": vf.current, "name": names.get(vf.current)} if vf.current else None,
                      "creatable": [t.id for t in vf.creatable]} for vf in pf.vfs],
             "types": [{"id": type_id, "name": name, "framebuffer_mib": sriov_nvidia.framebuffer_mib(name),

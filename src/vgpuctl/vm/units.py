@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT_NAME
 from vgpuctl.host import HostRoot
 from vgpuctl.host.units import HEADER, WANTED_BY, UnitFile
 from vgpuctl.mdev.units import UNIT_NAME
@@ -14,12 +15,13 @@ VM_STOP_TIMEOUT_S = 300  # the VMs are powered down one after the other, each gi
 def render_vm_unit(program: str) -> str:
     return f"""{HEADER}
 # Starts the VMs marked autostart ('vgpuctl vm edit NAME --autostart'), one after the other in their
-# order, once the vGPUs defined to start automatically are there; at shutdown it powers them down in
-# the reverse order (ACPI power button, then quit after 30 s), before their vGPUs go away.
+# order, once the SR-IOV VFs and the vGPUs defined to start automatically are there; at shutdown it
+# powers them down in the reverse order (ACPI power button, then quit after 30 s), before their vGPUs
+# go away.
 [Unit]
 Description=Start the VMs marked autostart (vgpuctl), in their order
-After={UNIT_NAME} network-online.target
-Wants={UNIT_NAME} network-online.target
+After={VF_UNIT_NAME} {UNIT_NAME} network-online.target
+Wants={VF_UNIT_NAME} {UNIT_NAME} network-online.target
 
 [Service]
 Type=oneshot
