@@ -221,6 +221,33 @@ def test_the_api_lists_enables_and_disables_vfs(mount_host: MountFn, state: Stat
         assert error_of(client.post(f"{API}/vfs/{INTEL_PF}/enable", json={"count": 0}))[:2] == (422, "invalid_input")
 
 
+def test_the_api_provisions_restores_after_a_reboot_and_enables_nvidia(mount_host: MountFn, state: StateDir) -> None:
+    root = mount_host("adl-sriov")
+    with TestClient(create_app(root, state, token=TOKEN), base_url=BASE, headers=AUTH) as client:
+        body = {"vfs": ["1-2"], "ggtt": "512M", "contexts": 1024, "doorbells": 16}
+        provisioned = client.post(f"{API}/vfs/{INTEL_PF}/provision", json=body)
+        assert provisioned.status_code == 200, provisioned.text
+        assert provisioned.json()["quotas"]["1"] == {"ggtt": 512 << 20, "contexts": 1024, "doorbells": 16}
+        assert client.post(f"{API}/vfs/{INTEL_PF}/enable", json={"count": 2}).json()["enabled_vfs"] == 2
+        status, kind, message = error_of(client.post(f"{API}/vfs/{INTEL_PF}/provision", json={"ggtt": "lots"}))
+        assert (status, kind) == (422, "invalid_input") and "not a size" in message
+        control(root, "reboot")  # VFs are runtime state: the reboot has none
+        assert client.get(f"{API}/vfs").json()[0]["enabled_vfs"] == 0
+        restored = client.post(f"{API}/vfs/restore")
+        assert restored.status_code == 200 and [r["outcome"] for r in restored.json()] == ["restored"]
+        row = client.get(f"{API}/vfs").json()[0]
+        assert row["enabled_vfs"] == 2 and row["vfs"][1]["quota"]["ggtt"] == 512 << 20
+        assert [r["outcome"] for r in client.post(f"{API}/vfs/restore").json()] == ["already"]
+    root = mount_host("l40s-vfio")
+    with TestClient(create_app(root, state, token=TOKEN), base_url=BASE, headers=AUTH) as client:
+        status, kind, message = error_of(client.post(f"{API}/vfs/{NVIDIA_PF}/enable", json={"count": 2}))
+        assert (status, kind) == (422, "invalid_input") and "give no count" in message
+        enabled = client.post(f"{API}/vfs/{NVIDIA_PF}/enable", json={})
+        assert enabled.status_code == 200, enabled.text
+        assert enabled.json()["enabled_vfs"] == 32 and enabled.json()["enabled_by_vgpuctl"]
+        assert client.post(f"{API}/vfs/{NVIDIA_PF}/disable").json()["enabled_vfs"] == 0
+
+
 def test_the_kernels_refusal_is_a_kernel_error_with_its_errno(mount_host: MountFn, state: StateDir) -> None:
     root = mount_host("adl-sriov-nomaxvfs")  # i915-sriov-dkms without max_vfs: totalvfs 0, ERANGE on any N
     with TestClient(create_app(root, state, token=TOKEN), base_url=BASE, headers=AUTH) as client:

@@ -157,7 +157,7 @@ def test_nvidia_vfs_by_sriov_manage(mount_host: MountFn, tmp_path: Path, golden:
     cli = Cli(mount_host("l40s-vfio"), tmp_path / "state")
     root = cli.root
     code, _, err = cli("vfs", "enable", NV_PF, "4", ok=False)
-    assert code == 1 and "every VF of an NVIDIA GPU (32 here): give no COUNT" in err
+    assert code == 1 and "every VF of an NVIDIA GPU (32 here): give no count" in err
     _, out, _ = cli("vfs", "enable", NV_PF)
     assert out == f"{NV_PF}: 32 VFs enabled by sriov-manage, on nvidia\n"
     assert sysfs(root, f"/sys/bus/pci/devices/{NV_PF}/sriov_numvfs") == "32"

@@ -360,3 +360,26 @@ def describe_missing(root: HostRoot, pf: sriov_intel.IntelPf, count: int) -> str
 
 def _vf_list(vfs: list[int]) -> str:
     return f"VF {vfs[0]} is" if len(vfs) == 1 else f"VFs {', '.join(map(str, vfs))} are"
+
+
+def request(root: HostRoot, state: StateDir, address: str, vfs: tuple[str, ...] = (), *, ggtt: str | None = None,
+            vram: str | None = None, contexts: int | None = None, doorbells: int | None = None,
+            auto_shares: bool = False, force: bool = False) -> dict[int, dict[str, int]] | None:
+    """What ``vgpuctl vfs provision`` and the API ask for: quotas as the user writes them (sizes with K/M/G) on the
+    chosen VFs, or ``auto_shares`` (every quota cleared: the driver's fair shares). The VFs' quotas as the driver
+    then reads them; None after ``auto_shares``."""
+    values: dict[str, int] = {}
+    if ggtt is not None:
+        values["ggtt"] = parse_size(ggtt)
+    if vram is not None:
+        values["vram"] = parse_size(vram)
+    if contexts is not None:
+        values["contexts"] = contexts
+    if doorbells is not None:
+        values["doorbells"] = doorbells
+    if auto_shares:
+        if values or vfs:
+            raise InvalidInput("auto clears every VF's quotas: give it without VFs and quotas", what="quota")
+        auto(root, state, address, force=force)
+        return None
+    return provision(root, state, address, vfs, values, force=force)

@@ -28,12 +28,6 @@ def _holders(state: Any) -> dict[str, str]:
     return vf_holders(State.root, state)
 
 
-def _is_nvidia(pf: str) -> bool:
-    from vgpuctl.backends import sriov_nvidia
-
-    return sriov_nvidia.nvidia_pf(State.root, pf) is not None
-
-
 @click.group("vfs", context_settings={"help_option_names": ["-h", "--help"]})
 def vfs_group() -> None:
     """SR-IOV virtual functions (VFs) of Intel and NVIDIA GPUs: each VF is a vGPU a VM gets whole."""
@@ -98,27 +92,14 @@ def list_command(json_output: bool) -> None:
 def enable_command(pf: str, count: int | None, force: bool) -> None:
     """Enable COUNT VFs on the GPU PF and give each to vfio-pci (xe-vfio-pci on Battlemage); on an NVIDIA GPU
     every VF, by sriov-manage -e (give no COUNT). Put back at boot by 'vgpuctl vfs restore'."""
-    from vgpuctl.base.errors import InvalidInput
+    from vgpuctl.backends import vfs
 
     state = _state()
-    if _is_nvidia(pf):
-        from vgpuctl.backends import sriov_nvidia
-
-        found = sriov_nvidia.nvidia_pf(State.root, pf)
-        if count is not None and found is not None and count != found.total_vfs:
-            raise InvalidInput("sriov-manage enables every VF of an NVIDIA GPU ({total} here): give no COUNT",
-                               what="count", total=found.total_vfs, count=count)
-        done = sriov_nvidia.enable(State.root, state, pf, force=force)
+    done = vfs.enable(State.root, state, pf, count, force=force, holders=_holders(state))
+    if done.by == "sriov-manage":
         say(f"{done.address}: {len(done.vfs)} VFs enabled by sriov-manage, on nvidia")
-        return
-    from vgpuctl.backends import sriov_intel
-
-    if count is None:
-        raise InvalidInput("give COUNT: how many VFs (each gets a fair share, or the quotas of vfs provision)",
-                           what="count")
-    enabled = sriov_intel.enable(State.root, state, pf, count, force=force, holders=_holders(state))
-    say(f"{enabled.address}: {len(enabled.pf.vfs)} VFs enabled, on {enabled.vfio_driver}: "
-        f"{', '.join(vf.address for vf in enabled.pf.vfs)}")
+    else:
+        say(f"{done.address}: {len(done.vfs)} VFs enabled, on {done.driver}: {', '.join(done.vfs)}")
 
 
 @vfs_group.command("disable")
@@ -129,17 +110,11 @@ def enable_command(pf: str, count: int | None, force: bool) -> None:
 @reports_errors
 def disable_command(pf: str, force: bool, timeout_s: float) -> None:
     """Turn off the VFs of the GPU PF (refused while a VM holds one); none are put back at boot."""
+    from vgpuctl.backends import vfs
+
     state = _state()
-    if _is_nvidia(pf):
-        from vgpuctl.backends import sriov_nvidia
-
-        nv = sriov_nvidia.disable(State.root, state, pf, force=force, holders=_holders(state))
-        say(f"{nv.address}: VFs disabled by sriov-manage")
-        return
-    from vgpuctl.backends import sriov_intel
-
-    done = sriov_intel.disable(State.root, state, pf, force=force, holders=_holders(state), timeout_s=timeout_s)
-    say(f"{done.address}: VFs disabled")
+    address, by = vfs.disable(State.root, state, pf, force=force, holders=_holders(state), timeout_s=timeout_s)
+    say(f"{address}: VFs disabled" + (" by sriov-manage" if by == "sriov-manage" else ""))
 
 
 @vfs_group.command("provision")
@@ -159,26 +134,13 @@ def provision_command(pf: str, vfs: tuple[str, ...], ggtt: str | None, vram: str
                       doorbells: int | None, auto_shares: bool, force: bool) -> None:
     """Set the Intel VFs' shares of the GPU by hand, while the VFs are off (then: vgpuctl vfs enable PF N, which
     needs VFs 1..N all provisioned). Kept in the PF's definition and put back at boot by 'vgpuctl vfs restore'."""
-    from vgpuctl.backends import sriov_intel_provision as provision
-    from vgpuctl.base.errors import InvalidInput
+    from vgpuctl.backends import sriov_intel_provision
 
-    state = _state()
-    values: dict[str, int] = {}
-    if ggtt is not None:
-        values["ggtt"] = provision.parse_size(ggtt)
-    if vram is not None:
-        values["vram"] = provision.parse_size(vram)
-    if contexts is not None:
-        values["contexts"] = contexts
-    if doorbells is not None:
-        values["doorbells"] = doorbells
-    if auto_shares:
-        if values or vfs:
-            raise InvalidInput("--auto clears every VF's quotas: give it without --vf and quotas", what="quota")
-        provision.auto(State.root, state, pf, force=force)
+    quotas = sriov_intel_provision.request(State.root, _state(), pf, vfs, ggtt=ggtt, vram=vram, contexts=contexts,
+                                           doorbells=doorbells, auto_shares=auto_shares, force=force)
+    if quotas is None:
         say(f"{pf}: quotas cleared; each VF gets the driver's fair share at enable")
         return
-    quotas = provision.provision(State.root, state, pf, vfs, values, force=force)
     for number, quota in quotas.items():
         if any(quota.values()):
             say(f"{pf} VF {number}:{_quota_text(quota)}")

@@ -318,7 +318,23 @@ PfAddress = Annotated[str, Path(pattern=PCI_ADDRESS_PATTERN, description="the PF
 class VfsEnable(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"count": 7}]})
 
-    count: int = Field(ge=1, le=65535, description="how many VFs (the kernel takes 0, then N: VFs on are replaced)")
+    count: int | None = Field(None, ge=1, le=65535, description="how many VFs (Intel; the kernel takes 0, then N: "
+                              "VFs on are replaced); none on NVIDIA: sriov-manage enables every VF")
+
+
+class VfsProvision(BaseModel):
+    """Intel VFs' quotas, as ``vgpuctl vfs provision`` takes them (sizes in bytes or with K/M/G), or ``auto``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"vfs": ["1-2"], "ggtt": "512M", "contexts": 1024, "doorbells": 16}, {"auto": True}]})
+
+    vfs: list[Annotated[str, Field(pattern=r"^\d+(-\d+)?$")]] = Field(default_factory=list,
+                                                                    description="N or N-M; default every VF")
+    ggtt: str | None = Field(None, description="GGTT per VF")
+    vram: str | None = Field(None, description="VRAM (local memory) per VF, discrete GPUs")
+    contexts: int | None = Field(None, ge=0, description="GuC contexts per VF")
+    doorbells: int | None = Field(None, ge=0, description="GuC doorbells per VF")
+    auto: bool = Field(False, description="clear every quota: the driver's fair shares at enable")
 
 
 class VfsDisable(BaseModel):
@@ -349,11 +365,10 @@ def enable_vfs(ctx: Ctx, pf: PfAddress, body: VfsEnable, force: Force = False) -
     """Enable ``count`` VFs on an Intel PF, each bound to its VFIO driver (as ``vgpuctl vfs enable``); answers
     the PF's row of ``GET /vfs``. The kernel's refusal is 409 ``kernel_error`` saying why in the driver's
     words; VFs in use or not vgpuctl's are 409 unless ``force``."""
-    from vgpuctl.backends import sriov_intel
+    from vgpuctl.backends import vfs
     from vgpuctl.vm.inventory import vf_holders
 
-    done = sriov_intel.enable(ctx.root, ctx.state, pf, body.count, force=force,
-                              holders=vf_holders(ctx.root, ctx.state))
+    done = vfs.enable(ctx.root, ctx.state, pf, body.count, force=force, holders=vf_holders(ctx.root, ctx.state))
     return _pf_row(ctx, done.address)
 
 
@@ -361,12 +376,36 @@ def enable_vfs(ctx: Ctx, pf: PfAddress, body: VfsEnable, force: Force = False) -
 def disable_vfs(ctx: Ctx, pf: PfAddress, body: VfsDisable | None = None, force: Force = False) -> dict[str, Any]:
     """Turn off an Intel PF's VFs (as ``vgpuctl vfs disable``): refused (409) while a VM holds one, or when
     vgpuctl did not enable them, unless ``force``; answers the PF's row of ``GET /vfs``."""
-    from vgpuctl.backends import sriov_intel
+    from vgpuctl.backends import vfs
     from vgpuctl.vm.inventory import vf_holders
 
-    done = sriov_intel.disable(ctx.root, ctx.state, pf, force=force, holders=vf_holders(ctx.root, ctx.state),
-                               timeout_s=(body or VfsDisable()).timeout)
-    return _pf_row(ctx, done.address)
+    address, _ = vfs.disable(ctx.root, ctx.state, pf, force=force, holders=vf_holders(ctx.root, ctx.state),
+                             timeout_s=(body or VfsDisable()).timeout)
+    return _pf_row(ctx, address)
+
+
+@router.post("/vfs/{pf}/provision", tags=["vfs"])
+def provision_vfs(ctx: Ctx, pf: PfAddress, body: VfsProvision, force: Force = False) -> dict[str, Any]:
+    """Set an Intel PF's VF quotas while its VFs are off (as ``vgpuctl vfs provision``), kept in its definition
+    and put back at boot; answers the PF's row of ``GET /vfs`` (its ``quotas``)."""
+    from vgpuctl.backends import sriov_intel_provision
+    from vgpuctl.host.pci import check_address
+
+    sriov_intel_provision.request(ctx.root, ctx.state, pf, tuple(body.vfs), ggtt=body.ggtt, vram=body.vram,
+                                  contexts=body.contexts, doorbells=body.doorbells, auto_shares=body.auto,
+                                  force=force)
+    return _pf_row(ctx, check_address(pf))
+
+
+@router.post("/vfs/restore", tags=["vfs"])
+def restore_vfs(ctx: Ctx, force: Force = False) -> list[dict[str, str]]:
+    """Put back every VF configuration vgpuctl made (as ``vgpuctl vfs restore``, what the boot unit runs): one
+    row per PF with its outcome (restored, already, failed, skipped) and why."""
+    from vgpuctl.backends import vf_restore
+    from vgpuctl.vm.inventory import vf_holders
+
+    return [{"pf": r.pf, "outcome": r.outcome, "detail": r.detail}
+            for r in vf_restore.restore(ctx.root, ctx.state, force=force, holders=vf_holders(ctx.root, ctx.state))]
 
 
 # ---------------------------------------------------------------------- vGPUs
