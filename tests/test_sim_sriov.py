@@ -520,9 +520,12 @@ def test_xe_fair_provisioning_in_debugfs(mount_host: MountFn, count: int, shares
     for vf in (1, count):
         gt = root.path(f"{DRI}/gt0/vf{vf}")  # the compat link into sriov/vfN/tile0/gt0
         assert tuple(int(read(gt / f"{n}_quota")) for n in ("ggtt", "contexts", "doorbells")) == shares
+        # LMEM (pf_estimate_fair_lmem): 24 GiB less the PF's 128 MiB spare, split, 2 MiB aligned
+        assert int(read(gt / "lmem_quota")) == 24448 * MIB // count // (2 * MIB) * (2 * MIB)
     assert read(root.path(f"{DRI}/gt0/vf{count + 1}/ggtt_quota")) == "0"
     assert echo("0", dev(root, XE_PF) / "sriov_numvfs").returncode == 0
     assert read(root.path(f"{DRI}/gt0/vf1/ggtt_quota")) == "0"  # auto mode: released
+    assert read(root.path(f"{DRI}/gt0/vf1/lmem_quota")) == "0"
 
 
 def test_xe_sriov_admin_and_xe_vfio_pci(mount_host: MountFn) -> None:

@@ -95,6 +95,9 @@ def test_an_xe_pf_lists_its_debugfs_quotas(mount_host: MountFn, tmp_path: Path, 
     assert isinstance(rows, list)
     quotas = rows[0]["sriov"]["quotas"]
     assert [q["vf"] for q in quotas] == [1, 2] and all(q["ggtt_mib"] and q["contexts"] for q in quotas)
+    # xe's fair LMEM (pf_estimate_fair_lmem): (24 GiB - the PF's 128 MiB spare) / 2, 2 MiB aligned; the chooser's
+    # memory on a dGPU
+    assert [(q["lmem_mib"], q["memory_from"]) for q in quotas] == [(12224, "lmem")] * 2
     assert rows[0]["sriov"]["vfio_driver"] == "xe-vfio-pci" and rows[0]["sriov"]["vfio_bound"] == 2
 
 

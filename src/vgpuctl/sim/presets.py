@@ -58,6 +58,10 @@ class SriovSpec:
     xe_has_sriov: bool = True  # xe: the platform's has_sriov (MTL/LNL: no)
     admin_store_errno: int = 0  # xe: what a well-formed sriov_admin profile write fails with (EPERM, EIO)
     admin_show_errno: int = 0  # xe: what a sriov_admin profile read fails with (EUCLEAN: the GTs disagree)
+    # xe on a dGPU: its VRAM, and what pf_estimate_fair_lmem() keeps back for the PF before the fair shares
+    # (xe_gt_sriov_pf_config.c: (VRAM - spare) / N, 2 MiB aligned) [U: the spare's default]; 0: no LMEM (iGPU)
+    vram_mib: int = 0
+    lmem_spare_mib: int = 128
     xe_force_probe: bool = False  # xe: the platform has require_force_probe (TGL, ADL, MTL): xe.force_probe=<id>
 
     # ---- what goes wrong around the driver (sriov.md 6: 1, 3, 8, 10), for the doctor; i915 kinds only.
@@ -217,7 +221,8 @@ def _xe(device_id: int, description: str, kernel: str = "6.19.0", total_vfs: int
     modules = ("xe", *SRIOV_MODULES, "xe_vfio_pci")
     return HostSpec(description, kernel=kernel, gpu=None, cmdline=SRIOV_CMDLINE, modules=modules,
                     sriov=SriovSpec("xe", address=address, device_id=device_id, total_vfs=total_vfs,
-                                    ggtt_free_mib=4032, xe_has_sriov=has_sriov))
+                                    ggtt_free_mib=4032, xe_has_sriov=has_sriov,
+                                    vram_mib=24576 if address != "0000:00:02.0" else 0))
 
 
 PRESETS: dict[str, HostSpec] = {

@@ -119,6 +119,7 @@ class VfConfig:
 GUC_CONTEXTS = 65536
 GUC_DOORBELLS = 256
 GGTT_SPARE = 64 * MIB
+LMEM_ALIGN = 2 * MIB  # pf_get_lmem_alignment(): SZ_2M
 CONTEXTS_SPARE = 256
 
 
@@ -704,16 +705,17 @@ class Xe(PfDriver):
             if not all(vf.empty for vf in chosen):
                 raise fail(errno.EUCLEAN, "VFs are already provisioned")
             ggtt, contexts, doorbells = self.fair_shares(count)
+            vram = self.fair_lmem(count)
             if not ggtt:
                 raise fail(errno.ENOSPC)
             for vf in chosen:
-                vf.ggtt, vf.contexts, vf.doorbells = ggtt, contexts, doorbells
+                vf.ggtt, vf.contexts, vf.doorbells, vf.vram = ggtt, contexts, doorbells, vram
         try:
             self.bus.enable(pf, count)
         except OSError:
             if not self.custom:
                 for vf in chosen:
-                    vf.ggtt = vf.contexts = vf.doorbells = 0
+                    vf.ggtt = vf.contexts = vf.doorbells = vf.vram = 0
             raise
         if self.host.kernel.at_least(6, 19):
             for vf_function in pf.vfs:
@@ -729,6 +731,14 @@ class Xe(PfDriver):
         contexts = min(_pow2_floor(65535 // count), (GUC_CONTEXTS - CONTEXTS_SPARE) // count)
         doorbells = min(_pow2_floor(GUC_DOORBELLS // (count + 1)), GUC_DOORBELLS // count)
         return min(estimate, profile), contexts, doorbells
+
+    def fair_lmem(self, count: int) -> int:
+        """pf_estimate_fair_lmem() (xe_gt_sriov_pf_config.c): the VRAM left after the PF's spare, split evenly,
+        2 MiB aligned (current kernels: no power-of-two rounding, no 2 GiB cap); 0 without VRAM (an iGPU)."""
+        if not self.spec.vram_mib:
+            return 0
+        available = max(self.spec.vram_mib - self.spec.lmem_spare_mib, 0) * MIB // LMEM_ALIGN * LMEM_ALIGN
+        return available // count // LMEM_ALIGN * LMEM_ALIGN
 
     # ---- sysfs sriov_admin (6.19+, xe_sriov_pf_sysfs.c)
     def _build_sriov_admin(self) -> None:
