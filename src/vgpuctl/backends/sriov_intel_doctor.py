@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from vgpuctl.backends import sriov_intel
 from vgpuctl.backends.gvt_platforms import platform_for
+from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT  # makes vgpuctl's VF configurations at boot
 from vgpuctl.host import facts
 from vgpuctl.host.doctor import Check, CheckSpec, Context, Host, kernel_param_fix, see_param
 
 NOT_APPLICABLE = "no Intel GPU with SR-IOV"
-VF_UNIT = "vgpuctl-vfs.service"  # the unit that makes vgpuctl's VF configurations (state directory vfs/) at boot
 MOK_FIX = ("mokutil --import {root}/mok.pub  # DKMS's signing key (dkms 3 makes it); then reboot and enroll it in "
            "MokManager (blue screen at boot: 'Enroll MOK'), or turn Secure Boot off in the firmware setup")
 

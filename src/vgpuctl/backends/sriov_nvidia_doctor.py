@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from vgpuctl.backends import sriov_intel_doctor
 from vgpuctl.backends.sriov_nvidia import nvidia_pfs
+from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT
 from vgpuctl.host import pci
 from vgpuctl.host.doctor import Check, CheckSpec, Context, Host, kernel_param_fix
 
@@ -112,7 +113,7 @@ def check_nvidia_boot(ctx: Context, c: Check) -> None:
         c.set("ok", f"{others[0].split('/')[-1]} enables the VFs again at boot.")
         return
     sriov_intel_doctor.persistence(host, c, enabled, "install vgpuctl's VF boot unit "
-                                   f"({sriov_intel_doctor.VF_UNIT} in {base}), or enable a unit that runs "
+                                   f"({VF_UNIT} in {base}), or enable a unit that runs "
                                    f"'{host.root.nvidia_sriov_manage} -e ALL' at boot (Proxmox: systemctl enable "
                                    "pve-nvidia-sriov@ALL.service)")
 
