@@ -3,7 +3,8 @@
 - Test modules share helpers through tests/conftest.py, never by importing each other.
 - Every path of the managed host (kernel, boot and configuration areas) is spelled in host/root.py (the
   root object) and nowhere else; the simulator, which builds such hosts, is the exception.
-- No module outside a vGPU backend tests a vendor's type names (GVT-g's ``i915-GVTg_`` prefix).
+- No module outside a vGPU backend tests a vendor's type names (GVT-g's ``i915-GVTg_`` prefix) or decides by a PCI
+  vendor id (which VF backend a PF has is backends/vfs.py's to say).
 """
 
 from __future__ import annotations
@@ -66,3 +67,22 @@ def test_no_module_outside_a_backend_tests_a_type_name_prefix() -> None:
             if re.search(r"(^|[^\w])i915-GVTg_?$|^GVTg_", text):
                 offenders.append(f"{name}:{line}: {text!r}")
     assert offenders == [], "a vendor's type names belong to its backend (backends/):\n" + "\n".join(offenders)
+
+
+def test_no_module_outside_a_backend_decides_by_a_pci_vendor() -> None:
+    """A comparison with a vendor id (``function.vendor == NVIDIA_VENDOR_ID``, ``== 0x10de``) is a vendor's rule:
+    it belongs to that vendor's backend; elsewhere a vendor id may only label a row."""
+    vendor_ids = {0x8086, 0x10DE, 0x1002}
+    offenders = []
+    for name, path in _modules():
+        if name.startswith(("backends/", "sim/")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in (node.left, *node.comparators):
+                named = isinstance(side, ast.Name | ast.Attribute) and (
+                    getattr(side, "id", None) or getattr(side, "attr", "")).endswith("VENDOR_ID")
+                if named or (isinstance(side, ast.Constant) and side.value in vendor_ids):
+                    offenders.append(f"{name}:{node.lineno}")
+    assert offenders == [], "a vendor's rules belong to its backend (backends/):\n" + "\n".join(offenders)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from vgpuctl.backends import INTEL_VENDOR_ID, Attachment, BackendDefaults, pci_attachment, vf_definitions
 from vgpuctl.backends.vf_definitions import VfDefinition, this_boot
+from vgpuctl.backends.vfs import VfChoice
 from vgpuctl.base.crash import crashpoint
-from vgpuctl.base.errors import Conflict, InvalidInput, KernelError, NotFound, NotOwned
+from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, KernelError, NotFound, NotOwned
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
 from vgpuctl.mdev.state import Journal, Kind
@@ -359,6 +360,29 @@ def _write_numvfs(root: HostRoot, pf: IntelPf, count: int, timeout_s: float) -> 
         pci.set_num_vfs(root, pf.address, count, timeout_s)
     except KernelError as e:
         raise explain(pf, e, count) from e
+
+
+def choose_vf(root: HostRoot, function: pci.PciFunction, taken: Collection[str],
+              type_id: str | None) -> VfChoice:
+    """For a VM: the Intel VF ``function`` is, or the first free VF (on its VFIO driver, not taken, not open) of the
+    PF it is."""
+    if type_id is not None:
+        raise InvalidInput("vgpu.type with vgpu.vf is for NVIDIA's VFs: an Intel VF's share is set per PF "
+                           "(vgpuctl vfs enable PF N)")
+    if function.physfn:
+        return VfChoice(function.address, function.physfn, TYPE_ID, "active", "the VF named")
+    pf = intel_pf(root, function.address)
+    if not pf.pf.vfs:
+        raise NotFound("{parent} has no VFs enabled: 'vgpuctl vfs enable {parent} N' first" +
+                       (f" ({pf.problem})" if pf.problem else ""), what="VF", parent=pf.address)
+    openers = vf_openers(root, pf.pf.vfs)
+    free = [vf for vf in pf.pf.vfs if vf.driver in VFIO_DRIVERS and vf.address not in taken
+            and vf.address not in openers]
+    if not free:
+        raise CapacityError("every VF of {parent} is in use or not on a VFIO driver ('vgpuctl vfs list' shows "
+                            "them); stop a VM or enable more VFs", what="VF", parent=pf.address)
+    return VfChoice(free[0].address, pf.address, TYPE_ID, "active",
+                    f"the first free VF of {pf.address} ({len(free)} free)")
 
 
 # ---------------------------------------------------------------------- the backend

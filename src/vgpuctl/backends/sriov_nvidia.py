@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vgpuctl.backends import NVIDIA_VENDOR_ID, Attachment, BackendDefaults, pci_attachment
+from vgpuctl.backends.vfs import VfChoice
 from vgpuctl.base.crash import crashpoint
-from vgpuctl.base.errors import CapacityError, Conflict, KernelError, NotFound, NotOwned
+from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, KernelError, NotFound, NotOwned
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
 from vgpuctl.mdev.state import Journal
@@ -420,3 +421,26 @@ def require_pf(root: HostRoot, address: str) -> pci.SriovPf:
         raise NotFound("{parent} is not an NVIDIA GPU with SR-IOV (vgpuctl vfs list shows them)", what="PF",
                        parent=address)
     return found
+
+
+def choose_vf(root: HostRoot, function: pci.PciFunction, taken: Collection[str], type_id: str | None) -> VfChoice:
+    """For a VM: the NVIDIA VF ``function`` is, or the first of its PF's that is free and can take the type."""
+    if type_id is None or not type_id.isdigit():
+        raise InvalidInput(f"an NVIDIA VF needs vgpu.type, the numeric id of a type its nvidia/creatable_vgpu_types "
+                           f"lists (got {type_id!r})")
+    wanted = int(type_id)
+    name = type_name(wanted)
+    if function.physfn:
+        vfs, pf = [function], function.physfn
+    else:
+        vfs, pf = pci.read_pf(root, function.address).vfs, function.address
+    for vf in vfs:
+        if vf.address in taken or not is_vendor_vf(root, vf.address):
+            continue
+        current = current_type(root, vf.address)
+        if current == wanted:
+            return VfChoice(vf.address, pf, name, "active", f"VF {vf.address} already has type {wanted}")
+        if current == 0 and wanted in {t.id for t in creatable_types(root, vf.address)}:
+            return VfChoice(vf.address, pf, name, "new", f"VF {vf.address} can take type {wanted}")
+    raise CapacityError(f"no VF of {pf} is free and can take vGPU type {wanted} now (sriov-manage -e enables "
+                        "them; each VF's nvidia/creatable_vgpu_types says what fits)")

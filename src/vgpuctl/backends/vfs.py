@@ -4,6 +4,7 @@ two apart, for ``vgpuctl vfs`` and the API alike."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 from vgpuctl.base.errors import InvalidInput
@@ -16,6 +17,31 @@ class Enabled(NamedTuple):
     vfs: list[str]  # the VFs' addresses
     driver: str  # what they are bound to
     by: str  # how: "sriov-manage" (NVIDIA) or "sysfs" (Intel: sriov_numvfs, then driver_override)
+
+
+class VfChoice(NamedTuple):
+    """The VF a VM gets: its address, its PF, the type it has or will have, "active" (as it is) or "new" (given the
+    type at start: NVIDIA), and why this one."""
+
+    vf: str
+    pf: str
+    type_id: str
+    state: str
+    reason: str
+
+
+def choose_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> VfChoice:
+    """The VF ``address`` names: that VF, or a free VF of that PF (NVIDIA: one that can take ``type_id``)."""
+    from vgpuctl.backends import NVIDIA_VENDOR_ID
+
+    function = pci.read_function(root, address)
+    if function.vendor == NVIDIA_VENDOR_ID:
+        from vgpuctl.backends import sriov_nvidia
+
+        return sriov_nvidia.choose_vf(root, function, taken, type_id)
+    from vgpuctl.backends import sriov_intel
+
+    return sriov_intel.choose_vf(root, function, taken, type_id)
 
 
 def enable(root: HostRoot, state: StateDir, address: str, count: int | None, *, force: bool = False,

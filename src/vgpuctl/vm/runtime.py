@@ -16,7 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vgpuctl.base.errors import CapacityError, Conflict, InvalidInput, NotFound
+from vgpuctl.base.errors import CapacityError, Conflict, NotFound
 from vgpuctl.base.process import cmdline, pids, start_time
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, facts
@@ -24,7 +24,6 @@ from vgpuctl.vm.spec import VmSpec, check_name, vms_dir
 
 if TYPE_CHECKING:
     from vgpuctl.backends import VgpuBackend
-    from vgpuctl.host.pci import PciFunction
 
 SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 # Debian's OVMF (package ovmf): code read-only and shared, variables copied per VM at first start.
@@ -399,57 +398,10 @@ def _offered_types(root: HostRoot, spec: VmSpec, taken: Collection[str]) -> list
 
 def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:
     """The SR-IOV VF ``address`` names: that VF, or a free VF (on its VFIO driver, not taken) of that PF."""
-    from vgpuctl.backends import NVIDIA_VENDOR_ID, sriov_intel
-    from vgpuctl.host import pci  # SR-IOV VMs only
+    from vgpuctl.backends.vfs import choose_vf  # SR-IOV VMs only
 
-    function = pci.read_function(root, address)
-    if function.vendor == NVIDIA_VENDOR_ID:
-        return _resolve_nvidia_vf(root, function, taken, type_id)
-    if type_id is not None:
-        raise InvalidInput("vgpu.type with vgpu.vf is for NVIDIA's VFs: an Intel VF's share is set per PF "
-                           "(vgpuctl vfs enable PF N)")
-    if function.physfn:
-        return ResolvedVgpu(address, function.physfn, sriov_intel.TYPE_ID, None, "active", "the VF named")
-    pf = sriov_intel.intel_pf(root, address)
-    if not pf.pf.vfs:
-        raise NotFound("{parent} has no VFs enabled: 'vgpuctl vfs enable {parent} N' first" +
-                       (f" ({pf.problem})" if pf.problem else ""), what="VF", parent=pf.address)
-    openers = sriov_intel.vf_openers(root, pf.pf.vfs)
-    free = [vf for vf in pf.pf.vfs if vf.driver in sriov_intel.VFIO_DRIVERS and vf.address not in taken
-            and vf.address not in openers]
-    if not free:
-        raise CapacityError("every VF of {parent} is in use or not on a VFIO driver ('vgpuctl vfs list' shows "
-                            "them); stop a VM or enable more VFs", what="VF", parent=pf.address)
-    return ResolvedVgpu(free[0].address, pf.address, sriov_intel.TYPE_ID, None, "active",
-                        f"the first free VF of {pf.address} ({len(free)} free)")
-
-
-def _resolve_nvidia_vf(root: HostRoot, function: PciFunction, taken: Collection[str],
-                       type_id: str | None) -> ResolvedVgpu:
-    """An NVIDIA vendor-VFIO VF: the one named, or the first of the PF's that is free and can take the type."""
-    from vgpuctl.backends import sriov_nvidia
-
-    if type_id is None or not type_id.isdigit():
-        raise InvalidInput(f"an NVIDIA VF needs vgpu.type, the numeric id of a type its nvidia/creatable_vgpu_types "
-                           f"lists (got {type_id!r})")
-    wanted = int(type_id)
-    name = sriov_nvidia.type_name(wanted)
-    if function.physfn:
-        vfs, pf = [function], function.physfn
-    else:
-        from vgpuctl.host import pci
-
-        vfs, pf = pci.read_pf(root, function.address).vfs, function.address
-    for vf in vfs:
-        if vf.address in taken or not sriov_nvidia.is_vendor_vf(root, vf.address):
-            continue
-        current = sriov_nvidia.current_type(root, vf.address)
-        if current == wanted:
-            return ResolvedVgpu(vf.address, pf, name, None, "active", f"VF {vf.address} already has type {wanted}")
-        if current == 0 and wanted in {t.id for t in sriov_nvidia.creatable_types(root, vf.address)}:
-            return ResolvedVgpu(vf.address, pf, name, None, "new", f"VF {vf.address} can take type {wanted}")
-    raise CapacityError(f"no VF of {pf} is free and can take vGPU type {wanted} now (sriov-manage -e enables "
-                        "them; each VF's nvidia/creatable_vgpu_types says what fits)")
+    vf = choose_vf(root, address, taken, type_id)
+    return ResolvedVgpu(vf.vf, vf.pf, vf.type_id, None, vf.state, vf.reason)
 
 
 # ---------------------------------------------------------------------- host requirements
