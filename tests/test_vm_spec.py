@@ -990,3 +990,21 @@ def test_switching_profile_keeps_what_the_guest_os_needs() -> None:
     gaming = apply_profile(win11, "gaming").validate()
     assert (gaming.profile, gaming.machine, gaming.firmware, gaming.secure_boot, gaming.memory_mib) == (
         "gaming", "q35", "ovmf", True, 8192)
+
+
+def test_spec_records_construct_compare_and_show_as_dataclasses_do() -> None:
+    from dataclasses import asdict
+
+    disk = Disk("/srv/a.qcow2", format="qcow2")
+    assert disk == Disk(path="/srv/a.qcow2") and disk != Disk("/srv/b.qcow2") and disk != "/srv/a.qcow2"
+    assert replace(disk, size="8G").size == "8G" and asdict(disk)["path"] == "/srv/a.qcow2"
+    assert repr(Disk("/x")).startswith("Disk(path='/x', size=None")
+    for bad, message in ((lambda: Disk(), "needs 'path'"), (lambda: Disk("/x", path="/y"), "twice"),
+                         (lambda: Disk("/x", colour="red"), "unexpected 'colour'"),
+                         (lambda: Disk("/x", None, "raw", "extra", "more"), "arguments")):
+        with pytest.raises(TypeError, match=message):
+            bad()
+    a, b = VmSpec("x"), VmSpec("x")
+    assert a == b and a.disks is not b.disks  # default factories: one list each
+    with pytest.raises(TypeError):
+        hash(a)

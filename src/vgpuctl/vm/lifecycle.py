@@ -16,6 +16,7 @@ libvirt does, so a start connects at once and learns ``running`` the moment QEMU
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -155,11 +156,8 @@ def _probe_key(qemu: str) -> str:
 def prepare(root: HostRoot, state: StateDir, name: str, *, accel: str = "auto", qemu: str | None = None) -> Prepared:
     """The spec, its vGPU (resolved read-only) and the exact QEMU command line."""
     spec = specs.load(state, name)
-    # VFs other VMs run on: a VF asked for, or one the chooser may take (requirements, on a host with SR-IOV PFs:
-    # reading the other VMs' run records is not paid by an mdev VM's start)
-    vf_possible = spec.vgpu.kind == "vf" or (spec.vgpu.kind == "requirements" and not spec.vgpu.largest
-                                             and _has_sriov_pfs(root))
-    vgpu = resolve_vgpu(root, spec, taken=_running_vgpus(state, name) if vf_possible else ())
+    # VFs other VMs run on, looked for only when a VF may be chosen (once: the chooser and the VF pick share them)
+    vgpu = resolve_vgpu(root, spec, taken=functools.cache(lambda: _running_vgpus(state, name)))
     notes: list[str] = []
     if vgpu is not None and vgpu.state == "new":
         notes.append(f"would create vGPU {vgpu.uuid} ({vgpu.type_id} on {vgpu.parent}) at start: {vgpu.reason}")
@@ -192,12 +190,6 @@ def _qmp_status(paths: RuntimePaths) -> str | None:
 
 
 # ---------------------------------------------------------------------- lifecycle
-
-
-def _has_sriov_pfs(root: HostRoot) -> bool:
-    from vgpuctl.host import pci
-
-    return bool(pci.sriov_pfs(root))
 
 
 def _run_file(paths: RuntimePaths) -> Path:

@@ -10,7 +10,7 @@ they stay below it (:meth:`RuntimePaths.socket_problems` says when a custom stat
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -286,7 +286,16 @@ def vm_vgpu_uuid(name: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
-def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> ResolvedVgpu | None:
+# The VFs other VMs run on now, or how to find them: asked for only when a VF may be chosen (finding them can
+# take a pass over /proc, which an mdev VM's start does not pay).
+Taken = Collection[str] | Callable[[], Collection[str]]
+
+
+def _taken(taken: Taken) -> Collection[str]:
+    return taken() if callable(taken) else taken
+
+
+def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Taken = ()) -> ResolvedVgpu | None:
     """Which vGPU the VM gets, read-only: nothing is created, reserved or started here. ``taken``: the vGPUs
     (VF addresses) other VMs run on now, which a VF chosen from a PF must not be."""
     from vgpuctl.mdev import definitions
@@ -299,7 +308,7 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
         return None
     if kind == "vf":
         assert request.vf
-        return resolve_vf(root, request.vf, taken, request.type)
+        return resolve_vf(root, request.vf, _taken(taken), request.type)
 
     def type_of(parent: str, type_id: str) -> tuple[int, int] | None:
         found = next((t for t in read_types(root, parent) if t.type_id == type_id), None)
@@ -381,19 +390,22 @@ def resolve_vgpu(root: HostRoot, spec: VmSpec, taken: Collection[str] = ()) -> R
         from vgpuctl.backends import backend_for_type
 
         vm_type = backend_for_type(choice.chosen.type_id).vm_vgpu_type(choice.chosen.type_id)
-        vf = resolve_vf(root, choice.chosen.parent, taken, vm_type)
+        vf = resolve_vf(root, choice.chosen.parent, _taken(taken), vm_type)
         return vf._replace(reason=f"{choice.reason}; {vf.reason}")
     return ResolvedVgpu(uuid, choice.chosen.parent, choice.chosen.type_id, choice.chosen.resolution, "new",
                         choice.reason)
 
 
-def _offered_types(root: HostRoot, spec: VmSpec, taken: Collection[str]) -> list[Any]:
+def _offered_types(root: HostRoot, spec: VmSpec, taken: Taken) -> list[Any]:
     """What the host's SR-IOV PFs' VFs offer the chooser; with ``vgpu_display`` only those with a display of their
     own."""
     from vgpuctl.backends import offered_types
+    from vgpuctl.host import pci
     from vgpuctl.mdev.choose import emulated_display
 
-    return [t for t in offered_types(root, taken) if not (spec.vgpu_display and emulated_display(t))]
+    if not pci.sriov_pfs(root):  # an mdev host: the other VMs' VFs are not looked for
+        return []
+    return [t for t in offered_types(root, _taken(taken)) if not (spec.vgpu_display and emulated_display(t))]
 
 
 def resolve_vf(root: HostRoot, address: str, taken: Collection[str] = (), type_id: str | None = None) -> ResolvedVgpu:

@@ -12,7 +12,7 @@ Unknown fields are refused too, so that a typo never silently does nothing.
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from vgpuctl.base.state import StateDir
 from vgpuctl.host.files import atomic_write
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, describe, one_of, parse_resolution, positive
 from vgpuctl.vm.devices import KINDS, TABLES, DeviceFields
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, spec_fields
+from vgpuctl.vm.devices.base import OMIT_DEFAULT, Record, spec_fields, spec_record
 from vgpuctl.vm.devices.disk import DISK_FORMATS, Disk
 from vgpuctl.vm.devices.display import BACKENDS, DISPLAY_OPTIONS, GL_BACKENDS, Display
 from vgpuctl.vm.devices.network import NETWORK_MODES, Network, default_mac
@@ -78,8 +78,8 @@ class Machine:
     extra_args: list[str] = field(default_factory=list)  # appended to QEMU's command line as given
 
 
-@dataclass
-class VmSpec(DeviceFields, Machine):
+@spec_record
+class VmSpec(DeviceFields, Machine, Record):
     """A VM as stored in <state-dir>/vms/<name>.toml: the machine's settings, then each device's ``Fields``,
     all at the top level of the file."""
 

@@ -8,7 +8,7 @@ its output where QEMU's command line and libvirt's ``<devices>`` have it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, dataclass_transform, runtime_checkable
 
 if TYPE_CHECKING:
@@ -27,6 +27,54 @@ def spec_fields(cls: _Cls) -> _Cls:
     start-up (each is compiled from source by ``dataclasses``, unlike the module's cached bytecode)."""
     if cls.__doc__ is None:  # else dataclasses writes one from inspect.signature, which is slow the first time
         cls.__doc__ = f"The VmSpec fields of {cls.__module__}."
+    return cast(_Cls, dataclass(init=False, repr=False, eq=False)(cls))
+
+
+class Record:
+    """``__init__``, ``__eq__`` and ``__repr__`` of a spec record (VmSpec and its tables), written once over its
+    dataclass fields. ``dataclasses`` compiles these three from source for every class, ~0.4 ms each class at
+    every CLI start; what the spec's records need of them (positional or keyword arguments, defaults and
+    default factories, field-wise equality) is this much."""
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        declared = fields(self)  # type: ignore[arg-type]
+        if len(args) > len(declared):
+            raise TypeError(f"{type(self).__name__}() takes {len(declared)} arguments, {len(args)} given")
+        given = dict(zip((f.name for f in declared), args, strict=False))
+        for name in kwargs:
+            if name in given:
+                raise TypeError(f"{type(self).__name__}() got {name!r} twice")
+        given |= kwargs
+        for f in declared:
+            if f.name in given:
+                value = given.pop(f.name)
+            elif f.default is not MISSING:
+                value = f.default
+            elif f.default_factory is not MISSING:
+                value = f.default_factory()
+            else:
+                raise TypeError(f"{type(self).__name__}() needs {f.name!r}")
+            setattr(self, f.name, value)
+        if given:
+            raise TypeError(f"{type(self).__name__}() got unexpected {', '.join(map(repr, given))}")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, f.name) == getattr(other, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__name__}({values})"
+
+
+@dataclass_transform(field_specifiers=(field,))
+def spec_record(cls: _Cls) -> _Cls:
+    """A spec record (VmSpec, a table such as Disk): a dataclass whose ``__init__``/``__eq__``/``__repr__`` are
+    :class:`Record`'s (``cls`` subclasses it)."""
+    if cls.__doc__ is None:
+        cls.__doc__ = f"A record of {cls.__module__}."
     return cast(_Cls, dataclass(init=False, repr=False, eq=False)(cls))
 
 

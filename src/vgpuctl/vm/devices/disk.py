@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import absolute, one_of
-from vgpuctl.vm.devices.base import QemuContext, XmlContext, qemu_value, spec_fields
+from vgpuctl.vm.devices.base import QemuContext, Record, XmlContext, qemu_value, spec_fields, spec_record
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -19,8 +19,8 @@ DISK_FORMATS = ("qcow2", "raw")
 _SIZE = r"[1-9][0-9]*[KMGT]?"
 
 
-@dataclass
-class Disk:
+@spec_record
+class Disk(Record):
     """A disk image of the VM."""
 
     path: str

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import absolute, one_of, parse_resolution
-from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, qemu_value, spec_fields
+from vgpuctl.vm.devices.base import MERGED, QemuContext, Record, XmlContext, qemu_value, spec_fields, spec_record
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
@@ -28,8 +28,8 @@ DISPLAY_OPTIONS = ("gl", "p2p", "lossy", "non-adaptive", "key-delay-ms", "image-
                    "show-tabs", "show-cursor", "show-menubar", "window-close")
 
 
-@dataclass
-class Display:
+@spec_record
+class Display(Record):
     """Where the VM's picture goes: the display backend and its options."""
 
     backend: str = field(default="vnc", metadata={"choices": BACKENDS})

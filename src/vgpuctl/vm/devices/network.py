@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import one_of
-from vgpuctl.vm.devices.base import MERGED, QemuContext, XmlContext, options, spec_fields
+from vgpuctl.vm.devices.base import MERGED, QemuContext, Record, XmlContext, options, spec_fields, spec_record
 
 if TYPE_CHECKING:
     from vgpuctl.vm.spec import VmSpec
@@ -21,8 +21,8 @@ _MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
 _IFNAME = r"[A-Za-z0-9_.-]{1,15}"  # Linux IFNAMSIZ - 1
 
 
-@dataclass
-class Network:
+@spec_record
+class Network(Record):
     """The VM's one network interface."""
 
     mode: str = field(default="user", metadata={"choices": NETWORK_MODES})

@@ -11,12 +11,23 @@ resolution stands in (``VGA`` as the display, else a secondary ``bochs-display``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from vgpuctl.base.errors import InvalidInput
 from vgpuctl.vm.checks import MAX_MEMORY_MIB, absolute, parse_resolution, positive
-from vgpuctl.vm.devices.base import OMIT_DEFAULT, QemuContext, XmlContext, option, options, qemu_value, spec_fields, xy
+from vgpuctl.vm.devices.base import (
+    OMIT_DEFAULT,
+    QemuContext,
+    Record,
+    XmlContext,
+    option,
+    options,
+    qemu_value,
+    spec_fields,
+    spec_record,
+    xy,
+)
 from vgpuctl.vm.devices.display import GL_BACKENDS, fixed_resolution
 
 if TYPE_CHECKING:
@@ -31,8 +42,8 @@ HOSTDEV_ALIAS = "ua-hostdev0"  # user aliases must start with "ua-"
 FALLBACK_RESOLUTION = (1024, 768)
 
 
-@dataclass
-class VgpuRequest:
+@spec_record
+class VgpuRequest(Record):
     """Which vGPU the VM gets: one of a UUID, a type (on a parent), requirements for the chooser, an SR-IOV VF,
     or none."""
 
