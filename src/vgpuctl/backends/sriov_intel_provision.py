@@ -217,14 +217,7 @@ def provision(root: HostRoot, state: StateDir, address: str, vfs: tuple[str, ...
                            driver=iface.driver, parent=pf.address, names=", ".join(unknown),
                            known=", ".join(iface.resources()))
     chosen = parse_vfs(vfs, iface.total)
-    _check_off(root, pf)
-    before = read_quotas(root, iface)
-    definition = vf_definitions.load(state, pf.address)
-    foreign = foreign_quotas(definition, before)
-    if foreign and not force:
-        raise NotOwned("VFs {vfs} of {parent} hold quotas vgpuctl did not set (another tool or a boot script did); "
-                       "leave them, or add --force to replace them", what="PF", parent=pf.address,
-                       vfs=", ".join(map(str, foreign)))
+    before, definition = _own_quotas(root, state, pf, iface, force)
     _check_room(root, pf, iface, before, chosen, values)
     wanted = {vf: {**before[vf], **(values if vf in chosen else {})} for vf in before}
     provisioned = {str(vf): q for vf, q in wanted.items() if any(q.values())}
@@ -234,6 +227,20 @@ def provision(root: HostRoot, state: StateDir, address: str, vfs: tuple[str, ...
     with vf_definitions.locked(state, pf.address):
         _recording(root, state, iface, new, lambda: apply(root, pf, iface, wanted))
     return read_quotas(root, iface)
+
+
+def _own_quotas(root: HostRoot, state: StateDir, pf: sriov_intel.IntelPf, iface: Interface,
+                force: bool) -> tuple[dict[int, dict[str, int]], vf_definitions.VfDefinition | None]:
+    """The PF's quotas now and its definition, once its VFs are off and every quota set is vgpuctl's (or force)."""
+    _check_off(root, pf)
+    before = read_quotas(root, iface)
+    definition = vf_definitions.load(state, pf.address)
+    foreign = foreign_quotas(definition, before)
+    if foreign and not force:
+        raise NotOwned("VFs {vfs} of {parent} hold quotas vgpuctl did not set (another tool or a boot script did); "
+                       "leave them, or add --force to replace them", what="PF", parent=pf.address,
+                       vfs=", ".join(map(str, foreign)))
+    return before, definition
 
 
 def _recording(root: HostRoot, state: StateDir, iface: Interface, definition: vf_definitions.VfDefinition,
@@ -320,13 +327,7 @@ def auto(root: HostRoot, state: StateDir, address: str, *, force: bool = False) 
     sriov_intel.settle(root, state)
     pf = sriov_intel.intel_pf(root, address)
     iface = interface(root, pf)
-    _check_off(root, pf)
-    before = read_quotas(root, iface)
-    definition = vf_definitions.load(state, pf.address)
-    foreign = foreign_quotas(definition, before)
-    if foreign and not force:
-        raise NotOwned("VFs {vfs} of {parent} hold quotas vgpuctl did not set; leave them, or add --force to "
-                       "clear them", what="PF", parent=pf.address, vfs=", ".join(map(str, foreign)))
+    before, definition = _own_quotas(root, state, pf, iface, force)
     if iface.auto_file is None and any(any(q.values()) for q in before.values()):
         raise Conflict("xe on {parent} has no way back to fair shares while it is loaded (writing a quota put it in "
                        "custom provisioning mode until the driver is reloaded or the host reboots): give every VF "
