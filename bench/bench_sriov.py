@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_vm import bare_qemu  # bench/ is on sys.path when a bench runs as a script
+from bench_vm import bare_qemu, timed  # bench/ is on sys.path when a bench runs as a script
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.sim import mount
@@ -53,15 +50,6 @@ def by_hand(root: HostRoot, count: int) -> str:
         lines += [f"echo vfio-pci > {root.path(f'/sys/bus/pci/devices/{vf}')}/driver_override",
                   f"echo {vf} > {root.path('/sys/bus/pci/drivers_probe')}"]
     return "; ".join(lines)
-
-
-def timed(command: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{shlex.join(command)} failed: {done.stderr or done.stdout}")
-    return elapsed
 
 
 def new_vm(state: StateDir, name: str, guest: Path, *, vf: bool) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,47 +198,6 @@ def _provisioned(pf: IntelPf, count: int) -> str | None:
     return describe_missing(pf.root, pf, count) if pf.root is not None else None
 
 
-# ---------------------------------------------------------------------- who holds a VF
-
-def vf_openers(root: HostRoot, vfs: list[pci.PciFunction]) -> dict[str, str]:
-    """VF address -> who has its VFIO device open ("pid N (comm)"; on a simulated host "a simulated VM")."""
-    if not vfs:
-        return {}
-    simulation = root.simulation()
-    if simulation is not None:
-        opened = set(simulation.get("open_vfs", []))
-        return {vf.address: "a simulated VM" for vf in vfs if vf.address in opened}
-    nodes: dict[str, str] = {}
-    for vf in vfs:
-        if vf.iommu_group:
-            nodes[root.dev_vfio_group(vf.iommu_group)] = vf.address
-        base = f"{root.pci_device(vf.address)}/vfio-dev"
-        for name in (root.listdir(base) if root.exists(base) else []):
-            nodes[root.dev_vfio_device(name)] = vf.address
-    found: dict[str, str] = {}
-    proc = root.path(root.proc)
-    for pid in (p for p in _listdir(proc) if p.isdigit()):
-        for fd in _listdir(proc / pid / "fd"):
-            try:
-                target = os.readlink(proc / pid / "fd" / fd)
-            except OSError:
-                continue
-            if target in nodes:
-                try:
-                    comm = (proc / pid / "comm").read_text().strip()
-                except OSError:
-                    comm = "?"
-                found.setdefault(nodes[target], f"pid {pid} ({comm})")
-    return found
-
-
-def _listdir(path: Any) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
 # ---------------------------------------------------------------------- enable / disable (2.6)
 
 def owned_configuration(state: StateDir, pf: str) -> dict[str, Any] | None:
@@ -346,7 +304,7 @@ def _require_off_allowed(root: HostRoot, state: StateDir, pf: IntelPf, force: bo
     if not force and owned_configuration(state, pf.address) is None:
         raise NotOwned("the VFs of {parent} were not enabled by vgpuctl (another tool or a boot script did it); "
                        "leave them alone, or add --force if you are sure", what="PF", parent=pf.address)
-    held = {**vf_openers(root, pf.pf.vfs), **{vf: f"VM {vm}" for vf, vm in holders.items()
+    held = {**pci.vf_openers(root, pf.pf.vfs), **{vf: f"VM {vm}" for vf, vm in holders.items()
                                                if vf in {v.address for v in pf.pf.vfs}}}
     if held and not force:
         raise Conflict("VFs of {parent} are in use ({users}): stop those VMs first (with --force the kernel waits "
@@ -375,7 +333,7 @@ def choose_vf(root: HostRoot, function: pci.PciFunction, taken: Collection[str],
     if not pf.pf.vfs:
         raise NotFound("{parent} has no VFs enabled: 'vgpuctl vfs enable {parent} N' first" +
                        (f" ({pf.problem})" if pf.problem else ""), what="VF", parent=pf.address)
-    openers = vf_openers(root, pf.pf.vfs)
+    openers = pci.vf_openers(root, pf.pf.vfs)
     free = [vf for vf in pf.pf.vfs if vf.driver in VFIO_DRIVERS and vf.address not in taken
             and vf.address not in openers]
     if not free:

@@ -1,11 +1,8 @@
 """What an Intel SR-IOV VF was given (read only): its provisioning quotas, and the "type" its VFs offer for the
 chooser and the listings.
 
-Where the quotas are (sriov.md 2.4): i915-sriov-dkms, ``<PF>/drm/card<N>/prelim_iov/vf<N>/gt0/{ggtt_quota,
-contexts_quota, doorbells_quota}`` (i915_sriov_sysfs.c, intel_iov_sysfs.c; bytes and counts); xe, debugfs
-``dri/<BDF>/sriov/vf<N>/tile0/{ggtt_quota, vram_quota}`` and ``…/tile0/gt0/{contexts_quota, doorbells_quota}``
-(xe_gt_sriov_pf_debugfs.c, xe_tile_sriov_pf_debugfs.c; root only), and from 7.0 also
-``sriov_admin/vf<N>/profile/vram_quota`` (sysfs-driver-intel-xe-sriov). What cannot be read is None.
+Where the quotas are is provisioning's knowledge (:mod:`vgpuctl.backends.sriov_intel_provision`: i915-sriov-dkms'
+``prelim_iov``, xe's debugfs and ``sriov_admin``); what the driver does not show is None.
 
 A VF's memory, as the chooser compares it with other vGPUs': its local memory (LMEM/VRAM) quota on a discrete
 GPU, else its GGTT quota — on an iGPU the GGTT slice is what GVT-g's types count as graphics memory (their
@@ -17,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, NamedTuple
 
-from vgpuctl.host import HostRoot, facts
+from vgpuctl.host import HostRoot
 
 if TYPE_CHECKING:
     from vgpuctl.backends.sriov_intel import IntelPf
@@ -51,46 +48,15 @@ class VfQuota(NamedTuple):
                 "memory_from": self.memory_source}
 
 
-def _number(root: HostRoot, path: str) -> int | None:
-    try:
-        return facts.as_int(root.read_value(path))
-    except (OSError, ValueError):
-        return None
-
-
-def _prelim_iov(root: HostRoot, pf: str) -> str | None:
-    drm = f"{root.pci_device(pf)}/drm"
-    try:
-        cards = sorted(n for n in root.listdir(drm) if n.startswith("card"))
-    except OSError:
-        return None
-    return next((f"{drm}/{c}/prelim_iov" for c in cards if root.exists(f"{drm}/{c}/prelim_iov")), None)
-
-
 def vf_quotas(root: HostRoot, pf: IntelPf) -> list[VfQuota]:
-    """The quotas of each enabled VF of the PF (empty when none is enabled)."""
+    """The quotas of each enabled VF of the PF (empty when none is enabled), read where provisioning writes them
+    (:func:`vgpuctl.backends.sriov_intel_provision.interface`); None for what the driver does not show."""
+    from vgpuctl.backends.sriov_intel_provision import quotas_of
+
     count = len(pf.pf.vfs)
-    if not count:
-        return []
-    found = []
-    if pf.driver == "i915":
-        prelim = _prelim_iov(root, pf.address)
-        for index in range(1, count + 1):
-            gt = f"{prelim}/vf{index}/gt0" if prelim else None
-            found.append(VfQuota(index, _number(root, f"{gt}/ggtt_quota") if gt else None, None,
-                                 _number(root, f"{gt}/contexts_quota") if gt else None,
-                                 _number(root, f"{gt}/doorbells_quota") if gt else None))
-        return found
-    admin = f"{root.pci_device(pf.address)}/sriov_admin"
-    debug = f"{root.debugfs_dri(pf.address)}/sriov"
-    for index in range(1, count + 1):
-        tile = f"{debug}/vf{index}/tile0"
-        lmem = _number(root, f"{admin}/vf{index}/profile/vram_quota")
-        if lmem is None:
-            lmem = _number(root, f"{tile}/vram_quota")
-        found.append(VfQuota(index, _number(root, f"{tile}/ggtt_quota"), lmem,
-                             _number(root, f"{tile}/gt0/contexts_quota"), _number(root, f"{tile}/gt0/doorbells_quota")))
-    return found
+    quotas = (quotas_of(root, pf) or {}) if count else {}
+    return [VfQuota(n, q.get("ggtt"), q.get("vram"), q.get("contexts"), q.get("doorbells"))
+            for n in range(1, count + 1) for q in [quotas.get(n, {})]]
 
 
 def offers(pf: IntelPf) -> bool:
@@ -101,7 +67,8 @@ def offers(pf: IntelPf) -> bool:
 def free_vfs(root: HostRoot, pf: IntelPf, held: Collection[str], openers: Collection[str] | None = None) -> list[str]:
     """The PF's VFs on its VFIO driver that no VM holds or has open (``held``: those VMs run on; ``openers``: the
     VFs someone has open, when the caller has read them)."""
-    from vgpuctl.backends.sriov_intel import VFIO_DRIVERS, vf_openers
+    from vgpuctl.backends.sriov_intel import VFIO_DRIVERS
+    from vgpuctl.host.pci import vf_openers
 
     openers = vf_openers(root, pf.pf.vfs) if openers is None else openers
     return [vf.address for vf in pf.pf.vfs

@@ -233,7 +233,7 @@ def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
 
     rows = []
     for pf in nvidia_views(root):
-        taken = set(held) | set(vf_openers(root, pf.pf.vfs))
+        taken = set(held) | set(pci.vf_openers(root, pf.pf.vfs))
         free = pf.free(taken)
         names = pf.type_names()
         for type_id in sorted(names):
@@ -247,13 +247,6 @@ def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
             facts.append(f"vfs_with_type={sum(1 for vf in pf.vfs if vf.current == type_id)}")
             rows.append(MdevType(pf.address, type_name(type_id), takers, "vfio-pci", name, ", ".join(facts)))
     return rows
-
-
-def vf_openers(root: HostRoot, vfs: list[pci.PciFunction]) -> dict[str, str]:
-    """Who has each VF's VFIO device open (the same scan as Intel's VFs: /proc fds, or the simulator's)."""
-    from vgpuctl.backends.sriov_intel import vf_openers as openers
-
-    return openers(root, vfs)
 
 
 TYPE_PREFIX = "nvidia-vfio:"  # a VM's vGPU type on such a VF: the prefix and the numeric type id

@@ -235,3 +235,43 @@ def bind(root: HostRoot, address: str, driver: str) -> None:
     if current is not None:
         _write(root, f"{root.pci_driver(current)}/unbind", address, NUMVFS_TIMEOUT_S)
     _write(root, root.pci_drivers_probe, address, NUMVFS_TIMEOUT_S)
+
+
+def vf_openers(root: HostRoot, vfs: list[PciFunction]) -> dict[str, str]:
+    """VF address -> who has its VFIO device open ("pid N (comm)"; on a simulated host "a simulated VM"): the
+    /proc fds that point at its VFIO group or device node, whatever the vendor."""
+    if not vfs:
+        return {}
+    simulation = root.simulation()
+    if simulation is not None:
+        opened = set(simulation.get("open_vfs", []))
+        return {vf.address: "a simulated VM" for vf in vfs if vf.address in opened}
+    nodes: dict[str, str] = {}
+    for vf in vfs:
+        if vf.iommu_group:
+            nodes[root.dev_vfio_group(vf.iommu_group)] = vf.address
+        base = f"{root.pci_device(vf.address)}/vfio-dev"
+        for name in (root.listdir(base) if root.exists(base) else []):
+            nodes[root.dev_vfio_device(name)] = vf.address
+    found: dict[str, str] = {}
+    proc = root.path(root.proc)
+    for pid in (p for p in _listdir(proc) if p.isdigit()):
+        for fd in _listdir(proc / pid / "fd"):
+            try:
+                target = os.readlink(proc / pid / "fd" / fd)
+            except OSError:
+                continue
+            if target in nodes:
+                try:
+                    comm = (proc / pid / "comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                found.setdefault(nodes[target], f"pid {pid} ({comm})")
+    return found
+
+
+def _listdir(path: str | os.PathLike[str]) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

@@ -145,11 +145,12 @@ def sriov_gpu_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
     driver, free and held; Intel's VF quotas, NVIDIA's types and how many free VFs could take each."""
     from vgpuctl.backends import INTEL_VENDOR_ID, NVIDIA_VENDOR_ID, sriov_intel, sriov_nvidia
     from vgpuctl.backends.sriov_intel_quota import free_vfs, offers, vf_quotas
+    from vgpuctl.host import pci
     from vgpuctl.host.pci import vendor_name
 
     rows: list[GpuRow] = []
     for intel in sriov_intel.intel_pfs(root):
-        openers = sriov_intel.vf_openers(root, intel.pf.vfs)
+        openers = pci.vf_openers(root, intel.pf.vfs)
         free = free_vfs(root, intel, held, openers)
         count = 1 if offers(intel) else 0  # its one type row (sriov_intel_quota.offered_types)
         rows.append(_sriov_row(intel.pf, INTEL_VENDOR_ID, vendor_name(INTEL_VENDOR_ID), count, {
@@ -159,7 +160,7 @@ def sriov_gpu_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
             "held": sorted({vf.address for vf in intel.pf.vfs if vf.address in held or vf.address in openers}),
             "problem": intel.problem, "quotas": [q.to_json() for q in vf_quotas(root, intel)], "types": None}))
     for nvidia in sriov_nvidia.nvidia_views(root):
-        openers = sriov_nvidia.vf_openers(root, nvidia.pf.vfs)
+        openers = pci.vf_openers(root, nvidia.pf.vfs)
         taken = set(held) | set(openers)
         free_views = nvidia.free(taken)
         names = nvidia.type_names()

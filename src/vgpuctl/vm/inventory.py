@@ -155,6 +155,7 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
     (``vgpu_type``), the types it can take now (``creatable``) and, per PF, every type its VFs can take with how
     many free VFs could take it (``types``)."""
     from vgpuctl.backends import INTEL_VENDOR_ID, sriov_intel, sriov_intel_provision, vf_definitions
+    from vgpuctl.host import pci
     from vgpuctl.mdev.state import Journal
 
     sriov_intel.settle(root, state)  # what a killed vfs command left
@@ -169,7 +170,7 @@ def vf_listing(root: HostRoot, state: StateDir) -> list[dict[str, Any]]:
 
     rows = []
     for pf in sriov_intel.intel_pfs(root):
-        openers = sriov_intel.vf_openers(root, pf.pf.vfs)
+        openers = pci.vf_openers(root, pf.pf.vfs)
         quotas = sriov_intel_provision.quotas_of(root, pf)
         by_index = {vf.address: index for index, vf in enumerate(pf.pf.vfs, start=1)}
         rows.append({
@@ -199,10 +200,11 @@ def nvidia_vf_rows(root: HostRoot, holders: dict[str, str], owned: Collection[st
     """:func:`vf_listing`'s rows of NVIDIA's vendor-VFIO PFs (``holders``: VF address -> the VM on it; ``owned``:
     the PFs whose VFs vgpuctl enabled; ``defined``: a PF's VF definition)."""
     from vgpuctl.backends import NVIDIA_VENDOR_ID, sriov_nvidia
+    from vgpuctl.host import pci
 
     rows = []
     for pf in sriov_nvidia.nvidia_views(root):
-        openers = sriov_nvidia.vf_openers(root, pf.pf.vfs)
+        openers = pci.vf_openers(root, pf.pf.vfs)
         names = pf.type_names()
         free = pf.free(set(holders) | set(openers))
         rows.append({
