@@ -198,6 +198,12 @@ class NvidiaPf:
         """The VFs without a type that no VM holds (``held``: VF addresses VMs run on or have open)."""
         return [vf for vf in self.vfs if vf.current == 0 and vf.address not in held and vf.driver == "nvidia"]
 
+    def takers(self, held: Collection[str]) -> dict[int, int]:
+        """Type id -> how many free VFs could take it now (each VF's own list: siblings share the framebuffer)."""
+        free = self.free(held)
+        return {type_id: sum(1 for vf in free if type_id in {t.id for t in vf.creatable}) for type_id in
+                sorted(self.type_names())}
+
 
 def _view(root: HostRoot, vf: pci.PciFunction) -> VfView:
     if not is_vendor_vf(root, vf.address):
@@ -233,12 +239,9 @@ def offered_types(root: HostRoot, held: Collection[str]) -> list[MdevType]:
 
     rows = []
     for pf in nvidia_views(root):
-        taken = set(held) | set(pci.vf_openers(root, pf.pf.vfs))
-        free = pf.free(taken)
         names = pf.type_names()
-        for type_id in sorted(names):
+        for type_id, takers in pf.takers(set(held) | set(pci.vf_openers(root, pf.pf.vfs))).items():
             name = names[type_id]
-            takers = sum(1 for vf in free if type_id in {t.id for t in vf.creatable})
             facts = []
             if (framebuffer := framebuffer_mib(name)) is not None:
                 facts.append(f"framebuffer={framebuffer}M")

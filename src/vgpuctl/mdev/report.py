@@ -162,16 +162,14 @@ def sriov_gpu_rows(root: HostRoot, held: Collection[str] = ()) -> list[GpuRow]:
     for nvidia in sriov_nvidia.nvidia_views(root):
         openers = pci.vf_openers(root, nvidia.pf.vfs)
         taken = set(held) | set(openers)
-        free_views = nvidia.free(taken)
         names = nvidia.type_names()
         types: list[SriovTypeRow] = [
-            {"type": str(type_id), "name": name, "memory_mib": sriov_nvidia.framebuffer_mib(name),
-             "free_vfs": sum(1 for vf in free_views if type_id in {t.id for t in vf.creatable})}
-            for type_id, name in sorted(names.items())]
+            {"type": str(type_id), "name": names[type_id], "memory_mib": sriov_nvidia.framebuffer_mib(names[type_id]),
+             "free_vfs": takers} for type_id, takers in nvidia.takers(taken).items()]
         rows.append(_sriov_row(nvidia.pf, NVIDIA_VENDOR_ID, vendor_name(NVIDIA_VENDOR_ID), len(types), {
             "backend": sriov_nvidia.BACKEND.name, "driver": nvidia.pf.function.driver,
             "total_vfs": nvidia.pf.total_vfs, "enabled_vfs": nvidia.pf.num_vfs, "vfio_driver": "nvidia",
-            "vfio_bound": sum(1 for vf in nvidia.vfs if vf.driver == "nvidia"), "free": len(free_views),
+            "vfio_bound": sum(1 for vf in nvidia.vfs if vf.driver == "nvidia"), "free": len(nvidia.free(taken)),
             "held": sorted(vf.address for vf in nvidia.vfs if vf.address in taken),
             "problem": nvidia.problem, "quotas": None, "types": types}))
     return rows

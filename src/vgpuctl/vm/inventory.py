@@ -206,7 +206,6 @@ def nvidia_vf_rows(root: HostRoot, holders: dict[str, str], owned: Collection[st
     for pf in sriov_nvidia.nvidia_views(root):
         openers = pci.vf_openers(root, pf.pf.vfs)
         names = pf.type_names()
-        free = pf.free(set(holders) | set(openers))
         rows.append({
             "pf": pf.address,
             "vendor_id": f"{NVIDIA_VENDOR_ID:04x}",
@@ -223,9 +222,9 @@ def nvidia_vf_rows(root: HostRoot, holders: dict[str, str], owned: Collection[st
                      "opened_by": openers.get(vf.address), "quota": None,
                      "vgpu_type": {"id": vf.current, "name": names.get(vf.current)} if vf.current else None,
                      "creatable": [t.id for t in vf.creatable]} for vf in pf.vfs],
-            "types": [{"id": type_id, "name": name, "framebuffer_mib": sriov_nvidia.framebuffer_mib(name),
-                       "free_vfs": sum(1 for vf in free if type_id in {t.id for t in vf.creatable})}
-                      for type_id, name in sorted(names.items())],
+            "types": [{"id": type_id, "name": names[type_id], "framebuffer_mib": sriov_nvidia.framebuffer_mib(
+                names[type_id]), "free_vfs": takers}
+                      for type_id, takers in pf.takers(set(holders) | set(openers)).items()],
             "backend": sriov_nvidia.BACKEND.name,
         })
     return rows
