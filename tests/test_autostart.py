@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import GVT_PARENT, MountFn
-from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT_NAME
+from vgpuctl.backends.vf_definitions import UNIT_NAME as VF_UNIT_NAME
 from vgpuctl.base.errors import Conflict, InvalidInput, NotFound
 from vgpuctl.base.state import StateDir
 from vgpuctl.cli import units as cli_units

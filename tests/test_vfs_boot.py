@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import MountFn, new_vm
 from vgpuctl.backends import sriov_nvidia
-from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT_NAME
+from vgpuctl.backends.vf_definitions import UNIT_NAME as VF_UNIT_NAME
 from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot
 from vgpuctl.mdev.units import UNIT_NAME as MDEV_UNIT_NAME

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vgpuctl.backends import sriov_intel
 from vgpuctl.backends.gvt_platforms import platform_for
-from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT  # makes vgpuctl's VF configurations at boot
+from vgpuctl.backends.vf_definitions import UNIT_NAME as VF_UNIT  # makes vgpuctl's VF configurations at boot
 from vgpuctl.host import facts
 from vgpuctl.host.doctor import Check, CheckSpec, Context, Host, kernel_param_fix, see_param
 

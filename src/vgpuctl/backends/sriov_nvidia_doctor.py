@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vgpuctl.backends import sriov_intel_doctor
 from vgpuctl.backends.sriov_nvidia import nvidia_pfs
-from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT
+from vgpuctl.backends.vf_definitions import UNIT_NAME as VF_UNIT
 from vgpuctl.host import pci
 from vgpuctl.host.doctor import Check, CheckSpec, Context, Host, kernel_param_fix
 

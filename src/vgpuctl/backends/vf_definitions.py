@@ -30,6 +30,9 @@ from vgpuctl.host import HostRoot, pci
 from vgpuctl.host.files import atomic_write
 
 DEFINITION_VERSION = 1
+# The systemd unit that puts the definitions back at boot (vf_restore renders it); here, light to import, for the
+# units that order themselves after it and the doctors that look for it.
+UNIT_NAME = "vgpuctl-vfs.service"
 
 
 def this_boot(root: HostRoot) -> str:

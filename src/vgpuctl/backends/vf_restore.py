@@ -22,7 +22,6 @@ from vgpuctl.base.state import StateDir
 from vgpuctl.host import HostRoot, pci
 from vgpuctl.host.units import HEADER, WANTED_BY, UnitFile
 
-UNIT_NAME = "vgpuctl-vfs.service"
 WAIT_S = 60.0  # how long the boot unit waits for a PF's driver to bind
 POLL_S = 0.2
 
@@ -146,4 +145,4 @@ WantedBy={WANTED_BY}
 
 def unit_file(root: HostRoot, program: str, before: tuple[str, ...]) -> UnitFile:
     """The VF unit, enabled; ``before``: the units that need the VFs (the vGPUs' and the VMs' autostart)."""
-    return UnitFile(f"{root.etc_systemd_system}/{UNIT_NAME}", render_unit(program, before), WANTED_BY)
+    return UnitFile(f"{root.etc_systemd_system}/{vf_definitions.UNIT_NAME}", render_unit(program, before), WANTED_BY)

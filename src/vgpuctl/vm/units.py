@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from vgpuctl.backends.vf_restore import UNIT_NAME as VF_UNIT_NAME
+from vgpuctl.backends.vf_definitions import UNIT_NAME as VF_UNIT_NAME
 from vgpuctl.host import HostRoot
 from vgpuctl.host.units import HEADER, WANTED_BY, UnitFile
 from vgpuctl.mdev.units import UNIT_NAME
